@@ -1,0 +1,303 @@
+// Shared pieces of the CPU attention kernels (channel_attention, balanced_attention): layout handling,
+// acc-type vector load/store for every dtype, deterministic reductions, and the per-sample MLP
+// (forward, backward, ordered batch reduction of its weight gradients). Contracts: docs/ops.md.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <string_view>
+#include <vector>
+
+namespace srkernels::cpu {
+
+using at::vec::Vectorized;
+
+// ---------------------------------------------------------------------------------------------------------
+// Layout
+
+enum class Layout { NCHW, NHWC };
+
+inline c10::MemoryFormat memory_format(Layout l) {
+  return l == Layout::NCHW ? c10::MemoryFormat::Contiguous : c10::MemoryFormat::ChannelsLast;
+}
+
+// Native paths exist for NCHW-contiguous and channels_last; anything else is converted first.
+inline Layout prepare_input(at::Tensor& x) {
+  if (x.is_contiguous()) return Layout::NCHW;
+  if (x.is_contiguous(c10::MemoryFormat::ChannelsLast)) return Layout::NHWC;
+  x = x.contiguous(x.suggest_memory_format());
+  return x.is_contiguous() ? Layout::NCHW : Layout::NHWC;
+}
+
+// Brings a tensor that pairs elementwise with x (residual, grad_out) into x's memory layout.
+inline at::Tensor match_layout(const at::Tensor& t, const at::Tensor& x, Layout l, const char* op,
+                               const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have the shape of x ", x.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+  const auto fmt = memory_format(l);
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+inline void check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel called with a ", x.device(), " tensor");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) == 0 || x.size(2) * x.size(3) > 0, op, ": H*W must be > 0 (the pooled mean of an ",
+              "empty plane is undefined), got H=", x.size(2), " W=", x.size(3));
+}
+
+inline void check_param(const at::Tensor& w, const at::Tensor& x, at::IntArrayRef sizes, const char* op,
+                        const char* name) {
+  TORCH_CHECK(w.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": ", name, " must have dtype ", x.scalar_type(),
+              " (same as x), got ", w.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", w.device());
+}
+
+// Per-sample cache blocking (one sample pooled, gated and scaled while it is L2-resident) needs one sample
+// per thread; with fewer samples than threads the work inside a sample is split instead. Both choices run
+// the same item code in the same order, so results do not depend on which is taken.
+inline bool parallel_over_samples(int64_t N) {
+  const int64_t T = at::get_num_threads();
+  return T <= 1 || N >= T;
+}
+
+// Runs body(n) for all samples. Inside a parallel region the inner at::parallel_for calls run inline.
+template <typename F>
+inline void for_each_sample(int64_t N, const F& body) {
+  if (parallel_over_samples(N)) {
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) body(n);
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) body(n);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Vector I/O in acc type. One acc vector (W lanes) of scalar_t elements per load/store, so every dtype uses
+// the same loop structure; bf16/fp16 are widened on load and rounded once on store.
+
+template <typename T>
+struct VecIO {
+  using A = at::opmath_type<T>;
+  using AV = Vectorized<A>;
+  static constexpr int64_t W = AV::size();
+  static constexpr bool kReduced = !std::is_same_v<T, A>;
+
+  static inline AV load(const T* p) {
+    if constexpr (kReduced) {
+      AV out;
+      at::vec::load_to_float<T>(p, out);
+      return out;
+    } else {
+      return AV::loadu(p);
+    }
+  }
+  // 0 < n < W elements; the other lanes are zero.
+  static inline AV load(const T* p, int64_t n) {
+    if constexpr (kReduced) {
+      return at::vec::convert<float>(Vectorized<T>::loadu(p, n));
+    } else {
+      return AV::loadu(p, n);
+    }
+  }
+  static inline void store(T* p, const AV& v) {
+    if constexpr (kReduced) {
+      at::vec::convert<T>(v).store(p, W);
+    } else {
+      v.store(p);
+    }
+  }
+  static inline void store(T* p, const AV& v, int64_t n) {
+    if constexpr (kReduced) {
+      at::vec::convert<T>(v).store(p, n);
+    } else {
+      v.store(p, n);
+    }
+  }
+};
+
+// Fixed-order horizontal reductions (a fixed shuffle tree): deterministic.
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
+}
+template <typename A>
+inline A hmax(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>(
+      [](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::maximum(a, b); }, v);
+}
+template <typename A>
+inline A hmin(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>(
+      [](Vectorized<A>& a, Vectorized<A>& b) { return at::vec::minimum(a, b); }, v);
+}
+
+// NaN-propagating scalar max (torch.max semantics).
+template <typename A>
+inline A max_nan(A a, A b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename A>
+inline A sigmoid(A z) {
+  return A(1) / (A(1) + std::exp(-z));
+}
+
+template <typename A>
+inline A dot(const A* a, const A* b, int64_t n) {
+  using AV = Vectorized<A>;
+  constexpr int64_t W = AV::size();
+  AV s0(A(0)), s1(A(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 = at::vec::fmadd(AV::loadu(a + i), AV::loadu(b + i), s0);
+    s1 = at::vec::fmadd(AV::loadu(a + i + W), AV::loadu(b + i + W), s1);
+  }
+  for (; i + W <= n; i += W) s0 = at::vec::fmadd(AV::loadu(a + i), AV::loadu(b + i), s0);
+  if (i < n) s1 = at::vec::fmadd(AV::loadu(a + i, n - i), AV::loadu(b + i, n - i), s1);
+  return hsum<A>(s0 + s1);
+}
+
+// y[0:n] += alpha * x[0:n]
+template <typename A>
+inline void axpy(A alpha, const A* x, A* y, int64_t n) {
+  using AV = Vectorized<A>;
+  constexpr int64_t W = AV::size();
+  const AV va(alpha);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) at::vec::fmadd(va, AV::loadu(x + i), AV::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// Copies a small (weight) tensor into an acc-type vector, element order of its contiguous form.
+template <typename T>
+inline std::vector<at::opmath_type<T>> to_acc(const at::Tensor& t) {
+  using A = at::opmath_type<T>;
+  const at::Tensor c = t.contiguous();
+  const T* p = c.const_data_ptr<T>();
+  std::vector<A> v(c.numel());
+  for (int64_t i = 0; i < c.numel(); ++i) v[i] = static_cast<A>(p[i]);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The squeeze-excite MLP g = sigmoid(W2 act(W1 s + b1) + b2), C -> Cr -> C, in acc type.
+
+template <typename A>
+struct Mlp {
+  int64_t C = 0, Cr = 0;
+  std::vector<A> w1;     // [Cr, C]
+  std::vector<A> w2t;    // [Cr, C]: W2 transposed so both products are unit-stride over C
+  std::vector<A> b1;     // [Cr] or empty
+  std::vector<A> b2;     // [C] or empty
+  std::vector<A> slope;  // [Cr] PReLU slopes, or empty for ReLU
+
+  template <typename T>
+  static Mlp make(const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                  const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& slope) {
+    Mlp m;
+    m.Cr = w1.size(0);
+    m.C = w1.size(1);
+    m.w1 = to_acc<T>(w1);
+    const std::vector<A> w2v = to_acc<T>(w2);
+    m.w2t.resize(m.C * m.Cr);
+    for (int64_t c = 0; c < m.C; ++c)
+      for (int64_t j = 0; j < m.Cr; ++j) m.w2t[j * m.C + c] = w2v[c * m.Cr + j];
+    if (b1.has_value()) m.b1 = to_acc<T>(*b1);
+    if (b2.has_value()) m.b2 = to_acc<T>(*b2);
+    if (slope.has_value()) m.slope = to_acc<T>(*slope);
+    return m;
+  }
+
+  // s [C] -> h [Cr] (pre-activation), a [Cr], g [C].
+  void forward(const A* s, A* h, A* a, A* g) const {
+    for (int64_t j = 0; j < Cr; ++j) {
+      const A hj = dot<A>(w1.data() + j * C, s, C) + (b1.empty() ? A(0) : b1[j]);
+      h[j] = hj;
+      // NaN passes through, as in torch's relu/prelu.
+      a[j] = hj > A(0) ? hj : (slope.empty() ? (hj != hj ? hj : A(0)) : slope[j] * hj);
+    }
+    if (b2.empty()) {
+      std::fill(g, g + C, A(0));
+    } else {
+      std::copy(b2.begin(), b2.end(), g);
+    }
+    for (int64_t j = 0; j < Cr; ++j) axpy<A>(a[j], w2t.data() + j * C, g, C);
+    for (int64_t c = 0; c < C; ++c) g[c] = sigmoid<A>(g[c]);
+  }
+
+  // Given g (from forward) and h, and dg = dL/dg [C]: writes dz [C] (into dg's storage is not allowed),
+  // dh [Cr], dslope [Cr] (the per-sample PReLU slope gradient) and ds [C].
+  void backward(const A* h, const A* g, const A* dg, A* dz, A* dh, A* dslope, A* ds) const {
+    for (int64_t c = 0; c < C; ++c) dz[c] = dg[c] * g[c] * (A(1) - g[c]);
+    for (int64_t j = 0; j < Cr; ++j) {
+      const A da = dot<A>(w2t.data() + j * C, dz, C);
+      const bool pos = h[j] > A(0);
+      dh[j] = pos ? da : (slope.empty() ? A(0) : slope[j] * da);
+      dslope[j] = pos ? A(0) : da * h[j];
+    }
+    std::fill(ds, ds + C, A(0));
+    for (int64_t j = 0; j < Cr; ++j) axpy<A>(dh[j], w1.data() + j * C, ds, C);
+  }
+};
+
+// Per-sample MLP backward results, kept for the ordered reduction over the batch.
+template <typename A>
+struct MlpGradRows {
+  int64_t N, C, Cr;
+  std::vector<A> s, a, dz, dh, dslope;  // [N,C], [N,Cr], [N,C], [N,Cr], [N,Cr]
+  MlpGradRows(int64_t N_, int64_t C_, int64_t Cr_)
+      : N(N_), C(C_), Cr(Cr_), s(N_ * C_), a(N_ * Cr_), dz(N_ * C_), dh(N_ * Cr_), dslope(N_ * Cr_) {}
+};
+
+// Sums the per-sample rows over n = 0..N-1 in order (independent of threads) and writes the weight grads
+// in the weights' dtype. Undefined output tensors are skipped.
+template <typename T, typename A>
+inline void reduce_mlp_grads(const MlpGradRows<A>& r, at::Tensor& gw1, at::Tensor* gb1, at::Tensor& gw2,
+                             at::Tensor* gb2, at::Tensor* gslope) {
+  const int64_t N = r.N, C = r.C, Cr = r.Cr;
+  std::vector<A> w1(Cr * C, A(0)), w2t(Cr * C, A(0)), b1(Cr, A(0)), b2(C, A(0)), sl(Cr, A(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const A* s = r.s.data() + n * C;
+    const A* dz = r.dz.data() + n * C;
+    for (int64_t j = 0; j < Cr; ++j) {
+      const A dh = r.dh[n * Cr + j];
+      axpy<A>(dh, s, w1.data() + j * C, C);
+      axpy<A>(r.a[n * Cr + j], dz, w2t.data() + j * C, C);
+      b1[j] += dh;
+      sl[j] += r.dslope[n * Cr + j];
+    }
+    for (int64_t c = 0; c < C; ++c) b2[c] += dz[c];
+  }
+  T* pw1 = gw1.data_ptr<T>();
+  for (int64_t i = 0; i < Cr * C; ++i) pw1[i] = static_cast<T>(w1[i]);
+  T* pw2 = gw2.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < Cr; ++j) pw2[c * Cr + j] = static_cast<T>(w2t[j * C + c]);
+  if (gb1 != nullptr) {
+    T* p = gb1->data_ptr<T>();
+    for (int64_t j = 0; j < Cr; ++j) p[j] = static_cast<T>(b1[j]);
+  }
+  if (gb2 != nullptr) {
+    T* p = gb2->data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(b2[c]);
+  }
+  if (gslope != nullptr) {
+    T* p = gslope->data_ptr<T>();
+    for (int64_t j = 0; j < Cr; ++j) p[j] = static_cast<T>(sl[j]);
+  }
+}
+
+}  // namespace srkernels::cpu

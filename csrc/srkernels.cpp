@@ -1,0 +1,20 @@
+// Every srkernels op schema on one screen. Kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu;
+// fake kernels and autograd are registered beside each op in srkernels/ops/<op>.py.
+// The contracts (math, shapes, saved statistics) are in docs/ops.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(srkernels, m) {
+  m.def(
+      "channel_attention(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
+      "Tensor? act_weight, str pool) -> (Tensor, Tensor)");
+  m.def(
+      "channel_attention_backward(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, "
+      "Tensor w2, Tensor? b2, Tensor? act_weight, str pool) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "balanced_attention(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "balanced_attention_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor maxmap, Tensor w1, "
+      "Tensor prelu_w, Tensor w2, Tensor w_sa) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create ./.venv (if missing), install the dependencies and build srkernels in place (editable).
+# Environment: SRKERNELS_CUDA=auto|0|1 (0 = CPU-only, fastest local build), TORCH_CUDA_ARCH_LIST, MAX_JOBS,
+# SRKERNELS_CPU_ISA=avx512|avx2|default, VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+. "$VENV/bin/activate"
+# torch is pinned to the release the C++ extension is compiled against (a CUDA 13.0 build, on local disk here).
+pip install --quiet --disable-pip-version-check torch==2.14.1 "cmake>=3.30" ninja "pybind11>=2.12" "setuptools>=77" wheel
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# --no-build-isolation: build against the torch just installed (no second multi-GB torch in a build env)
+pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
+python -c "import json, srkernels; print(json.dumps(srkernels.build_info()))"

@@ -1,0 +1,49 @@
+"""srkernels: fused kernels and drop-in modules for single-image super-resolution.
+
+``srkernels.ops`` (functional fused ops), ``srkernels.nn`` (fused layers), ``srkernels.reference`` (plain
+PyTorch ground truth), ``srkernels.build_info()`` (what was compiled).
+"""
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+import torch
+
+from . import _backend, ops, reference
+from . import nn
+from ._backend import use_backend
+
+try:
+    __version__ = _metadata.version("srkernels")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+
+def build_info() -> dict:
+    """What this installation can run: versions, compiled CPU ISA and CUDA archs, Triton, per-op backends."""
+    native = _backend._C.build_info() if _backend._C is not None else {}
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "compiled": _backend._C is not None,
+        "compiled_error": None if _backend._C_ERROR is None else str(_backend._C_ERROR),
+        "cpu_isa": native.get("cpu_isa"),
+        "cuda": bool(native.get("cuda", False)),
+        "cuda_archs": list(native.get("cuda_archs", [])),
+        "compiler": native.get("compiler"),
+        "triton": triton_version,
+        "triton_interpret": _backend.triton_interpret(),
+        "ops": {
+            op: {dev: _backend.available(op, dev) for dev in ("cpu", "cuda")} for op in _backend.OPS
+        },
+    }
+
+
+__all__ = ["ops", "nn", "reference", "build_info", "use_backend", "__version__"]

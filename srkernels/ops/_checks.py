@@ -1,0 +1,53 @@
+"""Argument checks shared by the ops: clear ``TypeError``/``ValueError`` naming the argument."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def feature_map(name: str, x) -> Tensor:
+    """A 4-D floating [N, C, H, W] tensor with non-empty C, H, W (N == 0 is allowed)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name} must have non-empty C, H and W, got shape {tuple(x.shape)}")
+    return x
+
+
+def like(name: str, t, x: Tensor, shapes: tuple[tuple[int, ...], ...] | None = None) -> Tensor:
+    """``t`` is a tensor on ``x``'s device with ``x``'s dtype, and (if given) one of ``shapes``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+    if shapes is not None and tuple(t.shape) not in shapes:
+        want = " or ".join(str(list(s)) for s in shapes)
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    return t
+
+
+def residual(r, x: Tensor) -> Tensor | None:
+    if r is None:
+        return None
+    return like("residual", r, x, (tuple(x.shape),))
+
+
+def choice(name: str, value, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def empty_out(x: Tensor) -> Tensor:
+    """An output laid out like the kernels lay it out (x's suggested memory format)."""
+    return torch.empty_like(x, memory_format=x.suggest_memory_format())
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,90 @@
+"""``balanced_attention``: BAM's ACAM (channel) x MSAM (spatial) attention (+ residual), one fused op.
+
+One read of ``x`` yields both statistics (per-channel mean, per-pixel channel max). Kernel contract:
+docs/ops.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import functional as RF
+from . import _checks
+
+OP = "balanced_attention"
+
+
+def balanced_attention(
+    x: Tensor,
+    w1: Tensor,
+    prelu_w: Tensor,
+    w2: Tensor,
+    w_sa: Tensor,
+    *,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``x * sigmoid(W2 . prelu(W1 . mean(x))) * sigmoid(conv_k(max_c(x))) (+ residual)``.
+
+    Args:
+        x: ``[N, C, H, W]`` float64/float32/bfloat16/float16, contiguous or channels_last.
+        w1: ``(Cr, C)`` or ``(Cr, C, 1, 1)``, no bias. prelu_w: ``(Cr,)`` or ``(1,)`` slopes.
+        w2: ``(C, Cr)`` or ``(C, Cr, 1, 1)``, no bias.
+        w_sa: the spatial conv, ``(K, K)`` or ``(1, 1, K, K)`` with K odd (7 in BAM), zero padding K // 2.
+        residual: optional ``[N, C, H, W]`` tensor added to the result (RCAB's identity).
+    """
+    _checks.feature_map("x", x)
+    C = x.shape[1]
+    _checks.like("w1", w1, x)
+    Cr = w1.shape[0]
+    w1 = _checks.like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1))).reshape(Cr, C)
+    w2 = _checks.like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1))).reshape(C, Cr)
+    prelu_w = _checks.like("prelu_w", prelu_w, x, ((Cr,), (1,))).expand(Cr)
+    _checks.like("w_sa", w_sa, x)
+    K = w_sa.shape[-1]
+    if K % 2 != 1:
+        raise ValueError(f"w_sa must be an odd square kernel, got shape {list(w_sa.shape)}")
+    w_sa = _checks.like("w_sa", w_sa, x, ((K, K), (1, 1, K, K))).reshape(K, K)
+    residual = _checks.residual(residual, x)
+
+    backend = _backend.choose(OP, x)
+    if backend == "reference":
+        return RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual)
+    out, _, _ = _backend.op_handle(backend, OP)(x, w1, prelu_w, w2, w_sa, residual)
+    return out
+
+
+def _fake(x, w1, prelu_w, w2, w_sa, residual):
+    N, C, H, W = x.shape
+    acc = _checks.acc_dtype(x)
+    return _checks.empty_out(x), x.new_empty((N, C), dtype=acc), x.new_empty((N, H, W), dtype=acc)
+
+
+def _fake_backward(grad_out, x, mean, maxmap, w1, prelu_w, w2, w_sa):
+    return (_checks.empty_out(x), torch.empty_like(w1), torch.empty_like(prelu_w), torch.empty_like(w2),
+            torch.empty_like(w_sa))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, prelu_w, w2, w_sa, residual = inputs
+    ctx.save_for_backward(x, output[1], output[2], w1, prelu_w, w2, w_sa)
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_mean, _grad_max):
+        gx, gw1, gp, gw2, gsa = backward_op(grad_out, *ctx.saved_tensors)
+        return gx, gw1, gp, gw2, gsa, (grad_out if ctx.has_residual else None)
+
+    return backward
+
+
+def register(namespace: str, fake: bool) -> None:
+    """Fake kernels (for ops defined in C++) and autograd for ``namespace::balanced_attention``."""
+    qual = f"{namespace}::{OP}"
+    if fake:
+        torch.library.register_fake(qual)(_fake)
+        torch.library.register_fake(f"{qual}_backward")(_fake_backward)
+    backward_op = getattr(getattr(torch.ops, namespace), f"{OP}_backward")
+    torch.library.register_autograd(qual, _make_backward(backward_op), setup_context=_setup_context)

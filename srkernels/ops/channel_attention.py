@@ -1,0 +1,122 @@
+"""``channel_attention``: pool -> FC -> act -> FC -> sigmoid -> scale (+ residual), one fused op.
+
+Covers RCAN's CALayer (avg pool, ReLU, biased FCs) with the RCAB residual add fused in, and the
+contrast-aware attention of the RDCAB Split / FD-IRB models (``pool="avg+std"``). Kernel contract:
+docs/ops.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..reference import functional as RF
+from . import _checks
+
+OP = "channel_attention"
+ACTS = ("relu", "prelu")
+POOLS = ("avg", "avg+std")
+
+
+def channel_attention(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    *,
+    residual: Tensor | None = None,
+    act: str = "relu",
+    act_weight: Tensor | None = None,
+    pool: str = "avg",
+) -> Tensor:
+    """``x * sigmoid(W2 . act(W1 . pool(x) + b1) + b2) (+ residual)``.
+
+    Args:
+        x: ``[N, C, H, W]`` float64/float32/bfloat16/float16, contiguous or channels_last.
+        w1, b1: first FC, ``(Cr, C)`` or 1x1-conv ``(Cr, C, 1, 1)``; bias ``(Cr,)`` or None.
+        w2, b2: second FC, ``(C, Cr)`` or ``(C, Cr, 1, 1)``; bias ``(C,)`` or None.
+        residual: optional ``[N, C, H, W]`` tensor added to the result (RCAB's identity).
+        act: ``"relu"`` or ``"prelu"`` (then ``act_weight`` holds 1 or ``Cr`` slopes).
+        pool: ``"avg"`` (RCAN) or ``"avg+std"`` (mean + population std, contrast-aware attention).
+
+    Returns a tensor shaped like ``x``, in ``x``'s memory format.
+    """
+    _checks.feature_map("x", x)
+    C = x.shape[1]
+    _checks.like("w1", w1, x)
+    Cr = w1.shape[0]
+    w1 = _checks.like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1))).reshape(Cr, C)
+    w2 = _checks.like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1))).reshape(C, Cr)
+    if b1 is not None:
+        _checks.like("b1", b1, x, ((Cr,),))
+    if b2 is not None:
+        _checks.like("b2", b2, x, ((C,),))
+    _checks.choice("act", act, ACTS)
+    _checks.choice("pool", pool, POOLS)
+    if act == "prelu":
+        if act_weight is None:
+            raise ValueError("act='prelu' needs act_weight (1 or Cr slopes)")
+        act_weight = _checks.like("act_weight", act_weight, x, ((Cr,), (1,))).expand(Cr)
+    elif act_weight is not None:
+        raise ValueError("act_weight is only used with act='prelu'")
+    residual = _checks.residual(residual, x)
+
+    backend = _backend.choose(OP, x)
+    if backend == "reference":
+        return RF.channel_attention(
+            x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool
+        )
+    out, _ = _backend.op_handle(backend, OP)(x, w1, b1, w2, b2, residual, act_weight, pool)
+    return out
+
+
+# ---- registration of the compiled op (the Triton op registers its own, same functions) --------------
+
+
+def _fake(x, w1, b1, w2, b2, residual, act_weight, pool):
+    stats = x.new_empty((x.shape[0], 2 if pool == "avg+std" else 1, x.shape[1]), dtype=_checks.acc_dtype(x))
+    return _checks.empty_out(x), stats
+
+
+def _fake_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight, pool):
+    def grad_like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty((0,))
+
+    return _checks.empty_out(x), grad_like(w1), grad_like(b1), grad_like(w2), grad_like(b2), grad_like(act_weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, act_weight, pool = inputs
+    ctx.save_for_backward(x, output[1], w1, b1, w2, b2, act_weight)
+    ctx.pool = pool
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_stats):
+        x, stats, w1, b1, w2, b2, act_weight = ctx.saved_tensors
+        gx, gw1, gb1, gw2, gb2, gact = backward_op(grad_out, x, stats, w1, b1, w2, b2, act_weight, ctx.pool)
+        return (
+            gx,
+            gw1,
+            gb1 if b1 is not None else None,
+            gw2,
+            gb2 if b2 is not None else None,
+            grad_out if ctx.has_residual else None,
+            gact if act_weight is not None else None,
+            None,
+        )
+
+    return backward
+
+
+def register(namespace: str, fake: bool) -> None:
+    """Fake kernels (for ops defined in C++) and autograd for ``namespace::channel_attention``."""
+    qual = f"{namespace}::{OP}"
+    if fake:
+        torch.library.register_fake(qual)(_fake)
+        torch.library.register_fake(f"{qual}_backward")(_fake_backward)
+    backward_op = getattr(getattr(torch.ops, namespace), f"{OP}_backward")
+    torch.library.register_autograd(qual, _make_backward(backward_op), setup_context=_setup_context)

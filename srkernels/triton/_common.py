@@ -1,0 +1,165 @@
+"""Shared by the Triton attention ops: layouts, tile sizes, the tiny MLP (torch ops in the acc dtype; it is
+[N, C] x [C, Cr], not worth a kernel) and the partials-merge kernel."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+# Elements per [BLOCK_C, BLOCK_P] tile: enough bytes in flight per program, modest register use.
+TILE = 4096
+MAX_BLOCK_P = 1024
+MAX_BLOCK_C_CL = 128
+MAP_BLOCK = 1024  # pixels per program for the [N, H*W] map kernels
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_layout(x: Tensor) -> tuple[Tensor, torch.memory_format]:
+    """``x`` in a layout the kernels read natively (NCHW or NHWC), and that layout."""
+    if x.is_contiguous():
+        return x, torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, torch.channels_last
+    fmt = suggest_memory_format(x)
+    return x.contiguous(memory_format=fmt), fmt
+
+
+def like_layout(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    return t.contiguous(memory_format=fmt)
+
+
+def strides(t: Tensor) -> tuple[int, int, int]:
+    """(batch, channel, pixel) strides; H and W are merged into one pixel index p = h * W + w, which both
+    supported layouts allow (stride(H) == W * stride(W)). Size-1 dims may carry any stride, hence the cases."""
+    _, _, h, w = t.shape
+    if w == 1:
+        sp = t.stride(2) if h > 1 else 1
+    else:
+        torch._check(h == 1 or t.stride(2) == w * t.stride(3), lambda: "srkernels_triton: H and W must merge")
+        sp = t.stride(3)
+    return t.stride(0), t.stride(1), sp
+
+
+def tile_blocks(C: int, HW: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): the contiguous dim gets the long side of the tile."""
+    np2 = triton.next_power_of_2
+    if channels_last:
+        bc = min(np2(max(C, 1)), MAX_BLOCK_C_CL)
+        bp = min(np2(max(HW, 1)), max(1, TILE // bc))
+    else:
+        bp = min(np2(max(HW, 1)), MAX_BLOCK_P)
+        bc = min(np2(max(C, 1)), max(1, TILE // bp))
+    return bc, bp
+
+
+def map_block(HW: int) -> int:
+    return min(triton.next_power_of_2(max(HW, 1)), MAP_BLOCK)
+
+
+# ---- the squeeze-excite MLP, in acc ---------------------------------------------------------------------
+
+
+def _slopes(act_weight: Tensor, acc: torch.dtype) -> Tensor:
+    return act_weight.reshape(-1).to(acc)  # [Cr] (or [1], broadcast)
+
+
+def mlp_forward(
+    s: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, act_weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """s [N, C] acc -> (h, a, g): pre-activation, activation [N, Cr], gate sigmoid(z) [N, C]."""
+    acc = s.dtype
+    h = s @ w1.to(acc).t()
+    if b1 is not None:
+        h = h + b1.to(acc)
+    if act_weight is None:
+        a = torch.relu(h)
+    else:
+        a = torch.where(h > 0, h, h * _slopes(act_weight, acc))
+    z = a @ w2.to(acc).t()
+    if b2 is not None:
+        z = z + b2.to(acc)
+    return h, a, torch.sigmoid(z)
+
+
+def mlp_backward(
+    dg: Tensor,
+    s: Tensor,
+    h: Tensor,
+    a: Tensor,
+    g: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    act_weight: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """From dL/dg [N, C] (acc) -> (ds [N, C], grad_w1, grad_b1, grad_w2, grad_b2, grad_act_weight), all acc;
+    batch sums are matmuls / dim-0 sums (fixed order)."""
+    acc = dg.dtype
+    dz = dg * g * (1 - g)
+    grad_w2 = dz.t() @ a
+    grad_b2 = dz.sum(0)
+    da = dz @ w2.to(acc)
+    pos = h > 0
+    if act_weight is None:
+        dh = torch.where(pos, da, torch.zeros_like(da))
+        grad_aw = None
+    else:
+        sl = _slopes(act_weight, acc)
+        dh = torch.where(pos, da, da * sl)
+        grad_aw = torch.where(pos, torch.zeros_like(da), da * h).sum(0)
+        if act_weight.numel() == 1:
+            grad_aw = grad_aw.sum()
+        grad_aw = grad_aw.reshape(act_weight.shape)
+    grad_w1 = dh.t() @ s
+    grad_b1 = dh.sum(0)
+    ds = dh @ w1.to(acc)
+    return ds, grad_w1, grad_b1, grad_w2, grad_b2, grad_aw
+
+
+# ---- kernels shared by both ops ------------------------------------------------------------------------
+
+
+@triton.jit
+def merge_partials_kernel(
+    psum_ptr, pm2_ptr, out_ptr, C, HW, NPB, BLOCK_P_SRC, denom,
+    WITH_M2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Per-pixel-block partials [N, NPB, C] -> out[n, 0, c] = sum_k psum / denom, and with WITH_M2
+    # out[n, 1, c] = population std by Chan's merge of the block (sum, centred M2) pairs. Tiles are reduced
+    # in a fixed order (no atomics), so results do not depend on scheduling.
+    cb = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    acc_ty = psum_ptr.dtype.element_ty
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    base = n * NPB * C
+    total = tl.zeros([BLOCK_C], dtype=acc_ty)
+    for k0 in range(0, NPB, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        m = (offs_k < NPB)[:, None] & mc[None, :]
+        p = tl.load(psum_ptr + base + offs_k.to(tl.int64)[:, None] * C + offs_c[None, :], mask=m, other=0.0)
+        total += tl.sum(p, axis=0)
+    mean = total / denom
+    n_out: tl.constexpr = 2 if WITH_M2 else 1
+    tl.store(out_ptr + n * n_out * C + offs_c, mean, mask=mc)
+    if WITH_M2:
+        m2 = tl.zeros([BLOCK_C], dtype=acc_ty)
+        for k0 in range(0, NPB, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mk = offs_k < NPB
+            m = mk[:, None] & mc[None, :]
+            off = base + offs_k.to(tl.int64)[:, None] * C + offs_c[None, :]
+            p = tl.load(psum_ptr + off, mask=m, other=0.0)
+            q = tl.load(pm2_ptr + off, mask=m, other=0.0)
+            cnt = tl.maximum(tl.minimum(HW - offs_k * BLOCK_P_SRC, BLOCK_P_SRC), 1).to(acc_ty)
+            d = p / cnt[:, None] - mean[None, :]
+            m2 += tl.sum(tl.where(m, q + cnt[:, None] * d * d, 0.0), axis=0)
+        tl.store(out_ptr + n * n_out * C + C + offs_c, tl.sqrt_rn(m2 / HW), mask=mc)
+
+
+def merge_block_k(npb: int) -> int:
+    return min(triton.next_power_of_2(max(npb, 1)), 64)

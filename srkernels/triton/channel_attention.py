@@ -1,0 +1,257 @@
+"""Triton ``channel_attention`` forward/backward (RCAN CALayer, IMDN contrast attention), registered as
+``torch.ops.srkernels_triton.channel_attention[_backward]``. Contract: docs/ops.md.
+
+Passes: stats (per-pixel-block channel partials) -> merge (fixed-order, Chan for std) -> MLP (torch, acc)
+-> scale. Backward: dg partials -> merge -> MLP backward (torch, acc) -> grad_x.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import _common as cm
+from ._common import merge_partials_kernel
+
+
+@triton.jit
+def _ca_stats_kernel(
+    x_ptr, psum_ptr, pm2_ptr, C, HW, NPB, sxn, sxc, sxp,
+    WITH_M2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # One tile per program -> per-block channel sums, and centred sums of squares (two-pass on the tile in
+    # registers) so that blocks merge without E[x^2] - E[x]^2 cancellation.
+    pb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    acc_ty = psum_ptr.dtype.element_ty
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mc = offs_c < C
+    mask = mc[:, None] & (offs_p < HW)[None, :]
+    ptrs = x_ptr + n * sxn + offs_c.to(tl.int64)[:, None] * sxc + offs_p.to(tl.int64)[None, :] * sxp
+    x = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
+    s = tl.sum(x, axis=1)
+    out = (n * NPB + pb) * C + offs_c
+    tl.store(psum_ptr + out, s, mask=mc)
+    if WITH_M2:
+        cnt = tl.minimum(HW - pb * BLOCK_P, BLOCK_P).to(acc_ty)
+        d = tl.where(mask, x - (s / cnt)[:, None], 0.0)
+        tl.store(pm2_ptr + out, tl.sum(d * d, axis=1), mask=mc)
+
+
+@triton.jit
+def _ca_scale_kernel(
+    x_ptr, g_ptr, r_ptr, o_ptr, C, HW, sxn, sxc, sxp, srn, src, srp,
+    HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # out = x * g[n, c] (+ residual) in acc, rounded once; out has x's strides.
+    pb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mc = offs_c < C
+    mask = mc[:, None] & (offs_p < HW)[None, :]
+    c64 = offs_c.to(tl.int64)[:, None]
+    p64 = offs_p.to(tl.int64)[None, :]
+    xoff = n * sxn + c64 * sxc + p64 * sxp
+    g = tl.load(g_ptr + n * C + offs_c, mask=mc, other=0.0)
+    y = tl.load(x_ptr + xoff, mask=mask, other=0.0).to(g.dtype) * g[:, None]
+    if HAS_RES:
+        y += tl.load(r_ptr + n * srn + c64 * src + p64 * srp, mask=mask, other=0.0).to(g.dtype)
+    tl.store(o_ptr + xoff, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ca_dg_kernel(
+    go_ptr, x_ptr, pdg_ptr, C, HW, NPB, sgn, sgc, sgp, sxn, sxc, sxp,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # Per-block partials of dg[n, c] = sum_p grad_out * x.
+    pb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    acc_ty = pdg_ptr.dtype.element_ty
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mc = offs_c < C
+    mask = mc[:, None] & (offs_p < HW)[None, :]
+    c64 = offs_c.to(tl.int64)[:, None]
+    p64 = offs_p.to(tl.int64)[None, :]
+    go = tl.load(go_ptr + n * sgn + c64 * sgc + p64 * sgp, mask=mask, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + n * sxn + c64 * sxc + p64 * sxp, mask=mask, other=0.0).to(acc_ty)
+    tl.store(pdg_ptr + (n * NPB + pb) * C + offs_c, tl.sum(go * x, axis=1), mask=mc)
+
+
+@triton.jit
+def _ca_grad_x_kernel(
+    go_ptr, x_ptr, coef_ptr, gx_ptr, C, HW, sgn, sgc, sgp, sxn, sxc, sxp,
+    WITH_STD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # grad_x = go * g + ds/HW (+ ds/(HW std) * (x - mean)); coef[n] rows: g, ds/HW (, ds/(HW std), mean).
+    pb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mc = offs_c < C
+    mask = mc[:, None] & (offs_p < HW)[None, :]
+    c64 = offs_c.to(tl.int64)[:, None]
+    p64 = offs_p.to(tl.int64)[None, :]
+    n_rows: tl.constexpr = 4 if WITH_STD else 2
+    cptr = coef_ptr + n * n_rows * C + offs_c
+    g = tl.load(cptr, mask=mc, other=0.0)
+    a = tl.load(cptr + C, mask=mc, other=0.0)
+    go = tl.load(go_ptr + n * sgn + c64 * sgc + p64 * sgp, mask=mask, other=0.0).to(g.dtype)
+    xoff = n * sxn + c64 * sxc + p64 * sxp
+    y = go * g[:, None] + a[:, None]
+    if WITH_STD:
+        b = tl.load(cptr + 2 * C, mask=mc, other=0.0)
+        mu = tl.load(cptr + 3 * C, mask=mc, other=0.0)
+        x = tl.load(x_ptr + xoff, mask=mask, other=0.0).to(g.dtype)
+        y += b[:, None] * (x - mu[:, None])
+    tl.store(gx_ptr + xoff, y.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_pool(pool: str) -> bool:
+    torch._check(pool in ("avg", "avg+std"), lambda: f"channel_attention: pool must be 'avg' or 'avg+std', got {pool!r}")
+    return pool == "avg+std"
+
+
+def _geometry(x: Tensor):
+    N, C, H, W = x.shape
+    HW = H * W
+    sxn, sxc, sxp = cm.strides(x)
+    BC, BP = cm.tile_blocks(C, HW, sxc == 1 and C > 1)
+    return N, C, HW, (sxn, sxc, sxp), BC, BP, triton.cdiv(HW, BP), triton.cdiv(C, BC)
+
+
+def _pool_stats(x: Tensor, with_std: bool) -> Tensor:
+    """stats [N, P, C] acc: mean (and population std)."""
+    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    acc = cm.acc_dtype(x.dtype)
+    P = 2 if with_std else 1
+    psum = x.new_empty((N, NPB, C), dtype=acc)
+    pm2 = x.new_empty((N, NPB, C), dtype=acc) if with_std else psum
+    stats = x.new_empty((N, P, C), dtype=acc)
+    if N > 0 and C > 0:
+        wrap_triton(_ca_stats_kernel)[(NPB, NCB, N)](
+            x, psum, pm2, C, HW, NPB, sxn, sxc, sxp, WITH_M2=with_std, BLOCK_C=BC, BLOCK_P=BP
+        )
+        MBC = min(triton.next_power_of_2(C), 128)
+        wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
+            psum, pm2, stats, C, HW, NPB, BP, HW, WITH_M2=with_std, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
+        )
+    return stats
+
+
+@triton_op(
+    "srkernels_triton::channel_attention",
+    mutates_args=(),
+    schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, "
+    "str pool) -> (Tensor, Tensor)",
+)
+def channel_attention(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    residual: Tensor | None,
+    act_weight: Tensor | None,
+    pool: str,
+) -> tuple[Tensor, Tensor]:
+    torch._check(x.dim() == 4, lambda: "channel_attention: x must be [N, C, H, W]")
+    with_std = _check_pool(pool)
+    x, fmt = cm.kernel_layout(x)
+    stats = _pool_stats(x, with_std)
+    s = stats[:, 0] + stats[:, 1] if with_std else stats[:, 0]
+    _, _, g = cm.mlp_forward(s, w1, b1, w2, b2, act_weight)
+    g = g.contiguous()
+
+    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    out = torch.empty_like(x)
+    if residual is not None:
+        residual = cm.like_layout(residual, fmt)
+        srn, src, srp = cm.strides(residual)
+    else:
+        srn, src, srp = 0, 0, 0
+    if x.numel() > 0:
+        wrap_triton(_ca_scale_kernel)[(NPB, NCB, N)](
+            x, g, x if residual is None else residual, out, C, HW, sxn, sxc, sxp, srn, src, srp,
+            HAS_RES=residual is not None, BLOCK_C=BC, BLOCK_P=BP,
+        )
+    return out, stats
+
+
+@triton_op(
+    "srkernels_triton::channel_attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+    "Tensor? act_weight, str pool) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def channel_attention_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    stats: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    act_weight: Tensor | None,
+    pool: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    torch._check(x.dim() == 4, lambda: "channel_attention_backward: x must be [N, C, H, W]")
+    with_std = _check_pool(pool)
+    x, fmt = cm.kernel_layout(x)
+    grad_out = cm.like_layout(grad_out, fmt)
+    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    sgn, sgc, sgp = cm.strides(grad_out)
+    acc = cm.acc_dtype(x.dtype)
+
+    # dg[n, c] = sum_p grad_out * x, reduced in fixed order.
+    pdg = x.new_empty((N, NPB, C), dtype=acc)
+    dg = x.new_empty((N, 1, C), dtype=acc)
+    if N > 0 and C > 0:
+        wrap_triton(_ca_dg_kernel)[(NPB, NCB, N)](
+            grad_out, x, pdg, C, HW, NPB, sgn, sgc, sgp, sxn, sxc, sxp, BLOCK_C=BC, BLOCK_P=BP
+        )
+        MBC = min(triton.next_power_of_2(C), 128)
+        wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
+            pdg, pdg, dg, C, HW, NPB, BP, 1, WITH_M2=False, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
+        )
+    dg = dg[:, 0]
+
+    stats = stats.to(acc)
+    mean = stats[:, 0]
+    s = mean + stats[:, 1] if with_std else mean
+    h, a, g = cm.mlp_forward(s, w1, b1, w2, b2, act_weight)
+    ds, gw1, gb1, gw2, gb2, gaw = cm.mlp_backward(dg, s, h, a, g, w1, w2, act_weight)
+
+    rows = [g, ds / HW]
+    if with_std:
+        std = stats[:, 1]
+        pos = std > 0
+        # the std gradient is defined as 0 where std == 0 (as in the reference)
+        rows += [torch.where(pos, ds / (HW * torch.where(pos, std, torch.ones_like(std))), torch.zeros_like(std)), mean]
+    coef = torch.stack(rows, 1).contiguous()
+    grad_x = torch.empty_like(x)
+    if x.numel() > 0:
+        wrap_triton(_ca_grad_x_kernel)[(NPB, NCB, N)](
+            grad_out, x, coef, grad_x, C, HW, sgn, sgc, sgp, sxn, sxc, sxp,
+            WITH_STD=with_std, BLOCK_C=BC, BLOCK_P=BP,
+        )
+
+    wdt = w1.dtype
+    empty = w1.new_empty((0,))
+    return (
+        grad_x,
+        gw1.to(wdt).reshape(w1.shape),
+        gb1.to(b1.dtype).reshape(b1.shape) if b1 is not None else empty,
+        gw2.to(w2.dtype).reshape(w2.shape),
+        gb2.to(b2.dtype).reshape(b2.shape) if b2 is not None else empty.clone(),
+        gaw.to(act_weight.dtype) if act_weight is not None else empty.clone(),
+    )

@@ -1,0 +1,49 @@
+"""Parity harness shared by the op tests: run a fused op and its float64 reference on the same values."""
+from __future__ import annotations
+
+import torch
+
+from srkernels import use_backend
+
+from ..conftest import assert_close, layout
+
+
+def run_parity(fused_fn, ref_fn, inputs: dict, *, backend: str, dtype: torch.dtype, fmt: str,
+               maps=("x", "residual"), seed: int = 0) -> None:
+    """Forward and every gradient of ``fused_fn`` (in ``dtype``/``fmt``) against ``ref_fn`` in float64.
+
+    ``inputs`` holds float64 tensors (or None); names in ``maps`` are feature maps laid out as ``fmt``.
+    """
+    fused_in, ref_in = {}, {}
+    for k, v in inputs.items():
+        if v is None:
+            fused_in[k] = ref_in[k] = None
+            continue
+        low = v.to(dtype)
+        if k in maps:
+            low = layout(low, fmt)
+        fused_in[k] = low.detach().requires_grad_(True)
+        # the reference sees exactly the rounded values the fused op sees
+        ref_in[k] = low.detach().double().requires_grad_(True)
+
+    with use_backend(backend):
+        out = fused_fn(**fused_in)
+    ref = ref_fn(**ref_in)
+    assert out.dtype == dtype
+    if fmt in ("contiguous", "channels_last") and inputs["x"].shape[1] > 1 and inputs["x"][0, 0].numel() > 1:
+        fmt_t = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        assert out.is_contiguous(memory_format=fmt_t), f"output lost the {fmt} layout"
+    assert_close(out, ref, dtype, "forward")
+
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).to(ref.device)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    for k, v in fused_in.items():
+        if v is None:
+            continue
+        assert v.grad is not None, f"no gradient for {k}"
+        assert_close(v.grad, ref_in[k].grad, dtype, f"grad {k}")
+
+
+def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale

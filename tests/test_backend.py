@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+import srkernels
+from srkernels import _backend, ops, use_backend
+
+
+def test_build_info_reports_backends():
+    info = srkernels.build_info()
+    for key in ("version", "torch", "compiled", "cpu_isa", "cuda", "cuda_archs", "triton", "ops"):
+        assert key in info
+    for op in _backend.OPS:
+        assert info["ops"][op]["cpu"][-1] == "reference"
+
+
+def test_forced_reference_matches_default():
+    x = torch.randn(2, 8, 5, 5)
+    w1, w2 = torch.randn(2, 8), torch.randn(8, 2)
+    with use_backend("reference"):
+        ref = ops.channel_attention(x, w1, None, w2, None)
+    torch.testing.assert_close(ops.channel_attention(x, w1, None, w2, None), ref)
+
+
+def test_env_var_forces_and_fails_loudly(monkeypatch):
+    monkeypatch.setenv("SRKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SRKERNELS_BACKEND must be one of"):
+        _backend.choose("channel_attention", torch.randn(1, 1, 1, 1))
+    monkeypatch.setenv("SRKERNELS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run channel_attention on cpu"):
+        _backend.choose("channel_attention", torch.randn(1, 1, 1, 1))
+
+
+def test_use_backend_rejects_unknown():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("fast"):
+            pass
