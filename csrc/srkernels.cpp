@@ -11,10 +11,17 @@ TORCH_LIBRARY(srkernels, m) {
       "channel_attention_backward(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, "
       "Tensor w2, Tensor? b2, Tensor? act_weight, str pool) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Inference into a caller-owned buffer (no autograd): out must match x's shape, dtype and device.
+  m.def(
+      "channel_attention_out(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
+      "Tensor? act_weight, str pool, Tensor(a!) out) -> ()");
   m.def(
       "balanced_attention(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "balanced_attention_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor maxmap, Tensor w1, "
       "Tensor prelu_w, Tensor w2, Tensor w_sa) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "balanced_attention_out(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual, "
+      "Tensor(a!) out) -> ()");
 }

@@ -23,6 +23,7 @@ def balanced_attention(
     w_sa: Tensor,
     *,
     residual: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``x * sigmoid(W2 . prelu(W1 . mean(x))) * sigmoid(conv_k(max_c(x))) (+ residual)``.
 
@@ -32,6 +33,7 @@ def balanced_attention(
         w2: ``(C, Cr)`` or ``(C, Cr, 1, 1)``, no bias.
         w_sa: the spatial conv, ``(K, K)`` or ``(1, 1, K, K)`` with K odd (7 in BAM), zero padding K // 2.
         residual: optional ``[N, C, H, W]`` tensor added to the result (RCAB's identity).
+        out: optional caller-owned result buffer (inference only; may be ``residual`` itself).
     """
     _checks.feature_map("x", x)
     C = x.shape[1]
@@ -46,12 +48,18 @@ def balanced_attention(
         raise ValueError(f"w_sa must be an odd square kernel, got shape {list(w_sa.shape)}")
     w_sa = _checks.like("w_sa", w_sa, x, ((K, K), (1, 1, K, K))).reshape(K, K)
     residual = _checks.residual(residual, x)
-
+    args = (x, w1, prelu_w, w2, w_sa, residual)
     backend = _backend.choose(OP, x)
+    if out is not None:
+        _checks.out(out, args)
+        if backend == "reference":
+            with torch.no_grad():
+                return out.copy_(RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual))
+        _backend.op_handle(backend, OP + "_out")(*args, out)
+        return out
     if backend == "reference":
         return RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual)
-    out, _, _ = _backend.op_handle(backend, OP)(x, w1, prelu_w, w2, w_sa, residual)
-    return out
+    return _backend.op_handle(backend, OP)(*args)[0]
 
 
 def _fake(x, w1, prelu_w, w2, w_sa, residual):
@@ -63,6 +71,10 @@ def _fake(x, w1, prelu_w, w2, w_sa, residual):
 def _fake_backward(grad_out, x, mean, maxmap, w1, prelu_w, w2, w_sa):
     return (_checks.empty_out(x), torch.empty_like(w1), torch.empty_like(prelu_w), torch.empty_like(w2),
             torch.empty_like(w_sa))
+
+
+def _fake_out(x, w1, prelu_w, w2, w_sa, residual, out):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,5 +98,6 @@ def register(namespace: str, fake: bool) -> None:
     if fake:
         torch.library.register_fake(qual)(_fake)
         torch.library.register_fake(f"{qual}_backward")(_fake_backward)
+        torch.library.register_fake(f"{qual}_out")(_fake_out)
     backward_op = getattr(getattr(torch.ops, namespace), f"{OP}_backward")
     torch.library.register_autograd(qual, _make_backward(backward_op), setup_context=_setup_context)

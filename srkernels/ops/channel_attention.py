@@ -29,6 +29,7 @@ def channel_attention(
     act: str = "relu",
     act_weight: Tensor | None = None,
     pool: str = "avg",
+    out: Tensor | None = None,
 ) -> Tensor:
     """``x * sigmoid(W2 . act(W1 . pool(x) + b1) + b2) (+ residual)``.
 
@@ -39,8 +40,9 @@ def channel_attention(
         residual: optional ``[N, C, H, W]`` tensor added to the result (RCAB's identity).
         act: ``"relu"`` or ``"prelu"`` (then ``act_weight`` holds 1 or ``Cr`` slopes).
         pool: ``"avg"`` (RCAN) or ``"avg+std"`` (mean + population std, contrast-aware attention).
+        out: optional caller-owned result buffer (inference only; may be ``residual`` itself).
 
-    Returns a tensor shaped like ``x``, in ``x``'s memory format.
+    Returns a tensor shaped like ``x``, in ``x``'s memory format (or ``out``).
     """
     _checks.feature_map("x", x)
     C = x.shape[1]
@@ -61,14 +63,21 @@ def channel_attention(
     elif act_weight is not None:
         raise ValueError("act_weight is only used with act='prelu'")
     residual = _checks.residual(residual, x)
-
+    args = (x, w1, b1, w2, b2, residual, act_weight, pool)
     backend = _backend.choose(OP, x)
+    if out is not None:
+        _checks.out(out, args)
+        if backend == "reference":
+            with torch.no_grad():
+                return out.copy_(RF.channel_attention(
+                    x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool))
+        _backend.op_handle(backend, OP + "_out")(*args, out)
+        return out
     if backend == "reference":
         return RF.channel_attention(
             x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool
         )
-    out, _ = _backend.op_handle(backend, OP)(x, w1, b1, w2, b2, residual, act_weight, pool)
-    return out
+    return _backend.op_handle(backend, OP)(*args)[0]
 
 
 # ---- registration of the compiled op (the Triton op registers its own, same functions) --------------
@@ -84,6 +93,10 @@ def _fake_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight, pool):
         return torch.empty_like(t) if t is not None else x.new_empty((0,))
 
     return _checks.empty_out(x), grad_like(w1), grad_like(b1), grad_like(w2), grad_like(b2), grad_like(act_weight)
+
+
+def _fake_out(x, w1, b1, w2, b2, residual, act_weight, pool, out):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -118,5 +131,6 @@ def register(namespace: str, fake: bool) -> None:
     if fake:
         torch.library.register_fake(qual)(_fake)
         torch.library.register_fake(f"{qual}_backward")(_fake_backward)
+        torch.library.register_fake(f"{qual}_out")(_fake_out)
     backward_op = getattr(getattr(torch.ops, namespace), f"{OP}_backward")
     torch.library.register_autograd(qual, _make_backward(backward_op), setup_context=_setup_context)

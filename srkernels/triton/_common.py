@@ -163,3 +163,26 @@ def merge_partials_kernel(
 
 def merge_block_k(npb: int) -> int:
     return min(triton.next_power_of_2(max(npb, 1)), 64)
+
+
+# ---- registration helpers -------------------------------------------------------------------------------
+
+
+def _keep_opaque(mode, op, types, args, kwargs):
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+def finish_registration(op, fake, kernel) -> None:
+    """Register the shape-only fake kernel (triton_op's default fake runs the body, which under
+    TRITON_INTERPRET=1 would execute interpreted kernels on fake tensors), and, in interpreter mode, keep
+    the op opaque under functionalization (an interpreted kernel cannot be traced into a graph; compiled
+    graphs then call the op eagerly)."""
+    op.register_fake(fake)
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(kernel, InterpretedFunction):
+        from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+        op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)

@@ -255,3 +255,28 @@ def channel_attention_backward(
         gb2.to(b2.dtype).reshape(b2.shape) if b2 is not None else empty.clone(),
         gaw.to(act_weight.dtype) if act_weight is not None else empty.clone(),
     )
+
+
+def _fake_forward(x, w1, b1, w2, b2, residual, act_weight, pool):
+    with_std = _check_pool(pool)
+    x, _ = cm.kernel_layout(x)
+    N, C = x.shape[:2]
+    return torch.empty_like(x), x.new_empty((N, 2 if with_std else 1, C), dtype=cm.acc_dtype(x.dtype))
+
+
+def _fake_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight, pool):
+    _check_pool(pool)
+    x, _ = cm.kernel_layout(x)
+    empty = w1.new_empty((0,))
+    return (
+        torch.empty_like(x),
+        torch.empty_like(w1, memory_format=torch.contiguous_format),
+        b1.new_empty(b1.shape) if b1 is not None else empty,
+        torch.empty_like(w2, memory_format=torch.contiguous_format),
+        b2.new_empty(b2.shape) if b2 is not None else empty.clone(),
+        act_weight.new_empty(act_weight.shape) if act_weight is not None else empty.clone(),
+    )
+
+
+cm.finish_registration(channel_attention, _fake_forward, _ca_stats_kernel)
+cm.finish_registration(channel_attention_backward, _fake_backward, _ca_dg_kernel)

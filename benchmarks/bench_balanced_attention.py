@@ -1,0 +1,71 @@
+"""Balanced attention (BAM) + residual: eager reference vs torch.compile(reference) vs srkernels.
+
+    python benchmarks/bench_balanced_attention.py [--quick] [--cpu|--cuda]
+    pytest benchmarks/bench_balanced_attention.py --benchmark-group-by=group
+
+Bytes model (forward): floor 3 passes (read x, read residual, write out). Eager makes 9: mean reads x, max
+reads x, x*ca reads x and writes t, t*sa reads and writes t, t+r reads t and r and writes out. The fused
+op reads x once for both statistics, then once more (cache-resident per sample on CPU) to write out.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from srkernels import ops  # noqa: E402
+from srkernels.reference import functional as RF  # noqa: E402
+
+BENCH = "balanced_attention"
+SHAPES = [(16, 64, 48, 48), (1, 64, 270, 480)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make(shape, dtype, device):
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(0)
+    t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    Cr = C // 16
+    return dict(x=t(N, C, H, W), w1=t(Cr, C, scale=C**-0.5), prelu_w=t(Cr, scale=0.1) + 0.25,
+                w2=t(C, Cr, scale=Cr**-0.5), w_sa=t(7, 7, scale=1 / 7), residual=t(N, C, H, W))
+
+
+def variants(a: dict) -> dict:
+    x, r = a["x"], a["residual"]
+    w = (a["w1"], a["prelu_w"], a["w2"], a["w_sa"])
+    out, tmp = torch.empty_like(x), torch.empty_like(x)
+    compiled_ref = torch.compile(RF.balanced_attention)
+
+    def eager_prealloc():
+        ca = torch.sigmoid(F.linear(F.prelu(F.linear(x.mean((2, 3)), w[0]), w[1]), w[2]))
+        sa = torch.sigmoid(F.conv2d(x.amax(1, keepdim=True), w[3][None, None], padding=3))
+        torch.mul(x, ca[:, :, None, None], out=tmp)
+        tmp.mul_(sa)
+        return torch.add(tmp, r, out=out)
+
+    return {
+        "eager": lambda: RF.balanced_attention(x, *w, residual=r),
+        "eager+prealloc": eager_prealloc,
+        "compile(ref)": lambda: compiled_ref(x, *w, residual=r),
+        "srkernels": lambda: ops.balanced_attention(x, *w, residual=r),
+        "srkernels+prealloc": lambda: ops.balanced_attention(x, *w, residual=r, out=out),
+    }
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels+prealloc"])
+def test_balanced_attention(benchmark, shape, dtype, variant):
+    benchmark.group = f"balanced_attention {list(shape)} {dtype}"
+    with torch.no_grad():
+        benchmark(variants(make(shape, dtype, "cpu"))[variant])
+
+
+if __name__ == "__main__":
+    harness.main(BENCH, SHAPES, DTYPES, make, variants)

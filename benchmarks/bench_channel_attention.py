@@ -1,0 +1,69 @@
+"""Channel attention + residual (RCAB's tail): eager reference vs torch.compile(reference) vs srkernels.
+
+    python benchmarks/bench_channel_attention.py [--quick] [--cpu|--cuda]   # table, JSON line, README update
+    pytest benchmarks/bench_channel_attention.py --benchmark-group-by=group  # pytest-benchmark view
+
+Bytes model (forward, inference): the op must read x and the residual and write out: 3 tensor passes. Eager
+PyTorch makes 6 (pool reads x; x*g reads x, writes t; t+r reads t and r, writes out); a pool kernel + a
+scale kernel make 4; 3 is the floor, reached on CPU when a sample stays cache-resident between the two.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from srkernels import ops  # noqa: E402
+from srkernels.reference import functional as RF  # noqa: E402
+
+BENCH = "channel_attention"
+SHAPES = [(16, 64, 48, 48), (1, 64, 270, 480)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make(shape, dtype, device):
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(0)
+    t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    Cr = C // 16
+    return dict(x=t(N, C, H, W), w1=t(Cr, C, scale=C**-0.5), b1=t(Cr, scale=0.1), w2=t(C, Cr, scale=Cr**-0.5),
+                b2=t(C, scale=0.1), residual=t(N, C, H, W))
+
+
+def variants(a: dict) -> dict:
+    x, r = a["x"], a["residual"]
+    w = (a["w1"], a["b1"], a["w2"], a["b2"])
+    out, tmp = torch.empty_like(x), torch.empty_like(x)
+    compiled_ref = torch.compile(RF.channel_attention)
+
+    def eager_prealloc():
+        g = torch.sigmoid(torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(
+            x.mean((2, 3)), w[0], w[1])), w[2], w[3]))
+        torch.mul(x, g[:, :, None, None], out=tmp)
+        return torch.add(tmp, r, out=out)
+
+    return {
+        "eager": lambda: RF.channel_attention(x, *w, residual=r),
+        "eager+prealloc": eager_prealloc,
+        "compile(ref)": lambda: compiled_ref(x, *w, residual=r),
+        "srkernels": lambda: ops.channel_attention(x, *w, residual=r),
+        "srkernels+prealloc": lambda: ops.channel_attention(x, *w, residual=r, out=out),
+    }
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels+prealloc"])
+def test_channel_attention(benchmark, shape, dtype, variant):
+    benchmark.group = f"channel_attention {list(shape)} {dtype}"
+    with torch.no_grad():
+        benchmark(variants(make(shape, dtype, "cpu"))[variant])
+
+
+if __name__ == "__main__":
+    harness.main(BENCH, SHAPES, DTYPES, make, variants)

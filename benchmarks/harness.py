@@ -1,0 +1,113 @@
+"""Shared plumbing of the benchmark suites: run interleaved comparisons, GB/s against a copy bandwidth measured
+in the same process, JSON-lines results (git sha, versions, machine) and the Markdown table of benchmarks/README.md.
+
+Timing itself lives in ``srkernels.benchmark`` (also used by ``srkernels bench``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import srkernels
+from srkernels.benchmark import copy_bandwidth, describe_machine, gbps, interleaved
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def compare(case: str, variants: dict, *, nbytes: int, copy_gbps: float, baseline: str, device="cpu",
+            rounds: int = 15) -> list[dict]:
+    """Time ``variants`` interleaved; one row per variant with ms min/median, GB/s (``nbytes`` model),
+    % of copy bandwidth and speed-up over ``baseline`` (by min and by median)."""
+    t = interleaved(variants, device=device, rounds=rounds)
+    base = t[baseline]
+    rows = []
+    for name, tim in t.items():
+        rate = gbps(nbytes, tim.min)
+        rows.append({
+            "case": case, "variant": name, "ms_min": round(tim.min, 4), "ms_median": round(tim.median, 4),
+            "gbps": round(rate, 2), "pct_copy": round(100 * rate / copy_gbps, 1),
+            "speedup_min": round(base.min / tim.min, 3), "speedup_median": round(base.median / tim.median, 3),
+            "baseline": baseline,
+        })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| case | variant | ms min | ms median | GB/s | % copy | speed-up (min / median) |\n|---|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['case']} | {r['variant']} | {r['ms_min']:.3f} | {r['ms_median']:.3f} | {r['gbps']:.1f} | "
+        f"{r['pct_copy']:.0f}% | {r['speedup_min']:.2f}x / {r['speedup_median']:.2f}x vs {r['baseline']} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def record(bench: str, rows: list[dict], extra: dict) -> Path:
+    """Append one JSON line per run under benchmarks/results/<bench>.jsonl."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{bench}.jsonl"
+    entry = {"bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": git_sha(),
+             "srkernels": srkernels.build_info(), "machine": describe_machine(), **extra, "rows": rows}
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return path
+
+
+def update_readme(bench: str, text: str) -> None:
+    """Replace the block between <!-- bench:NAME --> markers in benchmarks/README.md with ``text``."""
+    readme = HERE / "README.md"
+    src = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    start, end = f"<!-- bench:{bench} -->", f"<!-- /bench:{bench} -->"
+    block = f"{start}\n{text}\n{end}"
+    if start in src and end in src:
+        src = src[: src.index(start)] + block + src[src.index(end) + len(end):]
+    else:
+        src = src.rstrip() + "\n\n" + block + "\n"
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(src)
+    os.replace(tmp, readme)
+
+
+def device_arg() -> str:
+    return "cuda" if "--cuda" in sys.argv or (torch.cuda.is_available() and "--cpu" not in sys.argv) else "cpu"
+
+
+__all__ = ["compare", "markdown", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha"]
+
+
+def main(bench: str, shapes: list, dtypes: list, make, variants, passes: int = 3) -> None:
+    """Script entry of a suite: ``make(shape, dtype, device)`` builds inputs, ``variants(inputs)`` the
+    callables (baseline "eager"); GB/s counts ``passes`` passes over ``inputs["x"]``."""
+    device = device_arg()
+    quick = "--quick" in sys.argv
+    copy = copy_bandwidth(device=device)
+    print(f"copy bandwidth: {copy:.1f} GB/s (read + write)")
+    rows = []
+    with torch.no_grad():
+        for shape in shapes[:1] if quick else shapes:
+            for dtype in dtypes:
+                a = make(shape, dtype, device)
+                nbytes = passes * a["x"].numel() * a["x"].element_size()
+                rows += compare(f"{list(shape)} {str(dtype)[6:]}", variants(a), nbytes=nbytes, copy_gbps=copy,
+                                baseline="eager", device=device, rounds=5 if quick else 15)
+    table = markdown(rows)
+    print(table)
+    path = record(bench, rows, {"device": device, "copy_gbps": copy})
+    if not quick:
+        update_readme(f"{bench}-{device}", f"Measured copy bandwidth {copy:.1f} GB/s; GB/s counts {passes} "
+                      f"passes over x; commit `{git_sha()}`; {describe_machine().get('cpu', device)}.\n\n{table}")
+    print(f"appended to {path}")

@@ -1,0 +1,538 @@
+// CPU forward/backward of srkernels::channel_attention (RCAN CALayer / IMDN contrast attention):
+//   out = x * sigmoid(W2 act(W1 pool(x) + b1) + b2) (+ residual), pool = mean or mean + std over H, W.
+// Contract: docs/ops.md. Work is blocked per sample: pool sample n, run its MLP, then scale it while it is
+// still in L2, so x comes from DRAM once. Every reduction is split into fixed-size chunks whose partials are
+// combined in index order, so results are bitwise independent of the thread count.
+#include "attention_common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace srkernels::cpu {
+namespace {
+
+constexpr const char* kOp = "channel_attention";
+constexpr const char* kOpBw = "channel_attention_backward";
+
+// NCHW: a chunk is a run of one channel plane; 16 KB of fp32, so the deviation pass re-reads it from L1.
+constexpr int64_t kChunkNCHW = 4096;
+// NHWC: a chunk is a run of whole pixels (~64 KB of fp32, re-read from L2); larger than NCHW to keep the
+// [chunks, C] partial buffers small for big images.
+constexpr int64_t kChunkNHWC = 16384;
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool parse_pool(c10::string_view pool, const char* op) {
+  if (pool == "avg") return false;
+  if (pool == "avg+std") return true;
+  TORCH_CHECK(false, op, ": pool must be \"avg\" or \"avg+std\", got \"", std::string(pool), "\"");
+}
+
+// Chunking of one sample. NCHW: item i = (channel i / nk, chunk i % nk) of kChunkNCHW elements.
+// NHWC: item k = pixels [k*P, (k+1)*P). Depends only on the shape.
+struct Chunking {
+  Layout layout;
+  int64_t C, HW, nk, P;
+  Chunking(Layout l, int64_t C_, int64_t HW_) : layout(l), C(C_), HW(HW_) {
+    if (l == Layout::NCHW) {
+      P = kChunkNCHW;
+      nk = div_up(HW, P);
+    } else {
+      P = std::max<int64_t>(1, kChunkNHWC / std::max<int64_t>(C, 1));
+      nk = div_up(HW, P);
+    }
+  }
+  int64_t items() const { return layout == Layout::NCHW ? C * nk : nk; }
+  int64_t len(int64_t k) const { return std::min(P, HW - k * P); }  // pixels in chunk k
+};
+
+// ------------------------------------------------------------------ NCHW row kernels (one channel run)
+
+template <typename T>
+inline at::opmath_type<T> sum_row(const T* p, int64_t n) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using AV = typename IO::AV;
+  constexpr int64_t W = IO::W;
+  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    s0 += IO::load(p + i);
+    s1 += IO::load(p + i + W);
+    s2 += IO::load(p + i + 2 * W);
+    s3 += IO::load(p + i + 3 * W);
+  }
+  for (; i + W <= n; i += W) s0 += IO::load(p + i);
+  if (i < n) s1 += IO::load(p + i, n - i);
+  return hsum<A>((s0 + s1) + (s2 + s3));
+}
+
+template <typename T>
+inline at::opmath_type<T> sqdev_row(const T* p, int64_t n, at::opmath_type<T> mean) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using AV = typename IO::AV;
+  constexpr int64_t W = IO::W;
+  const AV m(mean);
+  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    const AV d0 = IO::load(p + i) - m, d1 = IO::load(p + i + W) - m;
+    const AV d2 = IO::load(p + i + 2 * W) - m, d3 = IO::load(p + i + 3 * W) - m;
+    s0 = at::vec::fmadd(d0, d0, s0);
+    s1 = at::vec::fmadd(d1, d1, s1);
+    s2 = at::vec::fmadd(d2, d2, s2);
+    s3 = at::vec::fmadd(d3, d3, s3);
+  }
+  for (; i + W <= n; i += W) {
+    const AV d = IO::load(p + i) - m;
+    s0 = at::vec::fmadd(d, d, s0);
+  }
+  if (i < n) {
+    // Masked-off lanes load 0; zero them after subtracting the mean.
+    const AV d = AV::set(AV(A(0)), IO::load(p + i, n - i) - m, n - i);
+    s1 = at::vec::fmadd(d, d, s1);
+  }
+  return hsum<A>((s0 + s1) + (s2 + s3));
+}
+
+template <typename T>
+inline at::opmath_type<T> dot_row(const T* a, const T* b, int64_t n) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using AV = typename IO::AV;
+  constexpr int64_t W = IO::W;
+  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
+    s1 = at::vec::fmadd(IO::load(a + i + W), IO::load(b + i + W), s1);
+    s2 = at::vec::fmadd(IO::load(a + i + 2 * W), IO::load(b + i + 2 * W), s2);
+    s3 = at::vec::fmadd(IO::load(a + i + 3 * W), IO::load(b + i + 3 * W), s3);
+  }
+  for (; i + W <= n; i += W) s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
+  if (i < n) s1 = at::vec::fmadd(IO::load(a + i, n - i), IO::load(b + i, n - i), s1);
+  return hsum<A>((s0 + s1) + (s2 + s3));
+}
+
+// out = x * g (+ r), rounded once.
+template <typename T>
+inline void scale_row(const T* x, const T* r, T* out, int64_t n, at::opmath_type<T> g) {
+  using IO = VecIO<T>;
+  using AV = typename IO::AV;
+  constexpr int64_t W = IO::W;
+  const AV vg(g);
+  int64_t i = 0;
+  if (r != nullptr) {
+    for (; i + W <= n; i += W) IO::store(out + i, at::vec::fmadd(IO::load(x + i), vg, IO::load(r + i)));
+    if (i < n) IO::store(out + i, at::vec::fmadd(IO::load(x + i, n - i), vg, IO::load(r + i, n - i)), n - i);
+  } else {
+    for (; i + W <= n; i += W) IO::store(out + i, IO::load(x + i) * vg);
+    if (i < n) IO::store(out + i, IO::load(x + i, n - i) * vg, n - i);
+  }
+}
+
+// gx = go * g + alpha (+ (x - mean) * beta when kStd)
+template <bool kStd, typename T>
+inline void grad_row(const T* go, const T* x, T* gx, int64_t n, at::opmath_type<T> g,
+                     at::opmath_type<T> alpha, at::opmath_type<T> beta, at::opmath_type<T> mean) {
+  using IO = VecIO<T>;
+  using AV = typename IO::AV;
+  constexpr int64_t W = IO::W;
+  const AV vg(g), va(alpha), vb(beta), vm(mean);
+  auto f = [&](const AV& vgo, const AV& vx) {
+    if constexpr (kStd) {
+      return at::vec::fmadd(vgo, vg, at::vec::fmadd(vx - vm, vb, va));
+    } else {
+      (void)vx;
+      return at::vec::fmadd(vgo, vg, va);
+    }
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) IO::store(gx + i, f(IO::load(go + i), kStd ? IO::load(x + i) : AV()));
+  if (i < n) IO::store(gx + i, f(IO::load(go + i, n - i), kStd ? IO::load(x + i, n - i) : AV()), n - i);
+}
+
+// ------------------------------------------------------------------ NHWC pixel kernels (C contiguous)
+
+// f(c, cnt) over [0, C) in acc-vector steps; only the last step may be partial.
+template <typename T, typename F>
+inline void over_channels(int64_t C, const F& f) {
+  constexpr int64_t W = VecIO<T>::W;
+  int64_t c = 0;
+  for (; c + W <= C; c += W) f(c, W);
+  if (c < C) f(c, C - c);
+}
+
+template <typename T>
+inline typename VecIO<T>::AV load_n(const T* p, int64_t cnt) {
+  return cnt == VecIO<T>::W ? VecIO<T>::load(p) : VecIO<T>::load(p, cnt);
+}
+template <typename T>
+inline void store_n(T* p, const typename VecIO<T>::AV& v, int64_t cnt) {
+  if (cnt == VecIO<T>::W) {
+    VecIO<T>::store(p, v);
+  } else {
+    VecIO<T>::store(p, v, cnt);
+  }
+}
+template <typename A>
+inline Vectorized<A> aload_n(const A* p, int64_t cnt) {
+  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
+}
+template <typename A>
+inline void astore_n(A* p, const Vectorized<A>& v, int64_t cnt) {
+  if (cnt == Vectorized<A>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
+// acc[c] = sum over the chunk's pixels of x[p, c]; chunk of np pixels starting at x.
+template <typename T>
+inline void sum_pixels(const T* x, int64_t np, int64_t C, at::opmath_type<T>* acc) {
+  using A = at::opmath_type<T>;
+  std::fill(acc, acc + C, A(0));
+  for (int64_t p = 0; p < np; ++p) {
+    const T* xp = x + p * C;
+    over_channels<T>(C, [&](int64_t c, int64_t cnt) {
+      astore_n<A>(acc + c, aload_n<A>(acc + c, cnt) + load_n<T>(xp + c, cnt), cnt);
+    });
+  }
+}
+
+// acc[c] = sum over the chunk's pixels of (x[p, c] - mean[c])^2
+template <typename T>
+inline void sqdev_pixels(const T* x, int64_t np, int64_t C, const at::opmath_type<T>* mean,
+                         at::opmath_type<T>* acc) {
+  using A = at::opmath_type<T>;
+  std::fill(acc, acc + C, A(0));
+  for (int64_t p = 0; p < np; ++p) {
+    const T* xp = x + p * C;
+    over_channels<T>(C, [&](int64_t c, int64_t cnt) {
+      const auto d = load_n<T>(xp + c, cnt) - aload_n<A>(mean + c, cnt);
+      astore_n<A>(acc + c, at::vec::fmadd(d, d, aload_n<A>(acc + c, cnt)), cnt);
+    });
+  }
+}
+
+template <typename T>
+inline void dot_pixels(const T* a, const T* b, int64_t np, int64_t C, at::opmath_type<T>* acc) {
+  using A = at::opmath_type<T>;
+  std::fill(acc, acc + C, A(0));
+  for (int64_t p = 0; p < np; ++p) {
+    const T* ap = a + p * C;
+    const T* bp = b + p * C;
+    over_channels<T>(C, [&](int64_t c, int64_t cnt) {
+      astore_n<A>(acc + c, at::vec::fmadd(load_n<T>(ap + c, cnt), load_n<T>(bp + c, cnt), aload_n<A>(acc + c, cnt)),
+                  cnt);
+    });
+  }
+}
+
+template <typename T>
+inline void scale_pixels(const T* x, const T* r, T* out, int64_t np, int64_t C, const at::opmath_type<T>* g) {
+  using A = at::opmath_type<T>;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t o = p * C;
+    if (r != nullptr) {
+      over_channels<T>(C, [&](int64_t c, int64_t cnt) {
+        store_n<T>(out + o + c, at::vec::fmadd(load_n<T>(x + o + c, cnt), aload_n<A>(g + c, cnt), load_n<T>(r + o + c, cnt)),
+                   cnt);
+      });
+    } else {
+      over_channels<T>(C, [&](int64_t c, int64_t cnt) {
+        store_n<T>(out + o + c, load_n<T>(x + o + c, cnt) * aload_n<A>(g + c, cnt), cnt);
+      });
+    }
+  }
+}
+
+template <bool kStd, typename T>
+inline void grad_pixels(const T* go, const T* x, T* gx, int64_t np, int64_t C, const at::opmath_type<T>* g,
+                        const at::opmath_type<T>* alpha, const at::opmath_type<T>* beta,
+                        const at::opmath_type<T>* mean) {
+  using A = at::opmath_type<T>;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t o = p * C;
+    over_channels<T>(C, [&](int64_t c, int64_t cnt) {
+      auto v = aload_n<A>(alpha + c, cnt);
+      if constexpr (kStd) {
+        v = at::vec::fmadd(load_n<T>(x + o + c, cnt) - aload_n<A>(mean + c, cnt), aload_n<A>(beta + c, cnt), v);
+      }
+      store_n<T>(gx + o + c, at::vec::fmadd(load_n<T>(go + o + c, cnt), aload_n<A>(g + c, cnt), v), cnt);
+    });
+  }
+}
+
+// ------------------------------------------------------------------ per-sample pooling
+
+// Per-channel mean (and population std) of one sample. Chunk partials (sum and, for std, the sum of squared
+// deviations from the chunk's own mean, two-pass inside the cache-resident chunk) are merged in index order:
+// M2 = sum_k [M2_k + n_k (mean_k - mean)^2], which is exact algebra with no cancellation.
+template <typename T>
+void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type<T>* mean,
+                 at::opmath_type<T>* stdv) {
+  using A = at::opmath_type<T>;
+  const int64_t C = ch.C, HW = ch.HW, nk = ch.nk;
+  std::vector<A> psum(nk * C), pm2(with_std ? nk * C : 0);  // NCHW: [C, nk]; NHWC: [nk, C]
+  if (ch.layout == Layout::NCHW) {
+    at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c = i / nk, k = i % nk, len = ch.len(k);
+        const T* p = xn + c * HW + k * ch.P;
+        const A s = sum_row<T>(p, len);
+        psum[i] = s;
+        if (with_std) pm2[i] = sqdev_row<T>(p, len, s / A(len));
+      }
+    });
+  } else {
+    at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
+      std::vector<A> cmean(with_std ? C : 0);
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t len = ch.len(k);
+        const T* p = xn + k * ch.P * C;
+        A* s = psum.data() + k * C;
+        sum_pixels<T>(p, len, C, s);
+        if (with_std) {
+          for (int64_t c = 0; c < C; ++c) cmean[c] = s[c] / A(len);
+          sqdev_pixels<T>(p, len, C, cmean.data(), pm2.data() + k * C);
+        }
+      }
+    });
+  }
+  const int64_t cs = ch.layout == Layout::NCHW ? nk : 1;  // stride between channels in the partials
+  const int64_t ks = ch.layout == Layout::NCHW ? 1 : C;   // stride between chunks
+  for (int64_t c = 0; c < C; ++c) {
+    A s = A(0);
+    for (int64_t k = 0; k < nk; ++k) s += psum[c * cs + k * ks];
+    const A m = s / A(HW);
+    mean[c] = m;
+    if (with_std) {
+      A m2 = A(0);
+      for (int64_t k = 0; k < nk; ++k) {
+        const A len = A(ch.len(k));
+        const A d = psum[c * cs + k * ks] / len - m;
+        m2 += pm2[c * cs + k * ks] + len * d * d;
+      }
+      stdv[c] = std::sqrt(m2 / A(HW));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ forward
+
+std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
+                                                         const c10::optional<at::Tensor>& b1,
+                                                         const at::Tensor& w2,
+                                                         const c10::optional<at::Tensor>& b2,
+                                                         const c10::optional<at::Tensor>& residual,
+                                                         const c10::optional<at::Tensor>& act_weight,
+                                                         c10::string_view pool) {
+  check_x(x_in, kOp);
+  const bool with_std = parse_pool(pool, kOp);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, kOp, ": w1 must be [Cr, C=", C, "], got ", w1.sizes());
+  const int64_t Cr = w1.size(0);
+  check_param(w1, x_in, {Cr, C}, kOp, "w1");
+  check_param(w2, x_in, {C, Cr}, kOp, "w2");
+  if (b1.has_value()) check_param(*b1, x_in, {Cr}, kOp, "b1");
+  if (b2.has_value()) check_param(*b2, x_in, {C}, kOp, "b2");
+  if (act_weight.has_value()) check_param(*act_weight, x_in, {Cr}, kOp, "act_weight");
+
+  at::Tensor x = x_in;
+  const Layout layout = prepare_input(x);
+  at::Tensor r;
+  if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
+  const int64_t P = with_std ? 2 : 1;
+  at::Tensor out = at::empty_like(x);
+  at::Tensor stats = at::empty({N, P, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  if (N == 0 || C == 0) return {out, stats};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_attention_cpu", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    const Mlp<A> mlp = Mlp<A>::template make<T>(w1, b1, w2, b2, act_weight);
+    const Chunking ch(layout, C, HW);
+    const T* px = x.const_data_ptr<T>();
+    const T* pr = r.defined() ? r.const_data_ptr<T>() : nullptr;
+    T* po = out.data_ptr<T>();
+    A* pst = stats.data_ptr<A>();
+
+    for_each_sample(N, [&](int64_t n) {
+      const int64_t off = n * C * HW;
+      const T* xn = px + off;
+      const T* rn = pr != nullptr ? pr + off : nullptr;
+      T* on = po + off;
+      A* mean = pst + n * P * C;
+      A* stdv = with_std ? mean + C : nullptr;
+      pool_sample<T>(xn, ch, with_std, mean, stdv);
+
+      std::vector<A> s(C), h(Cr), a(Cr), g(C);
+      for (int64_t c = 0; c < C; ++c) s[c] = with_std ? mean[c] + stdv[c] : mean[c];
+      mlp.forward(s.data(), h.data(), a.data(), g.data());
+
+      // Scale while the sample is cache-resident (same chunking as the pool pass).
+      if (layout == Layout::NCHW) {
+        at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const int64_t c = i / ch.nk, k = i % ch.nk;
+            const int64_t o = c * HW + k * ch.P;
+            scale_row<T>(xn + o, rn != nullptr ? rn + o : nullptr, on + o, ch.len(k), g[c]);
+          }
+        });
+      } else {
+        at::parallel_for(0, ch.nk, 1, [&](int64_t b, int64_t e) {
+          for (int64_t k = b; k < e; ++k) {
+            const int64_t o = k * ch.P * C;
+            scale_pixels<T>(xn + o, rn != nullptr ? rn + o : nullptr, on + o, ch.len(k), C, g.data());
+          }
+        });
+      }
+    });
+  });
+  return {out, stats};
+}
+
+// ------------------------------------------------------------------ backward
+
+template <bool kStd, typename T>
+void ca_backward_sample(const T* gon, const T* xn, T* gxn, const Chunking& ch, const at::opmath_type<T>* mean,
+                        const at::opmath_type<T>* stdv, const Mlp<at::opmath_type<T>>& mlp,
+                        MlpGradRows<at::opmath_type<T>>& rows, int64_t n) {
+  using A = at::opmath_type<T>;
+  const int64_t C = ch.C, HW = ch.HW, nk = ch.nk, Cr = mlp.Cr;
+  A* s = rows.s.data() + n * C;
+  A* a = rows.a.data() + n * Cr;
+  std::vector<A> h(Cr), g(C), dg(C), ds(C), alpha(C), beta(kStd ? C : 0);
+  for (int64_t c = 0; c < C; ++c) s[c] = kStd ? mean[c] + stdv[c] : mean[c];
+  mlp.forward(s, h.data(), a, g.data());
+
+  // dg[c] = sum_p grad_out * x: chunk partials combined in index order.
+  std::vector<A> part(nk * C);
+  if (ch.layout == Layout::NCHW) {
+    at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c = i / nk, k = i % nk;
+        const int64_t o = c * HW + k * ch.P;
+        part[i] = dot_row<T>(gon + o, xn + o, ch.len(k));
+      }
+    });
+  } else {
+    at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t o = k * ch.P * C;
+        dot_pixels<T>(gon + o, xn + o, ch.len(k), C, part.data() + k * C);
+      }
+    });
+  }
+  const int64_t cs = ch.layout == Layout::NCHW ? nk : 1;
+  const int64_t ks = ch.layout == Layout::NCHW ? 1 : C;
+  for (int64_t c = 0; c < C; ++c) {
+    A acc = A(0);
+    for (int64_t k = 0; k < nk; ++k) acc += part[c * cs + k * ks];
+    dg[c] = acc;
+  }
+
+  mlp.backward(h.data(), g.data(), dg.data(), rows.dz.data() + n * C, rows.dh.data() + n * Cr,
+               rows.dslope.data() + n * Cr, ds.data());
+
+  // d mean / dx = 1/HW; d std / dx = (x - mean) / (HW std), taken as 0 where std == 0.
+  const A inv_hw = A(1) / A(HW);
+  for (int64_t c = 0; c < C; ++c) {
+    alpha[c] = ds[c] * inv_hw;
+    if constexpr (kStd) beta[c] = stdv[c] > A(0) ? ds[c] / (A(HW) * stdv[c]) : A(0);
+  }
+
+  if (ch.layout == Layout::NCHW) {
+    at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t c = i / nk, k = i % nk;
+        const int64_t o = c * HW + k * ch.P;
+        grad_row<kStd, T>(gon + o, xn + o, gxn + o, ch.len(k), g[c], alpha[c], kStd ? beta[c] : A(0), mean[c]);
+      }
+    });
+  } else {
+    at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t o = k * ch.P * C;
+        grad_pixels<kStd, T>(gon + o, xn + o, gxn + o, ch.len(k), C, g.data(), alpha.data(), beta.data(), mean);
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& stats_in, const at::Tensor& w1,
+    const c10::optional<at::Tensor>& b1, const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+    const c10::optional<at::Tensor>& act_weight, c10::string_view pool) {
+  check_x(x_in, kOpBw);
+  const bool with_std = parse_pool(pool, kOpBw);
+  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, kOpBw, ": w1 must be [Cr, C=", C, "], got ", w1.sizes());
+  const int64_t Cr = w1.size(0);
+  check_param(w1, x_in, {Cr, C}, kOpBw, "w1");
+  check_param(w2, x_in, {C, Cr}, kOpBw, "w2");
+  if (b1.has_value()) check_param(*b1, x_in, {Cr}, kOpBw, "b1");
+  if (b2.has_value()) check_param(*b2, x_in, {C}, kOpBw, "b2");
+  if (act_weight.has_value()) check_param(*act_weight, x_in, {Cr}, kOpBw, "act_weight");
+  const int64_t P = with_std ? 2 : 1;
+  const auto acc_type = at::toOpMathType(x_in.scalar_type());
+  TORCH_CHECK(stats_in.sizes() == at::IntArrayRef({N, P, C}), kOpBw, ": stats must be [N, ", P, ", C] = [", N,
+              ", ", P, ", ", C, "] for pool \"", std::string(pool), "\", got ", stats_in.sizes());
+  TORCH_CHECK(stats_in.scalar_type() == acc_type, kOpBw, ": stats must have dtype ", acc_type, ", got ",
+              stats_in.scalar_type());
+
+  at::Tensor x = x_in;
+  const Layout layout = prepare_input(x);
+  const at::Tensor go = match_layout(grad_out_in, x, layout, kOpBw, "grad_out");
+  const at::Tensor stats = stats_in.contiguous();
+
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gw1 = at::empty({Cr, C}, w1.options());
+  at::Tensor gw2 = at::empty({C, Cr}, w2.options());
+  at::Tensor gb1 = b1.has_value() ? at::empty({Cr}, w1.options()) : at::empty({0}, w1.options());
+  at::Tensor gb2 = b2.has_value() ? at::empty({C}, w1.options()) : at::empty({0}, w1.options());
+  at::Tensor gaw = act_weight.has_value() ? at::empty({Cr}, w1.options()) : at::empty({0}, w1.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_attention_backward_cpu", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    const Mlp<A> mlp = Mlp<A>::template make<T>(w1, b1, w2, b2, act_weight);
+    MlpGradRows<A> rows(N, C, Cr);
+    if (N > 0 && C > 0) {
+      const Chunking ch(layout, C, HW);
+      const T* pgo = go.const_data_ptr<T>();
+      const T* px = x.const_data_ptr<T>();
+      T* pgx = gx.data_ptr<T>();
+      const A* pst = stats.const_data_ptr<A>();
+      for_each_sample(N, [&](int64_t n) {
+        const int64_t off = n * C * HW;
+        const A* mean = pst + n * P * C;
+        if (with_std) {
+          ca_backward_sample<true, T>(pgo + off, px + off, pgx + off, ch, mean, mean + C, mlp, rows, n);
+        } else {
+          ca_backward_sample<false, T>(pgo + off, px + off, pgx + off, ch, mean, nullptr, mlp, rows, n);
+        }
+      });
+    }
+    // With N == 0 (or C == 0) the rows are empty and every weight grad comes out as zeros.
+    reduce_mlp_grads<T, A>(rows, gw1, b1.has_value() ? &gb1 : nullptr, gw2, b2.has_value() ? &gb2 : nullptr,
+                           act_weight.has_value() ? &gaw : nullptr);
+  });
+  return {gx, gw1, gb1, gw2, gb2, gaw};
+}
+
+}  // namespace
+}  // namespace srkernels::cpu
+
+TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
+  m.impl("channel_attention", &srkernels::cpu::channel_attention_cpu);
+  m.impl("channel_attention_backward", &srkernels::cpu::channel_attention_backward_cpu);
+}

@@ -1,0 +1,97 @@
+"""Timing that holds up on a shared, noisy machine: variants interleaved round by round in one process,
+min and median reported, a copy bandwidth measured in the same run as the yardstick for GB/s claims.
+
+Used by ``srkernels bench`` and by the suites under ``benchmarks/``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    name: str
+    times_ms: list[float] = field(default_factory=list)
+
+    @property
+    def min(self) -> float:
+        return min(self.times_ms)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], object], device: torch.device, inner: int) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / inner
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device | str = "cpu", rounds: int = 15,
+                warmup: int = 2, min_round_ms: float = 20.0) -> dict[str, Timing]:
+    """Time each callable ``rounds`` times, cycling through all of them every round (so load spikes hit all
+    variants alike). Each sample repeats the call enough times to last about ``min_round_ms``."""
+    device = torch.device(device)
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        once = max(_time_once(fn, device, 1), 1e-3)
+        inner[name] = max(1, int(min_round_ms / once))
+    out = {name: Timing(name) for name in fns}
+    for r in range(rounds):
+        names = list(fns) if r % 2 == 0 else list(reversed(fns))  # alternate order: no fixed position bias
+        for name in names:
+            out[name].times_ms.append(_time_once(fns[name], device, inner[name]))
+    return out
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, *, device: torch.device | str = "cpu", rounds: int = 10) -> float:
+    """GB/s of ``dst.copy_(src)`` counting read + write, with ``nbytes`` per buffer (preallocated)."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    t = interleaved({"copy": lambda: dst.copy_(src)}, device=device, rounds=rounds)["copy"]
+    return 2 * nbytes / (t.min * 1e-3) / 1e9
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def describe_machine() -> dict:
+    import os
+    import platform
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

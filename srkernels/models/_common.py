@@ -1,0 +1,84 @@
+"""What every model shares: the fused/reference layer switch, scale checks, config bookkeeping."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+def layer(fused: bool, name: str) -> type[nn.Module]:
+    """The layer class ``name`` from ``srkernels.nn`` (fused) or ``srkernels.reference``.
+
+    Both namespaces expose the same names and constructors. ``srkernels.nn`` is imported only when asked for,
+    and a layer it has no twin for yet falls back to the reference class (identical keys and maths).
+    """
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+    from .. import reference
+
+    if fused:
+        cls = getattr(importlib.import_module("srkernels.nn"), name, None)
+        if cls is not None:
+            return cls
+    return getattr(reference, name)
+
+
+def check_scale(arch: str, scale: object, allowed: tuple[int, ...] | None) -> int:
+    """``scale`` as an int, or a ValueError naming the scales ``arch`` supports (None: any int >= 2)."""
+    if isinstance(scale, bool) or not isinstance(scale, int):
+        raise ValueError(f"scale must be an int, got {scale!r}")
+    if allowed is None:
+        if scale < 2:
+            raise ValueError(f"scale must be >= 2 for {arch}, got {scale}")
+    elif scale not in allowed:
+        raise ValueError(f"scale {scale} is not supported by {arch}; supported: {', '.join(map(str, allowed))}")
+    return scale
+
+
+def positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def conv(cin: int, cout: int, k: int = 3, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+
+
+class SRModel(nn.Module):
+    """Base of the model zoo: ``scale``, ``fused``, ``input_range`` and a JSON-able ``config``.
+
+    ``config`` holds the constructor keywords (besides ``scale`` and ``fused``), so
+    ``type(m)(scale=m.scale, **m.config)`` rebuilds the same architecture; ``save_pretrained`` stores it.
+    ``input_range`` is the pixel range the weights expect (1.0 for [0, 1] input, 255.0 for [0, 255]).
+    """
+
+    arch: ClassVar[str] = ""
+    scales: ClassVar[tuple[int, ...] | None] = None
+
+    def __init__(self, scale: int, fused: bool, config: dict[str, Any], *, in_channels: int, input_range: float):
+        super().__init__()
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        self.scale = check_scale(type(self).__name__, scale, self.scales)
+        self.fused = fused
+        self.in_channels = in_channels
+        self.input_range = float(input_range)
+        self._config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must be [N, {self.in_channels}, H, W] for {type(self).__name__}, got {tuple(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, fused={self.fused}"
