@@ -101,8 +101,9 @@ def use_backend(name: str | None):
         _local.forced = prev
 
 
-def choose(op: str, x: torch.Tensor) -> str:
-    dev = x.device.type
+@torch.compiler.assume_constant_result  # decided at trace time; torch.compile sees only the chosen op
+def choose(op: str, dev: str) -> str:
+    """The backend for ``op`` on tensors of device type ``dev`` (``"cpu"``, ``"cuda"``)."""
     want = forced()
     if want is not None:
         if want != "reference" and want not in available(op, dev):

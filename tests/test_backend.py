@@ -24,11 +24,11 @@ def test_forced_reference_matches_default():
 def test_env_var_forces_and_fails_loudly(monkeypatch):
     monkeypatch.setenv("SRKERNELS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="SRKERNELS_BACKEND must be one of"):
-        _backend.choose("channel_attention", torch.randn(1, 1, 1, 1))
+        _backend.choose("channel_attention", "cpu")
     monkeypatch.setenv("SRKERNELS_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run channel_attention on cpu"):
-        _backend.choose("channel_attention", torch.randn(1, 1, 1, 1))
+        _backend.choose("channel_attention", "cpu")
 
 
 def test_use_backend_rejects_unknown():

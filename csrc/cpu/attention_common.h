@@ -64,6 +64,13 @@ inline void check_param(const at::Tensor& w, const at::Tensor& x, at::IntArrayRe
   TORCH_CHECK(w.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", w.device());
 }
 
+// PReLU slopes: [Cr] (one per hidden unit) or a single shared slope [1].
+inline void check_slope(const at::Tensor& w, const at::Tensor& x, int64_t Cr, const char* op, const char* name) {
+  TORCH_CHECK(w.dim() == 1 && (w.size(0) == Cr || w.size(0) == 1), op, ": ", name, " must have shape [", Cr,
+              "] (or [1] for one shared slope), got ", w.sizes());
+  check_param(w, x, w.sizes(), op, name);
+}
+
 // Per-sample cache blocking (one sample pooled, gated and scaled while it is L2-resident) needs one sample
 // per thread; with fewer samples than threads the work inside a sample is split instead. Both choices run
 // the same item code in the same order, so results do not depend on which is taken.
@@ -193,6 +200,83 @@ inline std::vector<at::opmath_type<T>> to_acc(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Streaming kernels shared by both ops. Each uses a fixed accumulation order for a given length.
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+inline at::opmath_type<T> sum_row(const T* p, int64_t n) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using AV = typename IO::AV;
+  constexpr int64_t W = IO::W;
+  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    s0 += IO::load(p + i);
+    s1 += IO::load(p + i + W);
+    s2 += IO::load(p + i + 2 * W);
+    s3 += IO::load(p + i + 3 * W);
+  }
+  for (; i + W <= n; i += W) s0 += IO::load(p + i);
+  if (i < n) s1 += IO::load(p + i, n - i);
+  return hsum<A>((s0 + s1) + (s2 + s3));
+}
+
+template <typename T>
+inline at::opmath_type<T> dot_row(const T* a, const T* b, int64_t n) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using AV = typename IO::AV;
+  constexpr int64_t W = IO::W;
+  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
+    s1 = at::vec::fmadd(IO::load(a + i + W), IO::load(b + i + W), s1);
+    s2 = at::vec::fmadd(IO::load(a + i + 2 * W), IO::load(b + i + 2 * W), s2);
+    s3 = at::vec::fmadd(IO::load(a + i + 3 * W), IO::load(b + i + 3 * W), s3);
+  }
+  for (; i + W <= n; i += W) s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
+  if (i < n) s1 = at::vec::fmadd(IO::load(a + i, n - i), IO::load(b + i, n - i), s1);
+  return hsum<A>((s0 + s1) + (s2 + s3));
+}
+
+// f(c, cnt) over [0, C) in acc-vector steps; only the last step may be partial.
+template <typename T, typename F>
+inline void over_channels(int64_t C, const F& f) {
+  constexpr int64_t W = VecIO<T>::W;
+  int64_t c = 0;
+  for (; c + W <= C; c += W) f(c, W);
+  if (c < C) f(c, C - c);
+}
+
+template <typename T>
+inline typename VecIO<T>::AV load_n(const T* p, int64_t cnt) {
+  return cnt == VecIO<T>::W ? VecIO<T>::load(p) : VecIO<T>::load(p, cnt);
+}
+template <typename T>
+inline void store_n(T* p, const typename VecIO<T>::AV& v, int64_t cnt) {
+  if (cnt == VecIO<T>::W) {
+    VecIO<T>::store(p, v);
+  } else {
+    VecIO<T>::store(p, v, cnt);
+  }
+}
+template <typename A>
+inline Vectorized<A> aload_n(const A* p, int64_t cnt) {
+  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
+}
+template <typename A>
+inline void astore_n(A* p, const Vectorized<A>& v, int64_t cnt) {
+  if (cnt == Vectorized<A>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // The squeeze-excite MLP g = sigmoid(W2 act(W1 s + b1) + b2), C -> Cr -> C, in acc type.
 
 template <typename A>
@@ -217,7 +301,10 @@ struct Mlp {
       for (int64_t j = 0; j < m.Cr; ++j) m.w2t[j * m.C + c] = w2v[c * m.Cr + j];
     if (b1.has_value()) m.b1 = to_acc<T>(*b1);
     if (b2.has_value()) m.b2 = to_acc<T>(*b2);
-    if (slope.has_value()) m.slope = to_acc<T>(*slope);
+    if (slope.has_value()) {
+      m.slope = to_acc<T>(*slope);
+      if (m.slope.size() == 1) m.slope.assign(m.Cr, m.slope[0]);  // a single shared PReLU slope
+    }
     return m;
   }
 
@@ -296,7 +383,13 @@ inline void reduce_mlp_grads(const MlpGradRows<A>& r, at::Tensor& gw1, at::Tenso
   }
   if (gslope != nullptr) {
     T* p = gslope->data_ptr<T>();
-    for (int64_t j = 0; j < Cr; ++j) p[j] = static_cast<T>(sl[j]);
+    if (gslope->numel() == Cr) {
+      for (int64_t j = 0; j < Cr; ++j) p[j] = static_cast<T>(sl[j]);
+    } else {  // one shared slope
+      A t = A(0);
+      for (int64_t j = 0; j < Cr; ++j) t += sl[j];
+      p[0] = static_cast<T>(t);
+    }
   }
 }
 

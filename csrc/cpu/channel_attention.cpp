@@ -25,8 +25,6 @@ constexpr int64_t kChunkNCHW = 4096;
 // [chunks, C] partial buffers small for big images.
 constexpr int64_t kChunkNHWC = 16384;
 
-inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 inline bool parse_pool(c10::string_view pool, const char* op) {
   if (pool == "avg") return false;
   if (pool == "avg+std") return true;
@@ -54,25 +52,6 @@ struct Chunking {
 // ------------------------------------------------------------------ NCHW row kernels (one channel run)
 
 template <typename T>
-inline at::opmath_type<T> sum_row(const T* p, int64_t n) {
-  using IO = VecIO<T>;
-  using A = typename IO::A;
-  using AV = typename IO::AV;
-  constexpr int64_t W = IO::W;
-  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    s0 += IO::load(p + i);
-    s1 += IO::load(p + i + W);
-    s2 += IO::load(p + i + 2 * W);
-    s3 += IO::load(p + i + 3 * W);
-  }
-  for (; i + W <= n; i += W) s0 += IO::load(p + i);
-  if (i < n) s1 += IO::load(p + i, n - i);
-  return hsum<A>((s0 + s1) + (s2 + s3));
-}
-
-template <typename T>
 inline at::opmath_type<T> sqdev_row(const T* p, int64_t n, at::opmath_type<T> mean) {
   using IO = VecIO<T>;
   using A = typename IO::A;
@@ -98,25 +77,6 @@ inline at::opmath_type<T> sqdev_row(const T* p, int64_t n, at::opmath_type<T> me
     const AV d = AV::set(AV(A(0)), IO::load(p + i, n - i) - m, n - i);
     s1 = at::vec::fmadd(d, d, s1);
   }
-  return hsum<A>((s0 + s1) + (s2 + s3));
-}
-
-template <typename T>
-inline at::opmath_type<T> dot_row(const T* a, const T* b, int64_t n) {
-  using IO = VecIO<T>;
-  using A = typename IO::A;
-  using AV = typename IO::AV;
-  constexpr int64_t W = IO::W;
-  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
-    s1 = at::vec::fmadd(IO::load(a + i + W), IO::load(b + i + W), s1);
-    s2 = at::vec::fmadd(IO::load(a + i + 2 * W), IO::load(b + i + 2 * W), s2);
-    s3 = at::vec::fmadd(IO::load(a + i + 3 * W), IO::load(b + i + 3 * W), s3);
-  }
-  for (; i + W <= n; i += W) s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
-  if (i < n) s1 = at::vec::fmadd(IO::load(a + i, n - i), IO::load(b + i, n - i), s1);
   return hsum<A>((s0 + s1) + (s2 + s3));
 }
 
@@ -159,40 +119,6 @@ inline void grad_row(const T* go, const T* x, T* gx, int64_t n, at::opmath_type<
 }
 
 // ------------------------------------------------------------------ NHWC pixel kernels (C contiguous)
-
-// f(c, cnt) over [0, C) in acc-vector steps; only the last step may be partial.
-template <typename T, typename F>
-inline void over_channels(int64_t C, const F& f) {
-  constexpr int64_t W = VecIO<T>::W;
-  int64_t c = 0;
-  for (; c + W <= C; c += W) f(c, W);
-  if (c < C) f(c, C - c);
-}
-
-template <typename T>
-inline typename VecIO<T>::AV load_n(const T* p, int64_t cnt) {
-  return cnt == VecIO<T>::W ? VecIO<T>::load(p) : VecIO<T>::load(p, cnt);
-}
-template <typename T>
-inline void store_n(T* p, const typename VecIO<T>::AV& v, int64_t cnt) {
-  if (cnt == VecIO<T>::W) {
-    VecIO<T>::store(p, v);
-  } else {
-    VecIO<T>::store(p, v, cnt);
-  }
-}
-template <typename A>
-inline Vectorized<A> aload_n(const A* p, int64_t cnt) {
-  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
-}
-template <typename A>
-inline void astore_n(A* p, const Vectorized<A>& v, int64_t cnt) {
-  if (cnt == Vectorized<A>::size()) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
-}
 
 // acc[c] = sum over the chunk's pixels of x[p, c]; chunk of np pixels starting at x.
 template <typename T>
@@ -344,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in,
   check_param(w2, x_in, {C, Cr}, kOp, "w2");
   if (b1.has_value()) check_param(*b1, x_in, {Cr}, kOp, "b1");
   if (b2.has_value()) check_param(*b2, x_in, {C}, kOp, "b2");
-  if (act_weight.has_value()) check_param(*act_weight, x_in, {Cr}, kOp, "act_weight");
+  if (act_weight.has_value()) check_slope(*act_weight, x_in, Cr, kOp, "act_weight");
 
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
@@ -481,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_param(w2, x_in, {C, Cr}, kOpBw, "w2");
   if (b1.has_value()) check_param(*b1, x_in, {Cr}, kOpBw, "b1");
   if (b2.has_value()) check_param(*b2, x_in, {C}, kOpBw, "b2");
-  if (act_weight.has_value()) check_param(*act_weight, x_in, {Cr}, kOpBw, "act_weight");
+  if (act_weight.has_value()) check_slope(*act_weight, x_in, Cr, kOpBw, "act_weight");
   const int64_t P = with_std ? 2 : 1;
   const auto acc_type = at::toOpMathType(x_in.scalar_type());
   TORCH_CHECK(stats_in.sizes() == at::IntArrayRef({N, P, C}), kOpBw, ": stats must be [N, ", P, ", C] = [", N,
@@ -499,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gw2 = at::empty({C, Cr}, w2.options());
   at::Tensor gb1 = b1.has_value() ? at::empty({Cr}, w1.options()) : at::empty({0}, w1.options());
   at::Tensor gb2 = b2.has_value() ? at::empty({C}, w1.options()) : at::empty({0}, w1.options());
-  at::Tensor gaw = act_weight.has_value() ? at::empty({Cr}, w1.options()) : at::empty({0}, w1.options());
+  at::Tensor gaw = act_weight.has_value() ? at::empty(act_weight->sizes(), w1.options()) : at::empty({0}, w1.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_attention_backward_cpu", [&] {
     using T = scalar_t;

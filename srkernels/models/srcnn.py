@@ -67,4 +67,7 @@ class SRCNN(SRModel):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        if min(x.shape[-2:]) <= 2 * self.border:
+            raise ValueError(f"x must be larger than {2 * self.border} px per side for padding='valid', "
+                             f"got {tuple(x.shape[-2:])}")
         return self.reconstruction(self.map(self.features(x)))

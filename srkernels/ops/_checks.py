@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format  # mirrors ATen's Tensor::suggest_memory_format
 
 
 def feature_map(name: str, x) -> Tensor:
@@ -46,7 +47,7 @@ def choice(name: str, value, options: tuple[str, ...]) -> str:
 
 def empty_out(x: Tensor) -> Tensor:
     """An output laid out like the kernels lay it out (x's suggested memory format)."""
-    return torch.empty_like(x, memory_format=x.suggest_memory_format())
+    return torch.empty_like(x, memory_format=suggest_memory_format(x))
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:

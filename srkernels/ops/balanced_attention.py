@@ -49,7 +49,7 @@ def balanced_attention(
     w_sa = _checks.like("w_sa", w_sa, x, ((K, K), (1, 1, K, K))).reshape(K, K)
     residual = _checks.residual(residual, x)
     args = (x, w1, prelu_w, w2, w_sa, residual)
-    backend = _backend.choose(OP, x)
+    backend = _backend.choose(OP, x.device.type)
     if out is not None:
         _checks.out(out, args)
         if backend == "reference":

@@ -64,7 +64,7 @@ def channel_attention(
         raise ValueError("act_weight is only used with act='prelu'")
     residual = _checks.residual(residual, x)
     args = (x, w1, b1, w2, b2, residual, act_weight, pool)
-    backend = _backend.choose(OP, x)
+    backend = _backend.choose(OP, x.device.type)
     if out is not None:
         _checks.out(out, args)
         if backend == "reference":

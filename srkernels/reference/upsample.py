@@ -65,16 +65,18 @@ class MeanShift(nn.Conv2d):
             raise ValueError(f"sign must be -1 (subtract the mean) or 1 (add it back), got {sign!r}")
         if isinstance(rgb_range, bool) or not isinstance(rgb_range, (int, float)) or not rgb_range > 0:
             raise ValueError(f"rgb_range must be a positive number, got {rgb_range!r}")
-        mean = torch.tensor([float(v) for v in rgb_mean], dtype=torch.float32)
-        std = torch.tensor([float(v) for v in rgb_std], dtype=torch.float32)
-        if mean.ndim != 1 or mean.numel() == 0 or std.shape != mean.shape:
-            raise ValueError(f"rgb_mean and rgb_std must be equally long, got {len(mean)} and {len(std)}")
-        if not bool((std != 0).all()):
-            raise ValueError(f"rgb_std must be non-zero, got {tuple(std.tolist())}")
-        n = mean.numel()
+        mean_l = [float(v) for v in rgb_mean]
+        std_l = [float(v) for v in rgb_std]
+        if not mean_l or len(std_l) != len(mean_l):
+            raise ValueError(f"rgb_mean and rgb_std must be equally long, got {len(mean_l)} and {len(std_l)}")
+        if any(v == 0 for v in std_l):
+            raise ValueError(f"rgb_std must be non-zero, got {tuple(std_l)}")
+        n = len(mean_l)
         super().__init__(n, n, kernel_size=1)
         self.rgb_range = float(rgb_range)
         self.sign = sign
+        mean = torch.tensor(mean_l)
+        std = torch.tensor(std_l)
         with torch.no_grad():
             self.weight.copy_(torch.eye(n).div(std.view(n, 1)).view(n, n, 1, 1))
             self.bias.copy_(sign * self.rgb_range * mean / std)

@@ -158,7 +158,12 @@ def merge_partials_kernel(
             cnt = tl.maximum(tl.minimum(HW - offs_k * BLOCK_P_SRC, BLOCK_P_SRC), 1).to(acc_ty)
             d = p / cnt[:, None] - mean[None, :]
             m2 += tl.sum(tl.where(m, q + cnt[:, None] * d * d, 0.0), axis=0)
-        tl.store(out_ptr + n * n_out * C + C + offs_c, tl.sqrt_rn(m2 / HW), mask=mc)
+        var = m2 / HW
+        if acc_ty == tl.float64:
+            std = tl.sqrt(var)
+        else:
+            std = tl.sqrt_rn(var)  # tl.sqrt may be the approximate one for fp32
+        tl.store(out_ptr + n * n_out * C + C + offs_c, std, mask=mc)
 
 
 def merge_block_k(npb: int) -> int:

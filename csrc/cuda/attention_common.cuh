@@ -1,0 +1,771 @@
+// Shared pieces of the channel_attention and balanced_attention CUDA kernels (contracts: docs/ops.md).
+//
+// Conventions used by every kernel here:
+// - acc_t = at::opmath_type<scalar_t>; all arithmetic on loaded values is done in acc_t (so bf16/half code
+//   needs no sm_80 intrinsics and compiles for sm_75).
+// - Deterministic: reductions are thread-local loops in a fixed order, then fixed-shape warp/block trees;
+//   multi-block reductions write partials that a second kernel merges in a fixed order. No float atomics.
+// - How a tensor is split into blocks depends only on the per-sample shape (C, H, W) and dtype, never on N
+//   or on the device, so a sample gives the same bits whatever batch it is in.
+// - Index math is int64 wherever an offset can exceed 2^31 (N*C*H*W, per-sample C*H*W, pixel*C).
+// - Buffers that a kernel writes and then re-reads after __syncthreads are plain pointers (no __restrict__,
+//   no __ldg), so the compiler never routes those reads through the non-coherent cache.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+namespace srk {
+// Anonymous namespace: each .cu gets its own internal-linkage copy of these templates and kernels, so two
+// translation units never share (and race to register) one host stub.
+namespace {
+
+constexpr int kBlock = 256;              // threads per block of every streaming kernel
+constexpr int64_t kMaxGridY = 65535;     // hardware limit of gridDim.y (kernels loop over the rest)
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr int kChunksPerSample = 1024;   // reduction blocks per sample we aim for (fills an H100 at N == 1)
+constexpr int kMinIters = 4;             // loads per thread per reduction block, at least
+constexpr int kEwIters = 4;              // vectors per thread in the elementwise kernels
+
+// ---------------------------------------------------------------------------------------------------------
+// Device helpers
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// 128-bit (or narrower) load/store; the host only picks V > 1 when every pointer and offset is aligned.
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> vload(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+template <int V, typename T>
+__device__ __forceinline__ void vstore(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t to_acc(T v) {
+  return static_cast<acc_t>(v);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_acc(acc_t z) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return 1.0 / (1.0 + ::exp(-z));
+  } else {
+    return 1.f / (1.f + ::expf(-z));
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sqrt_acc(acc_t v) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return ::sqrt(v);
+  } else {
+    return ::sqrtf(v);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -static_cast<acc_t>(INFINITY);
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+// max that propagates NaN from either side (torch.max does).
+template <typename T>
+__device__ __forceinline__ T nanmax(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// "x attains the channel max": exact equality (maxmap holds an exactly converted x), NaN matches NaN.
+template <typename T>
+__device__ __forceinline__ bool attains(T x, T m) {
+  return x == m || (x != x && m != m);
+}
+
+// Chan et al. merge of (mean, M2, count) b into a. Fixed operand order => deterministic.
+template <typename acc_t, typename cnt_t>
+__device__ __forceinline__ void welford_merge(acc_t& ma, acc_t& Ma, cnt_t& na, acc_t mb, acc_t Mb, cnt_t nb) {
+  if (nb == 0) return;
+  if (na == 0) {
+    ma = mb;
+    Ma = Mb;
+    na = nb;
+    return;
+  }
+  const cnt_t n = na + nb;
+  const acc_t f = static_cast<acc_t>(nb) / static_cast<acc_t>(n);
+  const acc_t d = mb - ma;
+  ma += d * f;
+  Ma += Mb + d * d * static_cast<acc_t>(na) * f;
+  na = n;
+}
+
+// Welford update of V lanes sharing one count (one division per vector).
+template <typename acc_t, int V>
+__device__ __forceinline__ void welford_push(acc_t (&m)[V], acc_t (&M)[V], int& cnt, const acc_t (&v)[V]) {
+  ++cnt;
+  const acc_t r = acc_t(1) / static_cast<acc_t>(cnt);
+#pragma unroll
+  for (int l = 0; l < V; ++l) {
+    const acc_t d = v[l] - m[l];
+    m[l] += d * r;
+    M[l] += d * (v[l] - m[l]);
+  }
+}
+
+// Tree sums with __shfl_down: lane 0 ends with the sum of the 32 lanes in a fixed order.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename acc_t, typename cnt_t>
+__device__ __forceinline__ void warp_welford(acc_t& m, acc_t& M, cnt_t& n) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const acc_t mb = __shfl_down_sync(0xffffffffu, m, o);
+    const acc_t Mb = __shfl_down_sync(0xffffffffu, M, o);
+    const cnt_t nb = __shfl_down_sync(0xffffffffu, n, o);
+    if (lane + o < 32) welford_merge(m, M, n, mb, Mb, nb);
+  }
+}
+
+// Block-wide sum (1-D block, blockDim.x a multiple of 32, every thread calls). Result valid in thread 0.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* sh /* >= 32 */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nw ? sh[lane] : T(0);
+    v = warp_sum(v);
+  }
+  __syncthreads();  // sh may be reused right away
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void block_welford(acc_t& m, acc_t& M, int& n, acc_t* shm, acc_t* shM, int* shn) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  warp_welford(m, M, n);
+  if (lane == 0) {
+    shm[warp] = m;
+    shM[warp] = M;
+    shn[warp] = n;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < nw ? shm[lane] : acc_t(0);
+    M = lane < nw ? shM[lane] : acc_t(0);
+    n = lane < nw ? shn[lane] : 0;
+    warp_welford(m, M, n);
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Elementwise drivers. An Op supplies per-channel constants (plane()/chan()) and the per-vector body
+// (nchw()/nhwc()); the drivers own the index math, so no integer division runs per element.
+
+// NCHW: grid.x = chunks of kEwIters*kBlock vectors of one plane, grid.y loops over the N*C planes.
+template <int V, typename Op>
+__global__ void __launch_bounds__(kBlock) ew_nchw_kernel(Op op, int64_t planes, int C, int64_t HW) {
+  const int64_t nvec = HW / V;
+  const int64_t v0 = static_cast<int64_t>(blockIdx.x) * (kEwIters * kBlock) + threadIdx.x;
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const int64_t n = plane / C;
+    const int c = static_cast<int>(plane - n * C);
+    const auto pc = op.plane(n, c, plane);
+#pragma unroll
+    for (int it = 0; it < kEwIters; ++it) {
+      const int64_t v = v0 + static_cast<int64_t>(it) * kBlock;
+      if (v < nvec) op.template nchw<V>(pc, plane * HW + v * V, n * HW + v * V, c);
+    }
+  }
+}
+
+// NHWC launch geometry: TC threads (power of two <= 32) span the channel vectors of a pixel, TP = kBlock/TC
+// pixels per block row; CT channel tiles when C/V > 32. Groups of TC lanes never straddle a warp.
+struct NhwcGeom {
+  int V = 1, log2TC = 0, TC = 1, TP = kBlock, CT = 1;
+  int64_t ppc = 0;  // pixels per chunk (a multiple of TP)
+  int64_t S = 0;    // chunks per sample
+  int iters = 0;    // ppc / TP
+};
+
+// max_chunks <= 0: no cap (elementwise kernels); otherwise iters grow so that S <= max_chunks.
+inline NhwcGeom nhwc_geom(int C, int64_t HW, int V, int min_iters, int64_t max_chunks) {
+  NhwcGeom g;
+  g.V = V;
+  const int64_t ncv = (C + V - 1) / V;
+  while (g.TC < ncv && g.TC < 32) {
+    g.TC <<= 1;
+    ++g.log2TC;
+  }
+  g.TP = kBlock / g.TC;
+  g.CT = static_cast<int>((ncv + g.TC - 1) / g.TC);
+  const int64_t want = max_chunks > 0 ? (HW + g.TP * max_chunks - 1) / (g.TP * max_chunks) : 0;
+  g.iters = static_cast<int>(std::max<int64_t>(min_iters, want));
+  g.ppc = static_cast<int64_t>(g.iters) * g.TP;
+  g.S = (HW + g.ppc - 1) / g.ppc;
+  return g;
+}
+
+// NHWC: grid.x = S chunks x CT channel tiles, grid.y loops over samples.
+template <int V, typename Op>
+__global__ void __launch_bounds__(kBlock) ew_nhwc_kernel(Op op, int64_t N, int C, int64_t HW, int log2TC, int CT,
+                                                          int64_t ppc) {
+  const int TC = 1 << log2TC;
+  const int tx = threadIdx.x & (TC - 1), ty = threadIdx.x >> log2TC, TP = blockDim.x >> log2TC;
+  const int ct = static_cast<int>(blockIdx.x % CT);
+  const int64_t chunk = blockIdx.x / CT;
+  const int c0 = (ct * TC + tx) * V;
+  if (c0 >= C) return;  // no barriers below
+  const int64_t p_begin = chunk * ppc, p_end = min64(HW, p_begin + ppc);
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const auto cc = op.template chan<V>(n, c0);
+#pragma unroll 4
+    for (int64_t p = p_begin + ty; p < p_end; p += TP) {
+      const int64_t pix = n * HW + p;
+      op.template nhwc<V>(cc, pix * C + c0, pix, c0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// NHWC reduction over pixels (per channel), optionally also over channels (per pixel) for BAM.
+// Per sample the tensor is a [HW, C] row-major matrix; a block reduces ppc rows of a TC*V-column tile.
+
+enum RedMode : int {
+  kSumX = 0,      // part_a = sum x
+  kWelfordX = 1,  // part_a, part_b = Welford mean, M2 of x
+  kSumGoX = 2,    // part_a = sum grad_out * x
+  kBamFwd = 3,    // part_a = sum x ; pix_a = per-pixel max_c x (per channel tile)
+  kBamBwd = 4,    // part_a = sum go*x*sa ; pix_a = per-pixel sum_c go*x*ca ; pix_b = lowest c with x == maxmap
+};
+
+template <int MODE>
+constexpr bool mode_reads_go() {
+  return MODE == kSumGoX || MODE == kBamBwd;
+}
+
+template <typename acc_t>
+inline size_t reduce_nhwc_smem(int mode, int V) {
+  const size_t lanes = static_cast<size_t>(kBlock) * V;
+  return mode == kWelfordX ? lanes * 2 * sizeof(acc_t) + kBlock * sizeof(int) : lanes * sizeof(acc_t);
+}
+
+template <typename scalar_t, int V, int MODE>
+__global__ void __launch_bounds__(kBlock) reduce_nhwc_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ go,
+    const at::opmath_type<scalar_t>* __restrict__ ca,    // kBamBwd: [N, C]
+    const at::opmath_type<scalar_t>* __restrict__ sa,    // kBamBwd: [N, HW]
+    const at::opmath_type<scalar_t>* __restrict__ mref,  // kBamBwd: maxmap [N, HW]
+    at::opmath_type<scalar_t>* __restrict__ part_a,      // [N, S, C]
+    at::opmath_type<scalar_t>* __restrict__ part_b,      // [N, S, C] (kWelfordX)
+    at::opmath_type<scalar_t>* __restrict__ pix_a,       // [N, CT, HW] (kBamFwd, kBamBwd)
+    int* __restrict__ pix_b,                             // [N, CT, HW] (kBamBwd)
+    int64_t N, int C, int64_t HW, int log2TC, int CT, int64_t S, int64_t ppc, int iters) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sh_a = reinterpret_cast<acc_t*>(smem_raw);  // [blockDim][V]
+  acc_t* sh_b = sh_a + blockDim.x * V;                // [blockDim][V]   (Welford M2)
+  int* sh_n = reinterpret_cast<int*>(sh_b + blockDim.x * V);  // [blockDim] (Welford counts)
+
+  const int TC = 1 << log2TC;
+  const int tid = threadIdx.x, tx = tid & (TC - 1), ty = tid >> log2TC, TP = blockDim.x >> log2TC;
+  const int ct = static_cast<int>(blockIdx.x % CT);
+  const int64_t s = blockIdx.x / CT;
+  const int c0 = (ct * TC + tx) * V;
+  const bool cact = c0 < C;
+  const int64_t p_begin = s * ppc, p_end = min64(HW, p_begin + ppc);
+
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    acc_t la[V], lb[V], cav[V];
+    int cnt = 0;
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      la[l] = acc_t(0);
+      lb[l] = acc_t(0);
+      cav[l] = acc_t(0);
+    }
+    if constexpr (MODE == kBamBwd) {
+      if (cact) {
+#pragma unroll
+        for (int l = 0; l < V; ++l) cav[l] = ca[n * C + c0 + l];
+      }
+    }
+    // Uniform trip count: the per-pixel shuffles below need every lane of the warp.
+#pragma unroll 4
+    for (int it = 0; it < iters; ++it) {
+      const int64_t p = p_begin + static_cast<int64_t>(it) * TP + ty;
+      const bool pact = p < p_end;
+      const bool act = pact && cact;
+      const int64_t pix = n * HW + p;
+      acc_t xv[V], gv[V];
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        xv[l] = acc_t(0);
+        gv[l] = acc_t(0);
+      }
+      if (act) {
+        const auto xr = vload<V>(x + pix * C + c0);
+#pragma unroll
+        for (int l = 0; l < V; ++l) xv[l] = to_acc<acc_t>(xr.v[l]);
+        if constexpr (mode_reads_go<MODE>()) {
+          const auto gr = vload<V>(go + pix * C + c0);
+#pragma unroll
+          for (int l = 0; l < V; ++l) gv[l] = to_acc<acc_t>(gr.v[l]);
+        }
+      }
+      if constexpr (MODE == kSumX) {
+        if (act) {
+#pragma unroll
+          for (int l = 0; l < V; ++l) la[l] += xv[l];
+        }
+      } else if constexpr (MODE == kWelfordX) {
+        if (act) welford_push<acc_t, V>(la, lb, cnt, xv);
+      } else if constexpr (MODE == kSumGoX) {
+        if (act) {
+#pragma unroll
+          for (int l = 0; l < V; ++l) la[l] += gv[l] * xv[l];
+        }
+      } else if constexpr (MODE == kBamFwd) {
+        acc_t mx = neg_inf<acc_t>();
+        if (act) {
+#pragma unroll
+          for (int l = 0; l < V; ++l) {
+            la[l] += xv[l];
+            mx = nanmax(mx, xv[l]);
+          }
+        }
+        for (int o = TC >> 1; o > 0; o >>= 1) mx = nanmax(mx, __shfl_down_sync(0xffffffffu, mx, o, TC));
+        if (tx == 0 && pact) pix_a[(n * CT + ct) * HW + p] = mx;
+      } else {  // kBamBwd
+        acc_t ds = acc_t(0);
+        int am = INT_MAX;
+        if (act) {
+          const acc_t sav = sa[pix];
+          const acc_t mv = mref[pix];
+#pragma unroll
+          for (int l = 0; l < V; ++l) {
+            const acc_t prod = gv[l] * xv[l];
+            la[l] += prod * sav;
+            ds += prod * cav[l];
+            if (am == INT_MAX && attains(xv[l], mv)) am = c0 + l;
+          }
+        }
+        for (int o = TC >> 1; o > 0; o >>= 1) {
+          ds += __shfl_down_sync(0xffffffffu, ds, o, TC);
+          am = min(am, __shfl_down_sync(0xffffffffu, am, o, TC));
+        }
+        if (tx == 0 && pact) {
+          pix_a[(n * CT + ct) * HW + p] = ds;
+          pix_b[(n * CT + ct) * HW + p] = am == INT_MAX ? -1 : am;
+        }
+      }
+    }
+
+    // Column reduction over the TP pixel rows of the block: fixed tree in shared memory.
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      sh_a[tid * V + l] = la[l];
+      if constexpr (MODE == kWelfordX) sh_b[tid * V + l] = lb[l];
+    }
+    if constexpr (MODE == kWelfordX) sh_n[tid] = cnt;
+    __syncthreads();
+    for (int stride = TP >> 1; stride > 0; stride >>= 1) {
+      if (ty < stride) {
+        const int o = tid + stride * TC;
+        if constexpr (MODE == kWelfordX) {
+          const int na = sh_n[tid], nb = sh_n[o];
+#pragma unroll
+          for (int l = 0; l < V; ++l) {
+            acc_t m = sh_a[tid * V + l], M = sh_b[tid * V + l];
+            int k = na;
+            welford_merge(m, M, k, sh_a[o * V + l], sh_b[o * V + l], nb);
+            sh_a[tid * V + l] = m;
+            sh_b[tid * V + l] = M;
+          }
+          sh_n[tid] = na + nb;
+        } else {
+#pragma unroll
+          for (int l = 0; l < V; ++l) sh_a[tid * V + l] += sh_a[o * V + l];
+        }
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && cact) {
+      const int64_t base = (n * S + s) * C + c0;
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        part_a[base + l] = sh_a[tx * V + l];
+        if constexpr (MODE == kWelfordX) part_b[base + l] = sh_b[tx * V + l];
+      }
+    }
+    __syncthreads();  // shared memory is reused for the next sample
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Second pass of the pooling reductions: one warp per (n, c) merges the S chunk partials in a fixed order.
+// Sum mode: out_a[n*stride + c] = sum / divisor. Welford mode: out_a = mean, out_b = population std, where
+// chunk s holds min(chunk_len, HW - s*chunk_len) elements.
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlock) merge_partials_kernel(const acc_t* __restrict__ pa, const acc_t* __restrict__ pb,
+                                                                int64_t N, int C, int64_t S, int64_t chunk_len,
+                                                                int64_t HW, bool welford, acc_t divisor,
+                                                                acc_t* __restrict__ out_a, acc_t* __restrict__ out_b,
+                                                                int64_t out_stride) {
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (w >= N * C) return;  // whole warps exit together
+  const int lane = threadIdx.x & 31;
+  const int64_t n = w / C;
+  const int c = static_cast<int>(w - n * C);
+  if (welford) {
+    acc_t m = acc_t(0), M = acc_t(0);
+    int64_t cnt = 0;
+    for (int64_t s = lane; s < S; s += 32) {
+      const int64_t nb = min64(chunk_len, HW - s * chunk_len);
+      welford_merge(m, M, cnt, pa[(n * S + s) * C + c], pb[(n * S + s) * C + c], nb);
+    }
+    warp_welford(m, M, cnt);
+    if (lane == 0) {
+      out_a[n * out_stride + c] = m;
+      out_b[n * out_stride + c] = sqrt_acc((M > acc_t(0) ? M : acc_t(0)) / static_cast<acc_t>(HW));
+    }
+  } else {
+    acc_t t = acc_t(0);
+    for (int64_t s = lane; s < S; s += 32) t += pa[(n * S + s) * C + c];
+    t = warp_sum(t);
+    if (lane == 0) out_a[n * out_stride + c] = t / divisor;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The squeeze-excitation MLP. One block per sample; hidden units one warp each (lanes over C, warp tree),
+// channels one thread each (serial over Cr). Intermediates go through small global buffers, re-read after
+// __syncthreads (visible block-wide), so C and Cr are not limited by shared memory.
+
+template <typename scalar_t>
+struct MlpWeights {
+  const scalar_t* w1;     // [Cr, C]
+  const scalar_t* b1;     // [Cr] or nullptr
+  const scalar_t* w2;     // [C, Cr]
+  const scalar_t* b2;     // [C] or nullptr
+  const scalar_t* slope;  // [Cr] PReLU slopes, nullptr = ReLU
+  int C, Cr;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t act_fwd(acc_t h, acc_t slope, bool prelu) {
+  if (h > acc_t(0)) return h;
+  return prelu ? slope * h : (h <= acc_t(0) ? acc_t(0) : h);  // ReLU keeps NaN, as torch does
+}
+
+// h[j] = b1[j] + sum_c w1[j,c] * s[c]; a = act(h). s_at(c) gives s[c].
+template <typename scalar_t, typename acc_t, typename SFn>
+__device__ __forceinline__ void mlp_hidden(const MlpWeights<scalar_t>& W, SFn s_at, acc_t* h, acc_t* a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int j = warp; j < W.Cr; j += nw) {
+    acc_t t = acc_t(0);
+    for (int c = lane; c < W.C; c += 32) t += to_acc<acc_t>(W.w1[static_cast<int64_t>(j) * W.C + c]) * s_at(c);
+    t = warp_sum(t);
+    if (lane == 0) {
+      const acc_t hv = t + (W.b1 ? to_acc<acc_t>(W.b1[j]) : acc_t(0));
+      h[j] = hv;
+      a[j] = act_fwd(hv, W.slope ? to_acc<acc_t>(W.slope[j]) : acc_t(0), W.slope != nullptr);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t mlp_gate(const MlpWeights<scalar_t>& W, const acc_t* a, int c) {
+  acc_t z = W.b2 ? to_acc<acc_t>(W.b2[c]) : acc_t(0);
+  for (int j = 0; j < W.Cr; ++j) z += to_acc<acc_t>(W.w2[static_cast<int64_t>(c) * W.Cr + j]) * a[j];
+  return sigmoid_acc(z);
+}
+
+// stats: [N, P, C] (P = 1: mean; P = 2: mean, std) -> g [N, C]; hbuf/abuf [N, Cr] scratch.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock) mlp_fwd_kernel(MlpWeights<scalar_t> W, const at::opmath_type<scalar_t>* stats,
+                                                         int P, at::opmath_type<scalar_t>* hbuf,
+                                                         at::opmath_type<scalar_t>* abuf,
+                                                         at::opmath_type<scalar_t>* g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.x;
+  const int C = W.C;
+  const acc_t* srow = stats + n * P * C;
+  acc_t* h = hbuf + n * W.Cr;
+  acc_t* a = abuf + n * W.Cr;
+  mlp_hidden(W, [&](int c) { return P == 2 ? srow[c] + srow[C + c] : srow[c]; }, h, a);
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) g[n * C + c] = mlp_gate(W, a, c);
+}
+
+// Backward of the MLP for one sample. dg [N, C] = dL/dg. Writes the per-sample factors of the weight
+// gradients (s, dz, a, dh, prelu term) for weight_grad_kernel, and the grad_x coefficients
+// coef[k][n*C + c], k = 0: g, 1: ds/HW, 2: ds/(HW*std) (0 if std == 0 or pool == "avg"), 3: mean.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock) mlp_bwd_kernel(
+    MlpWeights<scalar_t> W, const at::opmath_type<scalar_t>* stats, int P, const at::opmath_type<scalar_t>* dg,
+    int64_t HW, int64_t NC, at::opmath_type<scalar_t>* hbuf, at::opmath_type<scalar_t>* abuf,
+    at::opmath_type<scalar_t>* sbuf, at::opmath_type<scalar_t>* dzbuf, at::opmath_type<scalar_t>* dhbuf,
+    at::opmath_type<scalar_t>* pabuf, at::opmath_type<scalar_t>* coef) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.x;
+  const int C = W.C, Cr = W.Cr;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const acc_t* srow = stats + n * P * C;
+  acc_t* s = sbuf + n * C;
+  acc_t* dz = dzbuf + n * C;
+  acc_t* h = hbuf + n * Cr;
+  acc_t* a = abuf + n * Cr;
+  acc_t* dh = dhbuf + n * Cr;
+  acc_t* pa = pabuf + n * Cr;
+  const acc_t hw = static_cast<acc_t>(HW);
+
+  for (int c = threadIdx.x; c < C; c += blockDim.x) s[c] = P == 2 ? srow[c] + srow[C + c] : srow[c];
+  __syncthreads();
+  mlp_hidden(W, [&](int c) { return s[c]; }, h, a);
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    const acc_t gv = mlp_gate(W, a, c);
+    dz[c] = dg[n * C + c] * gv * (acc_t(1) - gv);
+    coef[n * C + c] = gv;
+    coef[3 * NC + n * C + c] = srow[c];
+  }
+  __syncthreads();
+  for (int j = warp; j < Cr; j += nw) {
+    acc_t t = acc_t(0);
+    for (int c = lane; c < C; c += 32) t += to_acc<acc_t>(W.w2[static_cast<int64_t>(c) * Cr + j]) * dz[c];
+    t = warp_sum(t);
+    if (lane == 0) {
+      const acc_t hv = h[j];
+      // ATen conventions: relu' = (h > 0); prelu' = h > 0 ? 1 : slope, slope' += h > 0 ? 0 : h * da.
+      if (W.slope) {
+        dh[j] = hv > acc_t(0) ? t : to_acc<acc_t>(W.slope[j]) * t;
+        pa[j] = hv > acc_t(0) ? acc_t(0) : hv * t;
+      } else {
+        dh[j] = hv <= acc_t(0) ? acc_t(0) : t;
+        pa[j] = acc_t(0);
+      }
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t ds = acc_t(0);
+    for (int j = 0; j < Cr; ++j) ds += to_acc<acc_t>(W.w1[static_cast<int64_t>(j) * C + c]) * dh[j];
+    coef[NC + n * C + c] = ds / hw;
+    acc_t b = acc_t(0);
+    if (P == 2) {
+      const acc_t sd = srow[C + c];
+      if (sd > acc_t(0)) b = ds / (hw * sd);
+    }
+    coef[2 * NC + n * C + c] = b;
+  }
+}
+
+// Weight gradients: one thread per output element, summing the per-sample factors over n = 0..N-1 in order.
+// Optional gw_sa: sum over chunks (in order) of the [KK, nchunks] partials.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlock) weight_grad_kernel(
+    int64_t N, int C, int Cr, const at::opmath_type<scalar_t>* sbuf, const at::opmath_type<scalar_t>* dzbuf,
+    const at::opmath_type<scalar_t>* abuf, const at::opmath_type<scalar_t>* dhbuf,
+    const at::opmath_type<scalar_t>* pabuf, scalar_t* gw1, scalar_t* gb1, scalar_t* gw2, scalar_t* gb2,
+    scalar_t* gslope, const at::opmath_type<scalar_t>* wsa_part, int KK, int64_t nchunks, scalar_t* gwsa) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n1 = static_cast<int64_t>(Cr) * C;
+  const int64_t n2 = gb1 ? Cr : 0;
+  const int64_t n3 = static_cast<int64_t>(C) * Cr;
+  const int64_t n4 = gb2 ? C : 0;
+  const int64_t n5 = gslope ? Cr : 0;
+  const int64_t n6 = gwsa ? KK : 0;
+  const int64_t total = n1 + n2 + n3 + n4 + n5 + n6;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t t = acc_t(0);
+    int64_t k = e;
+    if (k < n1) {  // grad_w1[j, c] = sum_n dh[n, j] * s[n, c]
+      const int64_t j = k / C, c = k - j * C;
+      for (int64_t n = 0; n < N; ++n) t += dhbuf[n * Cr + j] * sbuf[n * C + c];
+      gw1[k] = static_cast<scalar_t>(t);
+      continue;
+    }
+    k -= n1;
+    if (k < n2) {  // grad_b1[j] = sum_n dh[n, j]
+      for (int64_t n = 0; n < N; ++n) t += dhbuf[n * Cr + k];
+      gb1[k] = static_cast<scalar_t>(t);
+      continue;
+    }
+    k -= n2;
+    if (k < n3) {  // grad_w2[c, j] = sum_n dz[n, c] * a[n, j]
+      const int64_t c = k / Cr, j = k - c * Cr;
+      for (int64_t n = 0; n < N; ++n) t += dzbuf[n * C + c] * abuf[n * Cr + j];
+      gw2[k] = static_cast<scalar_t>(t);
+      continue;
+    }
+    k -= n3;
+    if (k < n4) {  // grad_b2[c] = sum_n dz[n, c]
+      for (int64_t n = 0; n < N; ++n) t += dzbuf[n * C + k];
+      gb2[k] = static_cast<scalar_t>(t);
+      continue;
+    }
+    k -= n4;
+    if (k < n5) {  // grad_slope[j] = sum_n (h <= 0 ? h * da : 0)
+      for (int64_t n = 0; n < N; ++n) t += pabuf[n * Cr + k];
+      gslope[k] = static_cast<scalar_t>(t);
+      continue;
+    }
+    k -= n5;
+    for (int64_t q = 0; q < nchunks; ++q) t += wsa_part[k * nchunks + q];
+    gwsa[k] = static_cast<scalar_t>(t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host helpers
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// x in a layout the kernels handle natively; fmt is that layout.
+inline at::Tensor native_layout(const at::Tensor& x, at::MemoryFormat& fmt) {
+  fmt = x.suggest_memory_format();
+  return x.is_contiguous(fmt) ? x : x.contiguous(fmt);
+}
+
+// A tensor the size of x (residual, grad_out) in x's layout and dtype/device checked.
+inline at::Tensor same_layout(const at::Tensor& t, const at::Tensor& x, at::MemoryFormat fmt, const char* what) {
+  TORCH_CHECK(t.sizes() == x.sizes(), what, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), what, " must have dtype ", x.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), what, " must be on ", x.device(), ", got ", t.device());
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+inline at::Tensor small_weight(const at::Tensor& w, const at::Tensor& x, std::initializer_list<int64_t> shape,
+                               const char* what) {
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), what, " must have the dtype of x (", x.scalar_type(), "), got ",
+              w.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), what, " must be on ", x.device(), ", got ", w.device());
+  TORCH_CHECK(w.sizes() == c10::IntArrayRef(shape), what, " must have shape ", c10::IntArrayRef(shape), ", got ",
+              w.sizes());
+  return w.contiguous();
+}
+
+inline void check_x(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
+              ": x must be float64, float32, float16 or bfloat16, got ", t);
+  if (x.size(0) > 0) {
+    TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op, ": x must have C, H, W > 0, got ",
+                x.sizes());
+    TORCH_CHECK(x.size(1) <= INT_MAX / 2, op, ": too many channels");
+  }
+}
+
+// Elementwise launch on the native layout: V = max vector width or 1, chosen by the caller.
+template <int V, typename Op>
+inline void launch_ew(const Op& op, bool nhwc, int64_t N, int C, int64_t HW, cudaStream_t stream) {
+  if (!nhwc) {
+    const int64_t nvec = HW / V;
+    const int64_t gx = (nvec + kEwIters * kBlock - 1) / (kEwIters * kBlock);
+    TORCH_CHECK(gx <= kMaxGridX, "srkernels: tensor too large");
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(N * C, kMaxGridY)));
+    ew_nchw_kernel<V, Op><<<grid, kBlock, 0, stream>>>(op, N * C, C, HW);
+  } else {
+    const NhwcGeom g = nhwc_geom(C, HW, V, 8, 0);
+    const int64_t gx = g.S * g.CT;
+    TORCH_CHECK(gx <= kMaxGridX, "srkernels: tensor too large");
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
+    ew_nhwc_kernel<V, Op><<<grid, kBlock, 0, stream>>>(op, N, C, HW, g.log2TC, g.CT, g.ppc);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Pooling partials of the NHWC reduction for any mode: returns the geometry used.
+template <typename scalar_t, int V, int MODE>
+inline NhwcGeom launch_reduce_nhwc(const scalar_t* x, const scalar_t* go, const at::opmath_type<scalar_t>* ca,
+                                   const at::opmath_type<scalar_t>* sa, const at::opmath_type<scalar_t>* mref,
+                                   at::opmath_type<scalar_t>* part_a, at::opmath_type<scalar_t>* part_b,
+                                   at::opmath_type<scalar_t>* pix_a, int* pix_b, const NhwcGeom& g, int64_t N,
+                                   int C, int64_t HW, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t gx = g.S * g.CT;
+  TORCH_CHECK(gx <= kMaxGridX, "srkernels: tensor too large");
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
+  const size_t smem = reduce_nhwc_smem<acc_t>(MODE, V);
+  reduce_nhwc_kernel<scalar_t, V, MODE><<<grid, kBlock, smem, stream>>>(
+      x, go, ca, sa, mref, part_a, part_b, pix_a, pix_b, N, C, HW, g.log2TC, g.CT, g.S, g.ppc, g.iters);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return g;
+}
+
+template <typename acc_t>
+inline void launch_merge(const acc_t* pa, const acc_t* pb, int64_t N, int C, int64_t S, int64_t chunk_len,
+                         int64_t HW, bool welford, acc_t divisor, acc_t* out_a, acc_t* out_b, int64_t out_stride,
+                         cudaStream_t stream) {
+  const int64_t blocks = (N * C * 32 + kBlock - 1) / kBlock;
+  TORCH_CHECK(blocks <= kMaxGridX, "srkernels: too many channels");
+  merge_partials_kernel<acc_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+      pa, pb, N, C, S, chunk_len, HW, welford, divisor, out_a, out_b, out_stride);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline int mlp_threads(int C, int Cr) {
+  const int want = std::max(C, 32 * std::min(Cr, 8));
+  return std::min(kBlock, std::max(64, (want + 31) / 32 * 32));
+}
+
+// Scratch for the MLP backward + weight-grad reduction.
+struct MlpBwdScratch {
+  at::Tensor h, a, s, dz, dh, pa, coef;
+  MlpBwdScratch(int64_t N, int64_t C, int64_t Cr, const at::TensorOptions& o)
+      : h(at::empty({N, Cr}, o)),
+        a(at::empty({N, Cr}, o)),
+        s(at::empty({N, C}, o)),
+        dz(at::empty({N, C}, o)),
+        dh(at::empty({N, Cr}, o)),
+        pa(at::empty({N, Cr}, o)),
+        coef(at::empty({4, N, C}, o)) {}
+};
+
+}  // namespace
+}  // namespace srk
