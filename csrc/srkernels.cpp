@@ -24,4 +24,13 @@ TORCH_LIBRARY(srkernels, m) {
   m.def(
       "balanced_attention_out(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual, "
       "Tensor(a!) out) -> ()");
+  m.def(
+      "pixel_shuffle(Tensor x, int r, Tensor? bias, Tensor? act_weight, str act, Tensor? residual) -> Tensor");
+  m.def(
+      "pixel_shuffle_backward(Tensor grad_out, Tensor? x, int r, Tensor? bias, Tensor? act_weight, str act) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "pixel_shuffle_out(Tensor x, int r, Tensor? bias, Tensor? act_weight, str act, Tensor? residual, "
+      "Tensor(a!) out) -> ()");
+  m.def("pixel_unshuffle(Tensor x, int r) -> Tensor");
 }

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 BACKENDS = ("compiled", "triton", "reference")
-OPS = ("channel_attention", "balanced_attention")
+OPS = ("channel_attention", "balanced_attention", "pixel_shuffle")
 # Without a GPU here, neither CUDA backend has been timed against the other; compiled comes first because
 # it has no JIT warm-up. Change per op when a GPU benchmark says otherwise.
 CUDA_PREFERENCE = {op: ("compiled", "triton") for op in OPS}
@@ -60,7 +60,10 @@ def has_compiled(op: str, device_type: str) -> bool:
     if _C is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"srkernels::{op}", key)
+    try:
+        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"srkernels::{op}", key)
+    except RuntimeError:  # an extension built from older sources lacks the schema
+        return False
 
 
 def has_triton(op: str, device_type: str) -> bool:
@@ -74,7 +77,7 @@ def has_triton(op: str, device_type: str) -> bool:
 def available(op: str, device_type: str) -> list[str]:
     """Backends that can serve ``op`` on ``device_type`` in this process, best first."""
     found = []
-    order = ("compiled", "triton") if device_type == "cpu" else CUDA_PREFERENCE[op]
+    order = ("compiled", "triton") if device_type == "cpu" else CUDA_PREFERENCE.get(op, ("compiled", "triton"))
     for name in order:
         if (has_compiled if name == "compiled" else has_triton)(op, device_type):
             found.append(name)
@@ -117,8 +120,9 @@ def choose(op: str, dev: str) -> str:
     best = available(op, dev)[0]
     if best == "reference" and dev == "cpu" and op not in _warned:
         _warned.add(op)
+        why = f"the extension is not built: {_C_ERROR}" if _C is None else "the extension has no CPU kernel for it"
         warnings.warn(
-            f"srkernels: no compiled kernel for {op} on CPU ({_C_ERROR}); using the PyTorch reference",
+            f"srkernels: no compiled kernel for {op} on CPU ({why}); using the PyTorch reference",
             RuntimeWarning,
             stacklevel=3,
         )

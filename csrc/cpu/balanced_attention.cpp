@@ -139,7 +139,7 @@ inline at::opmath_type<T> bwd1_row(const T* go, const T* x, int64_t n, const at:
   using A = typename IO::A;
   using AV = typename IO::AV;
   constexpr int64_t W = IO::W;
-  const AV vca(ca), vc(A(c)), none(A(-1)), zero(A(0));
+  const AV vca(ca), vc{A(c)}, none(A(-1)), zero(A(0));
   AV s0(A(0)), s1(A(0));
   auto step = [&](int64_t o, int64_t cnt, AV& s) {
     const AV xv = load_n<T>(x + o, cnt);
@@ -173,7 +173,7 @@ inline void bwd2_row(const T* go, T* gx, int64_t n, const at::opmath_type<T>* sa
   using A = typename IO::A;
   using AV = typename IO::AV;
   constexpr int64_t W = IO::W;
-  const AV vca(ca), vk(k), vc(A(c)), zero(A(0));
+  const AV vca(ca), vk(k), vc{A(c)}, zero(A(0));
   for (int64_t i = 0; i < n; i += W) {
     const int64_t cnt = std::min<int64_t>(W, n - i);
     const AV v = at::vec::fmadd(load_n<T>(go + i, cnt) * vca, aload_n<A>(sa + i, cnt), vk);

@@ -63,3 +63,27 @@ def balanced_attention(
     sa = torch.sigmoid(F.conv2d(mx, w_sa.reshape(1, 1, k, k), padding=k // 2))
     out = x * ca[:, :, None, None] * sa
     return out if residual is None else out + residual
+
+
+def pixel_shuffle(
+    x: Tensor,
+    r: int,
+    *,
+    bias: Tensor | None = None,
+    act: str | None = None,
+    act_weight: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(F.pixel_shuffle(x + bias, r)) (+ residual)``: the epilogue of an upsampling conv run without bias."""
+    if bias is not None:
+        x = x + bias.reshape(1, -1, 1, 1)
+    y = F.pixel_shuffle(x, r)
+    if act == "relu":
+        y = F.relu(y)
+    elif act == "prelu":
+        y = F.prelu(y, act_weight.reshape(-1))
+    return y if residual is None else y + residual
+
+
+def pixel_unshuffle(x: Tensor, r: int) -> Tensor:
+    return F.pixel_unshuffle(x, r)

@@ -1,0 +1,473 @@
+"""Checkpoint converters: synthetic files in each upstream layout and container, round trips, bad files.
+
+Upstream files are made by renaming our own keys into the upstream names listed in the spec and saving them in
+the upstream container (raw state_dict, Lornatang ``.pth.tar`` dict, BasicSR ``params``/``params_ema``, ...).
+The optional peer test builds super-image's own ``RcanModel`` (skipped when super-image is not installed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from srkernels.models import build, load_pretrained, save_pretrained
+from srkernels.models.convert import CheckpointError, read_checkpoint
+from srkernels.reference.upsample import DIV2K_RGB_MEAN
+
+SMALL_RCAN = dict(n_resgroups=2, n_resblocks=3, n_feats=16, reduction=4)
+
+
+def same_output(a, b, x, exact=False):
+    a.eval(), b.eval()
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    if exact:
+        return torch.equal(ya, yb)
+    return torch.allclose(ya, yb, rtol=1e-5, atol=1e-5 * max(1.0, ya.abs().max().item()))
+
+
+def rename(sd, rules):
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in rules:
+            if re.fullmatch(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[k] = v.clone()
+    return out
+
+
+def randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- upstream layouts
+
+
+def to_lornatang_rcan(model):
+    ng, nb = model.config["n_resgroups"], model.config["n_resblocks"]
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("sub_mean", "add_mean"))}
+    sd = rename(sd, [
+        (r"head\.0\.(\w+)", r"conv1.\1"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.([02])\.(\w+)",
+         r"trunk.\1.residual_group.\2.residual_channel_attention_block.\3.\4"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.(\w+)",
+         r"trunk.\1.residual_group.\2.residual_channel_attention_block.3.channel_attention_layer.1.\3"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.(\w+)",
+         r"trunk.\1.residual_group.\2.residual_channel_attention_block.3.channel_attention_layer.3.\3"),
+        (rf"body\.(\d+)\.body\.{nb}\.(\w+)", rf"trunk.\1.residual_group.{nb}.\2"),
+        (rf"body\.{ng}\.(\w+)", r"conv2.\1"),
+        (r"tail\.0\.0\.(\w+)", r"upsampling.0.upsample_block.0.\1"),
+        (r"tail\.0\.2\.(\w+)", r"upsampling.1.upsample_block.0.\1"),
+        (r"tail\.0\.4\.(\w+)", r"upsampling.2.upsample_block.0.\1"),
+        (r"tail\.1\.(\w+)", r"conv3.\1"),
+    ])
+    sd["mean"] = torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1)
+    return sd
+
+
+def to_basicsr_rcan(model):
+    ng, nb = model.config["n_resgroups"], model.config["n_resblocks"]
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("sub_mean", "add_mean"))}
+    return rename(sd, [
+        (r"head\.0\.(\w+)", r"conv_first.\1"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.([02])\.(\w+)", r"body.\1.residual_group.\2.rcab.\3.\4"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.(\w+)", r"body.\1.residual_group.\2.rcab.3.attention.1.\3"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.(\w+)", r"body.\1.residual_group.\2.rcab.3.attention.3.\3"),
+        (rf"body\.(\d+)\.body\.{nb}\.(\w+)", r"body.\1.conv.\2"),
+        (rf"body\.{ng}\.(\w+)", r"conv_after_body.\1"),
+        (r"tail\.0\.(\d+)\.(\w+)", r"upsample.\1.\2"),
+        (r"tail\.1\.(\w+)", r"conv_last.\1"),
+    ])
+
+
+def to_yjn870_rdn(model):
+    last = 4 if model.scale == 4 else 2
+    return rename(model.state_dict(), [
+        (r"SFENet([12])\.(\w+)", r"sfe\1.\2"),
+        (r"RDBs\.(\d+)\.convs\.(\d+)\.conv\.0\.(\w+)", r"rdbs.\1.layers.\2.conv.\3"),
+        (r"RDBs\.(\d+)\.LFF\.(\w+)", r"rdbs.\1.lff.\2"),
+        (r"GFF\.(\d)\.(\w+)", r"gff.\1.\2"),
+        (rf"UPNet\.{last}\.(\w+)", r"output.\1"),
+        (r"UPNet\.(\d)\.(\w+)", r"upscale.\1.\2"),
+    ])
+
+
+def lornatang_container(sd):
+    return {"epoch": 7, "best_psnr": 30.5, "best_ssim": 0.87, "state_dict": sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.99), "params": [0, 1]}]}}
+
+
+# -------------------------------------------------------------------------------------------- RCAN
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+def test_official_rcan_raw_state_dict(tmp_path, scale):
+    src = randomise(build("rcan", scale, fused=False, **SMALL_RCAN))
+    path = tmp_path / f"RCAN_BIX{scale}.pt"
+    torch.save(src.state_dict(), path)
+    m = load_pretrained("rcan", path, scale, fused=False)
+    assert m.meanshift == "official_255" and m.input_range == 255.0 and not m.training
+    assert m.config == src.config
+    assert same_output(src, m, torch.rand(1, 3, 5, 6) * 255, exact=True)
+
+
+def test_official_rcan_published_config(tmp_path):
+    src = build("rcan", 4, fused=False)
+    path = tmp_path / "RCAN_BIX4.pt"
+    torch.save(src.state_dict(), path)
+    sd, _ = read_checkpoint(path)
+    assert len(sd) == 1634
+    m = load_pretrained("rcan", path, 4, fused=False)
+    assert m.config == src.config
+    assert same_output(src, m, torch.rand(1, 3, 8, 8) * 255, exact=True)
+
+
+def test_dataparallel_prefix_is_removed(tmp_path):
+    src = randomise(build("rcan", 2, fused=False, **SMALL_RCAN))
+    path = tmp_path / "dp.pt"
+    torch.save({"module." + k: v for k, v in src.state_dict().items()}, path)
+    assert same_output(src, load_pretrained("rcan", path, 2, source="official", fused=False), torch.rand(1, 3, 4, 4))
+
+
+def test_loaded_meanshift_values_come_from_the_file(tmp_path):
+    src = build("rcan", 2, fused=False, **SMALL_RCAN)
+    with torch.no_grad():  # trained MeanShift drifts away from its init (spec §4.4)
+        src.sub_mean.bias.add_(3.0)
+        src.add_mean.weight.mul_(1.1)
+    path = tmp_path / "drift.pt"
+    torch.save(src.state_dict(), path)
+    m = load_pretrained("rcan", path, 2, fused=False)
+    assert torch.equal(m.sub_mean.bias, src.sub_mean.bias) and torch.equal(m.add_mean.weight, src.add_mean.weight)
+
+
+@pytest.mark.parametrize("bam", [False, True])
+def test_super_image_layout(tmp_path, bam):
+    src = randomise(build("rcan", 3, fused=False, bam=bam, meanshift="rgb255_on_unit", **SMALL_RCAN))
+    path = tmp_path / "pytorch_model_3x.pt"
+    torch.save(src.state_dict(), path)
+    m = load_pretrained("rcan", path, 3, fused=False)  # auto: super-image by file name
+    assert m.meanshift == "rgb255_on_unit" and m.input_range == 1.0 and m.bam is bam
+    assert same_output(src, m, torch.rand(1, 3, 5, 5))
+
+
+def test_bam_repo_layout_skips_meanshift(tmp_path):
+    src = randomise(build("rcan", 4, fused=False, bam=True, meanshift="none", **SMALL_RCAN))
+    path = tmp_path / "rcan_bam.pth"
+    torch.save(src.state_dict(), path)
+    m = load_pretrained("rcan", path, 4, source="bam", fused=False)
+    assert m.meanshift == "none" and m.bam
+    assert same_output(src, m, torch.rand(1, 3, 4, 4))
+    # the same file read as super-image applies the 255 MeanShift: a different network
+    other = load_pretrained("rcan", path, 4, source="super_image", fused=False)
+    assert not same_output(src, other, torch.rand(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("scale", [2, 3, 8])
+def test_lornatang_rcan(tmp_path, scale):
+    src = randomise(build("rcan", scale, fused=False, meanshift="unit", **SMALL_RCAN))
+    with torch.no_grad():  # Lornatang's mean is a fixed buffer: x - mean ... + mean
+        src.sub_mean.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        src.add_mean.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        src.sub_mean.bias.copy_(-torch.tensor(DIV2K_RGB_MEAN))
+        src.add_mean.bias.copy_(torch.tensor(DIV2K_RGB_MEAN))
+    sd = to_lornatang_rcan(src)
+    ckpt = lornatang_container(sd)
+    ckpt["ema_state_dict"] = {**{"module." + k: v * 0 for k, v in sd.items()}, "n_averaged": torch.tensor(5)}
+    path = tmp_path / f"RCAN_x{scale}-DIV2K.pth.tar"
+    torch.save(ckpt, path)
+    m = load_pretrained("rcan", path, scale, fused=False)
+    assert m.meanshift == "unit" and m.input_range == 1.0
+    x = torch.rand(1, 3, 5, 5)
+    assert same_output(src, m, x)
+    ema = load_pretrained("rcan", path, scale, fused=False, state_key="ema_state_dict")
+    assert not any(p.abs().sum() for k, p in ema.named_parameters() if not k.startswith(("sub_", "add_")))
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_basicsr_rcan_is_the_official_network_on_unit_range(tmp_path, scale):
+    official = randomise(build("rcan", scale, fused=False, **SMALL_RCAN))
+    sd = {"module." + k: v for k, v in to_basicsr_rcan(official).items()}
+    path = tmp_path / "net_g_latest.pth"
+    torch.save({"params": sd}, path)
+    m = load_pretrained("rcan", path, scale, fused=False)
+    assert m.input_range == 1.0
+    x = torch.rand(1, 3, 5, 4)
+    with torch.no_grad():  # BasicSR: (x - mean) * 255 -> net -> / 255 + mean
+        assert torch.allclose(m(x), official(x * 255) / 255, atol=2e-5)
+
+
+def test_basicsr_prefers_params_ema(tmp_path):
+    a = randomise(build("rcan", 2, fused=False, **SMALL_RCAN), seed=1)
+    b = randomise(build("rcan", 2, fused=False, **SMALL_RCAN), seed=2)
+    path = tmp_path / "net_g.pth"
+    torch.save({"params": to_basicsr_rcan(a), "params_ema": to_basicsr_rcan(b)}, path)
+    x = torch.rand(1, 3, 4, 4)
+    ema = load_pretrained("rcan", path, 2, fused=False)
+    plain = load_pretrained("rcan", path, 2, fused=False, state_key="params")
+    with torch.no_grad():
+        assert torch.allclose(ema(x), b(x * 255) / 255, atol=2e-5)
+        assert torch.allclose(plain(x), a(x * 255) / 255, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------- other archs
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_rdn_official_and_yjn870(tmp_path, scale):
+    src = randomise(build("rdn", scale, fused=False, num_features=16, num_blocks=3, num_layers=2, growth=16))
+    torch.save(src.state_dict(), tmp_path / "rdn.pt")
+    m = load_pretrained("rdn", tmp_path / "rdn.pt", scale, fused=False)
+    assert m.input_range == 255.0 and same_output(src, m, torch.rand(1, 3, 4, 5), exact=True)
+    torch.save(to_yjn870_rdn(src), tmp_path / "rdn_x.pth")
+    y = load_pretrained("rdn", tmp_path / "rdn_x.pth", scale, fused=False)
+    assert y.input_range == 1.0 and same_output(src, y, torch.rand(1, 3, 4, 5), exact=True)
+
+
+def test_rdn_config_a_is_recognised(tmp_path):
+    with torch.device("meta"):
+        src = build("rdn", 2, fused=False, config="A")
+    sd = {k: torch.zeros(v.shape) for k, v in src.state_dict().items()}
+    torch.save(sd, tmp_path / "rdn_a.pt")
+    assert load_pretrained("rdn", tmp_path / "rdn_a.pt", 2, fused=False).config["config"] == "A"
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_srcnn_lornatang(tmp_path, padding):
+    src = randomise(build("srcnn", 3, fused=False, kernel_sizes=(9, 1, 5)))
+    path = tmp_path / "srcnn_x3-T91.pth.tar"
+    torch.save(lornatang_container(src.state_dict()), path)
+    m = load_pretrained("srcnn", path, 3, fused=False, padding=padding)
+    assert m.config["kernel_sizes"] == [9, 1, 5]
+    if padding == "same":
+        assert same_output(src, m, torch.rand(1, 1, 20, 20), exact=True)
+    else:
+        assert m(torch.rand(1, 1, 20, 20)).shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("scale, kernel", [(4, None), (3, None), (2, 3)])
+def test_srdensenet_lornatang(tmp_path, scale, kernel):
+    cfg = dict(num_features=32, num_blocks=2, num_layers=3, growth=8, bottleneck=16, deconv_kernel=kernel)
+    src = randomise(build("srdensenet", scale, fused=False, **cfg))
+    path = tmp_path / "SRDenseNet.pth.tar"
+    torch.save(lornatang_container(src.state_dict()), path)
+    m = load_pretrained("srdensenet", path, scale, fused=False)
+    assert m.config == src.config
+    assert same_output(src, m, torch.rand(1, 1, 4, 5), exact=True)
+
+
+@pytest.mark.parametrize("scale, cfg", [
+    (2, dict(num_recursions=3)),
+    (3, dict(num_blocks=2, num_recursions=2, b_squared=True)),
+    (4, dict(variant="split", num_recursions=2)),
+    (3, dict(variant="fd_irb", num_recursions=3)),
+])
+def test_heejowoo(tmp_path, scale, cfg):
+    small = dict(num_features=16, growth=16, num_layers=3) if cfg.get("variant") != "split" else {}
+    src = randomise(build("rdcab", scale, fused=False, **small, **cfg))
+    path = tmp_path / "best.pth"
+    torch.save(src.state_dict(), path)
+    m = load_pretrained("rdcab", path, scale, fused=False)  # variant, U, B and b_squared from the file
+    assert m.config == src.config
+    assert same_output(src, m, torch.rand(1, 3, 4, 4), exact=True)
+
+
+# --------------------------------------------------------------------------------- srkernels format
+
+
+@pytest.mark.parametrize("name, scale, cfg", [
+    ("srcnn", 2, dict(padding="valid")),
+    ("rcan", 4, dict(bam=True, meanshift="rgb255_on_unit", **SMALL_RCAN)),
+    ("rdn", 3, dict(num_features=16, num_blocks=2, num_layers=2, growth=8, rgb_range=1)),
+    ("rdcab", 4, dict(variant="fd_irb", num_features=16, growth=16, num_layers=3, num_recursions=2)),
+    ("srdensenet", 8, dict(num_features=16, num_blocks=2, num_layers=2, growth=8, bottleneck=8, deconv_kernel=4)),
+])
+def test_save_pretrained_round_trip(tmp_path, name, scale, cfg):
+    src = randomise(build(name, scale, fused=False, **cfg))
+    path = save_pretrained(src, tmp_path / "sub" / "model.safetensors")
+    info = json.loads((tmp_path / "sub" / "model.json").read_text())
+    assert info["arch"] == src.arch and info["scale"] == scale and info["config"] == src.config
+    m = load_pretrained(None, path, fused=False)
+    assert type(m) is type(src) and m.config == src.config and m.input_range == src.input_range
+    x = torch.rand(1, src.in_channels, 20, 20)
+    assert same_output(src, m, x, exact=True)
+    assert type(load_pretrained(name, path, scale, fused=False)) is type(src)
+    with pytest.raises(ValueError, match="scale"):
+        load_pretrained(name, path, scale + 1, fused=False)
+    other = "rdn" if name != "rdn" else "rcan"
+    with pytest.raises(ValueError, match="arch"):
+        load_pretrained(other, path, fused=False)
+    with pytest.raises(ValueError, match="source"):
+        load_pretrained(None, path, source="official", fused=False)
+
+
+def test_config_from_sidecar_json_when_metadata_is_absent(tmp_path):
+    from safetensors.torch import save_file
+
+    src = randomise(build("rdcab", 2, fused=False, num_features=16, growth=16, num_layers=2, num_recursions=2))
+    save_pretrained(src, tmp_path / "a.safetensors")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "b.safetensors"))
+    (tmp_path / "b.json").write_text((tmp_path / "a.json").read_text())
+    assert same_output(src, load_pretrained(None, tmp_path / "b.safetensors", fused=False), torch.rand(1, 3, 4, 4))
+
+
+def test_foreign_safetensors_needs_arch_and_scale(tmp_path):
+    from safetensors.torch import save_file
+
+    src = randomise(build("rdcab", 2, fused=False, num_features=16, growth=16, num_layers=2, num_recursions=3))
+    path = tmp_path / "x2.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match="arch"):
+        load_pretrained(None, path)
+    with pytest.raises(ValueError, match="scale"):
+        load_pretrained("rdcab", path)
+    with pytest.raises(CheckpointError, match="no srkernels config"):
+        load_pretrained("rdcab", path, 2, source="srkernels")
+    assert same_output(src, load_pretrained("rdcab", path, 2, fused=False), torch.rand(1, 3, 4, 4))
+
+
+def test_save_pretrained_checks():
+    m = build("srcnn", 2, fused=False)
+    with pytest.raises(TypeError, match="model"):
+        save_pretrained(torch.nn.Conv2d(1, 1, 1), "/tmp/x.safetensors")
+    with pytest.raises(ValueError, match="safetensors"):
+        save_pretrained(m, "/tmp/x.pt")
+    with pytest.raises(TypeError, match="path"):
+        save_pretrained(m, 3)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def srcnn_file(tmp_path):
+    path = tmp_path / "srcnn.pth"
+    torch.save(build("srcnn", 2, fused=False).state_dict(), path)
+    return path
+
+
+def test_truncated_torch_file(tmp_path, srcnn_file):
+    data = srcnn_file.read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_pretrained("srcnn", bad, 2, fused=False)
+
+
+def test_garbage_file(tmp_path):
+    bad = tmp_path / "junk.pth"
+    bad.write_bytes(os.urandom(64))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_pretrained("srcnn", bad, 2, fused=False)
+
+
+def test_truncated_safetensors(tmp_path):
+    path = save_pretrained(build("srcnn", 2, fused=False), tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_pretrained(None, path, fused=False)
+    path.write_bytes(b"\xff" * 4)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_pretrained(None, path, fused=False)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_refuses_arbitrary_pickles(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_pretrained("srcnn", path, 2, fused=False)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_strict_error_lists_every_mismatch(tmp_path, srcnn_file):
+    sd = torch.load(srcnn_file, weights_only=True)
+    del sd["map.0.bias"]
+    sd["extra.weight"] = torch.zeros(2)
+    sd["reconstruction.weight"] = torch.zeros(1, 32, 3, 3)
+    torch.save(sd, srcnn_file)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained("srcnn", srcnn_file, 2, fused=False, kernel_sizes=(9, 5, 5))
+    msg = str(e.value)
+    assert "1 missing key(s):\n    map.0.bias" in msg
+    assert "1 unexpected key(s):\n    extra.weight" in msg
+    assert "reconstruction.weight: checkpoint (1, 32, 3, 3) vs model (1, 32, 5, 5)" in msg
+
+
+def test_wrong_architecture_is_reported(tmp_path):
+    src = build("rcan", 2, fused=False, **SMALL_RCAN)
+    torch.save(src.state_dict(), tmp_path / "rcan.pt")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_pretrained("rdn", tmp_path / "rcan.pt", 2, fused=False)
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        load_pretrained("rcan", tmp_path / "rcan.pt", 3, fused=False)  # x2 tail in an x3 model
+
+
+def test_container_errors(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.save({"epoch": 3, "notes": "x"}, path)
+    with pytest.raises(CheckpointError, match="no state_dict"):
+        load_pretrained("srcnn", path, 2, fused=False)
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="dict of tensors"):
+        load_pretrained("srcnn", path, 2, fused=False)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="no state_dict"):
+        load_pretrained("srcnn", path, 2, fused=False)
+    torch.save({"state_dict": {"a": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="'params'"):
+        load_pretrained("srcnn", path, 2, fused=False, state_key="params")
+    torch.save({"a.weight": torch.zeros(1), "module.a.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="twice"):
+        load_pretrained("srcnn", path, 2, fused=False)
+
+
+def test_argument_errors(tmp_path, srcnn_file):
+    with pytest.raises(FileNotFoundError):
+        load_pretrained("srcnn", tmp_path / "missing.pth", 2)
+    with pytest.raises(CheckpointError, match="directory"):
+        load_pretrained("srcnn", tmp_path, 2)
+    with pytest.raises(TypeError, match="path"):
+        load_pretrained("srcnn", 42, 2)
+    with pytest.raises(ValueError, match="source must be"):
+        load_pretrained("srcnn", srcnn_file, 2, source="hub")
+    with pytest.raises(ValueError, match="not a known layout"):
+        load_pretrained("srcnn", srcnn_file, 2, source="basicsr")
+    with pytest.raises(ValueError, match="unknown model"):
+        load_pretrained("vdsr", srcnn_file, 2)
+    with pytest.raises(ValueError, match="scale"):
+        load_pretrained("srcnn", srcnn_file, None)
+    with pytest.raises(ValueError, match="arch"):
+        load_pretrained(None, srcnn_file, 2)
+
+
+# ----------------------------------------------------------------------------- super-image peer parity
+
+
+@pytest.mark.parametrize("bam", [False, True], ids=["rcan", "rcan-bam"])
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_super_image_peer_parity(tmp_path, scale, bam):
+    si = pytest.importorskip("super_image")
+    torch.manual_seed(scale)
+    peer = si.RcanModel(si.RcanConfig(scale=scale, bam=bam))
+    randomise(peer, seed=scale)  # MeanShift too: it is trainable upstream
+    peer.save_pretrained(str(tmp_path))
+    path = tmp_path / f"pytorch_model_{scale}x.pt"
+    m = load_pretrained("rcan", path, scale, fused=False)
+    assert m.bam is bam and m.meanshift == "rgb255_on_unit"
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        want, got = peer(x.clone()), m(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
