@@ -104,7 +104,7 @@ def test_padding_differs_only_near_the_border():
     assert not diff[3:-3, 3:-3].any()
 
 
-@pytest.mark.parametrize("scale", [1 / 2, 1 / 3, 1 / 4, 3, (1 / 3, 2)])
+@pytest.mark.parametrize("scale", [1 / 2, 1 / 3, 1 / 4, 3, (1 / 3, 2), (2, 1 / 3)])
 def test_uint8_is_matlab_uint8_pipeline(scale):
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (3, 12, 15), generator=g, dtype=torch.uint8)

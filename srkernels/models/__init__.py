@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ._common import SRModel
+from .convert import load_pretrained, save_pretrained
 from .rcan import RCAN, chop
 from .rdcab import RDCABRecursiveSRNet
 from .rdn import RDN
@@ -56,8 +57,6 @@ def build(name: str, scale: int, fused: bool = True, **cfg: Any) -> nn.Module:
             raise ValueError(f"{name!r} implies {k}={v!r}, got {k}={cfg[k]!r}")
     return cls(scale=scale, fused=fused, **{**implied, **cfg})
 
-
-from .convert import load_pretrained, save_pretrained  # noqa: E402  (convert imports this module)
 
 __all__ = [
     "MODELS", "ALIASES", "build", "resolve", "load_pretrained", "save_pretrained", "chop",

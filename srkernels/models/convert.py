@@ -87,14 +87,18 @@ def _read_raw(p: Path) -> tuple[Any, dict[str, str]]:
     try:
         return torch.load(p, map_location="cpu", weights_only=True), {}
     except Exception as e:
-        text = str(e).strip()
-        msg = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+        detail = m.group(1) if m else (text.strip().splitlines() or [type(e).__name__])[0]
+        detail = detail.strip().split(". ")[0][:200]
+        if "Unsupported global" in text:
             raise CheckpointError(
                 f"{p} holds pickled objects other than tensors and plain containers; refusing to unpickle it "
-                f"(only weights_only loading is allowed): {msg}"
+                f"(only weights_only loading is allowed): {detail}"
             ) from e
-        raise CheckpointError(f"cannot read checkpoint {p} (corrupt, truncated or not a torch file?): {msg}") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {p} (corrupt, truncated or not a torch file?): {type(e).__name__}: {detail}"
+        ) from e
 
 
 def _unwrap(obj: Any, state_key: str | None, p: Path) -> dict[str, Tensor]:
@@ -111,9 +115,8 @@ def _unwrap(obj: Any, state_key: str | None, p: Path) -> dict[str, Tensor]:
                 break
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{p}: no state_dict found")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
-    # AveragedModel's counter is a tensor, but some trainers store plain ints next to the weights
-    bad = [k for k in bad if k != "n_averaged"]
+    # AveragedModel's step counter is dropped below, whatever type a trainer stored it as
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor) and str(k) != "n_averaged"]
     if bad:
         raise CheckpointError(
             f"{p}: no state_dict of tensors found (non-tensor entries: {bad[:10]}); pass state_key= to pick one"
@@ -146,13 +149,16 @@ def read_checkpoint(path: str | os.PathLike, *, state_key: str | None = None) ->
             info = json.loads(meta[_META_KEY])
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{p}: unreadable srkernels metadata: {e}") from e
+        if not (isinstance(info, dict) and {"arch", "scale", "config"} <= info.keys()):
+            raise CheckpointError(f"{p}: srkernels metadata must have arch, scale and config, got {info!r}")
     elif p.suffix == ".safetensors" and p.with_suffix(".json").is_file():
+        # the sidecar save_pretrained writes; a JSON file of another tool (no arch/scale/config) is ignored
         try:
-            info = json.loads(p.with_suffix(".json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{p.with_suffix('.json')}: unreadable config: {e}") from e
-    if info and not (isinstance(info, dict) and {"arch", "scale", "config"} <= info.keys()):
-        raise CheckpointError(f"{p}: srkernels config must have arch, scale and config, got {info!r}")
+            side = json.loads(p.with_suffix(".json").read_text())
+        except (OSError, json.JSONDecodeError):
+            side = None
+        if isinstance(side, dict) and {"arch", "scale", "config"} <= side.keys():
+            info = side
     return sd, info
 
 
@@ -177,16 +183,16 @@ def _rename(sd: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> dict[str,
     return out
 
 
-def _meanshift_pair(weight_scale: float, mean: Tensor, rgb_range: float) -> dict[str, Tensor]:
-    """sub_mean/add_mean equal to ``(x - rgb_range*mean) * weight_scale`` and its inverse."""
+def _meanshift_pair(mean: Tensor, scale: float = 1.0) -> dict[str, Tensor]:
+    """sub_mean/add_mean computing ``(x - mean) * scale`` and ``y / scale + mean`` (mean in input units)."""
     n = mean.numel()
     eye = torch.eye(n, dtype=torch.float32).view(n, n, 1, 1)
     mean = mean.float().reshape(n)
     return {
-        "sub_mean.weight": eye * weight_scale,
-        "sub_mean.bias": -mean * rgb_range * weight_scale,
-        "add_mean.weight": eye / weight_scale,
-        "add_mean.bias": mean * rgb_range,
+        "sub_mean.weight": eye * scale,
+        "sub_mean.bias": -mean * scale,
+        "add_mean.weight": eye / scale,
+        "add_mean.bias": mean.clone(),
     }
 
 
@@ -208,7 +214,7 @@ def _from_lornatang_rcan(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     groups = _count(out, r"body\.(\d+)\.body\.0\.body\.0\.weight")
     out = _rename(out, [(r"conv2\.(weight|bias)", rf"body.{groups}.\1")])
     mean = out.pop("mean", torch.tensor(DIV2K_RGB_MEAN))
-    out.update(_meanshift_pair(1.0, mean, 1.0))  # x - mean on [0, 1] data
+    out.update(_meanshift_pair(mean))  # x - mean ... + mean on [0, 1] data
     return out
 
 
@@ -229,7 +235,7 @@ def _from_basicsr_rcan(sd: Mapping[str, Tensor], img_range: float, rgb_mean) -> 
     ])
     # BasicSR computes (x - mean) * img_range ... / img_range + mean with a fixed (non-state) mean: the same
     # affine maps as 1x1 convs, so the model runs on [0, 1] data with the official-range weights
-    out.update(_meanshift_pair(float(img_range), torch.tensor(rgb_mean, dtype=torch.float32), 1.0))
+    out.update(_meanshift_pair(torch.tensor(rgb_mean, dtype=torch.float32), float(img_range)))
     return out
 
 
@@ -257,7 +263,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def infer_config(arch: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
+def infer_config(arch: str, sd: Mapping[str, Tensor], scale: int | None = None) -> dict[str, Any]:
     """The constructor options a native-key state_dict implies (best effort; strict loading checks the rest)."""
     if arch == "srcnn":
         ks = [_shape(sd, k, -1) for k in ("features.0.weight", "map.0.weight", "reconstruction.weight")]
@@ -267,17 +273,16 @@ def infer_config(arch: str, sd: Mapping[str, Tensor]) -> dict[str, Any]:
             in_channels=_shape(sd, "features.0.weight", 1),
         ))
     if arch == "srdensenet":
-        stride_k = _shape(sd, "upsampling.0.upsample_block.0.weight", -1)
-        n_up = _count(sd, r"upsampling\.(\d+)\.upsample_block\.0\.weight")
+        kernel = _shape(sd, "upsampling.0.upsample_block.0.weight", -1)
         cfg = dict(
             in_channels=_shape(sd, "conv1.0.weight", 1), num_features=_shape(sd, "conv1.0.weight", 0),
             num_blocks=_count(sd, r"dcb(\d+)\.0\.conv1\.weight") or None,
             num_layers=_count(sd, r"dcb1\.0\.conv(\d+)\.weight") or None,
             growth=_shape(sd, "dcb1.0.conv1.weight", 0), bottleneck=_shape(sd, "conv2.weight", 0),
         )
-        # Lornatang's kernel equals the stride (2, or 3 for the single x3 stage); anything else is explicit
-        if stride_k is not None and not (stride_k == 2 or (stride_k == 3 and n_up == 1)):
-            cfg["deconv_kernel"] = stride_k
+        # Lornatang's kernel equals the stride (3 at x3, else 2); anything else is an explicit deconv_kernel
+        if kernel is not None and scale is not None and kernel != (3 if scale == 3 else 2):
+            cfg["deconv_kernel"] = kernel
         return _drop_none(cfg)
     if arch == "rcan":
         nf = _shape(sd, "head.0.weight", 0)
@@ -415,15 +420,15 @@ def load_pretrained(
             sd = _from_lornatang_rcan(sd)
         elif source == "basicsr":
             sd = _from_basicsr_rcan(sd, img_range, cfg.get("rgb_mean", DIV2K_RGB_MEAN))
-    elif name == "rdcab" and source == "heejowoo":
-        inferred = infer_config(name, sd)
-        # upstream re-runs the whole B-block chain B times; weights trained that way need the same forward
-        defaults["b_squared"] = inferred.get("num_blocks", 1) > 1 and inferred.get("variant") != "fd_irb"
     elif name == "rdn":
         defaults["rgb_range"] = 255.0 if source == "official" else 1.0
         if source == "yjn870":
             sd = _from_yjn870_rdn(sd)
-    kwargs = {**defaults, **infer_config(name, sd), **implied, **cfg}
+    inferred = infer_config(name, sd, scale)
+    if name == "rdcab":
+        # upstream re-runs the whole B-block chain B times; weights trained that way need the same forward
+        defaults["b_squared"] = inferred.get("num_blocks", 1) > 1 and inferred.get("variant") != "fd_irb"
+    kwargs = {**defaults, **inferred, **implied, **cfg}
     model = cls(scale=scale, fused=fused, **kwargs)
     load_state_dict_strict(model, sd, what=f"{path} (source={source})")
     return model.eval()

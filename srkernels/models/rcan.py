@@ -135,7 +135,7 @@ def chop(fn: Callable[[Tensor], Tensor], x: Tensor, scale: int, *, shave: int = 
     th, tw = hh + shave, wh + shave
     if th > h or tw > w or hh == 0 or wh == 0:
         raise ValueError(f"input {h}x{w} is too small to chop with shave={shave}")
-    tiles = [x[..., t:t + th, l:l + tw] for t in (0, h - th) for l in (0, w - tw)]
+    tiles = [x[..., t:t + th, c:c + tw] for t in (0, h - th) for c in (0, w - tw)]
     if th * tw < min_size:
         outs = [fn(t) for t in tiles]
     else:

@@ -7,7 +7,6 @@ The optional peer test builds super-image's own ``RcanModel`` (skipped when supe
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -193,7 +192,9 @@ def test_lornatang_rcan(tmp_path, scale):
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_basicsr_rcan_is_the_official_network_on_unit_range(tmp_path, scale):
-    official = randomise(build("rcan", scale, fused=False, **SMALL_RCAN))
+    official = build("rcan", scale, fused=False, **SMALL_RCAN)
+    fresh_meanshift = {k: v.clone() for k, v in official.state_dict().items() if k.startswith(("sub_", "add_"))}
+    randomise(official).load_state_dict(fresh_meanshift, strict=False)  # BasicSR's mean is not trainable
     sd = {"module." + k: v for k, v in to_basicsr_rcan(official).items()}
     path = tmp_path / "net_g_latest.pth"
     torch.save({"params": sd}, path)
@@ -205,8 +206,12 @@ def test_basicsr_rcan_is_the_official_network_on_unit_range(tmp_path, scale):
 
 
 def test_basicsr_prefers_params_ema(tmp_path):
-    a = randomise(build("rcan", 2, fused=False, **SMALL_RCAN), seed=1)
-    b = randomise(build("rcan", 2, fused=False, **SMALL_RCAN), seed=2)
+    a, b = (build("rcan", 2, fused=False, **SMALL_RCAN) for _ in range(2))
+    for net, seed in ((a, 1), (b, 2)):  # perturb everything but the (fixed, in BasicSR) MeanShift
+        with torch.no_grad():
+            for k, p in net.named_parameters():
+                if not k.startswith(("sub_", "add_")):
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     path = tmp_path / "net_g.pth"
     torch.save({"params": to_basicsr_rcan(a), "params_ema": to_basicsr_rcan(b)}, path)
     x = torch.rand(1, 3, 4, 4)
@@ -324,6 +329,7 @@ def test_foreign_safetensors_needs_arch_and_scale(tmp_path):
     src = randomise(build("rdcab", 2, fused=False, num_features=16, growth=16, num_layers=2, num_recursions=3))
     path = tmp_path / "x2.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    (tmp_path / "x2.json").write_text('{"model_type": "something else"}')  # another tool's sidecar: ignored
     with pytest.raises(ValueError, match="arch"):
         load_pretrained(None, path)
     with pytest.raises(ValueError, match="scale"):
@@ -363,9 +369,10 @@ def test_truncated_torch_file(tmp_path, srcnn_file):
 
 def test_garbage_file(tmp_path):
     bad = tmp_path / "junk.pth"
-    bad.write_bytes(os.urandom(64))
-    with pytest.raises(CheckpointError, match="cannot read"):
-        load_pretrained("srcnn", bad, 2, fused=False)
+    for data in (b"definitely not a checkpoint", bytes(range(7, 200, 3)), b""):
+        bad.write_bytes(data)
+        with pytest.raises(CheckpointError, match="cannot read"):
+            load_pretrained("srcnn", bad, 2, fused=False)
 
 
 def test_truncated_safetensors(tmp_path):
@@ -461,13 +468,18 @@ def test_argument_errors(tmp_path, srcnn_file):
 def test_super_image_peer_parity(tmp_path, scale, bam):
     si = pytest.importorskip("super_image")
     torch.manual_seed(scale)
-    peer = si.RcanModel(si.RcanConfig(scale=scale, bam=bam))
-    randomise(peer, seed=scale)  # MeanShift too: it is trainable upstream
+    # the published depth once per attention type (x4, the released rcan-bam scale); shallower elsewhere
+    depth = {} if scale == 4 else dict(n_resgroups=2, n_resblocks=3)
+    peer = si.RcanModel(si.RcanConfig(scale=scale, bam=bam, **depth)).eval()
+    with torch.no_grad():  # MeanShift is trainable upstream: make sure its stored values are the ones used
+        for ms in (peer.sub_mean, peer.add_mean):
+            ms.weight.mul_(1 + 0.05 * torch.rand(ms.weight.shape))
+            ms.bias.add_(torch.randn(ms.bias.shape))
     peer.save_pretrained(str(tmp_path))
     path = tmp_path / f"pytorch_model_{scale}x.pt"
     m = load_pretrained("rcan", path, scale, fused=False)
-    assert m.bam is bam and m.meanshift == "rgb255_on_unit"
+    assert m.bam is bam and m.meanshift == "rgb255_on_unit" and m.input_range == 1.0
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         want, got = peer(x.clone()), m(x)
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
