@@ -14,4 +14,8 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # --no-build-isolation: build against the torch just installed (no second multi-GB torch in a build env)
 pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
+# Peer-parity tests load super-image's RCAN. Its own requirements would pull the GUI OpenCV build, so its
+# runtime imports are installed explicitly (headless OpenCV; torchvision matching torch).
+pip install --quiet --disable-pip-version-check --no-deps super-image==0.2.0
+pip install --quiet --disable-pip-version-check torchvision==0.29.1 opencv-python-headless h5py huggingface_hub
 python -c "import json, srkernels; print(json.dumps(srkernels.build_info()))"
