@@ -1,19 +1,27 @@
 """Drop-in fused ``nn.Module``s: same constructor arguments and state_dict keys as ``srkernels.reference``.
 
-``fuse(model)`` converts the reference layers of an existing model in place (weights kept).
+``fuse(model)`` converts the reference layers of an existing model in place (weights kept);
+``fold_mean_shift(model)`` folds RCAN's MeanShift layers into its head/tail convs for inference.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ..reference import attention as _R
+from .. import reference as _R
 from .attention import RCAB, BalancedAttention, ChannelAttention
+from .conv import Conv2d, conv2d
+from .upsample import (MeanPaddedConv2d, MeanShift, PixelShuffleUpsampler, Upsampler, UPNet, fold_mean_shift, icnr_,
+                       icnr_upsampler_)
 
 # reference class -> fused twin (a subclass with the same state, so swapping the class is exact)
 FUSED: dict[type, type] = {
     _R.ChannelAttention: ChannelAttention,
     _R.BalancedAttention: BalancedAttention,
     _R.RCAB: RCAB,
+    _R.Upsampler: Upsampler,
+    _R.UPNet: UPNet,
+    _R.PixelShuffleUpsampler: PixelShuffleUpsampler,
+    _R.MeanShift: MeanShift,
 }
 
 
@@ -25,7 +33,11 @@ def fuse(model: nn.Module) -> nn.Module:
         twin = FUSED.get(type(m))
         if twin is not None:
             m.__class__ = twin
+    if hasattr(model, "fused"):
+        model.fused = True
     return model
 
 
-__all__ = ["ChannelAttention", "BalancedAttention", "RCAB", "fuse", "FUSED"]
+__all__ = ["ChannelAttention", "BalancedAttention", "RCAB", "Conv2d", "conv2d", "Upsampler", "UPNet",
+           "PixelShuffleUpsampler", "MeanShift", "MeanPaddedConv2d", "fold_mean_shift", "icnr_", "icnr_upsampler_",
+           "fuse", "FUSED"]

@@ -12,7 +12,7 @@ from torch._prims_common import suggest_memory_format
 TILE = 4096
 MAX_BLOCK_P = 1024
 MAX_BLOCK_C_CL = 128
-MAP_BLOCK = 1024  # pixels per program for the [N, H*W] map kernels
+MAP_TILE = 4096  # [pixels, kernel row] elements per program for the KxK map kernels
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,8 +57,8 @@ def tile_blocks(C: int, HW: int, channels_last: bool) -> tuple[int, int]:
     return bc, bp
 
 
-def map_block(HW: int) -> int:
-    return min(triton.next_power_of_2(max(HW, 1)), MAP_BLOCK)
+def map_block(HW: int, K: int) -> int:
+    return min(triton.next_power_of_2(max(HW, 1)), max(16, MAP_TILE // triton.next_power_of_2(K)))
 
 
 # ---- the squeeze-excite MLP, in acc ---------------------------------------------------------------------

@@ -45,9 +45,10 @@ def _bam_stats_kernel(
 @triton.jit
 def _sa_corr_kernel(
     in_ptr, w_ptr, out_ptr, H, W,
-    K: tl.constexpr, SIGMOID: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out[n, y, x] = sum_ij w[i, j] * in[n, y + i - K//2, x + j - K//2] (zero padding), opt. sigmoid.
+    # One kernel row per step as a [BLOCK, K_PAD] gather (the map is tiny and cache-resident).
     pb = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     acc_ty = out_ptr.dtype.element_ty
@@ -55,14 +56,18 @@ def _sa_corr_kernel(
     offs = pb * BLOCK + tl.arange(0, BLOCK)
     m = offs < HW
     yy = offs // W
-    xx = offs % W
+    offs_j = tl.arange(0, K_PAD)
+    mj = offs_j < K
+    sx = (offs % W)[:, None] + (offs_j - K // 2)[None, :]
+    okx = m[:, None] & mj[None, :] & (sx >= 0) & (sx < W)
     base = in_ptr + n * HW
     acc = tl.zeros([BLOCK], dtype=acc_ty)
-    for t in tl.static_range(K * K):
-        sy = yy + (t // K - K // 2)
-        sx = xx + (t % K - K // 2)
-        ok = m & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-        acc += tl.load(base + sy * W + sx, mask=ok, other=0.0) * tl.load(w_ptr + t)
+    for i in range(K):
+        sy = yy + (i - K // 2)
+        ok = okx & ((sy >= 0) & (sy < H))[:, None]
+        v = tl.load(base + sy[:, None] * W + sx, mask=ok, other=0.0)
+        w = tl.load(w_ptr + i * K + offs_j, mask=mj, other=0.0)
+        acc += tl.sum(v * w[None, :], axis=1)
     if SIGMOID:
         acc = 1.0 / (1.0 + tl.exp(-acc))
     tl.store(out_ptr + n * HW + offs, acc, mask=m)
@@ -71,7 +76,7 @@ def _sa_corr_kernel(
 @triton.jit
 def _sa_wgrad_kernel(
     map_ptr, dt_ptr, part_ptr, H, W, NPB,
-    K: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Per-block partials of grad_w[i, j] = sum_p dt[n, p] * map_padded[n, p + (i, j) - K//2].
     pb = tl.program_id(0)
@@ -80,15 +85,18 @@ def _sa_wgrad_kernel(
     offs = pb * BLOCK + tl.arange(0, BLOCK)
     m = offs < HW
     yy = offs // W
-    xx = offs % W
+    offs_j = tl.arange(0, K_PAD)
+    mj = offs_j < K
+    sx = (offs % W)[:, None] + (offs_j - K // 2)[None, :]
+    okx = m[:, None] & mj[None, :] & (sx >= 0) & (sx < W)
     dt = tl.load(dt_ptr + n * HW + offs, mask=m, other=0.0)
     base = map_ptr + n * HW
     pbase = part_ptr + (n * NPB + pb) * (K * K)
-    for t in tl.static_range(K * K):
-        sy = yy + (t // K - K // 2)
-        sx = xx + (t % K - K // 2)
-        ok = m & (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
-        tl.store(pbase + t, tl.sum(dt * tl.load(base + sy * W + sx, mask=ok, other=0.0)))
+    for i in range(K):
+        sy = yy + (i - K // 2)
+        ok = okx & ((sy >= 0) & (sy < H))[:, None]
+        v = tl.load(base + sy[:, None] * W + sx, mask=ok, other=0.0)
+        tl.store(pbase + i * K + offs_j, tl.sum(v * dt[:, None], axis=0), mask=mj)
 
 
 @triton.jit
@@ -200,8 +208,10 @@ def _spatial_gate(maxmap: Tensor, w_sa: Tensor, K: int, H: int, W: int) -> Tenso
     w = w_sa.reshape(-1).to(maxmap.dtype).contiguous()
     sa = torch.empty_like(maxmap)
     if maxmap.numel() > 0:
-        MB = cm.map_block(H * W)
-        wrap_triton(_sa_corr_kernel)[(triton.cdiv(H * W, MB), N)](maxmap, w, sa, H, W, K=K, SIGMOID=True, BLOCK=MB)
+        MB = cm.map_block(H * W, K)
+        wrap_triton(_sa_corr_kernel)[(triton.cdiv(H * W, MB), N)](
+            maxmap, w, sa, H, W, K=K, K_PAD=triton.next_power_of_2(K), SIGMOID=True, BLOCK=MB
+        )
     return sa
 
 
@@ -225,6 +235,7 @@ def balanced_attention(
     maxmap = x.new_empty((N, H, W), dtype=acc)
     if x.numel() > 0:
         wrap_triton(_bam_stats_kernel)[(NPB, N)](x, psum, maxmap, C, HW, NPB, sxn, sxc, sxp, BLOCK_C=BC, BLOCK_P=BP)
+    if N > 0 and C > 0:  # also for H * W == 0: 0 / 0 = nan, like the reference mean
         MBC = min(triton.next_power_of_2(C), 128)
         wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
             psum, psum, mean, C, HW, NPB, BP, HW, WITH_M2=False, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
@@ -287,12 +298,11 @@ def balanced_attention_backward(
             grad_out, x, ca, sa, maxmap, pdca, dt, amax, C, HW, NPB, sgn, sgc, sgp, sxn, sxc, sxp,
             BLOCK_C=BC, BLOCK_P=BP,
         )
+    if N > 0 and C > 0:
         MBC = min(triton.next_power_of_2(C), 128)
         wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
             pdca, pdca, dca, C, HW, NPB, BP, 1, WITH_M2=False, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
         )
-    else:
-        dca.zero_()
 
     dmean, gw1, _, gw2, _, gpw = cm.mlp_backward(dca, mean, h, a, ca, w1, w2, prelu_w)
     dmh = (dmean / HW).contiguous()
@@ -302,12 +312,16 @@ def balanced_attention_backward(
     dmax = torch.empty_like(dt)
     gws = x.new_zeros((1, 1, KK), dtype=acc)
     if x.numel() > 0:
-        MB = cm.map_block(HW)
+        MB = cm.map_block(HW, K)
         NMB = triton.cdiv(HW, MB)
         wflip = w_sa.reshape(K, K).flip(0, 1).reshape(-1).to(acc).contiguous()
-        wrap_triton(_sa_corr_kernel)[(NMB, N)](dt, wflip, dmax, H, W, K=K, SIGMOID=False, BLOCK=MB)
+        wrap_triton(_sa_corr_kernel)[(NMB, N)](
+            dt, wflip, dmax, H, W, K=K, K_PAD=triton.next_power_of_2(K), SIGMOID=False, BLOCK=MB
+        )
         pw = x.new_empty((N, NMB, KK), dtype=acc)
-        wrap_triton(_sa_wgrad_kernel)[(NMB, N)](maxmap, dt, pw, H, W, NMB, K=K, BLOCK=MB)
+        wrap_triton(_sa_wgrad_kernel)[(NMB, N)](
+            maxmap, dt, pw, H, W, NMB, K=K, K_PAD=triton.next_power_of_2(K), BLOCK=MB
+        )
         # the N * NMB block partials of each tap, summed in fixed order
         MBC = triton.next_power_of_2(KK)
         wrap_triton(merge_partials_kernel)[(1, 1)](

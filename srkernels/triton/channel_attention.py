@@ -117,7 +117,7 @@ def _ca_grad_x_kernel(
 
 
 def _check_pool(pool: str) -> bool:
-    torch._check(pool in ("avg", "avg+std"), lambda: f"channel_attention: pool must be 'avg' or 'avg+std', got {pool!r}")
+    torch._check(pool in ("avg", "avg+std"), lambda: f"channel_attention: pool must be avg or avg+std, not {pool!r}")
     return pool == "avg+std"
 
 
@@ -137,10 +137,11 @@ def _pool_stats(x: Tensor, with_std: bool) -> Tensor:
     psum = x.new_empty((N, NPB, C), dtype=acc)
     pm2 = x.new_empty((N, NPB, C), dtype=acc) if with_std else psum
     stats = x.new_empty((N, P, C), dtype=acc)
-    if N > 0 and C > 0:
+    if x.numel() > 0:
         wrap_triton(_ca_stats_kernel)[(NPB, NCB, N)](
             x, psum, pm2, C, HW, NPB, sxn, sxc, sxp, WITH_M2=with_std, BLOCK_C=BC, BLOCK_P=BP
         )
+    if N > 0 and C > 0:  # also for H * W == 0: 0 / 0 = nan, like the reference mean
         MBC = min(triton.next_power_of_2(C), 128)
         wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
             psum, pm2, stats, C, HW, NPB, BP, HW, WITH_M2=with_std, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
@@ -215,10 +216,11 @@ def channel_attention_backward(
     # dg[n, c] = sum_p grad_out * x, reduced in fixed order.
     pdg = x.new_empty((N, NPB, C), dtype=acc)
     dg = x.new_empty((N, 1, C), dtype=acc)
-    if N > 0 and C > 0:
+    if x.numel() > 0:
         wrap_triton(_ca_dg_kernel)[(NPB, NCB, N)](
             grad_out, x, pdg, C, HW, NPB, sgn, sgc, sgp, sxn, sxc, sxp, BLOCK_C=BC, BLOCK_P=BP
         )
+    if N > 0 and C > 0:
         MBC = min(triton.next_power_of_2(C), 128)
         wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
             pdg, pdg, dg, C, HW, NPB, BP, 1, WITH_M2=False, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC

@@ -1,0 +1,79 @@
+"""``Conv2d``: a drop-in ``nn.Conv2d`` (same keys) with a fused epilogue -- bias, ReLU and a residual add --
+that on CPU inference runs as one oneDNN convolution with post-ops on prepacked weights (the path
+TorchInductor takes through ``mkldnn._convolution_pointwise``). Training, other devices and unsupported
+configurations run the eager ops with the same result.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch._prims_common import suggest_memory_format
+
+ACTIVATIONS = (None, "relu")
+
+
+def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() == 4
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and torch.backends.mkldnn.is_available()
+        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad
+                                             or (residual is not None and residual.requires_grad)))
+        and conv.weight.dtype == x.dtype
+    )
+
+
+def _packed_weight(conv: nn.Conv2d) -> Tensor:
+    """oneDNN-prepacked weight, cached on the module until the weight changes (version, dtype, storage)."""
+    w = conv.weight
+    key = (w._version, w.dtype, w.data_ptr())
+    cached = getattr(conv, "_srk_packed", None)
+    if cached is None or cached[0] != key:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        cached = (key, packed)
+        conv._srk_packed = cached
+    return cached[1]
+
+
+def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """``act(conv(x)) (+ residual)`` for any ``nn.Conv2d``, as one oneDNN call where possible."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if _onednn_ok(conv, x, residual):
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        w = _packed_weight(conv)
+        b = conv.bias.detach() if conv.bias is not None else None
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, activation or "none", [None], "")
+        if activation is None:  # conv + bias + residual: oneDNN binary "add" post-op
+            other = residual.contiguous(memory_format=suggest_memory_format(x))
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, w, b, *args, "add", None, None, [None], None)
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, activation, [None], "")
+        return y.add_(residual)
+    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if activation == "relu":
+        y = F.relu(y)
+    return y if residual is None else y + residual
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` + optional ``activation`` ("relu") + optional residual passed to ``forward``:
+    ``act(conv(x) + bias) (+ residual)``. Keys ``weight``, ``bias`` as ``nn.Conv2d``."""
+
+    def __init__(self, *args, activation: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return conv2d(self, x, self.activation, residual)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

@@ -1,0 +1,157 @@
+"""Fused upsamplers (same keys as ``srkernels.reference.upsample``) and mean-shift folding.
+
+Each upsampling stage runs its conv without bias and hands the raw output to ``ops.pixel_shuffle``, which adds
+the bias and rearranges in one pass (the eager path writes the conv output, then shuffles it at a fraction of
+copy speed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..reference import upsample as R
+
+
+def _stage(conv: nn.Conv2d, shuffle: nn.PixelShuffle, x: Tensor) -> Tensor:
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return ops.pixel_shuffle(y, shuffle.upscale_factor, bias=conv.bias)
+
+
+def _run(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """Run a Sequential, fusing every (Conv2d, PixelShuffle) pair into conv + ops.pixel_shuffle."""
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, nn.Conv2d) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.PixelShuffle):
+            x = _stage(m, mods[i + 1], x)
+            i += 2
+        else:
+            x = m(x)
+            i += 1
+    return x
+
+
+class Upsampler(R.Upsampler):
+    """RCAN/EDSR upsampler (keys ``0``, ``2``, ``4``) with each conv's bias + shuffle fused."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _run(self, x)
+
+
+class UPNet(R.UPNet):
+    """RDN's up-sampling net (keys ``0``, ``2``, ``4``) with each conv's bias + shuffle fused."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _run(self, x)
+
+
+class PixelShuffleUpsampler(R.PixelShuffleUpsampler):
+    """One conv + one shuffle (RDCAB-RecursiveSRNet ``upscale``, key ``0``), bias + shuffle fused."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _run(self, x)
+
+
+class MeanShift(R.MeanShift):
+    """Same as the reference (a trainable 1x1 affine); kept as a twin so ``fuse`` maps every layer.
+    For inference, fold it away with :func:`fold_mean_shift`."""
+
+
+class MeanPaddedConv2d(nn.Conv2d):
+    """A conv whose input border is padded with a per-channel value instead of zeros.
+
+    Folding ``conv(sub_mean(x))`` into one conv is exact only if the border of ``x`` is padded with the value
+    that ``sub_mean`` maps to zero (then the zero padding of the original is reproduced), so that is stored
+    in ``pad_value``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, pad_value: Tensor) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                         conv.groups, conv.bias is not None)
+        self.pad = tuple(conv.padding)
+        self.register_buffer("pad_value", pad_value.detach().clone().reshape(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        ph, pw = self.pad
+        if ph == 0 and pw == 0:
+            return super().forward(x)
+        N, C, H, W = x.shape
+        xp = self.pad_value.to(x.dtype).expand(N, C, H + 2 * ph, W + 2 * pw).clone()
+        xp[:, :, ph:ph + H, pw:pw + W] = x
+        return super().forward(xp)
+
+
+def _affine(ms: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    return ms.weight.detach().flatten(1).double(), ms.bias.detach().double()
+
+
+@torch.no_grad()
+def fold_mean_shift(model: nn.Module) -> nn.Module:
+    """Fold ``sub_mean`` into the head conv and ``add_mean`` into the last tail conv, in place (inference).
+
+    Exact: the tail fold is plain algebra (an affine after a conv); the head fold multiplies the weights by
+    sub_mean's matrix, moves its bias through the kernel sum, and pads the input with the value sub_mean
+    maps to zero (``MeanPaddedConv2d``), so borders match the zero-padded original. Works for any learned
+    (not only diagonal) MeanShift. Afterwards ``sub_mean``/``add_mean`` are identities, so the state_dict keys
+    change: fold after loading weights. Expects the RCAN layout (``sub_mean``, ``head[0]``, ``tail[-1]``,
+    ``add_mean``) and does nothing for ``meanshift="none"`` models.
+    """
+    for name in ("sub_mean", "add_mean", "head", "tail"):
+        if not hasattr(model, name):
+            raise ValueError(f"fold_mean_shift needs a model with sub_mean/head/tail/add_mean, missing {name!r}")
+    if getattr(model, "meanshift", None) == "none" or isinstance(model.sub_mean, nn.Identity):
+        return model
+    head, tail = model.head[0], model.tail[-1]
+    dtype = head.weight.dtype
+    # head: conv(A x + c) with zero padding == conv'(x padded with m) where A m + c = 0
+    A, c = _affine(model.sub_mean)
+    m = torch.linalg.solve(A, -c)
+    Wh = head.weight.detach().double()
+    folded = MeanPaddedConv2d(head, m.to(dtype))
+    folded.weight.copy_(torch.einsum("oikl,ij->ojkl", Wh, A).to(dtype))
+    if folded.bias is not None:
+        bh = head.bias.detach().double() if head.bias is not None else torch.zeros(Wh.shape[0], dtype=torch.float64)
+        folded.bias.copy_((bh + torch.einsum("oikl,i->o", Wh, c)).to(dtype))
+    elif c.abs().max() > 0:
+        raise ValueError("the head conv has no bias to absorb sub_mean's shift")
+    folded.to(head.weight.device)
+    model.head[0] = folded
+    # tail: B (conv(x) + b) + d == conv_{B W}(x) + (B b + d)
+    B, d = _affine(model.add_mean)
+    Wt = tail.weight.detach().double()
+    bt = tail.bias.detach().double() if tail.bias is not None else torch.zeros(Wt.shape[0], dtype=torch.float64)
+    tail.weight.copy_(torch.einsum("ij,jokl->iokl", B, Wt).to(dtype))
+    if tail.bias is None:
+        raise ValueError("the last tail conv has no bias to absorb add_mean's shift")
+    tail.bias.copy_((B @ bt + d).to(dtype))
+    model.sub_mean = nn.Identity()
+    model.add_mean = nn.Identity()
+    return model
+
+
+@torch.no_grad()
+def icnr_(conv: nn.Conv2d, r: int, init=nn.init.kaiming_normal_) -> nn.Conv2d:
+    """ICNR initialisation (Aitken et al. 2017) of a conv feeding ``PixelShuffle(r)``: every group of r*r
+    output channels gets the same kernel, so the shuffled output starts as a nearest-neighbour upsampling
+    (no checkerboard). Zeroes the bias. In place; returns ``conv``."""
+    out_ch = conv.out_channels
+    if out_ch % (r * r):
+        raise ValueError(f"conv has {out_ch} output channels, not a multiple of r*r = {r * r}")
+    sub = torch.empty(out_ch // (r * r), *conv.weight.shape[1:], dtype=conv.weight.dtype, device=conv.weight.device)
+    init(sub)
+    conv.weight.copy_(sub.repeat_interleave(r * r, dim=0))
+    if conv.bias is not None:
+        conv.bias.zero_()
+    return conv
+
+
+def icnr_upsampler_(upsampler: nn.Sequential, init=nn.init.kaiming_normal_) -> nn.Sequential:
+    """Apply :func:`icnr_` to every conv that feeds a PixelShuffle in ``upsampler``."""
+    mods = list(upsampler)
+    for conv, shuffle in zip(mods, mods[1:]):
+        if isinstance(conv, nn.Conv2d) and isinstance(shuffle, nn.PixelShuffle):
+            icnr_(conv, shuffle.upscale_factor, init)
+    return upsampler
