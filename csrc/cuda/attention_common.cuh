@@ -274,9 +274,7 @@ enum RedMode : int {
 };
 
 template <int MODE>
-constexpr bool mode_reads_go() {
-  return MODE == kSumGoX || MODE == kBamBwd;
-}
+inline constexpr bool kReadsGo = MODE == kSumGoX || MODE == kBamBwd;  // a variable: usable in device code
 
 template <typename acc_t>
 inline size_t reduce_nhwc_smem(int mode, int V) {
@@ -341,7 +339,7 @@ __global__ void __launch_bounds__(kBlock) reduce_nhwc_kernel(
         const auto xr = vload<V>(x + pix * C + c0);
 #pragma unroll
         for (int l = 0; l < V; ++l) xv[l] = to_acc<acc_t>(xr.v[l]);
-        if constexpr (mode_reads_go<MODE>()) {
+        if constexpr (kReadsGo<MODE>) {
           const auto gr = vload<V>(go + pix * C + c0);
 #pragma unroll
           for (int l = 0; l < V; ++l) gv[l] = to_acc<acc_t>(gr.v[l]);

@@ -82,7 +82,6 @@ __global__ void __launch_bounds__(kBlock) bam_reduce_nchw_kernel(
     for (int c = warp; c < C; c += nw) {
       const int64_t plane = n * C + c;
       const scalar_t* xp = x + plane * HW;
-      const scalar_t* gp = go + plane * HW;  // only dereferenced when BWD
       const acc_t cav = BWD ? ca[plane] : acc_t(0);
       acc_t t = acc_t(0);
 #pragma unroll
@@ -97,7 +96,7 @@ __global__ void __launch_bounds__(kBlock) bam_reduce_nchw_kernel(
             pa[k][l] = nanmax(pa[k][l], xf);
           }
         } else {
-          const auto gr = vload<V>(gp + vidx[k] * V);
+          const auto gr = vload<V>(go + plane * HW + vidx[k] * V);  // go is null in the forward
 #pragma unroll
           for (int l = 0; l < V; ++l) {
             const acc_t xf = to_acc<acc_t>(xr.v[l]);

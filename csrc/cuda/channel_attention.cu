@@ -42,7 +42,6 @@ __global__ void __launch_bounds__(kBlock) ca_reduce_nchw_kernel(const scalar_t* 
   const int64_t v_begin = s * chunk_vecs, v_end = min64(nvec, v_begin + chunk_vecs);
   for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
     const scalar_t* xp = x + plane * HW;
-    const scalar_t* gp = go + plane * HW;  // only dereferenced in kSumGoX
     acc_t la[V], lb[V];
     int cnt = 0;
 #pragma unroll
@@ -59,7 +58,7 @@ __global__ void __launch_bounds__(kBlock) ca_reduce_nchw_kernel(const scalar_t* 
       } else if constexpr (MODE == kWelfordX) {
         welford_push<acc_t, V>(la, lb, cnt, xv);
       } else {
-        const auto gr = vload<V>(gp + v * V);
+        const auto gr = vload<V>(go + plane * HW + v * V);  // go is null in the other modes
 #pragma unroll
         for (int l = 0; l < V; ++l) la[l] += to_acc<acc_t>(gr.v[l]) * xv[l];
       }
