@@ -54,10 +54,11 @@ def acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def out(o, args: tuple) -> Tensor:
-    """An ``out=`` buffer: like ``x`` (args[0]) in shape, dtype and device; inference only; not overlapping x."""
+def out(o, args: tuple, shape: tuple[int, ...] | None = None) -> Tensor:
+    """An ``out=`` buffer: ``x``'s (args[0]) dtype and device, ``shape`` (default x's); inference only; not
+    overlapping x."""
     x = args[0]
-    like("out", o, x, (tuple(x.shape),))
+    like("out", o, x, (tuple(x.shape) if shape is None else tuple(shape),))
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         raise ValueError("out= is for inference: an input requires grad (use torch.no_grad() or drop out=)")
     if o.requires_grad:

@@ -65,8 +65,7 @@ def pixel_shuffle(
     args = (x, r, bias, act_weight, act, residual)
     backend = _backend.choose(OP, x.device.type)
     if out is not None:
-        _checks.like("out", out, x, ((N, C, H * r, W * r),))
-        _checks.out(out, args)
+        _checks.out(out, args, (N, C, H * r, W * r))
         if backend == "reference":
             with torch.no_grad():
                 return out.copy_(RF.pixel_shuffle(x, r, bias=bias, act=act, act_weight=act_weight,
