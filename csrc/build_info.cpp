@@ -24,6 +24,11 @@ PYBIND11_MODULE(_C, m) {
     }
     d["cuda_archs"] = arch_list;
     d["compiler"] = __VERSION__;
+#ifdef _OPENMP
+    d["openmp"] = true;  // at::parallel_for runs multithreaded in the CPU kernels
+#else
+    d["openmp"] = false;
+#endif
     return d;
   });
 }

@@ -35,6 +35,7 @@ def build_info() -> dict:
         "compiled": _backend._C is not None,
         "compiled_error": None if _backend._C_ERROR is None else str(_backend._C_ERROR),
         "cpu_isa": native.get("cpu_isa"),
+        "openmp": bool(native.get("openmp", False)),
         "cuda": bool(native.get("cuda", False)),
         "cuda_archs": list(native.get("cuda_archs", [])),
         "compiler": native.get("compiler"),

@@ -8,12 +8,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <c10/util/irange.h>
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
-#include <string_view>
 #include <vector>
 
 namespace srkernels::cpu {
@@ -71,24 +68,22 @@ inline void check_slope(const at::Tensor& w, const at::Tensor& x, int64_t Cr, co
   check_param(w, x, w.sizes(), op, name);
 }
 
-// Per-sample cache blocking (one sample pooled, gated and scaled while it is L2-resident) needs one sample
-// per thread; with fewer samples than threads the work inside a sample is split instead. Both choices run
-// the same item code in the same order, so results do not depend on which is taken.
-inline bool parallel_over_samples(int64_t N) {
-  const int64_t T = at::get_num_threads();
-  return T <= 1 || N >= T;
-}
-
-// Runs body(n) for all samples. Inside a parallel region the inner at::parallel_for calls run inline.
+// Runs body(n) for every sample. Per-sample cache blocking (sample n pooled, gated and scaled while it is
+// L2-resident) wants whole samples per thread: the largest multiple of the thread count is spread over the
+// threads, one contiguous run each; the remaining samples (all of them when N < threads) run one after
+// another with the work inside each sample split across threads (body's own at::parallel_for calls; they
+// run inline when nested). Both ways run the same per-item code in the same order, so results do not
+// depend on the thread count.
 template <typename F>
 inline void for_each_sample(int64_t N, const F& body) {
-  if (parallel_over_samples(N)) {
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+  const int64_t T = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t whole = T > 1 ? (N / T) * T : 0;
+  if (whole > 0) {
+    at::parallel_for(0, whole, 1, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) body(n);
     });
-  } else {
-    for (int64_t n = 0; n < N; ++n) body(n);
   }
+  for (int64_t n = whole; n < N; ++n) body(n);
 }
 
 // ---------------------------------------------------------------------------------------------------------

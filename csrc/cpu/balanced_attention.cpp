@@ -45,23 +45,63 @@ struct PixChunks {
 
 // ------------------------------------------------------------------ KxK zero-padded correlation (plain loops)
 
-// dst[y, x] = sum_{i,j} w[i, j] * src[y + i - K/2, x + j - K/2] for rows [y0, y1); fixed (i, j) order per pixel.
+// A [H, W] map stored with K/2 zero rows/columns around it plus one vector of zero slack per row, so the
+// correlation loops load full vectors at any tap without bounds checks.
 template <typename A>
-void correlate_rows(const A* src, const A* w, int64_t K, int64_t H, int64_t Wd, A* dst, int64_t y0, int64_t y1) {
-  const int64_t r = K / 2;
+struct PaddedMap {
+  int64_t H, Wd, r, Wp;
+  std::vector<A> buf;
+  PaddedMap(int64_t H_, int64_t W_, int64_t K)
+      : H(H_), Wd(W_), r(K / 2), Wp(W_ + 2 * (K / 2) + Vectorized<A>::size()), buf((H_ + 2 * (K / 2)) * Wp, A(0)) {}
+  A* row(int64_t y) { return buf.data() + (y + r) * Wp + r; }  // y in [-r, H + r)
+  const A* row(int64_t y) const { return buf.data() + (y + r) * Wp + r; }
+  void fill(const A* src) {
+    for (int64_t y = 0; y < H; ++y) std::copy(src + y * Wd, src + (y + 1) * Wd, row(y));
+  }
+};
+
+// dst[y, x] = sum_{i,j} w[i, j] * src[y + i - K/2, x + j - K/2] for rows [y0, y1). Each output vector sums its
+// K*K taps in registers in (i, j) order, so every pixel has a fixed summation order.
+template <typename A>
+void correlate_rows(const PaddedMap<A>& src, const A* w, int64_t K, A* dst, int64_t y0, int64_t y1) {
+  using AV = Vectorized<A>;
+  constexpr int64_t W = AV::size();
+  const int64_t r = K / 2, Wd = src.Wd;
   for (int64_t y = y0; y < y1; ++y) {
-    A* d = dst + y * Wd;
-    std::fill(d, d + Wd, A(0));
-    for (int64_t i = 0; i < K; ++i) {
-      const int64_t ys = y + i - r;
-      if (ys < 0 || ys >= H) continue;
-      const A* s = src + ys * Wd;
-      for (int64_t j = 0; j < K; ++j) {
-        const int64_t dx = j - r;
-        const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(Wd, Wd - dx);
-        if (x1 > x0) axpy<A>(w[i * K + j], s + x0 + dx, d + x0, x1 - x0);
+    for (int64_t x = 0; x < Wd; x += W) {
+      AV acc(A(0));
+      for (int64_t i = 0; i < K; ++i) {
+        const A* s = src.row(y + i - r) + x - r;
+        const A* wi = w + i * K;
+        for (int64_t j = 0; j < K; ++j) acc = at::vec::fmadd(AV(wi[j]), AV::loadu(s + j), acc);
+      }
+      astore_n<A>(dst + y * Wd + x, acc, std::min<int64_t>(W, Wd - x));
+    }
+  }
+}
+
+// g[i*K + j] = sum_{y,x} dt[y, x] * src[y + i - K/2, x + j - K/2] for i in [i0, i1): the weight gradient of
+// the correlation. Lane-wise partial sums over (y, x) in order, then a fixed horizontal sum.
+template <typename A>
+void correlate_weight_grad(const A* dt, const PaddedMap<A>& src, int64_t K, A* g, int64_t i0, int64_t i1) {
+  using AV = Vectorized<A>;
+  constexpr int64_t W = AV::size();
+  const int64_t r = K / 2, H = src.H, Wd = src.Wd;
+  std::vector<AV> acc(K);
+  for (int64_t i = i0; i < i1; ++i) {
+    std::fill(acc.begin(), acc.end(), AV(A(0)));
+    for (int64_t y = 0; y < H; ++y) {
+      const A* s = src.row(y + i - r) - r;
+      for (int64_t x = 0; x < Wd; x += W) {
+        const int64_t cnt = std::min<int64_t>(W, Wd - x);
+        const AV d = aload_n<A>(dt + y * Wd + x, cnt);
+        for (int64_t j = 0; j < K; ++j) {
+          const AV v = at::vec::fmadd(d, AV::loadu(s + x + j), acc[j]);
+          acc[j] = cnt == W ? v : AV::set(acc[j], v, cnt);  // lanes past the row end are not pixels
+        }
       }
     }
+    for (int64_t j = 0; j < K; ++j) g[i * K + j] = hsum<A>(acc[j]);
   }
 }
 
@@ -79,11 +119,12 @@ void sigmoid_row(A* p, int64_t n) {
   }
 }
 
-// sa = sigmoid(correlate(maxmap, w_sa)) for one sample, rows split across threads when not nested.
+// sa = sigmoid(correlate(maxmap, w_sa)) for one sample; rows split across threads when not nested.
 template <typename A>
-void spatial_gate(const A* mx, const A* w, int64_t K, int64_t H, int64_t Wd, A* sa) {
-  at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
-    correlate_rows<A>(mx, w, K, H, Wd, sa, b, e);
+void spatial_gate(const PaddedMap<A>& mxp, const A* w, int64_t K, A* sa) {
+  const int64_t Wd = mxp.Wd;
+  at::parallel_for(0, mxp.H, 1, [&](int64_t b, int64_t e) {
+    correlate_rows<A>(mxp, w, K, sa, b, e);
     sigmoid_row<A>(sa + b * Wd, (e - b) * Wd);
   });
 }
@@ -349,7 +390,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::
 
       std::vector<A> h(Cr), a(Cr), ca(C), sa(HW);
       mlp.forward(mn, h.data(), a.data(), ca.data());
-      spatial_gate<A>(mx, wsa.data(), K, H, Wd, sa.data());
+      PaddedMap<A> mxp(H, Wd, K);
+      mxp.fill(mx);
+      spatial_gate<A>(mxp, wsa.data(), K, sa.data());
 
       at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
         for (int64_t k = b; k < e; ++k) {
@@ -427,7 +470,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 
         std::vector<A> h(Cr), ca(C), sa(HW), dsa(HW), am(HW), dmax(HW), pdca(nk * C), dca(C), dmean(C), kc(C);
         mlp.forward(s, h.data(), rows.a.data() + n * Cr, ca.data());
-        spatial_gate<A>(mx, wsa.data(), K, H, Wd, sa.data());
+        PaddedMap<A> mxp(H, Wd, K);
+        mxp.fill(mx);
+        spatial_gate<A>(mxp, wsa.data(), K, sa.data());
 
         // Pass 1: dca partials, dsa, argmax (lowest channel attaining the max).
         at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
@@ -457,25 +502,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
         mlp.backward(h.data(), ca.data(), dca.data(), rows.dz.data() + n * C, rows.dh.data() + n * Cr,
                      rows.dslope.data() + n * Cr, dmean.data());
 
-        // Spatial branch: dt = dsa * sa (1 - sa) (in place in dsa), grad_w_sa and dmax.
-        A* dt = dsa.data();
+        // Spatial branch: dt = dsa * sa (1 - sa), grad_w_sa = corr(dt, maxmap), dmax = conv_transpose(dt, w_sa).
+        A* dt = dsa.data();  // in place
         for (int64_t p = 0; p < HW; ++p) dt[p] = dt[p] * sa[p] * (A(1) - sa[p]);
+        PaddedMap<A> dtp(H, Wd, K);
+        dtp.fill(dt);
         A* gws = gws_rows.data() + n * K * K;
-        const int64_t rad = K / 2;
-        at::parallel_for(0, K * K, 1, [&](int64_t b, int64_t e) {
-          for (int64_t ij = b; ij < e; ++ij) {
-            const int64_t i = ij / K, j = ij % K, dy = i - rad, dx = j - rad;
-            const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(Wd, Wd - dx);
-            A acc = A(0);
-            if (x1 > x0) {
-              for (int64_t y = std::max<int64_t>(0, -dy); y < std::min<int64_t>(H, H - dy); ++y)
-                acc += dot<A>(dt + y * Wd + x0, mx + (y + dy) * Wd + x0 + dx, x1 - x0);
-            }
-            gws[ij] = acc;
-          }
+        at::parallel_for(0, K, 1, [&](int64_t b, int64_t e) {
+          correlate_weight_grad<A>(dt, mxp, K, gws, b, e);
         });
         at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
-          correlate_rows<A>(dt, wflip.data(), K, H, Wd, dmax.data(), b, e);
+          correlate_rows<A>(dtp, wflip.data(), K, dmax.data(), b, e);
         });
 
         const A inv_hw = A(1) / A(HW);

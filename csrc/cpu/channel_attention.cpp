@@ -8,7 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -51,33 +50,39 @@ struct Chunking {
 
 // ------------------------------------------------------------------ NCHW row kernels (one channel run)
 
+// Second pass over a cache-resident run: m2 = sum (x - mean)^2 about the run's own rounded mean, minus the
+// corrected two-pass term (sum d)^2 / n that removes the error of that mean (Chan, Golub & LeVeque);
+// dsum = sum (x - mean), so mean + dsum / n is the run's mean to within rounding of small numbers.
 template <typename T>
-inline at::opmath_type<T> sqdev_row(const T* p, int64_t n, at::opmath_type<T> mean) {
+inline void sqdev_row(const T* p, int64_t n, at::opmath_type<T> mean, at::opmath_type<T>& m2,
+                      at::opmath_type<T>& dsum) {
   using IO = VecIO<T>;
   using A = typename IO::A;
   using AV = typename IO::AV;
   constexpr int64_t W = IO::W;
   const AV m(mean);
-  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  AV q0(A(0)), q1(A(0)), d0(A(0)), d1(A(0));
   int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    const AV d0 = IO::load(p + i) - m, d1 = IO::load(p + i + W) - m;
-    const AV d2 = IO::load(p + i + 2 * W) - m, d3 = IO::load(p + i + 3 * W) - m;
-    s0 = at::vec::fmadd(d0, d0, s0);
-    s1 = at::vec::fmadd(d1, d1, s1);
-    s2 = at::vec::fmadd(d2, d2, s2);
-    s3 = at::vec::fmadd(d3, d3, s3);
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const AV a = IO::load(p + i) - m, b = IO::load(p + i + W) - m;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+    d0 += a;
+    d1 += b;
   }
   for (; i + W <= n; i += W) {
-    const AV d = IO::load(p + i) - m;
-    s0 = at::vec::fmadd(d, d, s0);
+    const AV a = IO::load(p + i) - m;
+    q0 = at::vec::fmadd(a, a, q0);
+    d0 += a;
   }
   if (i < n) {
     // Masked-off lanes load 0; zero them after subtracting the mean.
-    const AV d = AV::set(AV(A(0)), IO::load(p + i, n - i) - m, n - i);
-    s1 = at::vec::fmadd(d, d, s1);
+    const AV a = AV::set(AV(A(0)), IO::load(p + i, n - i) - m, n - i);
+    q1 = at::vec::fmadd(a, a, q1);
+    d1 += a;
   }
-  return hsum<A>((s0 + s1) + (s2 + s3));
+  dsum = hsum<A>(d0 + d1);
+  m2 = std::max(A(0), hsum<A>(q0 + q1) - dsum * dsum / A(n));
 }
 
 // out = x * g (+ r), rounded once.
@@ -133,19 +138,22 @@ inline void sum_pixels(const T* x, int64_t np, int64_t C, at::opmath_type<T>* ac
   }
 }
 
-// acc[c] = sum over the chunk's pixels of (x[p, c] - mean[c])^2
+// Per channel, as sqdev_row: m2[c] (corrected) and dsum[c] over the chunk's pixels.
 template <typename T>
 inline void sqdev_pixels(const T* x, int64_t np, int64_t C, const at::opmath_type<T>* mean,
-                         at::opmath_type<T>* acc) {
+                         at::opmath_type<T>* m2, at::opmath_type<T>* dsum) {
   using A = at::opmath_type<T>;
-  std::fill(acc, acc + C, A(0));
+  std::fill(m2, m2 + C, A(0));
+  std::fill(dsum, dsum + C, A(0));
   for (int64_t p = 0; p < np; ++p) {
     const T* xp = x + p * C;
     over_channels<T>(C, [&](int64_t c, int64_t cnt) {
       const auto d = load_n<T>(xp + c, cnt) - aload_n<A>(mean + c, cnt);
-      astore_n<A>(acc + c, at::vec::fmadd(d, d, aload_n<A>(acc + c, cnt)), cnt);
+      astore_n<A>(m2 + c, at::vec::fmadd(d, d, aload_n<A>(m2 + c, cnt)), cnt);
+      astore_n<A>(dsum + c, aload_n<A>(dsum + c, cnt) + d, cnt);
     });
   }
+  for (int64_t c = 0; c < C; ++c) m2[c] = std::max(A(0), m2[c] - dsum[c] * dsum[c] / A(np));
 }
 
 template <typename T>
@@ -169,8 +177,8 @@ inline void scale_pixels(const T* x, const T* r, T* out, int64_t np, int64_t C, 
     const int64_t o = p * C;
     if (r != nullptr) {
       over_channels<T>(C, [&](int64_t c, int64_t cnt) {
-        store_n<T>(out + o + c, at::vec::fmadd(load_n<T>(x + o + c, cnt), aload_n<A>(g + c, cnt), load_n<T>(r + o + c, cnt)),
-                   cnt);
+        const auto v = at::vec::fmadd(load_n<T>(x + o + c, cnt), aload_n<A>(g + c, cnt), load_n<T>(r + o + c, cnt));
+        store_n<T>(out + o + c, v, cnt);
       });
     } else {
       over_channels<T>(C, [&](int64_t c, int64_t cnt) {
@@ -199,36 +207,49 @@ inline void grad_pixels(const T* go, const T* x, T* gx, int64_t np, int64_t C, c
 
 // ------------------------------------------------------------------ per-sample pooling
 
-// Per-channel mean (and population std) of one sample. Chunk partials (sum and, for std, the sum of squared
-// deviations from the chunk's own mean, two-pass inside the cache-resident chunk) are merged in index order:
-// M2 = sum_k [M2_k + n_k (mean_k - mean)^2], which is exact algebra with no cancellation.
+// Per-channel mean (and population std) of one sample, from fixed chunks combined in index order.
+// "avg": mean = (sum of chunk sums) / HW.
+// "avg+std": each chunk is read twice while cache-resident (sqdev_row) giving its rounded mean mc_k, the
+// small correction e_k = dsum_k / n_k and its M2_k. The merge works on deviations from a pivot
+// (mc_0), which are small numbers computed exactly (mc_k - mc_0 is exact for nearby floats), so neither the
+// mean nor M2 = sum_k [M2_k + n_k d_k^2] (minus the corrected two-pass term) suffers cancellation even when
+// |mean| >> std. Never E[x^2] - E[x]^2.
 template <typename T>
 void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type<T>* mean,
                  at::opmath_type<T>* stdv) {
   using A = at::opmath_type<T>;
   const int64_t C = ch.C, HW = ch.HW, nk = ch.nk;
-  std::vector<A> psum(nk * C), pm2(with_std ? nk * C : 0);  // NCHW: [C, nk]; NHWC: [nk, C]
+  // NCHW: [C, nk]; NHWC: [nk, C]. psum holds chunk sums ("avg") or chunk means ("avg+std").
+  std::vector<A> psum(nk * C), pe(with_std ? nk * C : 0), pm2(with_std ? nk * C : 0);
   if (ch.layout == Layout::NCHW) {
     at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t c = i / nk, k = i % nk, len = ch.len(k);
         const T* p = xn + c * HW + k * ch.P;
         const A s = sum_row<T>(p, len);
-        psum[i] = s;
-        if (with_std) pm2[i] = sqdev_row<T>(p, len, s / A(len));
+        if (with_std) {
+          const A mc = s / A(len);
+          A dsum;
+          sqdev_row<T>(p, len, mc, pm2[i], dsum);
+          psum[i] = mc;
+          pe[i] = dsum / A(len);
+        } else {
+          psum[i] = s;
+        }
       }
     });
   } else {
     at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-      std::vector<A> cmean(with_std ? C : 0);
       for (int64_t k = b; k < e; ++k) {
         const int64_t len = ch.len(k);
         const T* p = xn + k * ch.P * C;
         A* s = psum.data() + k * C;
         sum_pixels<T>(p, len, C, s);
         if (with_std) {
-          for (int64_t c = 0; c < C; ++c) cmean[c] = s[c] / A(len);
-          sqdev_pixels<T>(p, len, C, cmean.data(), pm2.data() + k * C);
+          A* pek = pe.data() + k * C;
+          for (int64_t c = 0; c < C; ++c) s[c] = s[c] / A(len);
+          sqdev_pixels<T>(p, len, C, s, pm2.data() + k * C, pek);
+          for (int64_t c = 0; c < C; ++c) pek[c] = pek[c] / A(len);
         }
       }
     });
@@ -236,19 +257,29 @@ void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type
   const int64_t cs = ch.layout == Layout::NCHW ? nk : 1;  // stride between channels in the partials
   const int64_t ks = ch.layout == Layout::NCHW ? 1 : C;   // stride between chunks
   for (int64_t c = 0; c < C; ++c) {
-    A s = A(0);
-    for (int64_t k = 0; k < nk; ++k) s += psum[c * cs + k * ks];
-    const A m = s / A(HW);
-    mean[c] = m;
-    if (with_std) {
-      A m2 = A(0);
-      for (int64_t k = 0; k < nk; ++k) {
-        const A len = A(ch.len(k));
-        const A d = psum[c * cs + k * ks] / len - m;
-        m2 += pm2[c * cs + k * ks] + len * d * d;
-      }
-      stdv[c] = std::sqrt(m2 / A(HW));
+    if (!with_std) {
+      A s = A(0);
+      for (int64_t k = 0; k < nk; ++k) s += psum[c * cs + k * ks];
+      mean[c] = s / A(HW);
+      continue;
     }
+    const A pivot = psum[c * cs];
+    A sd = A(0);
+    for (int64_t k = 0; k < nk; ++k) {
+      const int64_t i = c * cs + k * ks;
+      sd += A(ch.len(k)) * ((psum[i] - pivot) + pe[i]);
+    }
+    const A delta = sd / A(HW);  // mean - pivot
+    A m2 = A(0), corr = A(0);
+    for (int64_t k = 0; k < nk; ++k) {
+      const int64_t i = c * cs + k * ks;
+      const A len = A(ch.len(k));
+      const A d = ((psum[i] - pivot) + pe[i]) - delta;  // chunk mean - mean
+      m2 += pm2[i] + len * d * d;
+      corr += len * d;
+    }
+    mean[c] = pivot + delta;
+    stdv[c] = std::sqrt(std::max(A(0), m2 - corr * corr / A(HW)) / A(HW));
   }
 }
 

@@ -15,8 +15,11 @@
 //             (bam_reduce_nchw_kernel<BWD> / reduce_nhwc_kernel<kBamBwd>) -> merge_partials_kernel (dca)
 //             + pixel_finalize_kernel (dt, argmax) -> dmax_kernel, wsa_partial_kernel -> mlp_bwd_kernel
 //             -> weight_grad_kernel -> ew_*_kernel<BamGradOp> (grad_x)
+//   _out    : the forward kernels writing the caller's `out` (directly when it has x's native layout,
+//             else into a temporary + copy_, one more read and write pass)
 #include "attention_common.cuh"
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -445,26 +448,15 @@ inline int nchw_bam_threads(int64_t C) {
   return 32 * static_cast<int>(std::min<int64_t>(kBlock / 32, C));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at::Tensor& x_in, const at::Tensor& w1,
-                                                                       const at::Tensor& prelu_w, const at::Tensor& w2,
-                                                                       const at::Tensor& w_sa,
-                                                                       const std::optional<at::Tensor>& residual) {
-  constexpr const char* op = "srkernels::balanced_attention";
-  check_x(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
-
+// The forward on x in its native layout, writing `out` (same layout as x; may be the residual itself: the
+// scale pass reads residual before writing out at the same element, in the same thread). Returns mean, maxmap.
+std::pair<at::Tensor, at::Tensor> bam_forward(const at::Tensor& x, bool nhwc, const BamArgs& A, const at::Tensor& res,
+                                              const at::Tensor& out, const char* op) {
   const int64_t N = x.size(0), C = A.C, H = x.size(2), W = x.size(3), HW = H * W;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   at::Tensor mean = at::empty({N, C}, acc_opts);
   at::Tensor maxmap = at::empty({N, H, W}, acc_opts);
-  if (N == 0) return {out, mean, maxmap};
+  if (N == 0) return {mean, maxmap};
   TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -516,7 +508,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at:
       run(std::integral_constant<int, 1>{});
     }
   });
+  return {mean, maxmap};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at::Tensor& x_in, const at::Tensor& w1,
+                                                                       const at::Tensor& prelu_w, const at::Tensor& w2,
+                                                                       const at::Tensor& w_sa,
+                                                                       const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "srkernels::balanced_attention";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
+  at::MemoryFormat fmt;
+  const at::Tensor x = native_layout(x_in, fmt);
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
+  at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
+  auto [mean, maxmap] = bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, mean, maxmap};
+}
+
+// Where an `_out` op's kernels write: `out` itself when it has x's native layout and 16-byte alignment, else a
+// temporary in that layout (copied into `out` afterwards). Alignment matters because the vector width also
+// sets the pooling's summation order: the result must not depend on where the caller's buffer starts. A
+// residual that overlaps the target other than as the very same elements (Full = same pointer and strides)
+// is copied first: only element-for-element aliasing is safe.
+at::Tensor out_target(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& x, at::MemoryFormat fmt,
+                      at::Tensor& res, const char* op) {
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", x.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.device() == x.device(), op, ": out must be on ", x.device(), ", got ", out.device());
+  at::assert_no_overlap(out, x_in);
+  const bool direct = out.is_contiguous(fmt) && aligned16(out.data_ptr());
+  at::Tensor dst = direct ? out : at::empty(x.sizes(), x.options(), fmt);
+  if (res.defined()) {
+    const auto st = at::get_overlap_status(res, dst);
+    if (st == at::MemOverlapStatus::Partial || st == at::MemOverlapStatus::TooHard) res = res.clone(fmt);
+  }
+  return dst;
+}
+
+void balanced_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& prelu_w,
+                                 const at::Tensor& w2, const at::Tensor& w_sa,
+                                 const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  constexpr const char* op = "srkernels::balanced_attention_out";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
+  at::MemoryFormat fmt;
+  const at::Tensor x = native_layout(x_in, fmt);
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
+  const at::Tensor dst = out_target(out, x_in, x, fmt, res, op);
+  bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
+  if (!dst.is_same(out)) out.copy_(dst);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_attention_backward_cuda(
@@ -658,4 +704,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
   m.impl("balanced_attention", &srk::balanced_attention_cuda);
   m.impl("balanced_attention_backward", &srk::balanced_attention_backward_cuda);
+  m.impl("balanced_attention_out", &srk::balanced_attention_out_cuda);
 }

@@ -14,8 +14,11 @@
 //   backward: dg partials (same reduction kernels on grad_out*x) -> merge_partials_kernel (dg) ->
 //             mlp_bwd_kernel (grad_x coefficients, per-sample weight factors) -> weight_grad_kernel ->
 //             ew_*_kernel<CaGradOp> (grad_x)
+//   _out    : the forward kernels writing the caller's `out` (directly when it has x's native layout,
+//             else into a temporary + copy_, one more read and write pass)
 #include "attention_common.cuh"
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -263,28 +266,15 @@ MlpWeights<scalar_t> mlp_weights(const CaArgs& a) {
   return W;
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in, const at::Tensor& w1,
-                                                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                                                          const std::optional<at::Tensor>& b2,
-                                                          const std::optional<at::Tensor>& residual,
-                                                          const std::optional<at::Tensor>& act_weight,
-                                                          c10::string_view pool) {
-  constexpr const char* op = "srkernels::channel_attention";
-  check_x(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
-
+// The forward on x in its native layout, writing `out` (same layout as x; may be the residual itself: the
+// scale pass reads residual before writing out at the same element, in the same thread). Returns stats.
+at::Tensor ca_forward(const at::Tensor& x, bool nhwc, const CaArgs& A, const at::Tensor& res, const at::Tensor& out,
+                      const char* op) {
   const int64_t N = x.size(0), C = A.C, HW = x.size(2) * x.size(3);
   const int P = A.with_std ? 2 : 1;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   at::Tensor stats = at::empty({N, P, C}, acc_opts);
-  if (N == 0) return {out, stats};
+  if (N == 0) return stats;
   TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -321,7 +311,65 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in
       run(std::integral_constant<int, 1>{});
     }
   });
+  return stats;
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in, const at::Tensor& w1,
+                                                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                          const std::optional<at::Tensor>& b2,
+                                                          const std::optional<at::Tensor>& residual,
+                                                          const std::optional<at::Tensor>& act_weight,
+                                                          c10::string_view pool) {
+  constexpr const char* op = "srkernels::channel_attention";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
+  at::MemoryFormat fmt;
+  const at::Tensor x = native_layout(x_in, fmt);
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
+  at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
+  at::Tensor stats = ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, stats};
+}
+
+// Where an `_out` op's kernels write: `out` itself when it has x's native layout and 16-byte alignment, else a
+// temporary in that layout (copied into `out` afterwards). Alignment matters because the vector width also
+// sets the pooling's summation order: the result must not depend on where the caller's buffer starts. A
+// residual that overlaps the target other than as the very same elements (Full = same pointer and strides)
+// is copied first: only element-for-element aliasing is safe.
+at::Tensor out_target(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& x, at::MemoryFormat fmt,
+                      at::Tensor& res, const char* op) {
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", x.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.device() == x.device(), op, ": out must be on ", x.device(), ", got ", out.device());
+  at::assert_no_overlap(out, x_in);
+  const bool direct = out.is_contiguous(fmt) && aligned16(out.data_ptr());
+  at::Tensor dst = direct ? out : at::empty(x.sizes(), x.options(), fmt);
+  if (res.defined()) {
+    const auto st = at::get_overlap_status(res, dst);
+    if (st == at::MemOverlapStatus::Partial || st == at::MemOverlapStatus::TooHard) res = res.clone(fmt);
+  }
+  return dst;
+}
+
+void channel_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& act_weight, c10::string_view pool,
+                                const at::Tensor& out) {
+  constexpr const char* op = "srkernels::channel_attention_out";
+  check_x(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
+  at::MemoryFormat fmt;
+  const at::Tensor x = native_layout(x_in, fmt);
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
+  const at::Tensor dst = out_target(out, x_in, x, fmt, res, op);
+  ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
+  if (!dst.is_same(out)) out.copy_(dst);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward_cuda(
@@ -408,4 +456,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
   m.impl("channel_attention", &srk::channel_attention_cuda);
   m.impl("channel_attention_backward", &srk::channel_attention_backward_cuda);
+  m.impl("channel_attention_out", &srk::channel_attention_out_cuda);
 }

@@ -10,6 +10,7 @@ from torch import nn
 from .. import reference as _R
 from .attention import RCAB, BalancedAttention, ChannelAttention
 from .conv import Conv2d, conv2d
+from .dense import FDIRB, RDCAB, ResidualDenseBlock, SplitBlock, SRDenseBlock
 from .upsample import (MeanPaddedConv2d, MeanShift, PixelShuffleUpsampler, Upsampler, UPNet, fold_mean_shift, icnr_,
                        icnr_upsampler_)
 
@@ -22,6 +23,11 @@ FUSED: dict[type, type] = {
     _R.UPNet: UPNet,
     _R.PixelShuffleUpsampler: PixelShuffleUpsampler,
     _R.MeanShift: MeanShift,
+    _R.ResidualDenseBlock: ResidualDenseBlock,
+    _R.RDCAB: RDCAB,
+    _R.SRDenseBlock: SRDenseBlock,
+    _R.SplitBlock: SplitBlock,
+    _R.FDIRB: FDIRB,
 }
 
 
@@ -41,3 +47,4 @@ def fuse(model: nn.Module) -> nn.Module:
 __all__ = ["ChannelAttention", "BalancedAttention", "RCAB", "Conv2d", "conv2d", "Upsampler", "UPNet",
            "PixelShuffleUpsampler", "MeanShift", "MeanPaddedConv2d", "fold_mean_shift", "icnr_", "icnr_upsampler_",
            "fuse", "FUSED"]
+__all__ += ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
 ACTIVATIONS = (None, "relu")
+_MKLDNN = torch.backends.mkldnn.is_available()
 
 
 def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
@@ -20,7 +21,7 @@ def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
         and x.dim() == 4
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
-        and torch.backends.mkldnn.is_available()
+        and _MKLDNN
         and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad
                                              or (residual is not None and residual.requires_grad)))
         and conv.weight.dtype == x.dtype
@@ -44,7 +45,8 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
     """``act(conv(x)) (+ residual)`` for any ``nn.Conv2d``, as one oneDNN call where possible."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if _onednn_ok(conv, x, residual):
+    # under torch.compile the eager formula is traced: Inductor picks its own fused conv kernels
+    if not torch.compiler.is_compiling() and _onednn_ok(conv, x, residual):
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         w = _packed_weight(conv)
         b = conv.bias.detach() if conv.bias is not None else None

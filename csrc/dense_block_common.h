@@ -1,0 +1,411 @@
+// srkernels::dense_block, device-agnostic parts: the plan, the buffer geometry, and a reference
+// implementation made of ATen GEMMs on views of the buffer (the CUDA kernel, and the CPU kernel for dtypes
+// or shapes its micro-kernel path does not take). Contract: srkernels/ops/dense_block.py.
+//
+// Buffer: a [R, T] matrix, one row per padded pixel (every sample framed by a zero border of p = k // 2
+// pixels, plus p*Wp + p zero rows before and after), one column per channel. A conv tap (dy, dx) of a
+// channel range is then the same row-strided matrix shifted by dy*Wp + dx rows, so a kxk conv is k*k GEMMs
+// on views and the concat never exists. Rows of border pixels are computed and zeroed (they are the padding
+// the next layer reads).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/irange.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace srkernels::dense {
+
+constexpr const char* kOp = "dense_block";
+constexpr const char* kOpBw = "dense_block_backward";
+constexpr int64_t kHead = 5;   // channels, in_channels, kernel_size, fuse_start, fuse_len
+constexpr int64_t kLayer = 8;  // in_start, in_len, out_start, out_channels, out_split, out2_start, res_start, relu
+
+struct Layer {
+  int64_t in_start, in_len, out_start, out_split, out2_start, res_start, G;
+  bool relu;
+};
+
+struct Plan {
+  int64_t T, Cx, k, p, fuse_start, fuse_len;
+  std::vector<Layer> layers;
+};
+
+// The flat plan of the schema, checked against the weights (Python checks it fully; these are the invariants
+// the kernels rely on for memory safety).
+inline Plan parse_plan(at::IntArrayRef v, at::TensorList weights, const char* op) {
+  TORCH_CHECK(v.size() >= size_t(kHead) && (v.size() - kHead) % kLayer == 0, op, ": malformed plan of ", v.size(),
+              " ints");
+  Plan pl;
+  pl.T = v[0];
+  pl.Cx = v[1];
+  pl.k = v[2];
+  pl.p = pl.k / 2;
+  pl.fuse_start = v[3];
+  pl.fuse_len = v[4];
+  const int64_t L = (int64_t(v.size()) - kHead) / kLayer;
+  TORCH_CHECK(L >= 1 && L == int64_t(weights.size()), op, ": the plan has ", L, " layers, got ", weights.size(),
+              " weights");
+  TORCH_CHECK(pl.k >= 1 && pl.k % 2 == 1, op, ": kernel_size must be odd, got ", pl.k);
+  TORCH_CHECK(pl.Cx > 0 && pl.Cx <= pl.T, op, ": bad in_channels ", pl.Cx, " for ", pl.T, " channels");
+  auto in_buf = [&](int64_t s, int64_t n) { return s >= 0 && n > 0 && s + n <= pl.T; };
+  TORCH_CHECK(in_buf(pl.fuse_start, pl.fuse_len), op, ": fusion range outside the buffer");
+  for (const auto i : c10::irange(L)) {
+    const int64_t* q = v.data() + kHead + i * kLayer;
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == q[3] && w.size(1) == q[1] && w.size(2) == pl.k && w.size(3) == pl.k, op,
+                ": weights[", i, "] must be [", q[3], ", ", q[1], ", ", pl.k, ", ", pl.k, "], got ", w.sizes());
+    Layer l{q[0], q[1], q[2], q[4], q[5], q[6], q[3], q[7] != 0};
+    TORCH_CHECK(in_buf(l.in_start, l.in_len) && l.out_split > 0 && l.out_split <= l.G &&
+                    in_buf(l.out_start, l.out_split) && (l.G == l.out_split || in_buf(l.out2_start, l.G - l.out_split)) &&
+                    (l.res_start < 0 || in_buf(l.res_start, l.G)),
+                op, ": layer ", i, " reads or writes outside the buffer");
+    pl.layers.push_back(l);
+  }
+  return pl;
+}
+
+struct Geom {
+  int64_t N, H, W, p, Hp, Wp, margin, npix, R;
+  Geom(int64_t N_, int64_t H_, int64_t W_, int64_t p_) : N(N_), H(H_), W(W_), p(p_) {
+    Hp = H + 2 * p;
+    Wp = W + 2 * p;
+    margin = p * Wp + p;
+    npix = N * Hp * Wp;
+    R = npix + 2 * margin;
+  }
+  // Row offset of conv tap (ky, kx) relative to the output pixel.
+  int64_t tap(int64_t ky, int64_t kx) const { return (ky - p) * Wp + (kx - p); }
+};
+
+// Rows [margin + off, margin + off + npix) and columns [c0, c0 + n) of a [R, C] matrix.
+inline at::Tensor rows(const at::Tensor& m, const Geom& g, int64_t off, int64_t c0, int64_t n) {
+  return m.narrow(0, g.margin + off, g.npix).narrow(1, c0, n);
+}
+
+// The interior (real) pixels of columns [c0, c0 + n) as an [N, H, W, n] view.
+inline at::Tensor interior(const at::Tensor& m, const Geom& g, int64_t c0, int64_t n) {
+  return m.narrow(0, g.margin, g.npix)
+      .view({g.N, g.Hp, g.Wp, m.size(1)})
+      .narrow(1, g.p, g.H)
+      .narrow(2, g.p, g.W)
+      .narrow(3, c0, n);
+}
+
+// 1 on interior pixel rows, 0 on border rows: [npix, 1] in acc dtype.
+inline at::Tensor interior_mask(const Geom& g, const at::TensorOptions& acc) {
+  at::Tensor m = at::zeros({g.npix, 1}, acc);
+  m.view({g.N, g.Hp, g.Wp, 1}).narrow(1, g.p, g.H).narrow(2, g.p, g.W).fill_(1);
+  return m;
+}
+
+// A @ B in C's (acc) dtype, into C (accumulate: C += A @ B). A and B share a dtype, maybe narrower than C's.
+inline void gemm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool accumulate) {
+  at::Tensor c = C;
+  if (A.scalar_type() == C.scalar_type()) {
+    if (accumulate) {
+      c.addmm_(A, B);
+    } else {
+      at::mm_out(c, A, B);
+    }
+  } else if (C.is_cuda()) {
+    at::addmm_out(c, C, A, B, C.scalar_type(), accumulate ? 1 : 0, 1);  // cuBLAS, fp32 accumulation
+  } else {
+    const at::Tensor prod = at::mm(A.to(C.scalar_type()), B.to(C.scalar_type()));
+    if (accumulate) {
+      c.add_(prod);
+    } else {
+      c.copy_(prod);
+    }
+  }
+}
+
+inline at::Tensor mm_acc(const at::Tensor& A, const at::Tensor& B, c10::ScalarType acc) {
+  if (A.scalar_type() == acc) return at::mm(A, B);
+  if (A.is_cuda()) return at::mm(A, B, acc);
+  return at::mm(A.to(acc), B.to(acc));
+}
+
+inline at::Tensor acc_copy(const std::optional<at::Tensor>& t, c10::ScalarType acc) {
+  return t.has_value() ? t->to(acc).reshape({t->size(0), -1}) : at::Tensor();
+}
+
+// Channel attention MLP of the fusion gate (RCAN CALayer: "avg" pool, ReLU, sigmoid), in acc dtype.
+struct GateMlp {
+  at::Tensor w1, b1, w2, b2;  // [Cr, K], [Cr] or undefined, [K, Cr], [K] or undefined
+  GateMlp(const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
+          const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2, c10::ScalarType acc) {
+    w1 = acc_copy(gw1, acc);
+    w2 = acc_copy(gw2, acc);
+    if (gb1.has_value()) b1 = gb1->to(acc);
+    if (gb2.has_value()) b2 = gb2->to(acc);
+  }
+  at::Tensor hidden(const at::Tensor& s) const {  // W1 s + b1
+    return b1.defined() ? at::addmm(b1, s, w1.t()) : at::mm(s, w1.t());
+  }
+  at::Tensor forward(const at::Tensor& s) const {
+    const at::Tensor a = hidden(s).relu_();
+    return at::sigmoid(b2.defined() ? at::addmm(b2, a, w2.t()) : at::mm(a, w2.t()));
+  }
+  // dg -> (ds, gw1, gb1, gw2, gb2), all acc
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& s,
+                                                                                 const at::Tensor& g,
+                                                                                 const at::Tensor& dg) const {
+    const at::Tensor h = hidden(s);
+    const at::Tensor a = h.relu();
+    const at::Tensor dz = dg * g * (1 - g);
+    const at::Tensor gw2 = at::mm(dz.t(), a);
+    const at::Tensor gb2 = dz.sum(0);
+    const at::Tensor dh = at::mm(dz, w2) * (h > 0);
+    const at::Tensor gw1 = at::mm(dh.t(), s);
+    const at::Tensor gb1 = dh.sum(0);
+    return {at::mm(dh, w1), gw1, gb1, gw2, gb2};
+  }
+};
+
+// Shared argument checks of both entry points.
+inline void check_args(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                       const Plan& pl, const std::optional<at::Tensor>& fuse_w, const char* op) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ", x.scalar_type());
+  TORCH_CHECK(int64_t(biases.size()) == int64_t(weights.size()), op, ": ", weights.size(), " weights but ",
+              biases.size(), " biases");
+  for (const auto i : c10::irange(weights.size())) {
+    TORCH_CHECK(weights[i].scalar_type() == x.scalar_type() && weights[i].device() == x.device(), op,
+                ": weights[", i, "] must match the dtype and device of the features");
+    const std::optional<at::Tensor> b = biases[i];
+    TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == weights[i].size(0) &&
+                                   b->scalar_type() == x.scalar_type()),
+                op, ": biases[", i, "] must be [", weights[i].size(0), "] of the features' dtype");
+  }
+  if (fuse_w.has_value()) {
+    TORCH_CHECK(fuse_w->dim() == 2 && fuse_w->size(1) == pl.fuse_len && fuse_w->scalar_type() == x.scalar_type(),
+                op, ": fuse_weight must be [Cout, ", pl.fuse_len, "] of the features' dtype, got ", fuse_w->sizes());
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Reference implementation on ATen ops (any device, any floating dtype).
+
+inline at::Tensor new_buffer(const at::Tensor& x, const Plan& pl, const Geom& g) {
+  at::Tensor buf = at::zeros({g.R, pl.T}, x.options().memory_format(c10::MemoryFormat::Contiguous));
+  interior(buf, g, 0, pl.Cx).copy_(x.permute({0, 2, 3, 1}));
+  return buf;
+}
+
+inline void layer_forward_generic(const at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w,
+                                  const std::optional<at::Tensor>& b, const at::Tensor& mask) {
+  const auto acc = at::toOpMathType(buf.scalar_type());
+  const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();  // [k, k, in_len, G]
+  at::Tensor z = at::empty({g.npix, l.G}, buf.options().dtype(acc));
+  const int64_t k = w.size(2);
+  for (const auto ky : c10::irange(k)) {
+    for (const auto kx : c10::irange(k)) {
+      gemm_into(z, rows(buf, g, g.tap(ky, kx), l.in_start, l.in_len), wt[ky][kx], ky + kx > 0);
+    }
+  }
+  if (b.has_value()) z.add_(*b);
+  if (l.res_start >= 0) z.add_(rows(buf, g, 0, l.res_start, l.G));
+  if (l.relu) z.relu_();
+  z.mul_(mask);
+  rows(buf, g, 0, l.out_start, l.out_split).copy_(z.narrow(1, 0, l.out_split));
+  if (l.G > l.out_split) rows(buf, g, 0, l.out2_start, l.G - l.out_split).copy_(z.narrow(1, l.out_split, l.G - l.out_split));
+}
+
+// A layer's output columns (the two destination ranges back to back).
+inline at::Tensor layer_output(const at::Tensor& m, const Geom& g, const Layer& l) {
+  const at::Tensor a = rows(m, g, 0, l.out_start, l.out_split);
+  if (l.G == l.out_split) return a;
+  return at::cat({a, rows(m, g, 0, l.out2_start, l.G - l.out_split)}, 1);
+}
+
+inline at::Tensor output_like(const at::Tensor& like, int64_t C) {
+  return at::empty({like.size(0), C, like.size(2), like.size(3)},
+                   like.options().memory_format(like.suggest_memory_format()));
+}
+
+// Pooled means of the fusion range per sample: [N, K] acc.
+inline at::Tensor fuse_means(const at::Tensor& buf, const Geom& g, const Plan& pl) {
+  const auto acc = at::toOpMathType(buf.scalar_type());
+  return at::mean(interior(buf, g, pl.fuse_start, pl.fuse_len), {1, 2}, false, acc);
+}
+
+// The per-sample gated fusion weight: [N, K, Cout] = fuse_w^T scaled by g[n, c] along K.
+inline at::Tensor gated_weight(const at::Tensor& fw, const at::Tensor& gv) {
+  return fw.to(gv.scalar_type()).t().unsqueeze(0) * gv.unsqueeze(2);
+}
+
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Grads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor, at::Tensor>;
+
+// Everything after the layers: pooled gate, fusion (or the plain buffer range), bias, residual.
+// Returns (out, stats). `fusion` computes the [npix, Cout] acc fusion product given the optional gate.
+template <typename Fusion>
+inline std::tuple<at::Tensor, at::Tensor> finish_forward(
+    const at::Tensor& x, const at::Tensor& buf, const Geom& g, const Plan& pl, const std::optional<at::Tensor>& fuse_w,
+    const std::optional<at::Tensor>& fuse_b, const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
+    const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2, const std::optional<at::Tensor>& residual,
+    const Fusion& fusion) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor stats = at::empty({0}, x.options().dtype(acc));
+  if (!fuse_w.has_value()) {
+    at::Tensor out = output_like(x, pl.fuse_len);
+    out.permute({0, 2, 3, 1}).copy_(interior(buf, g, pl.fuse_start, pl.fuse_len));
+    return {out, stats};
+  }
+  at::Tensor gv;
+  if (gw1.has_value()) {
+    const at::Tensor s = fuse_means(buf, g, pl);
+    gv = GateMlp(gw1, gb1, gw2, gb2, acc).forward(s);
+    stats = at::stack({s, gv}, 1);
+  }
+  const int64_t Cout = fuse_w->size(0);
+  at::Tensor o = fusion(gv);  // [npix, Cout] acc, before bias
+  if (fuse_b.has_value()) o.add_(*fuse_b);
+  at::Tensor o4 = o.view({g.N, g.Hp, g.Wp, Cout}).narrow(1, g.p, g.H).narrow(2, g.p, g.W);
+  if (residual.has_value()) o4.add_(residual->permute({0, 2, 3, 1}));
+  at::Tensor out = output_like(x, Cout);
+  out.permute({0, 2, 3, 1}).copy_(o4);
+  return {out, stats};
+}
+
+inline Outputs forward_generic(const at::Tensor& x, at::TensorList weights,
+                               const c10::List<std::optional<at::Tensor>>& biases, const Plan& pl,
+                               const std::optional<at::Tensor>& fuse_w, const std::optional<at::Tensor>& fuse_b,
+                               const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
+                               const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2,
+                               const std::optional<at::Tensor>& residual) {
+  const Geom g(x.size(0), x.size(2), x.size(3), pl.p);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor buf = new_buffer(x, pl, g);
+  const at::Tensor mask = interior_mask(g, x.options().dtype(acc));
+  for (const auto i : c10::irange(pl.layers.size())) {
+    layer_forward_generic(buf, g, pl.layers[i], weights[i], biases[i], mask);
+  }
+  auto fusion = [&](const at::Tensor& gv) {
+    const at::Tensor fw = *fuse_w;
+    if (gv.defined()) {
+      const at::Tensor F3 = buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, pl.fuse_len);
+      const at::Tensor Wg = gated_weight(fw, gv);  // [N, K, Cout] acc
+      return at::bmm(F3.to(acc), Wg).view({g.npix, fw.size(0)});
+    }
+    at::Tensor o = at::empty({g.npix, fw.size(0)}, x.options().dtype(acc));
+    gemm_into(o, rows(buf, g, 0, pl.fuse_start, pl.fuse_len), fw.t(), false);
+    return o;
+  };
+  auto [out, stats] = finish_forward(x, buf, g, pl, fuse_w, fuse_b, gw1, gb1, gw2, gb2, residual, fusion);
+  return {out, buf, stats};
+}
+
+// Fusion backward (shared by every path): fills the fusion range of the acc gradient buffer `gbuf` (zeros
+// elsewhere) and returns (gfw, gfb, ggw1, ggb1, ggw2, ggb2). `dO` is grad_out in padded rows [npix, Cout] acc.
+// `add_dF(dO, Wt)` must add dO @ Wt ([Cout, K] acc) into the fusion range of gbuf (the ungated case).
+template <typename AddDF>
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fusion_backward(
+    const at::Tensor& dO, const at::Tensor& buf, const at::Tensor& gbuf, const at::Tensor& stats, const Geom& g,
+    const Plan& pl, const at::Tensor& fw, const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
+    const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2, const AddDF& add_dF) {
+  const auto acc = gbuf.scalar_type();
+  const auto dt = buf.scalar_type();
+  const int64_t Cout = fw.size(0), K = pl.fuse_len;
+  const at::Tensor gfb = dO.sum(0).to(dt);
+  at::Tensor ggw1, ggb1, ggw2, ggb2;
+  at::Tensor gfw;
+  const at::Tensor fwa = fw.to(acc);
+  if (gw1.has_value()) {
+    TORCH_CHECK(stats.dim() == 3 && stats.size(0) == g.N && stats.size(1) == 2 && stats.size(2) == K, kOpBw,
+                ": stats must be [N, 2, ", K, "], got ", stats.sizes());
+    const at::Tensor s = stats.select(1, 0), gv = stats.select(1, 1);
+    const at::Tensor F3 = buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, K);
+    const at::Tensor dO3 = dO.view({g.N, g.Hp * g.Wp, Cout});
+    const at::Tensor E = at::bmm(dO3.transpose(1, 2), F3.to(acc));  // [N, Cout, K] = sum_p dO F
+    gfw = (E * gv.unsqueeze(1)).sum(0).to(dt);
+    const at::Tensor dg = (E * fwa.unsqueeze(0)).sum(1);  // [N, K]
+    at::Tensor gF3 = gbuf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, K);
+    gF3.baddbmm_(dO3, fwa.unsqueeze(0) * gv.unsqueeze(1));
+    const GateMlp mlp(gw1, gb1, gw2, gb2, acc);
+    auto [ds, a1, a2, a3, a4] = mlp.backward(s, gv, dg);
+    interior(gbuf, g, pl.fuse_start, K).add_(ds.view({g.N, 1, 1, K}) / double(g.H * g.W));
+    ggw1 = a1.to(dt).view(gw1->sizes());
+    ggb1 = gb1.has_value() ? a2.to(dt) : at::empty({0}, fw.options());
+    ggw2 = a3.to(dt).view(gw2->sizes());
+    ggb2 = gb2.has_value() ? a4.to(dt) : at::empty({0}, fw.options());
+  } else {
+    gfw = mm_acc(dO.t().to(dt), rows(buf, g, 0, pl.fuse_start, K), acc).to(dt);
+    add_dF(dO, fwa);
+    ggw1 = ggb1 = ggw2 = ggb2 = at::empty({0}, fw.options());
+  }
+  return {gfw, gfb, ggw1, ggb1, ggw2, ggb2};
+}
+
+inline Grads backward_generic(const at::Tensor& grad_out, const at::Tensor& buf, const at::Tensor& stats,
+                              at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                              const Plan& pl, const std::optional<at::Tensor>& fuse_w,
+                              const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
+                              const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2) {
+  const Geom g(grad_out.size(0), grad_out.size(2), grad_out.size(3), pl.p);
+  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == g.R && buf.size(1) == pl.T && buf.is_contiguous(), kOpBw,
+              ": buffer must be a contiguous [", g.R, ", ", pl.T, "] matrix, got ", buf.sizes());
+  const auto dt = buf.scalar_type();
+  const auto acc = at::toOpMathType(dt);
+  const auto aopt = buf.options().dtype(acc);
+  at::Tensor gbuf = at::zeros({g.R, pl.T}, aopt);
+  at::Tensor gfw, gfb, ggw1, ggb1, ggw2, ggb2;
+  if (fuse_w.has_value()) {
+    const int64_t Cout = fuse_w->size(0);
+    at::Tensor dO = at::zeros({g.npix, Cout}, aopt);
+    dO.view({g.N, g.Hp, g.Wp, Cout}).narrow(1, g.p, g.H).narrow(2, g.p, g.W).copy_(grad_out.permute({0, 2, 3, 1}));
+    auto add_dF = [&](const at::Tensor& d, const at::Tensor& fwa) {
+      gemm_into(rows(gbuf, g, 0, pl.fuse_start, pl.fuse_len), d, fwa, true);
+    };
+    std::tie(gfw, gfb, ggw1, ggb1, ggw2, ggb2) =
+        fusion_backward(dO, buf, gbuf, stats, g, pl, *fuse_w, gw1, gb1, gw2, gb2, add_dF);
+  } else {
+    interior(gbuf, g, pl.fuse_start, pl.fuse_len).copy_(grad_out.permute({0, 2, 3, 1}));
+    gfw = gfb = ggw1 = ggb1 = ggw2 = ggb2 = at::empty({0}, buf.options());
+  }
+  const at::Tensor mask = interior_mask(g, aopt);
+  const int64_t L = int64_t(pl.layers.size());
+  std::vector<at::Tensor> gws(L), gbs(L);
+  for (int64_t i = L - 1; i >= 0; --i) {
+    const Layer& l = pl.layers[i];
+    const at::Tensor& w = weights[i];
+    const int64_t k = w.size(2);
+    at::Tensor dZ = layer_output(gbuf, g, l).clone();
+    if (l.relu) dZ.mul_(layer_output(buf, g, l) > 0);
+    dZ.mul_(mask);
+    const std::optional<at::Tensor> b = biases[i];
+    gbs[i] = b.has_value() ? dZ.sum(0).to(dt) : at::empty({0}, w.options());
+    if (l.res_start >= 0) rows(gbuf, g, 0, l.res_start, l.G).add_(dZ);
+    const at::Tensor dZt = dZ.to(dt);
+    const at::Tensor wa = w.to(acc).permute({2, 3, 0, 1}).contiguous();  // [k, k, G, in_len]
+    at::Tensor gw = at::empty({k, k, l.G, l.in_len}, aopt);
+    for (const auto ky : c10::irange(k)) {
+      for (const auto kx : c10::irange(k)) {
+        const int64_t off = g.tap(ky, kx);
+        gw[ky][kx].copy_(mm_acc(dZt.t(), rows(buf, g, off, l.in_start, l.in_len), acc));
+        gemm_into(rows(gbuf, g, off, l.in_start, l.in_len), dZ, wa[ky][kx], true);
+      }
+    }
+    gws[i] = gw.permute({2, 3, 0, 1}).to(dt).contiguous();
+  }
+  at::Tensor gx = output_like(grad_out, pl.Cx);
+  gx.permute({0, 2, 3, 1}).copy_(interior(gbuf, g, 0, pl.Cx));
+  return {gx, gws, gbs, gfw, gfb, ggw1, ggb1, ggw2, ggb2};
+}
+
+}  // namespace srkernels::dense

@@ -1,0 +1,113 @@
+"""Fused dense blocks: same constructors, parameters and state_dict keys as ``srkernels.reference.dense`` (they
+subclass those layers); only ``forward`` differs. Each block runs as one ``ops.dense_block`` call on a single
+feature buffer: no ``torch.cat``, and backward keeps only that buffer (memory linear in depth).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..ops.dense_block import fdirb_plan, rdb_plan, split_plan, srdense_plan
+from ..reference import dense as R
+
+
+def _bias(conv) -> Tensor | None:
+    return conv.bias
+
+
+def _gate(conv_du) -> tuple:
+    fc1, fc2 = conv_du[0], conv_du[2]
+    return fc1.weight, fc1.bias, fc2.weight, fc2.bias
+
+
+class ResidualDenseBlock(R.ResidualDenseBlock):
+    """RDN's RDB (keys ``convs.{c}.conv.0``, ``LFF``): dense layers, 1x1 LFF and the local residual, one op."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        convs = [m.conv[0] for m in self.convs]
+        c0 = convs[0]
+        plan = rdb_plan(c0.in_channels, c0.out_channels, len(convs), c0.kernel_size[0])
+        return ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan,
+                               fuse_weight=self.LFF.weight, fuse_bias=self.LFF.bias, residual=x)
+
+
+class RDCAB(R.RDCAB):
+    """RDCAB (keys ``layers.{c}.conv``, ``conv_du``, ``lff``): the channel attention on the concat is folded
+    into the fusion (``lff(x * g) = (lff.weight * g) x`` per sample), so the attended concat never exists."""
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        convs = [m.conv for m in self.layers]
+        c0 = convs[0]
+        plan = rdb_plan(c0.in_channels, c0.out_channels, len(convs), c0.kernel_size[0])
+        res = x if residual is None else x + residual
+        return ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan,
+                               fuse_weight=self.lff.weight, fuse_bias=self.lff.bias, gate=_gate(self.conv_du),
+                               residual=res)
+
+
+class SRDenseBlock(R.SRDenseBlock):
+    """SRDenseNet block (keys ``conv1`` .. ``conv{L}``): returns cat(out_1..out_L), read off the buffer once.
+    The new-first concat with the block input stays at model level (``SRDenseNet.forward``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        convs = [getattr(self, f"conv{i}") for i in range(1, self.num_layers + 1)]
+        c0 = convs[0]
+        plan = srdense_plan(c0.in_channels, c0.out_channels, self.num_layers, c0.kernel_size[0])
+        return ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan)
+
+
+class SplitBlock(R.SplitBlock):
+    """Split-version block (keys ``layer{k}.0``, ``lff``, ``conv_du``): distilled and remaining halves of each
+    layer land in their own buffer ranges; the last layer computes only its distilled part (upstream drops the
+    rest). The contrast-aware attention + residual is the fused ``channel_attention`` op."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        L, d = self.num_layers, self.distilled
+        convs = [getattr(self, f"layer{i}")[0] for i in range(1, L + 1)]
+        ws = [c.weight for c in convs]
+        bs = [_bias(c) for c in convs]
+        ws[-1] = ws[-1][:d]
+        bs[-1] = None if bs[-1] is None else bs[-1][:d]
+        plan = split_plan(convs[0].in_channels, L, d, convs[0].kernel_size[0])
+        y = ops.dense_block(x, ws, bs, plan, fuse_weight=self.lff.weight, fuse_bias=self.lff.bias)
+        fc1, b1, fc2, b2 = _gate(self.conv_du)
+        return ops.channel_attention(y, fc1, b1, fc2, b2, residual=x, pool="avg+std")
+
+
+class FDIRB(R.FDIRB):
+    """FD & IRB block (keys ``layer{k}``, ``layer{k}_sub``, ``lff``, ``conv_du``).
+
+    The retain path (1x1 ``layer{k}_sub`` C->S, concat, 1x1 ``lff``) is linear, so it is folded into ONE 1x1
+    fusion over the buffer [x | l_1 .. l_{L-1} | layer_L]: block k of the fused weight is
+    ``lff_k @ sub_k`` (x's block uses ``layer1_sub``, upstream's quirk; l_1's block is zero) and the last is
+    ``lff_L``; the sub biases fold into the fusion bias. Autograd maps the fused weight's gradient back onto
+    the keys. Then contrast-aware attention + residual (the fused ``channel_attention`` op).
+    """
+
+    def _fused_fusion(self) -> tuple[Tensor, Tensor | None]:
+        L = self.num_layers
+        lff_w = self.lff.weight.flatten(1)  # [C, S*L]
+        S = lff_w.shape[1] // L
+        blocks, bias = [], self.lff.bias
+        for k in range(1, L):
+            sub = getattr(self, f"layer{k}_sub")
+            lk = lff_w[:, (k - 1) * S:k * S]
+            blocks.append(lk @ sub.weight.flatten(1))
+            if sub.bias is not None:
+                b = lk @ sub.bias
+                bias = b if bias is None else bias + b
+        # buffer order: x (layer1_sub), l_1 (unused by the retain path), l_2 .. l_{L-1}, layer_L
+        zero = torch.zeros_like(blocks[0])
+        w = torch.cat([blocks[0], zero, *blocks[1:], lff_w[:, (L - 1) * S:]], 1)
+        return w, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        L = self.num_layers
+        convs = [getattr(self, f"layer{i}") for i in range(1, L + 1)]
+        plan = fdirb_plan(convs[0].in_channels, L, convs[-1].out_channels, convs[0].kernel_size[0])
+        fw, fb = self._fused_fusion()
+        y = ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan, fuse_weight=fw,
+                            fuse_bias=fb)
+        fc1, b1, fc2, b2 = _gate(self.conv_du)
+        return ops.channel_attention(y, fc1, b1, fc2, b2, residual=x, pool="avg+std")
