@@ -33,6 +33,38 @@ def like_layout(t: Tensor, fmt: torch.memory_format) -> Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+def out_target(out: Tensor | None, x_in: Tensor, x: Tensor, fmt: torch.memory_format, op: str) -> Tensor:
+    """Where a forward's final kernel writes: a new tensor in ``x``'s (converted) layout ``fmt``; for an
+    ``_out`` op, ``out`` itself when it has that layout (then its strides address the same elements as x's),
+    else such a temporary, which the caller copies into ``out``."""
+    if out is None:
+        return torch.empty_like(x)
+    torch._check(
+        out.shape == x.shape, lambda: f"{op}: out must have the shape of x {list(x.shape)}, got {list(out.shape)}"
+    )
+    torch._check(out.dtype == x.dtype, lambda: f"{op}: out must have dtype {x.dtype}, got {out.dtype}")
+    torch._check(out.device == x.device, lambda: f"{op}: out must be on {x.device}, got {out.device}")
+    torch._check(not torch._C._overlaps(out, x_in), lambda: f"{op}: out must not overlap x")
+    return out if out.is_contiguous(memory_format=fmt) else torch.empty_like(x)
+
+
+def kernel_residual(
+    residual: Tensor | None, x: Tensor, fmt: torch.memory_format, dst: Tensor, op: str
+) -> Tensor | None:
+    """``residual`` in layout ``fmt``, safe to read while the kernels write ``dst``: the very same elements
+    (``out=residual``) are fine, as each element is loaded before it is stored, by the same program; any
+    other overlap would race between programs, so that residual is copied first."""
+    if residual is None:
+        return None
+    torch._check(residual.shape == x.shape, lambda: f"{op}: residual must have the shape of x {list(x.shape)}")
+    residual = like_layout(residual, fmt)
+    if torch._C._overlaps(residual, dst) and not (
+        residual.storage_offset() == dst.storage_offset() and strides(residual) == strides(dst)
+    ):
+        residual = residual.clone(memory_format=fmt)
+    return residual
+
+
 def strides(t: Tensor) -> tuple[int, int, int]:
     """(batch, channel, pixel) strides; H and W are merged into one pixel index p = h * W + w, which both
     supported layouts allow (stride(H) == W * stride(W)). Size-1 dims may carry any stride, hence the cases."""

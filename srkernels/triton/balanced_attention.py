@@ -1,5 +1,5 @@
 """Triton ``balanced_attention`` (BAM: ACAM x MSAM) forward/backward, registered as
-``torch.ops.srkernels_triton.balanced_attention[_backward]``. Contract: docs/ops.md.
+``torch.ops.srkernels_triton.balanced_attention[_backward|_out]``. Contract: docs/ops.md.
 
 Forward: one read of x gives per-block channel sums and the per-pixel channel max -> fixed-order merge ->
 channel MLP (torch, acc) and KxK correlation of the max map (small kernel) -> scale.
@@ -215,18 +215,18 @@ def _spatial_gate(maxmap: Tensor, w_sa: Tensor, K: int, H: int, W: int) -> Tenso
     return sa
 
 
-@triton_op(
-    "srkernels_triton::balanced_attention",
-    mutates_args=(),
-    schema="(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
-    "-> (Tensor, Tensor, Tensor)",
-)
-def balanced_attention(
-    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None
+def _forward(
+    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None,
+    out: Tensor | None, op: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    torch._check(x.dim() == 4, lambda: "balanced_attention: x must be [N, C, H, W]")
+    """The forward of both ops -> (result, mean, maxmap). With ``out`` (the ``_out`` op) the result is written
+    into ``out``: directly when it has x's kernel layout, else through a temporary copied into it."""
+    torch._check(x.dim() == 4, lambda: f"{op}: x must be [N, C, H, W]")
     K = _check_w_sa(w_sa)
+    x_in = x
     x, fmt = cm.kernel_layout(x)
+    dst = cm.out_target(out, x_in, x, fmt, op)
+    residual = cm.kernel_residual(residual, x, fmt, dst, op)
     N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
     acc = cm.acc_dtype(x.dtype)
 
@@ -245,18 +245,38 @@ def balanced_attention(
     ca = ca.contiguous()
     sa = _spatial_gate(maxmap.view(N, HW), w_sa, K, H, W)
 
-    out = torch.empty_like(x)
-    if residual is not None:
-        residual = cm.like_layout(residual, fmt)
-        srn, src, srp = cm.strides(residual)
-    else:
-        srn, src, srp = 0, 0, 0
+    srn, src, srp = cm.strides(residual) if residual is not None else (0, 0, 0)
     if x.numel() > 0:
         wrap_triton(_bam_scale_kernel)[(NPB, NCB, N)](
-            x, ca, sa, x if residual is None else residual, out, C, HW, sxn, sxc, sxp, srn, src, srp,
+            x, ca, sa, x if residual is None else residual, dst, C, HW, sxn, sxc, sxp, srn, src, srp,
             HAS_RES=residual is not None, BLOCK_C=BC, BLOCK_P=BP,
         )
-    return out, mean, maxmap
+    if out is not None and dst is not out:
+        out.copy_(dst)
+    return dst, mean, maxmap
+
+
+@triton_op(
+    "srkernels_triton::balanced_attention",
+    mutates_args=(),
+    schema="(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def balanced_attention(
+    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(x, w1, prelu_w, w2, w_sa, residual, None, "balanced_attention")
+
+
+@triton_op(
+    "srkernels_triton::balanced_attention_out",
+    mutates_args=("out",),
+    schema="(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual, Tensor(a!) out) -> ()",
+)
+def balanced_attention_out(
+    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None, out: Tensor
+) -> None:
+    _forward(x, w1, prelu_w, w2, w_sa, residual, out, "balanced_attention_out")
 
 
 @triton_op(
@@ -351,6 +371,12 @@ def _fake_forward(x, w1, prelu_w, w2, w_sa, residual):
     return torch.empty_like(x), x.new_empty((N, C), dtype=acc), x.new_empty((N, H, W), dtype=acc)
 
 
+def _fake_out(x, w1, prelu_w, w2, w_sa, residual, out):
+    _check_w_sa(w_sa)
+    torch._check(out.shape == x.shape, lambda: "balanced_attention_out: out must have the shape of x")
+    return None
+
+
 def _fake_backward(grad_out, x, mean, maxmap, w1, prelu_w, w2, w_sa):
     _check_w_sa(w_sa)
     x, _ = cm.kernel_layout(x)
@@ -364,4 +390,5 @@ def _fake_backward(grad_out, x, mean, maxmap, w1, prelu_w, w2, w_sa):
 
 
 cm.finish_registration(balanced_attention, _fake_forward, _bam_stats_kernel)
+cm.finish_registration(balanced_attention_out, _fake_out, _bam_stats_kernel)
 cm.finish_registration(balanced_attention_backward, _fake_backward, _bam_bwd_reduce_kernel)

@@ -1,5 +1,5 @@
 """Triton ``channel_attention`` forward/backward (RCAN CALayer, IMDN contrast attention), registered as
-``torch.ops.srkernels_triton.channel_attention[_backward]``. Contract: docs/ops.md.
+``torch.ops.srkernels_triton.channel_attention[_backward|_out]``. Contract: docs/ops.md.
 
 Passes: stats (per-pixel-block channel partials) -> merge (fixed-order, Chan for std) -> MLP (torch, acc)
 -> scale. Backward: dg partials -> merge -> MLP backward (torch, acc) -> grad_x.
@@ -149,6 +149,43 @@ def _pool_stats(x: Tensor, with_std: bool) -> Tensor:
     return stats
 
 
+def _forward(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    residual: Tensor | None,
+    act_weight: Tensor | None,
+    pool: str,
+    out: Tensor | None,
+    op: str,
+) -> tuple[Tensor, Tensor]:
+    """The forward of both ops -> (result, stats). With ``out`` (the ``_out`` op) the result is written into
+    ``out``: directly when it has x's kernel layout, else through a temporary copied into it."""
+    torch._check(x.dim() == 4, lambda: f"{op}: x must be [N, C, H, W]")
+    with_std = _check_pool(pool)
+    x_in = x
+    x, fmt = cm.kernel_layout(x)
+    dst = cm.out_target(out, x_in, x, fmt, op)
+    residual = cm.kernel_residual(residual, x, fmt, dst, op)
+    stats = _pool_stats(x, with_std)
+    s = stats[:, 0] + stats[:, 1] if with_std else stats[:, 0]
+    _, _, g = cm.mlp_forward(s, w1, b1, w2, b2, act_weight)
+    g = g.contiguous()
+
+    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    srn, src, srp = cm.strides(residual) if residual is not None else (0, 0, 0)
+    if x.numel() > 0:
+        wrap_triton(_ca_scale_kernel)[(NPB, NCB, N)](
+            x, g, x if residual is None else residual, dst, C, HW, sxn, sxc, sxp, srn, src, srp,
+            HAS_RES=residual is not None, BLOCK_C=BC, BLOCK_P=BP,
+        )
+    if out is not None and dst is not out:
+        out.copy_(dst)
+    return dst, stats
+
+
 @triton_op(
     "srkernels_triton::channel_attention",
     mutates_args=(),
@@ -165,27 +202,27 @@ def channel_attention(
     act_weight: Tensor | None,
     pool: str,
 ) -> tuple[Tensor, Tensor]:
-    torch._check(x.dim() == 4, lambda: "channel_attention: x must be [N, C, H, W]")
-    with_std = _check_pool(pool)
-    x, fmt = cm.kernel_layout(x)
-    stats = _pool_stats(x, with_std)
-    s = stats[:, 0] + stats[:, 1] if with_std else stats[:, 0]
-    _, _, g = cm.mlp_forward(s, w1, b1, w2, b2, act_weight)
-    g = g.contiguous()
+    return _forward(x, w1, b1, w2, b2, residual, act_weight, pool, None, "channel_attention")
 
-    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
-    out = torch.empty_like(x)
-    if residual is not None:
-        residual = cm.like_layout(residual, fmt)
-        srn, src, srp = cm.strides(residual)
-    else:
-        srn, src, srp = 0, 0, 0
-    if x.numel() > 0:
-        wrap_triton(_ca_scale_kernel)[(NPB, NCB, N)](
-            x, g, x if residual is None else residual, out, C, HW, sxn, sxc, sxp, srn, src, srp,
-            HAS_RES=residual is not None, BLOCK_C=BC, BLOCK_P=BP,
-        )
-    return out, stats
+
+@triton_op(
+    "srkernels_triton::channel_attention_out",
+    mutates_args=("out",),
+    schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, "
+    "str pool, Tensor(a!) out) -> ()",
+)
+def channel_attention_out(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    residual: Tensor | None,
+    act_weight: Tensor | None,
+    pool: str,
+    out: Tensor,
+) -> None:
+    _forward(x, w1, b1, w2, b2, residual, act_weight, pool, out, "channel_attention_out")
 
 
 @triton_op(
@@ -266,6 +303,12 @@ def _fake_forward(x, w1, b1, w2, b2, residual, act_weight, pool):
     return torch.empty_like(x), x.new_empty((N, 2 if with_std else 1, C), dtype=cm.acc_dtype(x.dtype))
 
 
+def _fake_out(x, w1, b1, w2, b2, residual, act_weight, pool, out):
+    _check_pool(pool)
+    torch._check(out.shape == x.shape, lambda: "channel_attention_out: out must have the shape of x")
+    return None
+
+
 def _fake_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight, pool):
     _check_pool(pool)
     x, _ = cm.kernel_layout(x)
@@ -281,4 +324,5 @@ def _fake_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight, pool):
 
 
 cm.finish_registration(channel_attention, _fake_forward, _ca_stats_kernel)
+cm.finish_registration(channel_attention_out, _fake_out, _ca_stats_kernel)
 cm.finish_registration(channel_attention_backward, _fake_backward, _ca_dg_kernel)
