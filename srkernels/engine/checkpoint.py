@@ -1,0 +1,215 @@
+"""Training checkpoints: atomic writes, rotation that always keeps the last good file, RNG states, loading.
+
+A run directory holds ``checkpoints/iter_XXXXXXXX.pt``. Each is written to a temporary file in the same
+directory, fsynced, then ``os.replace``d into place, so a kill at any moment leaves either the old set of
+files or the old set plus one complete new file. Older files are deleted only after the new one is in
+place, and the newest ``keep`` are kept. :func:`load_latest` walks back from the newest file and skips
+(with a warning) any that cannot be read.
+
+A checkpoint is a dict of tensors and plain containers (readable with ``torch.load(weights_only=True)``):
+``format``, ``config``, ``iteration``, ``epoch``, ``step_in_epoch``, ``world_size``, ``params`` (model
+state_dict), ``params_ema`` (if EMA), ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (one entry per rank:
+torch, cuda, numpy, python), ``best``. The ``params``/``params_ema`` names are BasicSR's, so
+``srkernels.models.load_pretrained`` also reads these files (preferring the EMA weights).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import secrets
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "srkernels-train"
+VERSION = 1
+_NAME = re.compile(r"iter_(\d+)\.pt")
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may touch, as tensors / plain containers."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            warnings.warn("checkpoint has CUDA RNG states for a different GPU count; not restored")
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    # weights_only loading turns tuples into lists; random.setstate needs the tuples back
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through a temp file in the same directory + fsync + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(iteration, path) of the run's checkpoint files, newest first."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.fullmatch(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(state: Mapping[str, Any], run_dir: str | os.PathLike, iteration: int, keep: int) -> Path:
+    """Write ``state`` as ``iter_<iteration>.pt`` atomically, then drop all but the newest ``keep`` files."""
+    path = atomic_torch_save(dict(state), checkpoint_dir(run_dir) / f"iter_{iteration:08d}.pt")
+    for it, p in list_checkpoints(run_dir)[max(1, keep):]:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    # stale temp files of a killed writer
+    for p in checkpoint_dir(run_dir).glob(".iter_*.tmp"):
+        try:
+            if p.stat().st_mtime < path.stat().st_mtime - 60:
+                p.unlink()
+        except OSError:
+            pass
+    return path
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"{p} is not an srkernels training checkpoint")
+    if obj.get("version", 0) > VERSION:
+        raise ValueError(f"{p}: checkpoint version {obj['version']} is newer than this srkernels")
+    return obj
+
+
+def load_latest(run_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint of ``run_dir`` (None if there is none); unreadable ones are skipped."""
+    for _, p in list_checkpoints(run_dir):
+        try:
+            return read_checkpoint_file(p), p
+        except ValueError as e:
+            warnings.warn(f"skipping checkpoint: {e}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if p.is_dir():
+        return bool(list_checkpoints(p))
+    return p.suffix == ".pt" and _NAME.fullmatch(p.name) is not None
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], *, fused: bool = True, ema: bool = True) -> nn.Module:
+    """The model of a training checkpoint (EMA weights when present and ``ema``), in eval mode."""
+    from ..models import build
+    from ..models.convert import load_state_dict_strict
+
+    m = ckpt["config"]["model"]
+    model = build(m["name"], m["scale"], fused=fused, **m["args"])
+    sd = ckpt["params_ema"] if ema and ckpt.get("params_ema") is not None else ckpt["params"]
+    load_state_dict_strict(model, sd, what="training checkpoint")
+    return model.eval()
+
+
+def load_model(
+    path: str | os.PathLike,
+    model: str | None = None,
+    scale: int | None = None,
+    *,
+    source: str = "auto",
+    fused: bool = True,
+    **cfg: Any,
+) -> nn.Module:
+    """Any weights the library knows, as a model in eval mode: a training run directory (its newest good
+    checkpoint), a training checkpoint ``iter_*.pt``, a ``save_pretrained`` safetensors file, or an
+    upstream checkpoint (``srkernels.models.load_pretrained``: needs ``model`` and ``scale``)."""
+    from ..models import load_pretrained, resolve
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"weights path must be a str or os.PathLike, got {type(path).__name__}")
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"weights not found: {p}")
+    ckpt = None
+    if p.is_dir():
+        got = load_latest(p)
+        if got is None:
+            raise ValueError(f"{p} is a directory without readable training checkpoints")
+        ckpt = got[0]
+    elif p.suffix == ".pt":
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            obj = None  # not ours or unreadable: load_pretrained gives the precise error
+        if isinstance(obj, dict) and obj.get("format") == FORMAT:
+            ckpt = obj
+    if ckpt is not None:
+        m = ckpt["config"]["model"]
+        if model is not None and resolve(model)[0] is not resolve(m["name"])[0]:
+            raise ValueError(f"--model {model!r} does not match the checkpoint's model {m['name']!r}")
+        if scale is not None and scale != m["scale"]:
+            raise ValueError(f"scale {scale} does not match the checkpoint's scale {m['scale']}")
+        return model_from_checkpoint(ckpt, fused=fused)
+    return load_pretrained(model, p, scale, source, fused=fused, **cfg)
