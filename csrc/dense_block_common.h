@@ -133,10 +133,12 @@ inline void gemm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor
   }
 }
 
+// A @ B with acc-dtype output (the GEMMs accumulate in fp32 either way; on CPU the product is rounded to A's
+// dtype once, which is also how weight gradients come out).
 inline at::Tensor mm_acc(const at::Tensor& A, const at::Tensor& B, c10::ScalarType acc) {
   if (A.scalar_type() == acc) return at::mm(A, B);
   if (A.is_cuda()) return at::mm(A, B, acc);
-  return at::mm(A.to(acc), B.to(acc));
+  return at::mm(A, B).to(acc);
 }
 
 inline at::Tensor acc_copy(const std::optional<at::Tensor>& t, c10::ScalarType acc) {
@@ -177,7 +179,7 @@ struct GateMlp {
 };
 
 // Shared argument checks of both entry points.
-inline void check_args(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+inline void check_args(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                        const Plan& pl, const std::optional<at::Tensor>& fuse_w, const char* op) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ", x.scalar_type());
   TORCH_CHECK(int64_t(biases.size()) == int64_t(weights.size()), op, ": ", weights.size(), " weights but ",
@@ -185,15 +187,45 @@ inline void check_args(const at::Tensor& x, at::TensorList weights, const c10::L
   for (const auto i : c10::irange(weights.size())) {
     TORCH_CHECK(weights[i].scalar_type() == x.scalar_type() && weights[i].device() == x.device(), op,
                 ": weights[", i, "] must match the dtype and device of the features");
-    const std::optional<at::Tensor> b = biases[i];
-    TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == weights[i].size(0) &&
-                                   b->scalar_type() == x.scalar_type()),
-                op, ": biases[", i, "] must be [", weights[i].size(0), "] of the features' dtype");
+    const at::Tensor& b = biases[i];
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weights[i].size(0) && b.scalar_type() == x.scalar_type() &&
+                    b.device() == x.device(),
+                op, ": biases[", i, "] must be [", weights[i].size(0), "] of the features' dtype and device");
   }
   if (fuse_w.has_value()) {
     TORCH_CHECK(fuse_w->dim() == 2 && fuse_w->size(1) == pl.fuse_len && fuse_w->scalar_type() == x.scalar_type(),
                 op, ": fuse_weight must be [Cout, ", pl.fuse_len, "] of the features' dtype, got ", fuse_w->sizes());
   }
+}
+
+// Forward-only tensors the kernels index directly.
+inline void check_forward_args(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor>& fuse_w,
+                               const std::optional<at::Tensor>& fuse_b, const std::optional<at::Tensor>& gw1,
+                               const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& residual) {
+  const bool fused = fuse_w.has_value();
+  TORCH_CHECK(fused || (!fuse_b.has_value() && !gw1.has_value() && !residual.has_value()), kOp,
+              ": fuse_bias, the gate and the residual need fuse_weight");
+  if (!fused) return;
+  const int64_t Cout = fuse_w->size(0);
+  TORCH_CHECK(!fuse_b.has_value() || (fuse_b->dim() == 1 && fuse_b->size(0) == Cout), kOp, ": fuse_bias must be [",
+              Cout, "]");
+  TORCH_CHECK(!residual.has_value() || (residual->sizes() == at::IntArrayRef({x.size(0), Cout, x.size(2), x.size(3)}) &&
+                                        residual->scalar_type() == x.scalar_type() && residual->device() == x.device()),
+              kOp, ": residual must be [", x.size(0), ", ", Cout, ", ", x.size(2), ", ", x.size(3),
+              "] of the features' dtype and device");
+  TORCH_CHECK(gw1.has_value() == gw2.has_value(), kOp, ": the gate needs both gate_w1 and gate_w2");
+  TORCH_CHECK(!gw1.has_value() || (gw1->dim() == 2 && gw1->size(1) == pl.fuse_len && gw2->dim() == 2 &&
+                                   gw2->size(0) == pl.fuse_len && gw2->size(1) == gw1->size(0)),
+              kOp, ": gate_w1 must be [Cr, ", pl.fuse_len, "] and gate_w2 [", pl.fuse_len, ", Cr]");
+}
+
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& buf, const Plan& pl,
+                                const std::optional<at::Tensor>& fuse_w, const std::optional<at::Tensor>& gw1,
+                                const std::optional<at::Tensor>& gw2) {
+  TORCH_CHECK(grad_out.scalar_type() == buf.scalar_type() && grad_out.device() == buf.device() &&
+                  grad_out.size(1) == (fuse_w.has_value() ? fuse_w->size(0) : pl.fuse_len),
+              kOpBw, ": grad_out must have the output's dtype, device and channels");
+  TORCH_CHECK(gw1.has_value() == gw2.has_value(), kOpBw, ": the gate needs both gate_w1 and gate_w2");
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -206,7 +238,7 @@ inline at::Tensor new_buffer(const at::Tensor& x, const Plan& pl, const Geom& g)
 }
 
 inline void layer_forward_generic(const at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w,
-                                  const std::optional<at::Tensor>& b, const at::Tensor& mask) {
+                                  const at::Tensor& b, const at::Tensor& mask) {
   const auto acc = at::toOpMathType(buf.scalar_type());
   const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();  // [k, k, in_len, G]
   at::Tensor z = at::empty({g.npix, l.G}, buf.options().dtype(acc));
@@ -216,7 +248,7 @@ inline void layer_forward_generic(const at::Tensor& buf, const Geom& g, const La
       gemm_into(z, rows(buf, g, g.tap(ky, kx), l.in_start, l.in_len), wt[ky][kx], ky + kx > 0);
     }
   }
-  if (b.has_value()) z.add_(*b);
+  z.add_(b);
   if (l.res_start >= 0) z.add_(rows(buf, g, 0, l.res_start, l.G));
   if (l.relu) z.relu_();
   z.mul_(mask);
@@ -284,7 +316,7 @@ inline std::tuple<at::Tensor, at::Tensor> finish_forward(
 }
 
 inline Outputs forward_generic(const at::Tensor& x, at::TensorList weights,
-                               const c10::List<std::optional<at::Tensor>>& biases, const Plan& pl,
+                               at::TensorList biases, const Plan& pl,
                                const std::optional<at::Tensor>& fuse_w, const std::optional<at::Tensor>& fuse_b,
                                const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
                                const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2,
@@ -311,32 +343,31 @@ inline Outputs forward_generic(const at::Tensor& x, at::TensorList weights,
   return {out, buf, stats};
 }
 
-// Fusion backward (shared by every path): fills the fusion range of the acc gradient buffer `gbuf` (zeros
-// elsewhere) and returns (gfw, gfb, ggw1, ggb1, ggw2, ggb2). `dO` is grad_out in padded rows [npix, Cout] acc.
-// `add_dF(dO, Wt)` must add dO @ Wt ([Cout, K] acc) into the fusion range of gbuf (the ungated case).
+// Fusion backward (shared by every path): returns (gfw, gfb, ggw1, ggb1, ggw2, ggb2) and has `add_dF(gv)` put
+// dO @ (fuse_w scaled by the gate gv along K; gv undefined when ungated) into the fusion range of the acc
+// gradient buffer `gbuf`; the gate's pooled-mean gradient is added afterwards. `dO` is grad_out on the padded
+// pixel rows [npix, Cout] in acc dtype, `dOd` the same in the features' dtype.
 template <typename AddDF>
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fusion_backward(
-    const at::Tensor& dO, const at::Tensor& buf, const at::Tensor& gbuf, const at::Tensor& stats, const Geom& g,
-    const Plan& pl, const at::Tensor& fw, const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
-    const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2, const AddDF& add_dF) {
+    const at::Tensor& dO, const at::Tensor& dOd, const at::Tensor& buf, const at::Tensor& gbuf, const at::Tensor& stats,
+    const Geom& g, const Plan& pl, const at::Tensor& fw, const std::optional<at::Tensor>& gw1,
+    const std::optional<at::Tensor>& gb1, const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2,
+    const AddDF& add_dF) {
   const auto acc = gbuf.scalar_type();
   const auto dt = buf.scalar_type();
   const int64_t Cout = fw.size(0), K = pl.fuse_len;
   const at::Tensor gfb = dO.sum(0).to(dt);
   at::Tensor ggw1, ggb1, ggw2, ggb2;
   at::Tensor gfw;
-  const at::Tensor fwa = fw.to(acc);
   if (gw1.has_value()) {
     TORCH_CHECK(stats.dim() == 3 && stats.size(0) == g.N && stats.size(1) == 2 && stats.size(2) == K, kOpBw,
                 ": stats must be [N, 2, ", K, "], got ", stats.sizes());
     const at::Tensor s = stats.select(1, 0), gv = stats.select(1, 1);
     const at::Tensor F3 = buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, K);
-    const at::Tensor dO3 = dO.view({g.N, g.Hp * g.Wp, Cout});
-    const at::Tensor E = at::bmm(dO3.transpose(1, 2), F3.to(acc));  // [N, Cout, K] = sum_p dO F
+    const at::Tensor E = at::bmm(dOd.view({g.N, g.Hp * g.Wp, Cout}).transpose(1, 2), F3).to(acc);  // [N, Cout, K]
     gfw = (E * gv.unsqueeze(1)).sum(0).to(dt);
-    const at::Tensor dg = (E * fwa.unsqueeze(0)).sum(1);  // [N, K]
-    at::Tensor gF3 = gbuf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, K);
-    gF3.baddbmm_(dO3, fwa.unsqueeze(0) * gv.unsqueeze(1));
+    const at::Tensor dg = (E * fw.to(acc).unsqueeze(0)).sum(1);  // [N, K]
+    add_dF(gv);
     const GateMlp mlp(gw1, gb1, gw2, gb2, acc);
     auto [ds, a1, a2, a3, a4] = mlp.backward(s, gv, dg);
     interior(gbuf, g, pl.fuse_start, K).add_(ds.view({g.N, 1, 1, K}) / double(g.H * g.W));
@@ -345,15 +376,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     ggw2 = a3.to(dt).view(gw2->sizes());
     ggb2 = gb2.has_value() ? a4.to(dt) : at::empty({0}, fw.options());
   } else {
-    gfw = mm_acc(dO.t().to(dt), rows(buf, g, 0, pl.fuse_start, K), acc).to(dt);
-    add_dF(dO, fwa);
-    ggw1 = ggb1 = ggw2 = ggb2 = at::empty({0}, fw.options());
+    gfw = mm_acc(dOd.t(), rows(buf, g, 0, pl.fuse_start, K), acc).to(dt);
+    add_dF(at::Tensor());
+    for (at::Tensor* t : {&ggw1, &ggb1, &ggw2, &ggb2}) *t = at::empty({0}, fw.options());  // distinct: no aliasing outputs
   }
   return {gfw, gfb, ggw1, ggb1, ggw2, ggb2};
 }
 
 inline Grads backward_generic(const at::Tensor& grad_out, const at::Tensor& buf, const at::Tensor& stats,
-                              at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                              at::TensorList weights, at::TensorList biases,
                               const Plan& pl, const std::optional<at::Tensor>& fuse_w,
                               const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
                               const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2) {
@@ -369,14 +400,20 @@ inline Grads backward_generic(const at::Tensor& grad_out, const at::Tensor& buf,
     const int64_t Cout = fuse_w->size(0);
     at::Tensor dO = at::zeros({g.npix, Cout}, aopt);
     dO.view({g.N, g.Hp, g.Wp, Cout}).narrow(1, g.p, g.H).narrow(2, g.p, g.W).copy_(grad_out.permute({0, 2, 3, 1}));
-    auto add_dF = [&](const at::Tensor& d, const at::Tensor& fwa) {
-      gemm_into(rows(gbuf, g, 0, pl.fuse_start, pl.fuse_len), d, fwa, true);
+    const at::Tensor fwa = fuse_w->to(acc);
+    auto add_dF = [&](const at::Tensor& gv) {
+      if (gv.defined()) {
+        gbuf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, pl.fuse_len)
+            .baddbmm_(dO.view({g.N, g.Hp * g.Wp, Cout}), fwa.unsqueeze(0) * gv.unsqueeze(1));
+      } else {
+        gemm_into(rows(gbuf, g, 0, pl.fuse_start, pl.fuse_len), dO, fwa, true);
+      }
     };
     std::tie(gfw, gfb, ggw1, ggb1, ggw2, ggb2) =
-        fusion_backward(dO, buf, gbuf, stats, g, pl, *fuse_w, gw1, gb1, gw2, gb2, add_dF);
+        fusion_backward(dO, dO.to(dt), buf, gbuf, stats, g, pl, *fuse_w, gw1, gb1, gw2, gb2, add_dF);
   } else {
     interior(gbuf, g, pl.fuse_start, pl.fuse_len).copy_(grad_out.permute({0, 2, 3, 1}));
-    gfw = gfb = ggw1 = ggb1 = ggw2 = ggb2 = at::empty({0}, buf.options());
+    for (at::Tensor* t : {&gfw, &gfb, &ggw1, &ggb1, &ggw2, &ggb2}) *t = at::empty({0}, buf.options());
   }
   const at::Tensor mask = interior_mask(g, aopt);
   const int64_t L = int64_t(pl.layers.size());
@@ -388,8 +425,7 @@ inline Grads backward_generic(const at::Tensor& grad_out, const at::Tensor& buf,
     at::Tensor dZ = layer_output(gbuf, g, l).clone();
     if (l.relu) dZ.mul_(layer_output(buf, g, l) > 0);
     dZ.mul_(mask);
-    const std::optional<at::Tensor> b = biases[i];
-    gbs[i] = b.has_value() ? dZ.sum(0).to(dt) : at::empty({0}, w.options());
+    gbs[i] = dZ.sum(0).to(dt);
     if (l.res_start >= 0) rows(gbuf, g, 0, l.res_start, l.G).add_(dZ);
     const at::Tensor dZt = dZ.to(dt);
     const at::Tensor wa = w.to(acc).permute({2, 3, 0, 1}).contiguous();  // [k, k, G, in_len]

@@ -36,11 +36,11 @@ TORCH_LIBRARY(srkernels, m) {
   // Residual-dense block from one feature buffer (plan: srkernels/ops/dense_block.py). Returns the block output,
   // the buffer (x and every layer output; all backward needs) and the fusion gate's [N, 2, K] stats.
   m.def(
-      "dense_block(Tensor x, Tensor[] weights, Tensor?[] biases, int[] plan, Tensor? fuse_weight, "
+      "dense_block(Tensor x, Tensor[] weights, Tensor[] biases, int[] plan, Tensor? fuse_weight, "
       "Tensor? fuse_bias, Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, Tensor? gate_b2, Tensor? residual) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "dense_block_backward(Tensor grad_out, Tensor buffer, Tensor stats, Tensor[] weights, Tensor?[] biases, "
+      "dense_block_backward(Tensor grad_out, Tensor buffer, Tensor stats, Tensor[] weights, Tensor[] biases, "
       "int[] plan, Tensor? fuse_weight, Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, Tensor? gate_b2) "
       "-> (Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

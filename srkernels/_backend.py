@@ -18,7 +18,7 @@ import warnings
 import torch
 
 BACKENDS = ("compiled", "triton", "reference")
-OPS = ("channel_attention", "balanced_attention", "pixel_shuffle")
+OPS = ("channel_attention", "balanced_attention", "pixel_shuffle", "dense_block")
 # Without a GPU here, neither CUDA backend has been timed against the other; compiled comes first because
 # it has no JIT warm-up. Change per op when a GPU benchmark says otherwise.
 CUDA_PREFERENCE = {op: ("compiled", "triton") for op in OPS}

@@ -3,6 +3,7 @@
 // (forward, backward, ordered batch reduction of its weight gradients). Contracts: docs/ops.md.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -51,6 +52,18 @@ inline void check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ", x.scalar_type());
   TORCH_CHECK(x.size(0) == 0 || x.size(2) * x.size(3) > 0, op, ": H*W must be > 0 (the pooled mean of an ",
               "empty plane is undefined), got H=", x.size(2), " W=", x.size(3));
+}
+
+// The caller's buffer of an <op>_out variant: x's shape, dtype and device, and no memory shared with x (the
+// kernel reads x after writing parts of out). out may be residual itself.
+inline void check_out(const at::Tensor& out, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", x.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.device() == x.device(), op, ": out must be on ", x.device(), ", got ", out.device());
+  const auto overlap = at::get_overlap_status(out, x);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+              ": out must not overlap x");
 }
 
 inline void check_param(const at::Tensor& w, const at::Tensor& x, at::IntArrayRef sizes, const char* op,

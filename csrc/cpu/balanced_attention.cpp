@@ -19,6 +19,7 @@ namespace {
 
 constexpr const char* kOp = "balanced_attention";
 constexpr const char* kOpBw = "balanced_attention_backward";
+constexpr const char* kOpOut = "balanced_attention_out";
 
 // NCHW: an item is a run of ~kPixNCHW pixels across all channels, so the per-pixel max / dsa / argmax rows
 // of the item stay in L1 while the channel planes stream past.
@@ -330,21 +331,15 @@ Dims check_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& pre
 
 // ------------------------------------------------------------------ forward
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
-                                                                      const at::Tensor& prelu_w, const at::Tensor& w2,
-                                                                      const at::Tensor& w_sa,
-                                                                      const c10::optional<at::Tensor>& residual) {
-  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOp);
+// The forward of both entry points: x (native layout), r (undefined or in x's layout) -> out (x's shape and
+// layout, may be r itself); mean [N, C] and maxmap [N, H, W] (acc) are written when defined, else kept per
+// sample and dropped. out may alias r: each element is read from r by the same vector step that writes it
+// to out, and samples / pixel chunks never overlap, so every residual value is read before it is overwritten.
+void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const at::Tensor& out,
+                  const at::Tensor& mean, const at::Tensor& maxmap, const Dims& d, const at::Tensor& w1,
+                  const at::Tensor& prelu_w, const at::Tensor& w2, const at::Tensor& w_sa) {
   const int64_t N = d.N, C = d.C, H = d.H, Wd = d.W, HW = d.HW, K = d.K;
-  at::Tensor x = x_in;
-  const Layout layout = prepare_input(x);
-  at::Tensor r;
-  if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
-  const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  at::Tensor out = at::empty_like(x);
-  at::Tensor mean = at::empty({N, C}, acc_opts);
-  at::Tensor maxmap = at::empty({N, H, Wd}, acc_opts);
-  if (N == 0) return {out, mean, maxmap};
+  if (N == 0) return;
   TORCH_CHECK(C > 0, kOp, ": C must be > 0 (the channel max of an empty set is undefined)");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "balanced_attention_cpu", [&] {
@@ -357,16 +352,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::
     const T* px = x.const_data_ptr<T>();
     const T* pr = r.defined() ? r.const_data_ptr<T>() : nullptr;
     T* po = out.data_ptr<T>();
-    A* pmean = mean.data_ptr<A>();
-    A* pmax = maxmap.data_ptr<A>();
+    A* pmean = mean.defined() ? mean.data_ptr<A>() : nullptr;
+    A* pmax = maxmap.defined() ? maxmap.data_ptr<A>() : nullptr;
 
     for_each_sample(N, [&](int64_t n) {
       const int64_t off = n * C * HW;
       const T* xn = px + off;
       const T* rn = pr != nullptr ? pr + off : nullptr;
       T* on = po + off;
-      A* mx = pmax + n * HW;
-      A* mn = pmean + n * C;
+      std::vector<A> local_mx(pmax != nullptr ? 0 : HW), local_mn(pmean != nullptr ? 0 : C);
+      A* mx = pmax != nullptr ? pmax + n * HW : local_mx.data();
+      A* mn = pmean != nullptr ? pmean + n * C : local_mn.data();
 
       // One read of x: channel sums (per-chunk partials [nk, C]) and the per-pixel channel max.
       std::vector<A> psum(nk * C);
@@ -410,7 +406,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::
       });
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
+                                                                      const at::Tensor& prelu_w, const at::Tensor& w2,
+                                                                      const at::Tensor& w_sa,
+                                                                      const c10::optional<at::Tensor>& residual) {
+  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOp);
+  at::Tensor x = x_in;
+  const Layout layout = prepare_input(x);
+  at::Tensor r;
+  if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
+  const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor out = at::empty_like(x);
+  at::Tensor mean = at::empty({d.N, d.C}, acc_opts);
+  at::Tensor maxmap = at::empty({d.N, d.H, d.W}, acc_opts);
+  forward_into(x, layout, r, out, mean, maxmap, d, w1, prelu_w, w2, w_sa);
   return {out, mean, maxmap};
+}
+
+void balanced_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& prelu_w,
+                                const at::Tensor& w2, const at::Tensor& w_sa,
+                                const c10::optional<at::Tensor>& residual, at::Tensor out) {
+  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOpOut);
+  check_out(out, x_in, kOpOut);
+  at::Tensor x = x_in;
+  const Layout layout = prepare_input(x);
+  at::Tensor r;
+  if (residual.has_value()) r = match_layout(*residual, x, layout, kOpOut, "residual");
+  if (out.is_contiguous(memory_format(layout))) {
+    forward_into(x, layout, r, out, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
+  } else {  // a caller buffer in another layout: compute natively, then one copy
+    at::Tensor tmp = at::empty_like(x);
+    forward_into(x, layout, r, tmp, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
+    out.copy_(tmp);
+  }
 }
 
 // ------------------------------------------------------------------ backward
@@ -553,4 +583,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
   m.impl("balanced_attention", &srkernels::cpu::balanced_attention_cpu);
   m.impl("balanced_attention_backward", &srkernels::cpu::balanced_attention_backward_cpu);
+  m.impl("balanced_attention_out", &srkernels::cpu::balanced_attention_out_cpu);
 }

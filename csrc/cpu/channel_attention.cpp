@@ -17,6 +17,7 @@ namespace {
 
 constexpr const char* kOp = "channel_attention";
 constexpr const char* kOpBw = "channel_attention_backward";
+constexpr const char* kOpOut = "channel_attention_out";
 
 // NCHW: a chunk is a run of one channel plane; 16 KB of fp32, so the deviation pass re-reads it from L1.
 constexpr int64_t kChunkNCHW = 4096;
@@ -285,32 +286,33 @@ void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type
 
 // ------------------------------------------------------------------ forward
 
-std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
-                                                         const c10::optional<at::Tensor>& b1,
-                                                         const at::Tensor& w2,
-                                                         const c10::optional<at::Tensor>& b2,
-                                                         const c10::optional<at::Tensor>& residual,
-                                                         const c10::optional<at::Tensor>& act_weight,
-                                                         c10::string_view pool) {
-  check_x(x_in, kOp);
-  const bool with_std = parse_pool(pool, kOp);
-  const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, kOp, ": w1 must be [Cr, C=", C, "], got ", w1.sizes());
+// Checks shared by the forward and its _out variant; returns Cr.
+int64_t check_forward_args(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                           const c10::optional<at::Tensor>& act_weight, const char* op) {
+  check_x(x, op);
+  const int64_t C = x.size(1);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, op, ": w1 must be [Cr, C=", C, "], got ", w1.sizes());
   const int64_t Cr = w1.size(0);
-  check_param(w1, x_in, {Cr, C}, kOp, "w1");
-  check_param(w2, x_in, {C, Cr}, kOp, "w2");
-  if (b1.has_value()) check_param(*b1, x_in, {Cr}, kOp, "b1");
-  if (b2.has_value()) check_param(*b2, x_in, {C}, kOp, "b2");
-  if (act_weight.has_value()) check_slope(*act_weight, x_in, Cr, kOp, "act_weight");
+  check_param(w1, x, {Cr, C}, op, "w1");
+  check_param(w2, x, {C, Cr}, op, "w2");
+  if (b1.has_value()) check_param(*b1, x, {Cr}, op, "b1");
+  if (b2.has_value()) check_param(*b2, x, {C}, op, "b2");
+  if (act_weight.has_value()) check_slope(*act_weight, x, Cr, op, "act_weight");
+  return Cr;
+}
 
-  at::Tensor x = x_in;
-  const Layout layout = prepare_input(x);
-  at::Tensor r;
-  if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
+// The forward of both entry points: x (native layout), r (undefined or in x's layout) -> out (x's shape and
+// layout, may be r itself), stats ([N, P, C] acc, or undefined: then kept per sample and dropped).
+// out may alias r: every element is read from r by the same vector step that writes it to out, and samples /
+// chunks never overlap, so the in-place residual add reads each residual value before it is overwritten.
+void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const at::Tensor& out,
+                  const at::Tensor& stats, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                  const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                  const c10::optional<at::Tensor>& act_weight, bool with_std) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Cr = w1.size(0);
   const int64_t P = with_std ? 2 : 1;
-  at::Tensor out = at::empty_like(x);
-  at::Tensor stats = at::empty({N, P, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
-  if (N == 0 || C == 0) return {out, stats};
+  if (N == 0 || C == 0) return;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_attention_cpu", [&] {
     using T = scalar_t;
@@ -320,14 +322,15 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in,
     const T* px = x.const_data_ptr<T>();
     const T* pr = r.defined() ? r.const_data_ptr<T>() : nullptr;
     T* po = out.data_ptr<T>();
-    A* pst = stats.data_ptr<A>();
+    A* pst = stats.defined() ? stats.data_ptr<A>() : nullptr;
 
     for_each_sample(N, [&](int64_t n) {
       const int64_t off = n * C * HW;
       const T* xn = px + off;
       const T* rn = pr != nullptr ? pr + off : nullptr;
       T* on = po + off;
-      A* mean = pst + n * P * C;
+      std::vector<A> local(pst != nullptr ? 0 : P * C);
+      A* mean = pst != nullptr ? pst + n * P * C : local.data();
       A* stdv = with_std ? mean + C : nullptr;
       pool_sample<T>(xn, ch, with_std, mean, stdv);
 
@@ -354,7 +357,47 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in,
       }
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
+                                                         const c10::optional<at::Tensor>& b1,
+                                                         const at::Tensor& w2,
+                                                         const c10::optional<at::Tensor>& b2,
+                                                         const c10::optional<at::Tensor>& residual,
+                                                         const c10::optional<at::Tensor>& act_weight,
+                                                         c10::string_view pool) {
+  check_forward_args(x_in, w1, b1, w2, b2, act_weight, kOp);
+  const bool with_std = parse_pool(pool, kOp);
+  at::Tensor x = x_in;
+  const Layout layout = prepare_input(x);
+  at::Tensor r;
+  if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
+  at::Tensor out = at::empty_like(x);
+  at::Tensor stats = at::empty({x.size(0), with_std ? 2 : 1, x.size(1)},
+                               x.options().dtype(at::toOpMathType(x.scalar_type())));
+  forward_into(x, layout, r, out, stats, w1, b1, w2, b2, act_weight, with_std);
   return {out, stats};
+}
+
+void channel_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                               const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                               const c10::optional<at::Tensor>& residual,
+                               const c10::optional<at::Tensor>& act_weight, c10::string_view pool,
+                               at::Tensor out) {
+  check_forward_args(x_in, w1, b1, w2, b2, act_weight, kOpOut);
+  const bool with_std = parse_pool(pool, kOpOut);
+  check_out(out, x_in, kOpOut);
+  at::Tensor x = x_in;
+  const Layout layout = prepare_input(x);
+  at::Tensor r;
+  if (residual.has_value()) r = match_layout(*residual, x, layout, kOpOut, "residual");
+  if (out.is_contiguous(memory_format(layout))) {
+    forward_into(x, layout, r, out, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
+  } else {  // a caller buffer in another layout: compute natively, then one copy
+    at::Tensor tmp = at::empty_like(x);
+    forward_into(x, layout, r, tmp, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
+    out.copy_(tmp);
+  }
 }
 
 // ------------------------------------------------------------------ backward
@@ -492,4 +535,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
   m.impl("channel_attention", &srkernels::cpu::channel_attention_cpu);
   m.impl("channel_attention_backward", &srkernels::cpu::channel_attention_backward_cpu);
+  m.impl("channel_attention_out", &srkernels::cpu::channel_attention_out_cpu);
 }

@@ -1,35 +1,759 @@
-// CPU forward/backward of srkernels::dense_block (contract: srkernels/ops/dense_block.py, buffer layout:
-// csrc/dense_block_common.h).
+// CPU forward/backward of srkernels::dense_block (contract: srkernels/ops/dense_block.py; buffer layout and the
+// ATen reference path: csrc/dense_block_common.h).
+//
+// float32 / bfloat16 take the micro-kernel path: every conv is run tile by tile with oneDNN's brgemm ukernel
+// (at::native::cpublas::brgemm; AMX for bf16) reading its A operand straight from the buffer (a channel range
+// of the pixel rows, leading dimension T), one call per conv tap, accumulating in an fp32 tile that the
+// epilogue (bias, residual, ReLU, rounding) writes into the layer's slice. Backward: dZ = dY * (Y > 0) in one
+// pass (masks recomputed from the stored post-ReLU outputs), weight gradients as k*k GEMMs over all pixels
+// (at::mm on views), input gradients accumulated by brgemm directly into the fp32 gradient buffer (C operand
+// with leading dimension T, so every layer adds into its input range in place). Other dtypes and shapes the
+// bf16 ukernel cannot take (odd K) use the ATen reference path. Results do not depend on the thread count:
+// every output element is produced by one thread in a fixed order and reductions are chunked by shape.
 #include "dense_block_common.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <ctime>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 namespace srkernels::cpu {
 namespace {
 
 using namespace srkernels::dense;
+using at::vec::Vectorized;
+using FVec = Vectorized<float>;
+namespace blas = at::native::cpublas;
 
-Outputs dense_block_cpu(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+constexpr int64_t kNB = 64;        // output columns per micro-kernel call (4 AVX-512 vectors / AMX tiles)
+constexpr int64_t kTileElems = 4096;  // fp32 accumulator tile (16 KB): stays in L1 across the k*k taps
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// fp32 <-> T vector I/O of n <= 16 elements.
+template <typename T>
+inline FVec vload(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return n == FVec::size() ? FVec::loadu(p) : FVec::loadu(p, n);
+  } else {
+    return at::vec::convert<float>(Vectorized<T>::loadu(p, n));
+  }
+}
+template <typename T>
+inline void vstore(T* p, const FVec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == FVec::size()) {
+      v.store(p);
+    } else {
+      v.store(p, n);
+    }
+  } else {
+    at::vec::convert<T>(v).store(p, n);
+  }
+}
+
+// The micro-kernel path's two dtypes (fast_ok guarantees one of them).
+template <typename F>
+void dispatch_fast(c10::ScalarType t, const F& f) {
+  if (t == at::kFloat) {
+    f(float{});
+  } else {
+    f(at::BFloat16{});
+  }
+}
+
+double cpu_now() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+bool force_generic() {
+  const char* e = std::getenv("SRKERNELS_DENSE_GENERIC");  // tests run the ATen path on CPU with it
+  return e != nullptr && e[0] != '\0' && e[0] != '0';
+}
+
+// Micro-kernel B operands: a [K, N] matrix cut into column blocks of <= kNB, each stored [K, ld] row-major
+// (fp32) or in oneDNN's VNNI layout (bf16: pairs of K interleaved), ld = block width rounded up to 16.
+template <typename T>
+struct PackedB {
+  at::Tensor data;
+  int64_t K = 0, N = 0, nblocks = 0, Kp = 0, stride = 0;
+  bool vnni = false;
+  int64_t width(int64_t j) const { return std::min(kNB, N - j * kNB); }
+  static int64_t ld(int64_t width) { return div_up(width, 16) * 16; }
+  const T* block(int64_t j) const { return data.const_data_ptr<T>() + j * stride; }
+};
+
+// src: [K, N] with row stride ld_src (any dtype matching T), contiguous rows.
+template <typename T>
+PackedB<T> pack_b(const at::Tensor& src) {
+  PackedB<T> pb;
+  const at::Tensor s = src.contiguous();
+  pb.K = s.size(0);
+  pb.N = s.size(1);
+  pb.vnni = !std::is_same_v<T, float>;
+  pb.Kp = pb.vnni ? div_up(pb.K, 2) * 2 : pb.K;
+  pb.nblocks = div_up(pb.N, kNB);
+  pb.stride = pb.Kp * kNB;
+  pb.data = at::zeros({pb.nblocks * pb.stride}, s.options());
+  const T* in = s.const_data_ptr<T>();
+  T* out = pb.data.template data_ptr<T>();
+  for (int64_t j = 0; j < pb.nblocks; ++j) {
+    const int64_t w = pb.width(j), ld = PackedB<T>::ld(w);
+    if (pb.vnni) {
+      // pack needs ld_out to be the padded width; rows past K stay zero
+      blas::pack(pb.K, w, pb.N, ld, c10::CppTypeToScalarType<T>::value, c10::CppTypeToScalarType<T>::value,
+                 in + j * kNB, out + j * pb.stride);
+    } else {
+      for (int64_t kk = 0; kk < pb.K; ++kk) std::memcpy(out + j * pb.stride + kk * ld, in + kk * pb.N + j * kNB, w * sizeof(T));
+    }
+  }
+  return pb;
+}
+
+template <typename T>
+constexpr bool pk_vnni() {
+  return !std::is_same_v<T, float>;
+}
+
+// Pixels per row tile for an accumulator of `cols` (<= kNB) columns.
+int64_t tile_pixels(int64_t cols) {
+  static const int64_t elems = [] {
+    const char* e = std::getenv("SRKERNELS_DENSE_TILE");  // tuning knob (fp32 elements per tile)
+    return e != nullptr ? std::max<int64_t>(256, std::atoll(e)) : kTileElems;
+  }();
+  return elems / std::min(kNB, cols);
+}
+
+// C[M, N] (fp32, leading dim ldc) += A[M, K] (leading dim lda) @ B block.
+template <typename T>
+inline void mk(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, float* C,
+               int64_t ldc, bool vnni, bool add_C = true) {
+  blas::brgemm(M, N, K, lda, ldb, ldc, add_C, A, B, C, vnni);
+}
+
+// Work items over the interior pixels: several whole rows, or a segment of one row (wide images), so that the
+// fp32 accumulator tile stays small. A span runs from interior pixel (r0, w0) to (r1 - 1, w1 - 1); in buffer rows
+// that is M = (r1 - r0 - 1) * Wp + (w1 - w0) consecutive rows (the border pixels between two image rows are
+// computed and discarded).
+struct Span {
+  int64_t n, r0, r1, w0, w1;
+  int64_t first(const Geom& g) const { return g.margin + (n * g.Hp + r0 + g.p) * g.Wp + g.p + w0; }
+  int64_t rows(const Geom& g) const { return (r1 - r0 - 1) * g.Wp + (w1 - w0); }
+};
+
+struct Tiles {
+  int64_t rows_per_tile, segs, seg_w, per_sample, count, max_m;
+  Tiles(const Geom& g, int64_t max_pixels) {
+    rows_per_tile = std::clamp<int64_t>(max_pixels / g.Wp, 1, g.H);
+    segs = max_pixels >= g.W ? 1 : div_up(g.W, max_pixels);
+    // enough work items to keep every thread busy
+    const int64_t threads = at::get_num_threads();
+    while (rows_per_tile > 1 && g.N * div_up(g.H, rows_per_tile) < 4 * threads) rows_per_tile = div_up(rows_per_tile, 2);
+    seg_w = div_up(g.W, segs);
+    segs = div_up(g.W, seg_w);
+    per_sample = div_up(g.H, rows_per_tile) * segs;
+    count = g.N * per_sample;
+    max_m = segs > 1 ? seg_w : (rows_per_tile - 1) * g.Wp + g.W;
+  }
+  Span at(int64_t t, const Geom& g) const {
+    Span s;
+    s.n = t / per_sample;
+    const int64_t i = t % per_sample, rt = i / segs, sg = i % segs;
+    s.r0 = rt * rows_per_tile;
+    s.r1 = std::min(s.r0 + rows_per_tile, g.H);
+    s.w0 = sg * seg_w;
+    s.w1 = std::min(s.w0 + seg_w, g.W);
+    return s;
+  }
+};
+
+// Copy between a feature map t [N, C, H, W] (NCHW-contiguous or channels_last) and columns [c0, c0 + C) of the
+// interior rows of a row matrix m (leading dimension ld; row0 = index of the first padded pixel: the margin, or
+// 0 for matrices without one). ATen's copy between these strided views runs element by element for NCHW;
+// this transposes 16-channel x 64-pixel blocks through L1.
+template <bool kToRows, typename S, typename D>
+void copy_interior_impl(const S* src, D* dst, bool nhwc, const Geom& g, int64_t C, int64_t ld, int64_t c0,
+                        int64_t row0) {
+  const int64_t H = g.H, W = g.W;
+  at::parallel_for(0, g.N * H, 1, [&](int64_t i0, int64_t i1) {
+    alignas(64) float tile[16][16];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / H, h = i % H;
+      const int64_t row = row0 + (n * g.Hp + h + g.p) * g.Wp + g.p;  // pixel (h, 0)
+      if (nhwc) {  // both sides are pixel rows of contiguous channels
+        const int64_t t0 = (n * H + h) * W * C;
+        for (int64_t w = 0; w < W; ++w) {
+          const S* in = kToRows ? src + t0 + w * C : src + (row + w) * ld + c0;
+          D* out = kToRows ? dst + (row + w) * ld + c0 : dst + t0 + w * C;
+          for (int64_t c = 0; c < C; ++c) out[c] = static_cast<D>(in[c]);
+        }
+        continue;
+      }
+      // NCHW: transpose 16 x 16 blocks through a small tile
+      for (int64_t cb = 0; cb < C; cb += 16) {
+        const int64_t nc = std::min<int64_t>(16, C - cb);
+        for (int64_t wb = 0; wb < W; wb += 16) {
+          const int64_t nw = std::min<int64_t>(16, W - wb);
+          const int64_t t = ((n * C + cb) * H + h) * W + wb;  // (c = cb, w = wb) in the feature map
+          if (kToRows) {
+            for (int64_t c = 0; c < nc; ++c)
+              for (int64_t w = 0; w < nw; ++w) tile[w][c] = static_cast<float>(src[t + c * H * W + w]);
+            for (int64_t w = 0; w < nw; ++w)
+              for (int64_t c = 0; c < nc; ++c) dst[(row + wb + w) * ld + c0 + cb + c] = static_cast<D>(tile[w][c]);
+          } else {
+            for (int64_t w = 0; w < nw; ++w)
+              for (int64_t c = 0; c < nc; ++c) tile[c][w] = static_cast<float>(src[(row + wb + w) * ld + c0 + cb + c]);
+            for (int64_t c = 0; c < nc; ++c)
+              for (int64_t w = 0; w < nw; ++w) dst[t + c * H * W + w] = static_cast<D>(tile[c][w]);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename S, typename D>
+void copy_interior(const S* src, D* dst, bool to_rows, bool nhwc, const Geom& g, int64_t C, int64_t ld, int64_t c0,
+                   int64_t row0) {
+  if (to_rows) {
+    copy_interior_impl<true>(src, dst, nhwc, g, C, ld, c0, row0);
+  } else {
+    copy_interior_impl<false>(src, dst, nhwc, g, C, ld, c0, row0);
+  }
+}
+
+// Buffer with zero border/margin rows and x in its first Cx columns.
+at::Tensor new_buffer_fast(const at::Tensor& x, const Plan& pl, const Geom& g) {
+  at::Tensor buf = at::empty({g.R, pl.T}, x.options().memory_format(c10::MemoryFormat::Contiguous));
+  buf.narrow(0, 0, g.margin).zero_();
+  buf.narrow(0, g.R - g.margin, g.margin).zero_();
+  at::Tensor img = buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp, g.Wp, pl.T});
+  if (g.p > 0) {
+    img.narrow(1, 0, g.p).zero_();
+    img.narrow(1, g.Hp - g.p, g.p).zero_();
+    img.narrow(2, 0, g.p).zero_();
+    img.narrow(2, g.Wp - g.p, g.p).zero_();
+  }
+  dispatch_fast(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    copy_interior<T, T>(x.const_data_ptr<T>(), buf.data_ptr<T>(), true, !x.is_contiguous(), g, pl.Cx, pl.T, 0, g.margin);
+  });
+  return buf;
+}
+
+// Backward scratch (the fp32 gradient buffer, dZ) from a per-thread arena that is kept between calls: these are
+// tens of MB, and fresh allocations of that size come from mmap, so every call would pay first-touch page faults
+// (measured ~10% of a float32 backward). Nothing returned to the caller lives in it.
+struct Arena {
+  at::Tensor bytes;
+  int64_t used = 0;
+  at::Tensor take(at::IntArrayRef sizes, c10::ScalarType dt) {
+    int64_t count = 1;
+    for (const int64_t s : sizes) count *= s;
+    const int64_t n = div_up(count * int64_t(c10::elementSize(dt)), 64) * 64;
+    TORCH_INTERNAL_ASSERT(used + n <= bytes.numel());
+    at::Tensor t = bytes.narrow(0, used, n).view(dt).narrow(0, 0, count).view(sizes);
+    used += n;
+    return t;
+  }
+};
+
+Arena backward_arena(int64_t nbytes) {
+  static thread_local at::Tensor store;
+  if (!store.defined() || store.numel() < nbytes) store = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
+  return Arena{store};
+}
+
+// ---------------------------------------------------------------------------------------- forward: layer
+
+// One conv layer: buf[:, out] = act(conv(buf[:, in]) + bias (+ buf[:, res])), interior pixels only (the
+// border entries of the output columns stay zero from new_buffer_fast).
+template <typename T>
+void layer_forward_fast(at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w, const at::Tensor& bias) {
+  const int64_t k = w.size(2), Tc = buf.size(1);
+  std::vector<PackedB<T>> packs;  // per tap: [in_len, G]
+  const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();
+  for (int64_t t = 0; t < k * k; ++t) packs.push_back(pack_b<T>(wt[t / k][t % k]));
+  const at::Tensor bf = bias.to(at::kFloat).contiguous();
+  const float* pb = bf.const_data_ptr<float>();
+  T* B = buf.data_ptr<T>();
+  const Tiles tiles(g, tile_pixels(l.G));
+  const bool vnni = packs[0].vnni;
+  at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(size_t(tiles.max_m * kNB));
+    for (int64_t t = t0; t < t1; ++t) {
+      const Span sp = tiles.at(t, g);
+      const int64_t q0 = sp.first(g), M = sp.rows(g);
+      for (int64_t j = 0; j < packs[0].nblocks; ++j) {
+        const int64_t nb = packs[0].width(j), ldb = PackedB<T>::ld(nb), c0 = j * kNB;
+        for (int64_t m = 0; m < M; ++m) std::memcpy(acc.data() + m * nb, pb + c0, nb * sizeof(float));
+        for (int64_t tap = 0; tap < k * k; ++tap) {
+          const T* A = B + (q0 + g.tap(tap / k, tap % k)) * Tc + l.in_start;
+          mk<T>(M, nb, l.in_len, A, Tc, packs[tap].block(j), ldb, acc.data(), nb, vnni);
+        }
+        // epilogue: columns [c0, c0 + nb) of the layer -> split destinations
+        const int64_t s1 = std::clamp<int64_t>(l.out_split - c0, 0, nb);
+        int64_t col = g.p + sp.w0;
+        for (int64_t m = 0; m < M; ++m, ++col) {
+          if (col == g.Wp) col = 0;
+          if (col < g.p || col >= g.p + g.W) continue;
+          T* row = B + (q0 + m) * Tc;
+          const float* a = acc.data() + m * nb;
+          const T* res = l.res_start >= 0 ? row + l.res_start + c0 : nullptr;
+          auto seg = [&](int64_t lo, int64_t hi, T* dst) {
+            for (int64_t c = lo; c < hi; c += FVec::size()) {
+              const int64_t len = std::min<int64_t>(FVec::size(), hi - c);
+              FVec v = FVec::loadu(a + c, len);
+              if (res != nullptr) v = v + vload<T>(res + c, len);
+              if (l.relu) v = at::vec::clamp_min(v, FVec(0.f));
+              vstore<T>(dst + c - lo, v, len);
+            }
+          };
+          if (s1 > 0) seg(0, s1, row + l.out_start + c0);
+          if (s1 < nb) seg(s1, nb, row + l.out2_start + (c0 + s1 - l.out_split));
+        }
+      }
+    }
+    if (vnni) blas::brgemm_release(true);
+  });
+}
+
+// ---------------------------------------------------------------------------------------- forward: fusion
+
+// out = F @ Wt + bias (+ residual) straight into the NCHW or NHWC output, F = the fusion range of the buffer,
+// Wt = fuse_w^T (per sample, scaled by the gate, when gated).
+template <typename T>
+void fusion_forward_fast(const at::Tensor& buf, const Geom& g, const Plan& pl, const at::Tensor& fw,
+                         const std::optional<at::Tensor>& fb, const at::Tensor& gv, const at::Tensor& res,
+                         at::Tensor& out) {
+  const int64_t Cout = fw.size(0), Tc = buf.size(1);
+  std::vector<PackedB<T>> packs;  // one, or one per sample
+  if (gv.defined()) {
+    const at::Tensor wg = gated_weight(fw, gv).to(fw.scalar_type());  // [N, K, Cout]
+    for (int64_t n = 0; n < g.N; ++n) packs.push_back(pack_b<T>(wg[n]));
+  } else {
+    packs.push_back(pack_b<T>(fw.t()));
+  }
+  const at::Tensor bf = fb.has_value() ? fb->to(at::kFloat).contiguous() : at::zeros({Cout}, buf.options().dtype(at::kFloat));
+  const float* pb = bf.const_data_ptr<float>();
+  const bool nhwc = !out.is_contiguous();  // out is NCHW-contiguous or channels_last (output_like)
+  const T* pr = res.defined() ? res.const_data_ptr<T>() : nullptr;  // same layout as out
+  T* po = out.data_ptr<T>();
+  const T* B = buf.const_data_ptr<T>();
+  const Tiles tiles(g, tile_pixels(Cout));
+  const int64_t HW = g.H * g.W;
+  at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(size_t(tiles.max_m * kNB));
+    for (int64_t t = t0; t < t1; ++t) {
+      const Span sp = tiles.at(t, g);
+      const int64_t n = sp.n, q0 = sp.first(g), M = sp.rows(g);
+      const PackedB<T>& pk = packs[gv.defined() ? n : 0];
+      for (int64_t j = 0; j < pk.nblocks; ++j) {
+        const int64_t nb = pk.width(j), c0 = j * kNB;
+        for (int64_t m = 0; m < M; ++m) std::memcpy(acc.data() + m * nb, pb + c0, nb * sizeof(float));
+        mk<T>(M, nb, pl.fuse_len, B + q0 * Tc + pl.fuse_start, Tc, pk.block(j), PackedB<T>::ld(nb), acc.data(), nb,
+              pk.vnni);
+        for (int64_t r = sp.r0; r < sp.r1; ++r) {
+          const float* a = acc.data() + ((r - sp.r0) * g.Wp - sp.w0) * nb;  // row r: a + w * nb is pixel w
+          if (nhwc) {
+            for (int64_t w = sp.w0; w < sp.w1; ++w) {
+              const int64_t o = ((n * g.H + r) * g.W + w) * Cout + c0;
+              for (int64_t c = 0; c < nb; c += FVec::size()) {
+                const int64_t len = std::min<int64_t>(FVec::size(), nb - c);
+                FVec v = FVec::loadu(a + w * nb + c, len);
+                if (pr != nullptr) v = v + vload<T>(pr + o + c, len);
+                vstore<T>(po + o + c, v, len);
+              }
+            }
+          } else {
+            for (int64_t c = 0; c < nb; ++c) {
+              const int64_t o = (n * Cout + c0 + c) * HW + r * g.W;
+              for (int64_t w = sp.w0; w < sp.w1; ++w) {
+                const float v = a[w * nb + c] + (pr != nullptr ? static_cast<float>(pr[o + w]) : 0.f);
+                po[o + w] = static_cast<T>(v);
+              }
+            }
+          }
+        }
+      }
+    }
+    if (pk_vnni<T>()) blas::brgemm_release(true);
+  });
+}
+
+// ---------------------------------------------------------------------------------------- backward: layer
+
+// dZ = dY * (Y > 0) (or dY) on interior pixels, 0 elsewhere, in T (the GEMM operand); the bias gradient
+// (fp32 partial sums per padded image row, added in row order) and the residual's gradient (added into gbuf)
+// in the same pass.
+template <typename T>
+at::Tensor layer_dz_fast(const at::Tensor& buf, at::Tensor& gbuf, const Geom& g, const Layer& l, at::Tensor& gbias,
+                         Arena& arena) {
+  const int64_t G = l.G, Tc = buf.size(1), nrows = g.N * g.Hp;
+  const int64_t mark = arena.used;
+  at::Tensor dz = arena.take({g.R, G}, buf.scalar_type());
+  arena.used = mark;  // one dZ at a time: the next layer reuses the space
+  dz.narrow(0, 0, g.margin).zero_();
+  dz.narrow(0, g.R - g.margin, g.margin).zero_();
+  at::Tensor part = at::zeros({nrows, G}, buf.options().dtype(at::kFloat));
+  const T* pB = buf.const_data_ptr<T>();
+  float* pG = gbuf.data_ptr<float>();
+  T* pz = dz.data_ptr<T>();
+  float* pp = part.data_ptr<float>();
+  const int64_t split = l.out_split;
+  at::parallel_for(0, nrows, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t pr = i % g.Hp;
+      const int64_t q_row = g.margin + i * g.Wp;
+      T* zr = pz + q_row * G;
+      if (pr < g.p || pr >= g.p + g.H) {
+        std::memset(static_cast<void*>(zr), 0, g.Wp * G * sizeof(T));
+        continue;
+      }
+      std::memset(static_cast<void*>(zr), 0, g.p * G * sizeof(T));
+      std::memset(static_cast<void*>(zr + (g.p + g.W) * G), 0, g.p * G * sizeof(T));
+      float* acc = pp + i * G;
+      for (int64_t c = 0; c < G; c += FVec::size()) {
+        const int64_t len = std::min<int64_t>(FVec::size(), G - c);
+        // a vector never straddles the split: split is a multiple of 16 or the loop below handles it per lane
+        const bool straddle = c < split && c + len > split;
+        FVec sum(0.f);
+        for (int64_t w = g.p; w < g.p + g.W; ++w) {
+          const int64_t q = q_row + w;
+          const T* y = pB + q * Tc;
+          float* gy = pG + q * Tc;
+          FVec v;
+          if (!straddle) {
+            const int64_t col = c < split ? l.out_start + c : l.out2_start + c - split;
+            v = FVec::loadu(gy + col, len);
+            if (l.relu) v = FVec::blendv(FVec(0.f), v, vload<T>(y + col, len) > FVec(0.f));
+          } else {
+            alignas(64) float tmp[16];
+            for (int64_t e = 0; e < len; ++e) {
+              const int64_t col = c + e < split ? l.out_start + c + e : l.out2_start + c + e - split;
+              const float yv = static_cast<float>(y[col]);
+              tmp[e] = (!l.relu || yv > 0.f) ? gy[col] : 0.f;
+            }
+            v = FVec::loadu(tmp, len);
+          }
+          vstore<T>(pz + q * G + c, v, len);
+          sum = sum + v;
+          if (l.res_start >= 0) (FVec::loadu(gy + l.res_start + c, len) + v).store(gy + l.res_start + c, len);
+        }
+        (FVec::loadu(acc + c, len) + sum).store(acc + c, len);
+      }
+    }
+  });
+  gbias = part.sum(0);
+  return dz;
+}
+
+// gbuf[:, in] += conv_transpose(dZ, W). Per work item, the k*k shifted copies of its dZ rows are gathered into
+// an L2-resident [M, k*k*G] scratch (dZ is only G wide, so this is cheap next to the GEMM), then one brgemm per
+// 64-column block of the input range with K = k*k*G accumulates straight into the fp32 gradient buffer
+// (leading dimension T): each layer adds into its input range in place, reverse layer order.
+template <typename T>
+void layer_grad_input_fast(const at::Tensor& dz, at::Tensor& gbuf, const Geom& g, const Layer& l, const at::Tensor& w) {
+  const int64_t k = w.size(2), Tc = gbuf.size(1), G = l.G, K9 = k * k * G;
+  const PackedB<T> pk = pack_b<T>(w.permute({2, 3, 0, 1}).reshape({K9, l.in_len}));  // rows (tap, g)
+  const T* Z = dz.const_data_ptr<T>();
+  float* C = gbuf.data_ptr<float>();
+  const Tiles tiles(g, tile_pixels(kNB));
+  at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> col(size_t(tiles.max_m * K9));
+    for (int64_t t = t0; t < t1; ++t) {
+      const Span sp = tiles.at(t, g);
+      const int64_t q0 = sp.first(g), M = sp.rows(g);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t tap = 0; tap < k * k; ++tap) {
+          std::memcpy(col.data() + m * K9 + tap * G, Z + (q0 + m - g.tap(tap / k, tap % k)) * G, G * sizeof(T));
+        }
+      }
+      for (int64_t j = 0; j < pk.nblocks; ++j) {
+        const int64_t nb = pk.width(j);
+        mk<T>(M, nb, K9, col.data(), K9, pk.block(j), PackedB<T>::ld(nb), C + q0 * Tc + l.in_start + j * kNB, Tc,
+              pk.vnni);
+      }
+    }
+    if (pk.vnni) blas::brgemm_release(true);
+  });
+}
+
+// bf16 weight gradient on AMX: dW_tap[G, in_len] = sum_q dZ[q - off_tap]^T A[q] over the buffer rows q. The
+// buffer rows of each chunk of kWgChunk pixels are packed to VNNI once (in L2) and shared by all taps, whose
+// shift moves to the A operand (a transposed copy of dZ, G rows: cheap); fp32 accumulators per (tap, column
+// block) stay in L2. Pixels are cut into kWgSplit fixed ranges whose partial sums are added in order, so the
+// result does not depend on the thread count.
+constexpr int64_t kWgSplit = 4;
+constexpr int64_t kWgChunk = 512;
+
+at::Tensor layer_grad_weight_bf16(const at::Tensor& dz, const at::Tensor& buf, const Geom& g, const Layer& l, int64_t k) {
+  using T = at::BFloat16;
+  const int64_t G = l.G, Tc = buf.size(1), taps = k * k, nblocks = div_up(l.in_len, kNB);
+  const int64_t ldz = g.R + 2;  // one spare zero column: chunks are padded to an even length
+  at::Tensor dzt = at::zeros({G, ldz}, dz.options());
+  dzt.narrow(1, 0, g.R).copy_(dz.t());
+  at::Tensor part = at::empty({kWgSplit, taps, G, l.in_len}, dz.options().dtype(at::kFloat));
+  const T* A = dzt.const_data_ptr<T>();
+  const T* B = buf.const_data_ptr<T>();
+  float* P = part.data_ptr<float>();
+  const int64_t len = div_up(g.npix, 2 * kWgSplit) * 2;  // even split lengths
+  at::parallel_for(0, kWgSplit, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<T> pk(size_t(nblocks * kWgChunk * kNB));
+    for (int64_t sp = s0; sp < s1; ++sp) {
+      float* c = P + sp * taps * G * l.in_len;
+      std::fill(c, c + taps * G * l.in_len, 0.f);
+      const int64_t lo = g.margin + sp * len, hi = std::min(g.margin + g.npix, lo + len);
+      for (int64_t q = lo; q < hi; q += kWgChunk) {
+        const int64_t kc = div_up(std::min(kWgChunk, hi - q), 2) * 2;  // the extra row is a zero margin row
+        for (int64_t j = 0; j < nblocks; ++j) {
+          const int64_t nb = std::min(kNB, l.in_len - j * kNB);
+          blas::pack(kc, nb, Tc, PackedB<T>::ld(nb), at::kBFloat16, at::kBFloat16, B + q * Tc + l.in_start + j * kNB,
+                     pk.data() + j * kWgChunk * kNB);
+        }
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          const T* a = A + q - g.tap(tap / k, tap % k);
+          for (int64_t j = 0; j < nblocks; ++j) {
+            const int64_t nb = std::min(kNB, l.in_len - j * kNB);
+            mk<T>(G, nb, kc, a, ldz, pk.data() + j * kWgChunk * kNB, PackedB<T>::ld(nb),
+                  c + tap * G * l.in_len + j * kNB, l.in_len, true);
+          }
+        }
+      }
+    }
+    blas::brgemm_release(true);
+  });
+  // [taps, G, in_len] -> [G, in_len, k, k]
+  return part.sum(0).view({k, k, G, l.in_len}).permute({2, 3, 0, 1}).to(buf.scalar_type()).contiguous();
+}
+
+// Fusion input gradient: gbuf[:, fuse] = dO @ fuse_w (scaled per sample by the gate), written (not added) on the
+// interior work spans; the caller zeroes every gbuf entry outside them.
+template <typename T>
+void fusion_grad_input_fast(const at::Tensor& dOd, at::Tensor& gbuf, const Geom& g, const Plan& pl, const at::Tensor& fw,
+                            const at::Tensor& gv) {
+  const int64_t Cout = fw.size(0), Tc = gbuf.size(1);
+  std::vector<PackedB<T>> packs;
+  if (gv.defined()) {
+    const at::Tensor wg = (fw.to(at::kFloat).unsqueeze(0) * gv.unsqueeze(1)).to(fw.scalar_type());  // [N, Cout, K]
+    for (int64_t n = 0; n < g.N; ++n) packs.push_back(pack_b<T>(wg[n]));
+  } else {
+    packs.push_back(pack_b<T>(fw));
+  }
+  const T* A = dOd.const_data_ptr<T>();  // [npix, Cout]: rows without the margin
+  float* C = gbuf.data_ptr<float>();
+  const Tiles tiles(g, tile_pixels(kNB));
+  at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Span sp = tiles.at(t, g);
+      const int64_t q0 = sp.first(g), M = sp.rows(g);
+      const PackedB<T>& pk = packs[gv.defined() ? sp.n : 0];
+      for (int64_t j = 0; j < pk.nblocks; ++j) {
+        const int64_t nb = pk.width(j);
+        mk<T>(M, nb, Cout, A + (q0 - g.margin) * Cout, Cout, pk.block(j), PackedB<T>::ld(nb),
+              C + q0 * Tc + pl.fuse_start + j * kNB, Tc, pk.vnni, /*add_C=*/false);
+      }
+    }
+    if (pk_vnni<T>()) blas::brgemm_release(true);
+  });
+}
+
+// Zero every gradient-buffer entry the fusion's spans do not write: margins, border pixels, other columns.
+void zero_outside_fusion(at::Tensor& gbuf, const Geom& g, const Plan& pl) {
+  gbuf.narrow(0, 0, g.margin).zero_();
+  gbuf.narrow(0, g.R - g.margin, g.margin).zero_();
+  at::Tensor img = gbuf.narrow(0, g.margin, g.npix).view({g.N, g.Hp, g.Wp, pl.T});
+  if (g.p > 0) {
+    img.narrow(1, 0, g.p).zero_();
+    img.narrow(1, g.Hp - g.p, g.p).zero_();
+    img.narrow(2, 0, g.p).zero_();
+    img.narrow(2, g.Wp - g.p, g.p).zero_();
+  }
+  if (pl.fuse_start > 0) img.narrow(3, 0, pl.fuse_start).zero_();
+  const int64_t end = pl.fuse_start + pl.fuse_len;
+  if (end < pl.T) img.narrow(3, end, pl.T - end).zero_();
+}
+
+// ---------------------------------------------------------------------------------------- entry points
+
+bool fast_ok(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor>& fuse_w) {
+  if (force_generic() || x.size(0) == 0) return false;
+  if (x.scalar_type() == at::kFloat) return true;
+  if (x.scalar_type() != at::kBFloat16 || !blas::could_pack(at::kBFloat16)) return false;
+  // VNNI pairs along K: every contraction length must be even
+  auto even = [](int64_t v) { return v % 2 == 0; };
+  for (const Layer& l : pl.layers) {
+    if (!even(l.in_len) || !even(l.G)) return false;
+  }
+  return even(pl.fuse_len) && (!fuse_w.has_value() || even(fuse_w->size(0)));
+}
+
+Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::TensorList biases,
                         at::IntArrayRef plan, const std::optional<at::Tensor>& fuse_w,
                         const std::optional<at::Tensor>& fuse_b, const std::optional<at::Tensor>& gw1,
                         const std::optional<at::Tensor>& gb1, const std::optional<at::Tensor>& gw2,
                         const std::optional<at::Tensor>& gb2, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), kOp, ": x must be a 4-D CPU tensor");
+  TORCH_CHECK(x_in.dim() == 4 && x_in.device().is_cpu(), kOp, ": x must be a 4-D CPU tensor");
   const Plan pl = parse_plan(plan, weights, kOp);
-  TORCH_CHECK(x.size(1) == pl.Cx, kOp, ": x has ", x.size(1), " channels, the plan ", pl.Cx);
-  check_args(x, weights, biases, pl, fuse_w, kOp);
-  return forward_generic(x, weights, biases, pl, fuse_w, fuse_b, gw1, gb1, gw2, gb2, residual);
+  TORCH_CHECK(x_in.size(1) == pl.Cx, kOp, ": x has ", x_in.size(1), " channels, the plan ", pl.Cx);
+  check_args(x_in, weights, biases, pl, fuse_w, kOp);
+  check_forward_args(x_in, pl, fuse_w, fuse_b, gw1, gw2, residual);
+  const at::Tensor x = x_in.contiguous(x_in.suggest_memory_format());
+  if (!fast_ok(x, pl, fuse_w)) {
+    return forward_generic(x, weights, biases, pl, fuse_w, fuse_b, gw1, gb1, gw2, gb2, residual);
+  }
+  const Geom g(x.size(0), x.size(2), x.size(3), pl.p);
+  at::Tensor buf = new_buffer_fast(x, pl, g);
+  const bool prof = std::getenv("SRKERNELS_DENSE_PROFILE") != nullptr;
+  double t0 = cpu_now();
+  dispatch_fast(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    for (const auto i : c10::irange(pl.layers.size())) {
+      layer_forward_fast<T>(buf, g, pl.layers[i], weights[i], biases[i]);
+      if (prof) {
+        const double t1 = cpu_now();
+        fprintf(stderr, "fwd layer %ld: %.2f ms\n", (long)i, t1 - t0);
+        t0 = t1;
+      }
+    }
+  });
+  at::Tensor out, stats = at::empty({0}, x.options().dtype(at::kFloat));
+  if (!fuse_w.has_value()) {
+    out = output_like(x, pl.fuse_len);
+    dispatch_fast(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      copy_interior<T, T>(buf.const_data_ptr<T>(), out.data_ptr<T>(), false, !out.is_contiguous(), g, pl.fuse_len, pl.T,
+                          pl.fuse_start, g.margin);
+    });
+  } else {
+    at::Tensor gv;
+    if (gw1.has_value()) {
+      const at::Tensor s = fuse_means(buf, g, pl);
+      gv = GateMlp(gw1, gb1, gw2, gb2, at::kFloat).forward(s);
+      stats = at::stack({s, gv}, 1);
+    }
+    out = output_like(x, fuse_w->size(0));
+    const at::Tensor res = residual.has_value() ? residual->contiguous(x.suggest_memory_format()) : at::Tensor();
+    dispatch_fast(x.scalar_type(), [&](auto tag) {
+      fusion_forward_fast<decltype(tag)>(buf, g, pl, *fuse_w, fuse_b, gv, res, out);
+    });
+  }
+  if (prof) fprintf(stderr, "fwd fusion+out: %.2f ms\n", cpu_now() - t0);
+  return {out, buf, stats};
 }
 
-Grads dense_block_backward_cpu(const at::Tensor& grad_out, const at::Tensor& buf, const at::Tensor& stats,
-                               at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& buf, const at::Tensor& stats,
+                               at::TensorList weights, at::TensorList biases,
                                at::IntArrayRef plan, const std::optional<at::Tensor>& fuse_w,
                                const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
                                const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2) {
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.device().is_cpu(), kOpBw, ": grad_out must be a 4-D CPU tensor");
+  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.device().is_cpu(), kOpBw, ": grad_out must be a 4-D CPU tensor");
   const Plan pl = parse_plan(plan, weights, kOpBw);
   check_args(buf, weights, biases, pl, fuse_w, kOpBw);
-  return backward_generic(grad_out, buf, stats, weights, biases, pl, fuse_w, gw1, gb1, gw2, gb2);
+  check_backward_args(grad_out_in, buf, pl, fuse_w, gw1, gw2);
+  const at::Tensor grad_out = grad_out_in.contiguous(grad_out_in.suggest_memory_format());
+  if (!fast_ok(grad_out, pl, fuse_w)) {
+    return backward_generic(grad_out, buf, stats, weights, biases, pl, fuse_w, gw1, gb1, gw2, gb2);
+  }
+  const Geom g(grad_out.size(0), grad_out.size(2), grad_out.size(3), pl.p);
+  TORCH_CHECK(buf.dim() == 2 && buf.size(0) == g.R && buf.size(1) == pl.T && buf.is_contiguous(), kOpBw,
+              ": buffer must be a contiguous [", g.R, ", ", pl.T, "] matrix, got ", buf.sizes());
+  const auto dt = buf.scalar_type();
+  const bool prof = std::getenv("SRKERNELS_DENSE_PROFILE") != nullptr;
+  double tb = cpu_now();
+  auto mark = [&](const char* what) {
+    if (!prof) return;
+    const double t = cpu_now();
+    fprintf(stderr, "bwd %s: %.2f ms\n", what, t - tb);
+    tb = t;
+  };
+  int64_t max_g = 0;
+  for (const Layer& l : pl.layers) max_g = std::max(max_g, l.G);
+  const int64_t esz = c10::elementSize(dt);
+  Arena arena = backward_arena(div_up(g.R * pl.T * 4, 64) * 64 + div_up(g.R * max_g * esz, 64) * 64);
+  at::Tensor gbuf = arena.take({g.R, pl.T}, at::kFloat);
+  at::Tensor gfw, gfb, ggw1, ggb1, ggw2, ggb2;
+  if (fuse_w.has_value()) {
+    zero_outside_fusion(gbuf, g, pl);
+    mark("zeros");
+    const int64_t Cout = fuse_w->size(0);
+    at::Tensor dOd = at::zeros({g.npix, Cout}, buf.options());
+    dispatch_fast(dt, [&](auto tag) {
+      using T = decltype(tag);
+      copy_interior<T, T>(grad_out.const_data_ptr<T>(), dOd.data_ptr<T>(), true, !grad_out.is_contiguous(), g, Cout,
+                          Cout, 0, 0);
+    });
+    const at::Tensor dO = dOd.to(at::kFloat);
+    mark("dO");
+    auto add_dF = [&](const at::Tensor& gv) {
+      mark("fusion grads");
+      dispatch_fast(dt, [&](auto tag) { fusion_grad_input_fast<decltype(tag)>(dOd, gbuf, g, pl, *fuse_w, gv); });
+      mark("fusion dF");
+    };
+    std::tie(gfw, gfb, ggw1, ggb1, ggw2, ggb2) =
+        fusion_backward(dO, dOd, buf, gbuf, stats, g, pl, *fuse_w, gw1, gb1, gw2, gb2, add_dF);
+    mark("fusion");
+  } else {
+    gbuf.zero_();
+    dispatch_fast(dt, [&](auto tag) {
+      using T = decltype(tag);
+      copy_interior<T, float>(grad_out.const_data_ptr<T>(), gbuf.data_ptr<float>(), true, !grad_out.is_contiguous(), g,
+                              pl.fuse_len, pl.T, pl.fuse_start, g.margin);
+    });
+    for (at::Tensor* t : {&gfw, &gfb, &ggw1, &ggb1, &ggw2, &ggb2}) *t = at::empty({0}, buf.options());
+  }
+  const int64_t L = int64_t(pl.layers.size());
+  std::vector<at::Tensor> gws(L), gbs(L);
+  dispatch_fast(dt, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = L - 1; i >= 0; --i) {
+      const Layer& l = pl.layers[i];
+      const at::Tensor& w = weights[i];
+      const int64_t k = w.size(2);
+      at::Tensor gbias;
+      auto tp0 = cpu_now();
+      const at::Tensor dz = layer_dz_fast<T>(buf, gbuf, g, l, gbias, arena);
+      auto tp1 = cpu_now();
+      gbs[i] = gbias.to(dt);
+      if constexpr (std::is_same_v<T, float>) {
+        // k*k GEMMs over all pixel rows on views (MKL; K = pixels is long, so these run near peak)
+        at::Tensor gw = at::empty({l.G, l.in_len, k, k}, w.options());
+        const at::Tensor dzt = dz.narrow(0, g.margin, g.npix).t();
+        for (int64_t t = 0; t < k * k; ++t) {
+          gw.select(3, t % k).select(2, t / k).copy_(at::mm(dzt, rows(buf, g, g.tap(t / k, t % k), l.in_start, l.in_len)));
+        }
+        gws[i] = gw;
+      } else {
+        gws[i] = layer_grad_weight_bf16(dz, buf, g, l, k);
+      }
+      auto tp2 = cpu_now();
+      layer_grad_input_fast<T>(dz, gbuf, g, l, w);
+      auto tp3 = cpu_now();
+      if (std::getenv("SRKERNELS_DENSE_PROFILE")) {
+        auto ms = [](double a, double b) { return b - a; };
+        fprintf(stderr, "layer %ld: dz %.2f ms, gw %.2f ms, gin %.2f ms\n", (long)i, ms(tp0, tp1), ms(tp1, tp2), ms(tp2, tp3));
+      }
+    }
+  });
+  tb = cpu_now();
+  at::Tensor gx = output_like(grad_out, pl.Cx);
+  dispatch_fast(dt, [&](auto tag) {
+    using T = decltype(tag);
+    copy_interior<float, T>(gbuf.const_data_ptr<float>(), gx.data_ptr<T>(), false, !gx.is_contiguous(), g, pl.Cx, pl.T, 0,
+                            g.margin);
+  });
+  mark("gx");
+  return {gx, gws, gbs, gfw, gfb, ggw1, ggb1, ggw2, ggb2};
 }
 
 }  // namespace

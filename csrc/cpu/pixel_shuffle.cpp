@@ -2,15 +2,26 @@
 // rearrangement, residual add) in one pass over memory. Contract: docs/ops.md "pixel_shuffle".
 //
 // Bytes moved: forward reads x (+ residual) and writes out once; eager bias + shuffle + add takes 3 passes
-// more, and ATen's shuffle itself runs far below copy speed on CPU. NCHW: each output row interleaves r
-// input rows (vector interleave for r == 2); NHWC: each output pixel gathers C values at stride r*r from one
-// input pixel that stays in L1.
+// more, and ATen's shuffle itself runs far below copy speed on CPU. Every element goes through the same
+// vector code (partial vectors are masked, never a scalar tail), so results do not depend on position:
+// - NCHW: an output row interleaves r input rows, one vector of each: rounds of interleave2 for r = 2, 4, 8,
+//   masked lane permutes for other r <= 8 on AVX-512; otherwise the rows are staged in acc type and each
+//   output vector is one gather through a periodic index table.
+// - NHWC: an input pixel holds a [C, r*r] block that is transposed to r*r output pixels of C. r == 2 with
+//   C >= one vector: four loads, two rounds of deinterleave2, four stores per channel block. Otherwise a run
+//   of input pixels is staged in acc type and each output row is gathered through a periodic index table,
+//   so small C (e.g. 3) still fills whole vectors.
+// The backward / unshuffle runs the same rearrangements in reverse.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "attention_common.h"
+
+#include <limits>
+#include <numeric>
+#include <tuple>
 
 namespace srkernels::cpu {
 namespace {
@@ -24,13 +35,7 @@ Act parse_act(c10::string_view act) {
   return Act::Prelu;
 }
 
-template <typename A>
-inline A activate(A v, Act act, A slope) {
-  if (act == Act::Relu) return v > A(0) ? v : A(0);
-  if (act == Act::Prelu) return v > A(0) ? v : slope * v;
-  return v;
-}
-
+// NaN stays NaN (as in torch's relu / prelu): clamp_min returns its NaN operand, NaN > 0 picks v * slope.
 template <typename A>
 inline Vectorized<A> activate(const Vectorized<A>& v, Act act, const Vectorized<A>& slope) {
   const Vectorized<A> zero(A(0));
@@ -44,90 +49,341 @@ struct Geometry {
   int64_t Cin() const { return C * r * r; }
 };
 
+template <typename A>
+using Idx = at::vec::int_same_size_t<A>;  // gather index type (int32 for float, int64 for double)
+
+inline int64_t lcm(int64_t a, int64_t b) { return a / std::gcd(a, b) * b; }
+
+// One acc vector of up to V elements at p (n <= 0: zeros).
+template <typename T>
+inline typename VecIO<T>::AV load_upto(const T* p, int64_t n) {
+  using AV = typename VecIO<T>::AV;
+  if (n >= VecIO<T>::W) return VecIO<T>::load(p);
+  return n > 0 ? VecIO<T>::load(p, n) : AV(at::opmath_type<T>(0));
+}
+
+// The element-wise end of the forward paths: act(pre) (+ residual), rounded once, cnt elements.
+template <typename T>
+inline void finish(T* o, const T* res, Vectorized<at::opmath_type<T>> v, Act act,
+                   const Vectorized<at::opmath_type<T>>& slope, int64_t cnt) {
+  v = activate(v, act, slope);
+  if (res) v = v + load_n<T>(res, cnt);
+  store_n<T>(o, v, cnt);
+}
+
+// R vectors <-> their element-wise interleave: interleave maps sources s_0..s_{R-1} to the R vectors holding
+// [s_0[0], s_1[0], ..., s_{R-1}[0], s_0[1], ...]; deinterleave is the inverse. R is a compile-time constant so
+// everything stays in registers. Powers of two use rounds of interleave2 / deinterleave2 (every ISA and
+// dtype); other R use one masked lane permute per (output vector, source) on AVX-512 float.
+
+template <typename A, int R>
+constexpr bool kInterleaves = (R & (R - 1)) == 0
+#if defined(CPU_CAPABILITY_AVX512)
+                              || std::is_same_v<A, float>
+#endif
+    ;
+
+// in[0], in[S], ... (N sources) -> out[0..N): interleave the even and the odd sources, then merge pairwise.
+template <int N, int S, typename A>
+inline void interleave_pow2(const Vectorized<A>* in, Vectorized<A>* out) {
+  if constexpr (N == 1) {
+    out[0] = in[0];
+  } else {
+    Vectorized<A> e[N / 2], o[N / 2];
+    interleave_pow2<N / 2, 2 * S, A>(in, e);
+    interleave_pow2<N / 2, 2 * S, A>(in + S, o);
+    for (int t = 0; t < N / 2; ++t) std::tie(out[2 * t], out[2 * t + 1]) = at::vec::interleave2<A>(e[t], o[t]);
+  }
+}
+
+// in[0..N) -> sources out[0], out[S], ...: split even / odd elements, then recurse on each half.
+template <int N, int S, typename A>
+inline void deinterleave_pow2(const Vectorized<A>* in, Vectorized<A>* out) {
+  if constexpr (N == 1) {
+    out[0] = in[0];
+  } else {
+    Vectorized<A> e[N / 2], o[N / 2];
+    for (int t = 0; t < N / 2; ++t) std::tie(e[t], o[t]) = at::vec::deinterleave2<A>(in[2 * t], in[2 * t + 1]);
+    deinterleave_pow2<N / 2, 2 * S, A>(e, out);
+    deinterleave_pow2<N / 2, 2 * S, A>(o, out + S);
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane maps for 16-lane float vectors. Interleave: output vector m, lane e holds element 16m + e of the
+// interleaved sequence, i.e. lane (16m + e) / R of source (16m + e) % R. Deinterleave: source j, lane e is
+// element e*R + j, i.e. lane (e*R + j) % 16 of input vector (e*R + j) / 16.
+template <int R>
+struct PermTables {
+  alignas(64) int32_t fidx[R][16] = {};
+  alignas(64) int32_t iidx[R][16] = {};
+  uint16_t fmask[R][R] = {};
+  uint16_t imask[R][R] = {};
+  constexpr PermTables() {
+    for (int m = 0; m < R; ++m) {
+      for (int e = 0; e < 16; ++e) {
+        fidx[m][e] = (16 * m + e) / R;
+        fmask[m][(16 * m + e) % R] |= static_cast<uint16_t>(1u << e);
+        iidx[m][e] = (e * R + m) % 16;
+        imask[m][(e * R + m) / 16] |= static_cast<uint16_t>(1u << e);
+      }
+    }
+  }
+};
+template <int R>
+inline constexpr PermTables<R> kPerm{};
+#endif
+
+template <typename A, int R>
+inline void interleave(Vectorized<A>* v) {
+  Vectorized<A> out[R];
+  if constexpr ((R & (R - 1)) == 0) {
+    interleave_pow2<R, 1, A>(v, out);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const auto& t = kPerm<R>;
+    for (int m = 0; m < R; ++m) {
+      const __m512i idx = _mm512_load_si512(t.fidx[m]);
+      __m512 o = _mm512_setzero_ps();
+      for (int j = 0; j < R; ++j) o = _mm512_mask_permutexvar_ps(o, t.fmask[m][j], idx, v[j]);
+      out[m] = o;
+    }
+#endif
+  }
+  for (int m = 0; m < R; ++m) v[m] = out[m];
+}
+
+template <typename A, int R>
+inline void deinterleave(Vectorized<A>* v) {
+  Vectorized<A> out[R];
+  if constexpr ((R & (R - 1)) == 0) {
+    deinterleave_pow2<R, 1, A>(v, out);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const auto& t = kPerm<R>;
+    for (int j = 0; j < R; ++j) {
+      const __m512i idx = _mm512_load_si512(t.iidx[j]);
+      __m512 o = _mm512_setzero_ps();
+      for (int u = 0; u < R; ++u) o = _mm512_mask_permutexvar_ps(o, t.imask[j][u], idx, v[u]);
+      out[j] = o;
+    }
+#endif
+  }
+  for (int j = 0; j < R; ++j) v[j] = out[j];
+}
+
+// Calls f(std::integral_constant<int, R>) if r <= 8 interleaves in registers for acc type A (larger r, and
+// the other r without AVX-512 float, take the callers' gather paths).
+template <typename A, typename F>
+inline void with_interleave(int64_t r, const F& f) {
+  auto one = [&](auto rc) {
+    if constexpr (kInterleaves<A, decltype(rc)::value>) {
+      if (r == decltype(rc)::value) f(rc);
+    }
+  };
+  one(std::integral_constant<int, 1>{});
+  one(std::integral_constant<int, 2>{});
+  one(std::integral_constant<int, 3>{});
+  one(std::integral_constant<int, 4>{});
+  one(std::integral_constant<int, 5>{});
+  one(std::integral_constant<int, 6>{});
+  one(std::integral_constant<int, 7>{});
+  one(std::integral_constant<int, 8>{});
+}
+
 // ---- forward ------------------------------------------------------------------------------------------
 
+// One NCHW output row from its R input rows src[j] (bias b[j]): one vector of each, interleaved. Whole
+// vectors first, then one masked step (same arithmetic) for the last W % V columns.
+template <int R, typename T>
+void shuffle_row(const T* const* src, const at::opmath_type<T>* b, T* o, const T* rr, int64_t W, Act act,
+                 const Vectorized<at::opmath_type<T>>& vs) {
+  using A = at::opmath_type<T>;
+  using AV = Vectorized<A>;
+  using IO = VecIO<T>;
+  constexpr int64_t V = IO::W;
+  AV vb[R];
+  for (int j = 0; j < R; ++j) vb[j] = AV(b[j]);
+  int64_t w = 0;
+  for (; w + V <= W; w += V) {
+    AV v[R];
+    for (int j = 0; j < R; ++j) v[j] = IO::load(src[j] + w) + vb[j];
+    interleave<A, R>(v);
+    for (int m = 0; m < R; ++m) {
+      const int64_t q = R * w + m * V;
+      AV y = activate(v[m], act, vs);
+      if (rr) y = y + IO::load(rr + q);
+      IO::store(o + q, y);
+    }
+  }
+  if (w < W) {
+    const int64_t cnt = W - w;
+    AV v[R];
+    for (int j = 0; j < R; ++j) v[j] = IO::load(src[j] + w, cnt) + vb[j];
+    interleave<A, R>(v);
+    for (int m = 0; m < R && m * V < R * cnt; ++m) {
+      const int64_t q = R * w + m * V;
+      finish<T>(o + q, rr ? rr + q : nullptr, v[m], act, vs, std::min(V, R * cnt - m * V));
+    }
+  }
+}
+
+// NCHW: out[n, c, h*r + i, w*r + j] = f(x[n, c*r*r + i*r + j, h, w]); one item = (n, c, h), r output rows.
 template <typename T>
 void shuffle_nchw(const T* x, T* out, const T* res, const Geometry& g, const at::opmath_type<T>* bias,
                   const at::opmath_type<T>* slope, Act act) {
   using A = at::opmath_type<T>;
-  using IO = VecIO<T>;
   using AV = Vectorized<A>;
-  constexpr int64_t V = IO::W;
+  using I = Idx<A>;
+  constexpr int64_t V = VecIO<T>::W;
   const int64_t r = g.r, H = g.H, W = g.W, Wr = W * r, Cin = g.Cin();
-  at::parallel_for(0, g.N * g.C * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * r * r)),
-                   [&](int64_t begin, int64_t end) {
+  using RowFn = void (*)(const T* const*, const A*, T*, const T*, int64_t, Act, const AV&);
+  RowFn row = nullptr;
+  with_interleave<A>(r, [&](auto rc) { row = shuffle_row<decltype(rc)::value, T>; });
+  // Otherwise (gather): the r input rows are staged (bias and activation applied) in rows of Wp, then each
+  // output vector is one gather; the index pattern repeats every L = lcm(V, r) outputs (L / r input columns).
+  const int64_t L = lcm(V, r), Wp = W + V;
+  std::vector<I> tab;
+  if (!row) {
+    tab.resize(L);
+    for (int64_t t = 0; t < L; ++t) tab[t] = static_cast<I>((t % r) * Wp + t / r);
+  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * r * r));
+  at::parallel_for(0, g.N * g.C * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(row ? 0 : r * Wp, A(0));  // zero pad: gathers past W read zeros
+    std::vector<const T*> src(r);
+    std::vector<A> b(r);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / (g.C * H), c = (idx / H) % g.C, h = idx % H;
-      const A s = slope ? slope[c] : A(0);
+      const AV vs(slope ? slope[c] : A(0));
       for (int64_t i = 0; i < r; ++i) {
         const int64_t orow = ((n * g.C + c) * H * r + h * r + i) * Wr;
         T* o = out + orow;
         const T* rr = res ? res + orow : nullptr;
         const int64_t k0 = c * r * r + i * r;
-        auto src = [&](int64_t j) { return x + ((n * Cin + k0 + j) * H + h) * W; };
-        auto b = [&](int64_t j) { return bias ? bias[k0 + j] : A(0); };
-        int64_t w = 0;
-        if (r == 2) {  // two input rows -> one output row: vector interleave
-          const T* s0 = src(0);
-          const T* s1 = src(1);
-          const AV b0(b(0)), b1(b(1)), vs(s);
-          for (; w + V <= W; w += V) {
-            AV a0 = activate(IO::load(s0 + w) + b0, act, vs);
-            AV a1 = activate(IO::load(s1 + w) + b1, act, vs);
-            auto [lo, hi] = at::vec::interleave2<A>(a0, a1);
-            if (rr) {
-              lo = lo + IO::load(rr + 2 * w);
-              hi = hi + IO::load(rr + 2 * w + V);
-            }
-            IO::store(o + 2 * w, lo);
-            IO::store(o + 2 * w + V, hi);
-          }
-        } else if (r == 1) {
-          const T* s0 = src(0);
-          const AV b0(b(0)), vs(s);
-          for (; w + V <= W; w += V) {
-            AV a = activate(IO::load(s0 + w) + b0, act, vs);
-            if (rr) a = a + IO::load(rr + w);
-            IO::store(o + w, a);
+        for (int64_t j = 0; j < r; ++j) {
+          src[j] = x + ((n * Cin + k0 + j) * H + h) * W;
+          b[j] = bias ? bias[k0 + j] : A(0);
+        }
+        if (row) {
+          row(src.data(), b.data(), o, rr, W, act, vs);
+          continue;
+        }
+        for (int64_t j = 0; j < r; ++j) {
+          A* dst = buf.data() + j * Wp;
+          for (int64_t w = 0; w < W; w += V) {
+            const int64_t cnt = std::min(V, W - w);
+            astore_n<A>(dst + w, activate(load_n<T>(src[j] + w, cnt) + AV(b[j]), act, vs), cnt);
           }
         }
-        for (int64_t j = 0; j < r; ++j) {  // general r, and the tails of r <= 2
-          const T* sj = src(j);
-          const A bj = b(j);
-          for (int64_t ww = w; ww < W; ++ww) {
-            A v = activate(static_cast<A>(sj[ww]) + bj, act, s);
-            if (rr) v += static_cast<A>(rr[ww * r + j]);
-            o[ww * r + j] = static_cast<T>(v);
-          }
+        for (int64_t q = 0; q < Wr; q += V) {
+          const int64_t cnt = std::min(V, Wr - q);
+          const auto vi = Vectorized<I>::loadu(tab.data() + q % L) + Vectorized<I>(static_cast<I>(q / L * (L / r)));
+          AV v = at::vec::gather<sizeof(A)>(buf.data(), vi);
+          if (rr) v = v + load_n<T>(rr + q, cnt);
+          store_n<T>(o + q, v, cnt);
         }
       }
     }
   });
 }
 
+// NHWC, r == 2 and C >= V: per input pixel and block of up to V channels, the 4*cnt contiguous inputs
+// (channel-major, 4 sub-pixels each) are split into the 4 sub-pixel vectors by two rounds of deinterleave2.
+template <typename T>
+void shuffle_nhwc_r2(const T* x, T* out, const T* res, const Geometry& g, const at::opmath_type<T>* bias,
+                     const at::opmath_type<T>* slope, Act act) {
+  using A = at::opmath_type<T>;
+  using AV = Vectorized<A>;
+  constexpr int64_t V = VecIO<T>::W;
+  const int64_t H = g.H, W = g.W, C = g.C, Cin = 4 * C, Wr = 2 * W;
+  const AV zero(A(0));
+  at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t n = idx / H, h = idx % H;
+      const int64_t orow0 = (n * H * 2 + h * 2) * Wr * C;  // output row 2h; row 2h + 1 is Wr * C further
+      for (int64_t w = 0; w < W; ++w) {
+        const T* xp = x + (idx * W + w) * Cin;
+        for (int64_t c = 0; c < C; c += V) {
+          const int64_t cnt = std::min(V, C - c), n4 = 4 * cnt;
+          AV v[4];
+          for (int64_t m = 0; m < 4; ++m) {
+            const int64_t o = 4 * c + m * V, nm = n4 - m * V;
+            v[m] = load_upto<T>(xp + o, nm);
+            if (bias && nm > 0) v[m] = v[m] + aload_n<A>(bias + o, std::min(V, nm));
+          }
+          deinterleave<A, 4>(v);  // [c0 s0..s3, c1 s0..s3, ...] -> sub-pixel s = 2i + j: v[s] = [c0 .. c15]
+          const AV vs = slope ? aload_n<A>(slope + c, cnt) : zero;
+          const int64_t p00 = orow0 + (2 * w) * C + c, p10 = p00 + Wr * C;
+          finish<T>(out + p00, res ? res + p00 : nullptr, v[0], act, vs, cnt);
+          finish<T>(out + p00 + C, res ? res + p00 + C : nullptr, v[1], act, vs, cnt);
+          finish<T>(out + p10, res ? res + p10 : nullptr, v[2], act, vs, cnt);
+          finish<T>(out + p10 + C, res ? res + p10 + C : nullptr, v[3], act, vs, cnt);
+        }
+      }
+    }
+  });
+}
+
+// NHWC, any r and C: a run of input pixels is staged in acc type (bias added); output row h*r + i of the run
+// is then written in whole vectors, each one gather. The source pattern of output element q of the run,
+// x[w*Cin + c*r*r + i*r + j] with (w, j, c) from q, repeats every L = lcm(V, r*C) outputs (pp pixels).
 template <typename T>
 void shuffle_nhwc(const T* x, T* out, const T* res, const Geometry& g, const at::opmath_type<T>* bias,
                   const at::opmath_type<T>* slope, Act act) {
   using A = at::opmath_type<T>;
-  const int64_t r = g.r, rr2 = r * r, H = g.H, W = g.W, C = g.C, Cin = g.Cin();
-  at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t n = idx / H, h = idx % H;
+  using AV = Vectorized<A>;
+  using I = Idx<A>;
+  using IV = Vectorized<I>;
+  constexpr int64_t V = VecIO<T>::W;
+  const int64_t r = g.r, R = r * r, H = g.H, W = g.W, C = g.C, Cin = g.Cin(), rC = r * C;
+  const int64_t L = lcm(V, rC), pp = L / rC;
+  // Pixels per run: a multiple of pp; at most the whole periods of a row, so that only a short tail run
+  // needs staging when x can be gathered from directly.
+  int64_t P = pp * std::max<int64_t>(1, 4096 / (pp * Cin));
+  if (W >= pp) P = std::min(P, W / pp * pp);
+  const int64_t nb = div_up(W, P);
+  std::vector<I> tab(L);
+  std::vector<A> stab(L, A(0));  // slope of output element t's channel
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t w = t / rC, j = (t % rC) / C, c = t % C;
+    tab[t] = static_cast<I>(w * Cin + c * R + j);
+    if (slope) stab[t] = slope[c];
+  }
+  // Staging runs over the run's elements flat (small Cin still fills vectors); bias repeats every Lb.
+  const int64_t Lb = lcm(V, Cin);
+  std::vector<A> btab(bias ? Lb : 0);
+  for (int64_t t = 0; t < static_cast<int64_t>(btab.size()); ++t) btab[t] = bias[t % Cin];
+  const bool direct = std::is_same_v<T, A> && bias == nullptr;  // gather straight from x
+  at::parallel_for(0, g.N * H * nb, std::max<int64_t>(1, 32768 / (P * Cin)), [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(P * Cin, A(0));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t nh = item / nb, w0 = (item % nb) * P, np = std::min(P, W - w0);
+      const int64_t n = nh / H, h = nh % H;
+      const T* xs = x + (nh * W + w0) * Cin;
+      const A* src;
+      if (direct && np % pp == 0) {  // whole periods: every gathered lane lies inside the run
+        src = reinterpret_cast<const A*>(xs);
+      } else {  // stage (and add the bias); a partial last period reads stale but in-bounds values past np
+        const int64_t ne = np * Cin;
+        for (int64_t t = 0; t < ne; t += V) {
+          const int64_t cnt = std::min(V, ne - t);
+          AV v = load_n<T>(xs + t, cnt);
+          if (bias) v = v + AV::loadu(btab.data() + t % Lb);
+          astore_n<A>(buf.data() + t, v, cnt);
+        }
+        src = buf.data();
+      }
+      const int64_t nq = np * rC;
       for (int64_t i = 0; i < r; ++i) {
-        const int64_t orow = ((n * H * r + h * r + i) * W * r) * C;
-        for (int64_t w = 0; w < W; ++w) {
-          const T* xp = x + ((n * H + h) * W + w) * Cin;
-          for (int64_t j = 0; j < r; ++j) {
-            const int64_t s0 = i * r + j, opix = orow + (w * r + j) * C;
-            T* o = out + opix;
-            const T* rp = res ? res + opix : nullptr;
-            for (int64_t c = 0; c < C; ++c) {  // gather at stride r*r from an L1-resident input pixel
-              const int64_t k = c * rr2 + s0;
-              A v = activate(static_cast<A>(xp[k]) + (bias ? bias[k] : A(0)), act, slope ? slope[c] : A(0));
-              if (rp) v += static_cast<A>(rp[c]);
-              o[c] = static_cast<T>(v);
-            }
-          }
+        const int64_t opos = ((n * H * r + h * r + i) * W * r + w0 * r) * C;
+        T* o = out + opos;
+        const T* rr = res ? res + opos : nullptr;
+        for (int64_t q = 0; q < nq; q += V) {
+          const int64_t cnt = std::min(V, nq - q), t = q % L;
+          const IV vi = IV::loadu(tab.data() + t) + IV(static_cast<I>(q / L * pp * Cin + i * r));
+          const AV v = at::vec::gather<sizeof(A)>(src, vi);
+          finish<T>(o + q, rr ? rr + q : nullptr, v, act, AV::loadu(stab.data() + t), cnt);
         }
       }
     }
@@ -147,7 +403,9 @@ void forward_into(at::Tensor x, int64_t r, const std::optional<at::Tensor>& bias
     if (bias) b = to_acc<scalar_t>(*bias);
     if (act == Act::Prelu) s = to_acc<scalar_t>(*act_weight);
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
-    auto fn = layout == Layout::NCHW ? shuffle_nchw<scalar_t> : shuffle_nhwc<scalar_t>;
+    auto fn = layout == Layout::NCHW ? shuffle_nchw<scalar_t>
+              : (r == 2 && g.C >= VecIO<scalar_t>::W) ? shuffle_nhwc_r2<scalar_t>
+                                                      : shuffle_nhwc<scalar_t>;
     fn(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rp, g, bias ? b.data() : nullptr,
        act == Act::Prelu ? s.data() : nullptr, act);
   });
@@ -187,6 +445,9 @@ void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optiona
   const std::vector<int64_t> shape{x.size(0), x.size(1) / (r * r), x.size(2) * r, x.size(3) * r};
   TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type(),
               "pixel_shuffle_out: out must have shape ", at::IntArrayRef(shape), " and dtype ", x.scalar_type());
+  const auto overlap = at::get_overlap_status(out, x_in);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+              "pixel_shuffle_out: out must not overlap x");
   if (out.is_contiguous(memory_format(layout))) {
     forward_into(x, r, bias, act_weight, act, residual, out, layout);
   } else {  // a caller buffer in another layout: compute natively, then one copy
@@ -199,79 +460,197 @@ void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optiona
 // ---- backward / unshuffle -----------------------------------------------------------------------------
 // gx[n, k, h, w] = act'(x + bias) * go[n, c, h*r + i, w*r + j]; per-(n, k) (NCHW) or per-(n, h) (NHWC)
 // partial sums of gx (bias grad) and of go * pre where pre <= 0 (PReLU slope grad), merged in index order.
+// Partials are kept lane-wise in vectors (fixed order for a given shape, whatever the thread count).
 
+// gx for cnt elements of a run of input channels from gy (already rearranged), and their partials. xp, bk,
+// sk: x, bias and PReLU slope at the same elements. A NaN pre-activation follows ATen's backward: relu tests
+// its output (NaN <= 0 is false: the gradient passes), prelu its input (NaN > 0 is false: slope branch).
+template <typename T>
+struct GradEpilogue {
+  using A = at::opmath_type<T>;
+  using AV = Vectorized<A>;
+  Act act;
+  bool want_b, want_a;
+  inline AV operator()(const AV& gy, const T* xp, const AV& bk, const AV& sk, int64_t cnt, AV* bacc,
+                       AV* aacc) const {
+    const AV zero(A(0));
+    AV gx = gy;
+    if (act == Act::Relu) {
+      gx = AV::blendv(gy, zero, load_n<T>(xp, cnt) + bk <= zero);
+    } else if (act == Act::Prelu) {
+      const AV pre = load_n<T>(xp, cnt) + bk;
+      const AV pos = pre > zero;
+      gx = AV::blendv(gy * sk, gy, pos);
+      if (want_a) {
+        AV t = AV::blendv(gy * pre, zero, pos);
+        if (cnt < VecIO<T>::W) t = AV::set(zero, t, cnt);  // lanes past the run are not elements
+        *aacc = *aacc + t;
+      }
+    }
+    if (want_b) *bacc = *bacc + (cnt < VecIO<T>::W ? AV::set(zero, gx, cnt) : gx);
+    return gx;
+  }
+};
+
+// One NCHW grad_out row -> row h of its R input planes (gxr[j], xr[j], bias b[j]): R vectors of the row, one
+// deinterleave, one vector of each plane. bacc / aacc: the planes' lane-wise partials.
+template <int R, typename T>
+void unshuffle_row(const T* gorow, const T* const* xr, T* const* gxr, const at::opmath_type<T>* b, int64_t W,
+                   const Vectorized<at::opmath_type<T>>& sk, const GradEpilogue<T>& epi,
+                   Vectorized<at::opmath_type<T>>* bacc, Vectorized<at::opmath_type<T>>* aacc) {
+  using A = at::opmath_type<T>;
+  using AV = Vectorized<A>;
+  constexpr int64_t V = VecIO<T>::W;
+  AV ba[R], aa[R];
+  for (int j = 0; j < R; ++j) {
+    ba[j] = bacc[j];
+    aa[j] = aacc[j];
+  }
+  for (int64_t w = 0; w < W; w += V) {
+    const int64_t cnt = std::min(V, W - w);
+    AV v[R];
+    for (int m = 0; m < R; ++m) v[m] = load_upto<T>(gorow + R * w + m * V, R * cnt - m * V);
+    deinterleave<A, R>(v);
+    for (int j = 0; j < R; ++j)
+      store_n<T>(gxr[j] + w, epi(v[j], xr ? xr[j] + w : nullptr, AV(b[j]), sk, cnt, &ba[j], &aa[j]), cnt);
+  }
+  for (int j = 0; j < R; ++j) {
+    bacc[j] = ba[j];
+    aacc[j] = aa[j];
+  }
+}
+
+// NCHW: one item = (n, c, i): output row h*r + i of channel c feeds input planes k = c*r*r + i*r + j, row h.
 template <typename T>
 void unshuffle_nchw(const T* go, const T* x, T* gx, const Geometry& g, const at::opmath_type<T>* bias,
                     const at::opmath_type<T>* slope, Act act, at::opmath_type<T>* bpart,
                     at::opmath_type<T>* apart) {
   using A = at::opmath_type<T>;
+  using AV = Vectorized<A>;
+  using I = Idx<A>;
+  constexpr int64_t V = VecIO<T>::W;
   const int64_t r = g.r, H = g.H, W = g.W, Wr = W * r, Cin = g.Cin();
-  at::parallel_for(0, g.N * Cin, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / Cin, k = p % Cin, c = k / (r * r), i = (k % (r * r)) / r, j = k % r;
-      const A bk = bias ? bias[k] : A(0), s = slope ? slope[c] : A(0);
-      A bsum(0), asum(0);
+  const GradEpilogue<T> epi{act, bpart != nullptr, apart != nullptr};
+  using RowFn = void (*)(const T*, const T* const*, T* const*, const A*, int64_t, const AV&, const GradEpilogue<T>&,
+                         AV*, AV*);
+  RowFn row = nullptr;
+  with_interleave<A>(r, [&](auto rc) { row = unshuffle_row<decltype(rc)::value, T>; });
+  // Otherwise (gather): the grad_out row is staged in acc type (zero pad of V*r), plane j gathers at stride r.
+  std::vector<I> stride_r(V);
+  for (int64_t t = 0; t < V; ++t) stride_r[t] = static_cast<I>(t * r);
+  at::parallel_for(0, g.N * g.C * r, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(row ? 0 : Wr + V * r, A(0));
+    std::vector<AV> bacc(r), aacc(r);
+    std::vector<const T*> xr(r);
+    std::vector<T*> gxr(r);
+    std::vector<A> b(r);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (g.C * r), c = (item / r) % g.C, i = item % r, k0 = c * r * r + i * r;
+      const AV sk(slope ? slope[c] : A(0));
+      std::fill(bacc.begin(), bacc.end(), AV(A(0)));
+      std::fill(aacc.begin(), aacc.end(), AV(A(0)));
+      for (int64_t j = 0; j < r; ++j) b[j] = bias ? bias[k0 + j] : A(0);
       for (int64_t h = 0; h < H; ++h) {
-        const T* gorow = go + ((n * g.C + c) * H * r + h * r + i) * Wr + j;
-        const int64_t off = ((n * Cin + k) * H + h) * W;
-        T* gxrow = gx + off;
-        A rb(0), ra(0);
-        for (int64_t w = 0; w < W; ++w) {
-          A v = static_cast<A>(gorow[w * r]);
-          if (act != Act::None) {
-            const A pre = static_cast<A>(x[off + w]) + bk;
-            if (pre <= A(0)) {
-              ra += v * pre;
-              v = act == Act::Relu ? A(0) : v * s;
-            }
-          }
-          gxrow[w] = static_cast<T>(v);
-          rb += v;
+        const T* gorow = go + ((n * g.C + c) * H * r + h * r + i) * Wr;
+        for (int64_t j = 0; j < r; ++j) {
+          const int64_t off = ((n * Cin + k0 + j) * H + h) * W;
+          xr[j] = x ? x + off : nullptr;
+          gxr[j] = gx + off;
         }
-        bsum += rb;
-        asum += ra;
+        if (row) {
+          row(gorow, x ? xr.data() : nullptr, gxr.data(), b.data(), W, sk, epi, bacc.data(), aacc.data());
+          continue;
+        }
+        for (int64_t q = 0; q < Wr; q += V) {
+          const int64_t cnt = std::min(V, Wr - q);
+          astore_n<A>(buf.data() + q, load_n<T>(gorow + q, cnt), cnt);
+        }
+        for (int64_t j = 0; j < r; ++j) {
+          for (int64_t w = 0; w < W; w += V) {
+            const int64_t cnt = std::min(V, W - w);
+            const auto vi = Vectorized<I>::loadu(stride_r.data()) + Vectorized<I>(static_cast<I>(w * r + j));
+            const AV gy = at::vec::gather<sizeof(A)>(buf.data(), vi);
+            store_n<T>(gxr[j] + w, epi(gy, x ? xr[j] + w : nullptr, AV(b[j]), sk, cnt, &bacc[j], &aacc[j]), cnt);
+          }
+        }
       }
-      if (bpart) bpart[p] = bsum;
-      if (apart) apart[p] = asum;
+      for (int64_t j = 0; j < r; ++j) {
+        if (bpart) bpart[n * Cin + k0 + j] = hsum<A>(bacc[j]);
+        if (apart) apart[n * Cin + k0 + j] = hsum<A>(aacc[j]);
+      }
     }
   });
 }
 
+// NHWC: one item = (n, h); per input pixel the r*r output pixels' channel vectors are interleaved back into
+// the pixel's [C, r*r] block. r == 2 and C >= V: two rounds of interleave2; otherwise a gather through a
+// per-pixel offset table (a scalar gather for reduced types, which have no vector gather).
 template <typename T>
 void unshuffle_nhwc(const T* go, const T* x, T* gx, const Geometry& g, const at::opmath_type<T>* bias,
                     const at::opmath_type<T>* slope, Act act, at::opmath_type<T>* bpart,
                     at::opmath_type<T>* apart) {
   using A = at::opmath_type<T>;
-  const int64_t r = g.r, rr2 = r * r, H = g.H, W = g.W, C = g.C, Cin = g.Cin();
+  using AV = Vectorized<A>;
+  using I = Idx<A>;
+  constexpr int64_t V = VecIO<T>::W;
+  const int64_t r = g.r, R = r * r, H = g.H, W = g.W, C = g.C, Cin = g.Cin(), Wr = W * r;
+  const GradEpilogue<T> epi{act, bpart != nullptr, apart != nullptr};
+  const bool fast2 = r == 2 && C >= V;
+  const int64_t Cp = div_up(Cin, V) * V;
+  std::vector<I> offs(Cp, I(0));  // go offset of input channel k from the pixel's first output pixel
+  std::vector<A> bk(Cp, A(0)), sk(Cp, A(0));
+  for (int64_t k = 0; k < Cin; ++k) {
+    const int64_t c = k / R, i = (k % R) / r, j = k % r;
+    TORCH_CHECK(i * Wr * C + j * C + c <= std::numeric_limits<I>::max(), "pixel_shuffle_backward: row too long");
+    offs[k] = static_cast<I>(i * Wr * C + j * C + c);
+    if (bias) bk[k] = bias[k];
+    if (slope) sk[k] = slope[c];
+  }
   at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<AV> bacc(div_up(Cin, V)), aacc(div_up(Cin, V));
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / H, h = idx % H;
-      A* bp = bpart ? bpart + idx * Cin : nullptr;
-      A* ap = apart ? apart + idx * Cin : nullptr;
-      if (bp) std::fill(bp, bp + Cin, A(0));
-      if (ap) std::fill(ap, ap + Cin, A(0));
+      std::fill(bacc.begin(), bacc.end(), AV(A(0)));
+      std::fill(aacc.begin(), aacc.end(), AV(A(0)));
       for (int64_t w = 0; w < W; ++w) {
-        const int64_t off = ((n * H + h) * W + w) * Cin;
-        T* gp = gx + off;
-        for (int64_t i = 0; i < r; ++i) {
-          for (int64_t j = 0; j < r; ++j) {
-            const T* gop = go + ((n * H * r + h * r + i) * W * r + w * r + j) * C;
-            const int64_t s0 = i * r + j;
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t k = c * rr2 + s0;
-              A v = static_cast<A>(gop[c]);
-              if (act != Act::None) {
-                const A pre = static_cast<A>(x[off + k]) + (bias ? bias[k] : A(0));
-                if (pre <= A(0)) {
-                  if (ap) ap[k] += v * pre;
-                  v = act == Act::Relu ? A(0) : v * slope[c];
-                }
-              }
-              gp[k] = static_cast<T>(v);
-              if (bp) bp[k] += v;
+        const int64_t off = (idx * W + w) * Cin;
+        const T* gop = go + ((n * H * r + h * r) * Wr + w * r) * C;  // output pixel (h*r, w*r)
+        auto emit = [&](const AV& gy, int64_t k, int64_t cnt) {
+          const int64_t b = k / V;
+          store_n<T>(gx + off + k,
+                     epi(gy, x ? x + off + k : nullptr, AV::loadu(bk.data() + k), AV::loadu(sk.data() + k), cnt,
+                         &bacc[b], &aacc[b]),
+                     cnt);
+        };
+        if (fast2) {
+          for (int64_t c = 0; c < C; c += V) {
+            const int64_t cnt = std::min(V, C - c), n4 = 4 * cnt;
+            AV v[4] = {load_n<T>(gop + c, cnt), load_n<T>(gop + C + c, cnt), load_n<T>(gop + Wr * C + c, cnt),
+                       load_n<T>(gop + Wr * C + C + c, cnt)};  // sub-pixels s = 2i + j
+            interleave<A, 4>(v);  // -> [c s0..s3] per channel, the pixel's layout
+            for (int64_t m = 0; m < 4 && m * V < n4; ++m) emit(v[m], 4 * c + m * V, std::min(V, n4 - m * V));
+          }
+        } else {
+          for (int64_t k = 0; k < Cin; k += V) {
+            const int64_t cnt = std::min(V, Cin - k);
+            AV gy;
+            if constexpr (std::is_same_v<T, A>) {
+              gy = at::vec::gather<sizeof(A)>(gop, Vectorized<I>::loadu(offs.data() + k));  // pad offsets are 0
+            } else {
+              A tmp[V];
+              for (int64_t t = 0; t < cnt; ++t) tmp[t] = static_cast<A>(gop[offs[k + t]]);
+              gy = AV::loadu(tmp, cnt);
             }
+            emit(gy, k, cnt);
           }
         }
+      }
+      A* bp = bpart ? bpart + idx * Cin : nullptr;
+      A* ap = apart ? apart + idx * Cin : nullptr;
+      for (int64_t k = 0; k < Cin; k += V) {
+        const int64_t cnt = std::min(V, Cin - k);
+        if (bp) astore_n<A>(bp + k, bacc[k / V], cnt);
+        if (ap) astore_n<A>(ap + k, aacc[k / V], cnt);
       }
     }
   });

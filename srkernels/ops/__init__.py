@@ -5,12 +5,14 @@ import torch
 from .. import _backend
 from . import balanced_attention as _ba
 from . import channel_attention as _ca
+from . import dense_block as _db
 from . import pixel_shuffle as _ps
 from .balanced_attention import balanced_attention
 from .channel_attention import channel_attention
+from .dense_block import dense_block
 from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
 
-_MODULES = (_ca, _ba, _ps)
+_MODULES = (_ca, _ba, _ps, _db)
 
 
 def _register(namespace: str, fake: bool) -> None:
@@ -25,4 +27,4 @@ if _backend._C is not None:
 # triton_op derives fake kernels from its body; only autograd is ours to add, once Triton is loaded.
 _backend.TRITON_HOOKS.append(lambda: _register("srkernels_triton", fake=False))
 
-__all__ = ["channel_attention", "balanced_attention", "pixel_shuffle", "pixel_unshuffle"]
+__all__ = ["channel_attention", "balanced_attention", "pixel_shuffle", "pixel_unshuffle", "dense_block"]

@@ -1,0 +1,372 @@
+"""dense_block: every flavour's fused module against its torch.cat reference module (forward and every gradient),
+float64 gradcheck, opcheck, torch.compile, state_dict loading, and the memory claim (saved activations linear in
+depth)."""
+import pytest
+import torch
+
+import srkernels
+from srkernels import nn as N
+from srkernels import ops, use_backend
+from srkernels import reference as R
+from srkernels.ops.dense_block import DenseLayer, DensePlan, fdirb_plan, rdb_plan, split_plan, srdense_plan
+
+from ..conftest import assert_close, layout
+from ._parity import randn
+
+OP = "dense_block"
+# "compiled" is the CPU micro-kernel path for float32/bfloat16; "generic" the ATen path the CUDA kernel uses
+# (forced on CPU), "reference" the Python torch.cat formulation of a plan.
+BACKENDS = ["compiled", "generic", "reference"]
+
+# (name, ctor args, ctor kwargs, extra forward input)
+FLAVOURS = {
+    "rdb": (R.ResidualDenseBlock, N.ResidualDenseBlock, (8, 4, 3), {}, False),
+    "rdcab": (R.RDCAB, N.RDCAB, (8, 6, 3), dict(reduction=4), True),
+    "srdense": (R.SRDenseBlock, N.SRDenseBlock, (8, 4, 3), {}, False),
+    "split": (R.SplitBlock, N.SplitBlock, (8, 3), dict(reduction=4), False),
+    "fdirb": (R.FDIRB, N.FDIRB, (8, 3), dict(sub_channels=4, reduction=4), False),
+}
+SHAPES = [(1, 5, 7), (2, 6, 5), (3, 1, 9)]  # (N, H, W): N=1 and N>1, odd sizes, a single row
+
+
+@pytest.fixture
+def backend_ctx(monkeypatch):
+    def enter(backend):
+        if backend == "generic":
+            monkeypatch.setenv("SRKERNELS_DENSE_GENERIC", "1")
+            return use_backend("compiled")
+        monkeypatch.delenv("SRKERNELS_DENSE_GENERIC", raising=False)
+        return use_backend(backend)
+
+    return enter
+
+
+def make_pair(flavour, dtype, seed=0, cfg=None):
+    ref_cls, fused_cls, args, kwargs, extra = FLAVOURS[flavour]
+    if cfg is not None:
+        args, kwargs = cfg
+    torch.manual_seed(seed)
+    fused = fused_cls(*args, **kwargs).to(dtype)
+    for p in fused.parameters():  # biases away from 0 and attention weights large enough to matter
+        p.data.add_(0.05 * torch.randn_like(p))
+    ref = ref_cls(*args, **kwargs).double()
+    # the reference sees exactly the rounded weights the fused module sees
+    ref.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    ref.channels = args[0]
+    return ref, fused, extra
+
+
+def check_module(ref, fused, extra, shape, dtype, fmt, ctx, seed=0):
+    """Forward and every gradient of ``fused`` (in dtype/fmt) against ``ref`` in float64.
+
+    In bfloat16/float16 a ReLU whose input is within rounding of 0 can flip between the two computations and
+    move a few gradient entries by O(1) (the eager reference module run in the same dtype shows the same), so a
+    gradient also passes if its relative L2 error is at most 3x that of the eager module in the same dtype
+    (or 5%). A wrong kernel is off everywhere and fails both bounds."""
+    Nb, H, W = shape
+    C = ref.channels
+    xs = [randn(Nb, C, H, W, seed=seed)] + ([randn(Nb, C, H, W, seed=seed + 7)] if extra else [])
+    fin = [layout(x.to(dtype), fmt).requires_grad_(True) for x in xs]
+    rin = [x.detach().double().requires_grad_(True) for x in fin]
+    with ctx:
+        out = fused(*fin)
+    expected = ref(*rin)
+    assert out.dtype == dtype and out.shape == expected.shape
+    if fmt == "channels_last" and H * W > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected, dtype, "forward")
+    g = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    out.backward(g.to(dtype))
+    expected.backward(g)
+    got = [(f"grad input {i}", a.grad, b.grad) for i, (a, b) in enumerate(zip(fin, rin))]
+    got += [(f"grad {n}", p.grad, q.grad) for (n, p), q in zip(fused.named_parameters(), ref.parameters())]
+    eager_rel = [None] * len(got)
+    if dtype in (torch.bfloat16, torch.float16):
+        eager = _low_copy(ref, dtype)
+        lin = [x.detach().to(dtype).requires_grad_(True) for x in rin]
+        eager(*lin).backward(g.to(dtype))
+        lows = [x.grad for x in lin] + [p.grad for p in eager.parameters()]
+        eager_rel = [_rel(lo, e) for lo, (_, _, e) in zip(lows, got)]
+    for (what, a, e), er in zip(got, eager_rel):
+        assert a is not None, f"{what}: no gradient"
+        if er is not None and _rel(a, e) <= max(0.05, 3 * er):
+            continue
+        assert_close(a, e, dtype, what)
+
+
+def _rel(a, e):
+    return ((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+
+
+def _low_copy(ref, dtype):
+    import copy
+
+    eager = copy.deepcopy(ref).to(dtype)
+    eager.zero_grad(set_to_none=True)
+    return eager
+
+
+def _cases():
+    for backend in BACKENDS:
+        for flavour in FLAVOURS:
+            for shape in SHAPES:
+                for fmt in ("contiguous", "channels_last"):
+                    for dtype in (torch.float32, torch.bfloat16):
+                        if backend != "compiled" and (dtype != torch.float32 or shape != SHAPES[1]):
+                            continue  # the other paths: one shape, float32
+                        yield pytest.param(backend, flavour, shape, fmt, dtype,
+                                           id=f"{backend}-{flavour}-{'x'.join(map(str, shape))}-{fmt}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend,flavour,shape,fmt,dtype", list(_cases()))
+def test_parity(backend_ctx, backend, flavour, shape, fmt, dtype):
+    ref, fused, extra = make_pair(flavour, dtype)
+    check_module(ref, fused, extra, shape, dtype, fmt, backend_ctx(backend))
+
+
+@pytest.mark.parametrize("backend", ["compiled", "generic"])
+def test_float16_and_strided_input(backend_ctx, backend):
+    ref, fused, extra = make_pair("rdb", torch.float16)
+    check_module(ref, fused, extra, (2, 4, 5), torch.float16, "strided", backend_ctx(backend))
+
+
+@pytest.mark.parametrize("flavour,cfg,shape,fmt", [
+    ("rdb", ((64, 64, 8), {}), (1, 5, 6), "contiguous"),  # RDN config B: G0 = G = 64, C = 8
+    ("rdcab", ((64, 64, 8), {}), (2, 3, 4), "channels_last"),  # RDCAB-RecursiveSRNet: 576-wide concat, CA 576/36
+    ("srdense", ((128, 16, 8), {}), (2, 4, 3), "contiguous"),  # SRDenseNet block 1
+    ("split", ((64, 8), {}), (1, 4, 5), "channels_last"),  # Split version: 16 distilled + 48 remaining
+    ("fdirb", ((64, 8), dict(sub_channels=32)), (1, 3, 5), "contiguous"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_published_configs(backend_ctx, flavour, cfg, shape, fmt, dtype):
+    ref, fused, extra = make_pair(flavour, dtype, cfg=cfg)
+    check_module(ref, fused, extra, shape, dtype, fmt, backend_ctx("compiled"))
+
+
+def test_row_segments_and_multi_row_tiles(backend_ctx):
+    """Work items: a 70-pixel row is cut into segments (64 pixels per tile at G = 64); 3-pixel rows are grouped."""
+    ref, fused, extra = make_pair("rdb", torch.float32, cfg=((16, 64, 2), {}))
+    check_module(ref, fused, extra, (1, 3, 70), torch.float32, "contiguous", backend_ctx("compiled"))
+    check_module(ref, fused, extra, (2, 9, 3), torch.float32, "channels_last", backend_ctx("compiled"))
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_gradcheck_float64(backend_ctx, backend, flavour):
+    cfg = {"rdb": ((3, 2, 2), {}), "rdcab": ((3, 4, 2), dict(reduction=2)), "srdense": ((3, 2, 3), {}),
+           "split": ((4, 2), dict(reduction=2)), "fdirb": ((3, 3), dict(sub_channels=2, reduction=3))}[flavour]
+    _, fused, extra = make_pair(flavour, torch.float64, seed=2, cfg=cfg)
+    C = cfg[0][0]
+    names = [n for n, _ in fused.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in fused.parameters()]
+    xs = [randn(2, C, 3, 4, seed=5).requires_grad_(True)] + ([randn(2, C, 3, 4, seed=6).requires_grad_(True)]
+                                                               if extra else [])
+
+    def fn(*a):
+        state = dict(zip(names, a[len(xs):]))
+        with backend_ctx(backend):
+            return torch.func.functional_call(fused, state, tuple(a[:len(xs)]))
+
+    assert torch.autograd.gradcheck(fn, (*xs, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _op_args(dtype=torch.float32, gate=True, requires_grad=True):
+    plan = rdb_plan(6, 4, 2)
+    g = torch.Generator().manual_seed(0)
+    t = lambda *s, scale=0.3: (torch.randn(*s, generator=g) * scale).to(dtype).requires_grad_(requires_grad)  # noqa: E731
+    x = t(2, 6, 5, 3, scale=1.0)
+    ws = [t(4, 6 + 4 * i, 3, 3) for i in range(2)]
+    bs = [t(4), t(4)]
+    K = plan.fuse_len
+    gw = (t(3, K), t(3), t(K, 3), t(K)) if gate else (None,) * 4
+    return (x, ws, bs, plan.ints(), t(6, K), t(6), *gw, t(2, 6, 5, 3, scale=1.0))
+
+
+def _detach(a):
+    if isinstance(a, list):
+        return [_detach(b) for b in a]
+    return a.detach() if isinstance(a, torch.Tensor) else a
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_opcheck(backend_ctx, gate):
+    args = _op_args(gate=gate)
+    with backend_ctx("compiled"):
+        torch.library.opcheck(torch.ops.srkernels.dense_block, args)
+        det = tuple(_detach(a) for a in args)
+        out, buf, stats = torch.ops.srkernels.dense_block(*det)
+        bargs = (torch.randn_like(out), buf, stats, det[1], det[2], det[3], det[4], *det[6:10])
+        torch.library.opcheck(torch.ops.srkernels.dense_block_backward, bargs)
+
+
+@pytest.mark.parametrize("flavour", ["rdb", "rdcab", "fdirb"])
+def test_compile_fullgraph(backend_ctx, flavour):
+    ref, fused, extra = make_pair(flavour, torch.float32)
+    ref = ref.float()
+    compiled = torch.compile(fused, fullgraph=True)
+    xs = [torch.randn(2, 8, 5, 6, requires_grad=True)] + ([torch.randn(2, 8, 5, 6)] if extra else [])
+    x2 = [x.detach().clone().requires_grad_(x.requires_grad) for x in xs]
+    with backend_ctx("compiled"):
+        out = compiled(*xs)
+    expected = ref(*x2)
+    assert_close(out, expected, torch.float32, "compiled forward")
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_close(xs[0].grad, x2[0].grad, torch.float32, "compiled grad x")
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"compiled grad {name}")
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_loads_reference_state_dict_and_fuse(flavour):
+    ref_cls, fused_cls, args, kwargs, extra = FLAVOURS[flavour]
+    torch.manual_seed(3)
+    ref = ref_cls(*args, **kwargs)
+    fused = fused_cls(*args, **kwargs)
+    fused.load_state_dict(ref.state_dict())  # strict: same keys and shapes
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    swapped = srkernels.nn.fuse(ref_cls(*args, **kwargs))
+    assert type(swapped) is fused_cls
+    swapped.load_state_dict(ref.state_dict())
+    xs = [torch.randn(2, args[0], 4, 5)] + ([torch.randn(2, args[0], 4, 5)] if extra else [])
+    with torch.no_grad():
+        assert_close(fused(*xs), ref(*xs), torch.float32, "fused")
+        assert_close(swapped(*xs), ref(*xs), torch.float32, "fuse()")
+
+
+def _saved_bytes(module, x, *extra):
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x, *extra)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("flavour", ["rdb", "rdcab"])
+def test_saved_activation_memory_is_linear_in_depth(backend_ctx, flavour):
+    ref_cls, fused_cls = FLAVOURS[flavour][:2]
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    extra = (torch.randn(2, 16, 12, 12),) if flavour == "rdcab" else ()
+    fused_b, ref_b = [], []
+    for depth in (2, 4, 8):
+        torch.manual_seed(0)
+        ref = ref_cls(16, 16, depth)
+        fused = fused_cls(16, 16, depth)
+        fused.load_state_dict(ref.state_dict())
+        with backend_ctx("compiled"):
+            fused_b.append(_saved_bytes(fused, x, *extra))
+        ref_b.append(_saved_bytes(ref, x, *extra))
+    # equal steps in depth (2 -> 4 -> 8 is +2 then +4 layers): linear means the second step is twice the first
+    f1, f2 = fused_b[1] - fused_b[0], fused_b[2] - fused_b[1]
+    r1, r2 = ref_b[1] - ref_b[0], ref_b[2] - ref_b[1]
+    assert f2 == 2 * f1, f"fused saved bytes {fused_b} are not linear in depth"
+    assert r2 > 2 * r1 * 1.2, f"reference saved bytes {ref_b} should grow quadratically"
+    assert fused_b[2] <= 0.5 * ref_b[2], f"fused {fused_b[2]} B vs reference {ref_b[2]} B at depth 8"
+
+
+def test_saves_only_the_buffer(backend_ctx):
+    """Saved for backward: one [rows, T] buffer (x and every layer output) and weights; no per-layer tensors."""
+    _, fused, _ = make_pair("rdb", torch.float32)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    saved = []
+    params = {p.data_ptr() for p in fused.parameters()}
+    with backend_ctx("compiled"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused(x)
+    acts = [t for t in saved if t.numel() > 1 and t.data_ptr() not in params]
+    big = [t for t in acts if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].shape == (2 * 8 * 8 + 2 * 9, 8 + 3 * 4)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "generic", "reference"])
+def test_empty_batch(backend_ctx, backend):
+    _, fused, _ = make_pair("rdcab", torch.float32)
+    x = torch.randn(0, 8, 4, 4, requires_grad=True)
+    with backend_ctx(backend):
+        out = fused(x, torch.zeros(0, 8, 4, 4))
+    assert out.shape == (0, 8, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.count_nonzero(p.grad) == 0 for p in fused.parameters())
+
+
+def test_deterministic_and_thread_independent(backend_ctx):
+    _, fused, _ = make_pair("rdb", torch.float32, cfg=((16, 16, 3), {}))
+    x0 = torch.randn(3, 16, 13, 11)
+    runs = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, prev, prev):
+            torch.set_num_threads(threads)
+            fused.zero_grad()
+            x = x0.clone().requires_grad_(True)
+            with backend_ctx("compiled"):
+                out = fused(x)
+            out.backward(torch.ones_like(out))
+            runs.append((out.detach(), x.grad, fused.convs[0].conv[0].weight.grad.clone(), fused.LFF.bias.grad.clone()))
+    finally:
+        torch.set_num_threads(prev)
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+
+
+def test_models_pick_up_fused_blocks():
+    from srkernels.models import build
+
+    m = build("rdn", 2, fused=True, num_features=8, num_blocks=1, num_layers=2, growth=4)
+    assert type(m.RDBs[0]) is N.ResidualDenseBlock
+    m = build("srdensenet", 4, fused=True, num_features=8, num_blocks=1, num_layers=2, growth=4, bottleneck=8)
+    assert type(m.dcb1[0]) is N.SRDenseBlock
+
+
+def test_plans():
+    p = rdb_plan(64, 64, 8)
+    assert p.channels == 576 and p.fuse_len == 576 and p.layers[7].in_len == 512
+    s = srdense_plan(128, 16, 8)
+    assert (s.layers[0].in_start, s.layers[1].in_start, s.layers[7].in_len) == (0, 128, 112)
+    sp = split_plan(64, 8, 16)
+    assert [lay.in_len for lay in sp.layers] == [64, 112, 160, 208, 256, 304, 352, 400] and sp.fuse_len == 128
+    f = fdirb_plan(64, 8, 32)
+    assert f.channels == 64 * 8 + 32 and f.layers[1].res_start == 64 and not f.layers[7].relu
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(x=torch.randn(2, 6, 5)), ValueError, "x must be 4-D"),
+    (dict(x=torch.randn(2, 5, 5, 3)), ValueError, "channels but the plan"),
+    (dict(weights=[torch.randn(4, 6, 3, 3)]), ValueError, "layers but got"),
+    (dict(weights=[torch.randn(4, 6, 3, 3), torch.randn(4, 9, 3, 3)]), ValueError, r"weights\[1\] must have shape"),
+    (dict(biases=[torch.randn(5), None]), ValueError, r"biases\[0\] must have shape"),
+    (dict(fuse_weight=torch.randn(6, 13)), ValueError, "fuse_weight must have shape"),
+    (dict(fuse_weight=None), ValueError, "needs fuse_weight"),
+    (dict(residual=torch.randn(2, 6, 5, 4)), ValueError, "residual must have shape"),
+    (dict(gate=(torch.randn(3, 13), None, torch.randn(14, 3), None)), ValueError, "gate w1 must have shape"),
+    (dict(weights=[torch.randn(4, 6, 3, 3, dtype=torch.float64), torch.randn(4, 10, 3, 3)]), TypeError, "dtype"),
+    (dict(plan="rdb"), TypeError, "plan must be a DensePlan"),
+])
+def test_validation(change, exc, match):
+    x, ws, bs, _plan, fw, fb, gw1, gb1, gw2, gb2, res = _op_args(requires_grad=False)
+    kw = dict(x=x, weights=ws, biases=bs, plan=rdb_plan(6, 4, 2), fuse_weight=fw, fuse_bias=fb,
+              gate=(gw1, gb1, gw2, gb2), residual=res)
+    kw.update(change)
+    with pytest.raises(exc, match=match):
+        ops.dense_block(kw.pop("x"), kw.pop("weights"), kw.pop("biases"), kw.pop("plan"), **kw)
+
+
+@pytest.mark.parametrize("layers,match", [
+    ((DenseLayer(0, 5, 4, 2),), "reads buffer channel 4 before"),
+    ((DenseLayer(0, 4, 3, 2),), "already written"),
+    ((DenseLayer(0, 4, 9, 2),), "outside the buffer"),
+    ((DenseLayer(0, 4, 4, 2, split=3),), "split must be in"),
+    ((DenseLayer(0, 4, 4, 2, res_start=5),), "residual channel"),
+])
+def test_plan_validation(layers, match):
+    with pytest.raises(ValueError, match=match):
+        DensePlan(8, 4, 3, layers, 0, 6)
