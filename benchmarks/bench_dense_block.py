@@ -3,11 +3,11 @@
     python benchmarks/bench_dense_block.py [--quick] [--cpu-time]   # table, JSON line, README update
     pytest benchmarks/bench_dense_block.py --benchmark-group-by=group
 
-Cases (CPU): RDN's RDB (G0 = G = 64, C = 8) on [1,64,96,96] (inference) and [16,64,32,32] (a training batch of
-32x32 LR patches), and the whole SRDenseNet x4 (``models.build("srdensenet", 4, fused=...)``, 8 blocks of 8
-layers, growth 16) on [1,1,64,64] / a [8,1,32,32] batch. Per case: inference ms, training-step ms (forward +
-backward of a mean-square loss) and activation memory: bytes of the distinct tensors autograd saves for backward
-(parameters excluded), plus the peak-RSS growth of the process during one training step.
+Cases (CPU): RDN's RDB (G0 = G = 64, C = 8) on [1,64,96,96] and on [16,64,32,32] (a training batch of 32x32 LR
+patches), and the whole SRDenseNet x4 (``models.build("srdensenet", 4, fused=...)``, 8 blocks of 8 layers,
+growth 16) on [1,1,64,64] and [8,1,32,32]. Per shape: inference ms, training-step ms (forward + backward of a
+mean-square loss) and activation memory: bytes of the distinct tensors autograd saves for backward (parameters
+excluded), plus the peak-RSS growth of the process during one training step.
 
 Variants: ``reference`` (NCHW input, as most callers feed), ``reference-cl`` (channels_last: oneDNN's best
 layout for the reference's convs), ``fused`` and ``fused-cl``. ``--cpu-time`` runs one thread and reports thread
@@ -67,9 +67,9 @@ def _srdensenet(fused: bool, dtype, fmt):
 
 
 CASES = {
-    # name: (builder, inference shape, training shape)
-    "rdb": (_rdb, (1, 64, 96, 96), (16, 64, 32, 32)),
-    "srdensenet-x4": (_srdensenet, (1, 1, 64, 64), (8, 1, 32, 32)),
+    # name: (builder, shapes (inference and training step on each))
+    "rdb": (_rdb, [(1, 64, 96, 96), (16, 64, 32, 32)]),
+    "srdensenet-x4": (_srdensenet, [(1, 1, 64, 64), (8, 1, 32, 32)]),
 }
 
 
@@ -141,10 +141,10 @@ def cpu_time_ms(fns: dict, rounds: int) -> dict:
     return best
 
 
-def run_case(case: str, dtype, *, cpu_time: bool, rounds: int) -> list[dict]:
-    _, infer_shape, train_shape = CASES[case]
+def run_case(case: str, dtype, *, cpu_time: bool, rounds: int, quick: bool) -> list[dict]:
+    shapes = CASES[case][1][:1] if quick else CASES[case][1]
     rows = []
-    for mode, shape in (("inference", infer_shape), ("training step", train_shape)):
+    for mode, shape in [(m, s) for s in shapes for m in ("inference", "training step")]:
         built = {v: make(case, v, dtype, shape) for v in VARIANTS}
         fns = {v: (infer_fn if mode == "inference" else train_fn)(*built[v]) for v in VARIANTS}
         if cpu_time:
@@ -178,12 +178,10 @@ def markdown(rows: list[dict]) -> str:
     return head + body
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,shape", [(c, s) for c in CASES for s in CASES[c][1]])
 @pytest.mark.parametrize("mode", ["inference", "training step"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_dense_block(benchmark, case, mode, variant):
-    _, infer_shape, train_shape = CASES[case]
-    shape = infer_shape if mode == "inference" else train_shape
+def test_dense_block(benchmark, case, shape, mode, variant):
     benchmark.group = f"dense_block {case} {mode} {list(shape)}"
     m, x = make(case, variant, torch.float32, shape)
     benchmark((infer_fn if mode == "inference" else train_fn)(m, x))
@@ -200,8 +198,9 @@ def main() -> None:
         for dtype in dtypes:
             if case == "srdensenet-x4" and dtype != torch.float32:
                 continue  # the model-level comparison runs in float32 only (time)
-            rows += run_case(case, dtype, cpu_time=cpu_time, rounds=3 if quick else int(os.environ.get("ROUNDS", 5)))
-            print(markdown(rows[-8:]), flush=True)
+            rows += run_case(case, dtype, cpu_time=cpu_time, rounds=3 if quick else int(os.environ.get("ROUNDS", 5)),
+                             quick=quick)
+            print(markdown(rows), flush=True)
     table = markdown(rows)
     bm = bytes_model()
     timing = "thread CPU time, 1 thread" if cpu_time else f"wall clock, {torch.get_num_threads()} threads, interleaved"

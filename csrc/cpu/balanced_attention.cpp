@@ -427,7 +427,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::
 
 void balanced_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& prelu_w,
                                 const at::Tensor& w2, const at::Tensor& w_sa,
-                                const c10::optional<at::Tensor>& residual, at::Tensor out) {
+                                const c10::optional<at::Tensor>& residual, const at::Tensor& out_arg) {
+  at::Tensor out = out_arg;  // kernels for every backend share the signature (const Tensor&)
   const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOpOut);
   check_out(out, x_in, kOpOut);
   at::Tensor x = x_in;

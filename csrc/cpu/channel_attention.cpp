@@ -383,7 +383,8 @@ void channel_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, con
                                const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                                const c10::optional<at::Tensor>& residual,
                                const c10::optional<at::Tensor>& act_weight, c10::string_view pool,
-                               at::Tensor out) {
+                               const at::Tensor& out_arg) {
+  at::Tensor out = out_arg;  // kernels for every backend share the signature (const Tensor&)
   check_forward_args(x_in, w1, b1, w2, b2, act_weight, kOpOut);
   const bool with_std = parse_pool(pool, kOpOut);
   check_out(out, x_in, kOpOut);

@@ -19,8 +19,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <ctime>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -34,7 +32,7 @@ using FVec = Vectorized<float>;
 namespace blas = at::native::cpublas;
 
 constexpr int64_t kNB = 64;        // output columns per micro-kernel call (4 AVX-512 vectors / AMX tiles)
-constexpr int64_t kTileElems = 4096;  // fp32 accumulator tile (16 KB): stays in L1 across the k*k taps
+constexpr int64_t kTileElems = 8192;  // fp32 accumulator tile (32 KB): stays in L1 across the k*k taps
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -68,12 +66,6 @@ void dispatch_fast(c10::ScalarType t, const F& f) {
   } else {
     f(at::BFloat16{});
   }
-}
-
-double cpu_now() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
 }
 
 bool force_generic() {
@@ -614,17 +606,10 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
   }
   const Geom g(x.size(0), x.size(2), x.size(3), pl.p);
   at::Tensor buf = new_buffer_fast(x, pl, g);
-  const bool prof = std::getenv("SRKERNELS_DENSE_PROFILE") != nullptr;
-  double t0 = cpu_now();
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     for (const auto i : c10::irange(pl.layers.size())) {
       layer_forward_fast<T>(buf, g, pl.layers[i], weights[i], biases[i]);
-      if (prof) {
-        const double t1 = cpu_now();
-        fprintf(stderr, "fwd layer %ld: %.2f ms\n", (long)i, t1 - t0);
-        t0 = t1;
-      }
     }
   });
   at::Tensor out, stats = at::empty({0}, x.options().dtype(at::kFloat));
@@ -648,7 +633,6 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
       fusion_forward_fast<decltype(tag)>(buf, g, pl, *fuse_w, fuse_b, gv, res, out);
     });
   }
-  if (prof) fprintf(stderr, "fwd fusion+out: %.2f ms\n", cpu_now() - t0);
   return {out, buf, stats};
 }
 
@@ -669,14 +653,6 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   TORCH_CHECK(buf.dim() == 2 && buf.size(0) == g.R && buf.size(1) == pl.T && buf.is_contiguous(), kOpBw,
               ": buffer must be a contiguous [", g.R, ", ", pl.T, "] matrix, got ", buf.sizes());
   const auto dt = buf.scalar_type();
-  const bool prof = std::getenv("SRKERNELS_DENSE_PROFILE") != nullptr;
-  double tb = cpu_now();
-  auto mark = [&](const char* what) {
-    if (!prof) return;
-    const double t = cpu_now();
-    fprintf(stderr, "bwd %s: %.2f ms\n", what, t - tb);
-    tb = t;
-  };
   int64_t max_g = 0;
   for (const Layer& l : pl.layers) max_g = std::max(max_g, l.G);
   const int64_t esz = c10::elementSize(dt);
@@ -685,7 +661,6 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   at::Tensor gfw, gfb, ggw1, ggb1, ggw2, ggb2;
   if (fuse_w.has_value()) {
     zero_outside_fusion(gbuf, g, pl);
-    mark("zeros");
     const int64_t Cout = fuse_w->size(0);
     at::Tensor dOd = at::zeros({g.npix, Cout}, buf.options());
     dispatch_fast(dt, [&](auto tag) {
@@ -694,15 +669,11 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
                           Cout, 0, 0);
     });
     const at::Tensor dO = dOd.to(at::kFloat);
-    mark("dO");
     auto add_dF = [&](const at::Tensor& gv) {
-      mark("fusion grads");
       dispatch_fast(dt, [&](auto tag) { fusion_grad_input_fast<decltype(tag)>(dOd, gbuf, g, pl, *fuse_w, gv); });
-      mark("fusion dF");
     };
     std::tie(gfw, gfb, ggw1, ggb1, ggw2, ggb2) =
         fusion_backward(dO, dOd, buf, gbuf, stats, g, pl, *fuse_w, gw1, gb1, gw2, gb2, add_dF);
-    mark("fusion");
   } else {
     gbuf.zero_();
     dispatch_fast(dt, [&](auto tag) {
@@ -721,9 +692,7 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
       const at::Tensor& w = weights[i];
       const int64_t k = w.size(2);
       at::Tensor gbias;
-      auto tp0 = cpu_now();
       const at::Tensor dz = layer_dz_fast<T>(buf, gbuf, g, l, gbias, arena);
-      auto tp1 = cpu_now();
       gbs[i] = gbias.to(dt);
       if constexpr (std::is_same_v<T, float>) {
         // k*k GEMMs over all pixel rows on views (MKL; K = pixels is long, so these run near peak)
@@ -736,23 +705,15 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
       } else {
         gws[i] = layer_grad_weight_bf16(dz, buf, g, l, k);
       }
-      auto tp2 = cpu_now();
       layer_grad_input_fast<T>(dz, gbuf, g, l, w);
-      auto tp3 = cpu_now();
-      if (std::getenv("SRKERNELS_DENSE_PROFILE")) {
-        auto ms = [](double a, double b) { return b - a; };
-        fprintf(stderr, "layer %ld: dz %.2f ms, gw %.2f ms, gin %.2f ms\n", (long)i, ms(tp0, tp1), ms(tp1, tp2), ms(tp2, tp3));
-      }
     }
   });
-  tb = cpu_now();
   at::Tensor gx = output_like(grad_out, pl.Cx);
   dispatch_fast(dt, [&](auto tag) {
     using T = decltype(tag);
     copy_interior<float, T>(gbuf.const_data_ptr<float>(), gx.data_ptr<T>(), false, !gx.is_contiguous(), g, pl.Cx, pl.T, 0,
                             g.margin);
   });
-  mark("gx");
   return {gx, gws, gbs, gfw, gfb, ggw1, ggb1, ggw2, ggb2};
 }
 

@@ -437,7 +437,8 @@ at::Tensor pixel_shuffle_cpu(const at::Tensor& x_in, int64_t r, const std::optio
 
 void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& act_weight, c10::string_view act_s,
-                           const std::optional<at::Tensor>& residual, at::Tensor out) {
+                           const std::optional<at::Tensor>& residual, const at::Tensor& out_arg) {
+  at::Tensor out = out_arg;  // kernels for every backend share the signature (const Tensor&)
   const Act act = parse_act(act_s);
   check_args(x_in, r, bias, act_weight, act);
   at::Tensor x = x_in;
