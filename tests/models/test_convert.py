@@ -339,12 +339,12 @@ def test_foreign_safetensors_needs_arch_and_scale(tmp_path):
     assert same_output(src, load_pretrained("rdcab", path, 2, fused=False), torch.rand(1, 3, 4, 4))
 
 
-def test_save_pretrained_checks():
+def test_save_pretrained_checks(tmp_path):
     m = build("srcnn", 2, fused=False)
     with pytest.raises(TypeError, match="model"):
-        save_pretrained(torch.nn.Conv2d(1, 1, 1), "/tmp/x.safetensors")
+        save_pretrained(torch.nn.Conv2d(1, 1, 1), tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="safetensors"):
-        save_pretrained(m, "/tmp/x.pt")
+        save_pretrained(m, tmp_path / "x.pt")
     with pytest.raises(TypeError, match="path"):
         save_pretrained(m, 3)
 
