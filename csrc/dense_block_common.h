@@ -69,9 +69,9 @@ inline Plan parse_plan(at::IntArrayRef v, at::TensorList weights, const char* op
     TORCH_CHECK(w.dim() == 4 && w.size(0) == q[3] && w.size(1) == q[1] && w.size(2) == pl.k && w.size(3) == pl.k, op,
                 ": weights[", i, "] must be [", q[3], ", ", q[1], ", ", pl.k, ", ", pl.k, "], got ", w.sizes());
     Layer l{q[0], q[1], q[2], q[4], q[5], q[6], q[3], q[7] != 0};
+    const bool second_ok = l.G == l.out_split || in_buf(l.out2_start, l.G - l.out_split);
     TORCH_CHECK(in_buf(l.in_start, l.in_len) && l.out_split > 0 && l.out_split <= l.G &&
-                    in_buf(l.out_start, l.out_split) && (l.G == l.out_split || in_buf(l.out2_start, l.G - l.out_split)) &&
-                    (l.res_start < 0 || in_buf(l.res_start, l.G)),
+                    in_buf(l.out_start, l.out_split) && second_ok && (l.res_start < 0 || in_buf(l.res_start, l.G)),
                 op, ": layer ", i, " reads or writes outside the buffer");
     pl.layers.push_back(l);
   }
@@ -253,7 +253,9 @@ inline void layer_forward_generic(const at::Tensor& buf, const Geom& g, const La
   if (l.relu) z.relu_();
   z.mul_(mask);
   rows(buf, g, 0, l.out_start, l.out_split).copy_(z.narrow(1, 0, l.out_split));
-  if (l.G > l.out_split) rows(buf, g, 0, l.out2_start, l.G - l.out_split).copy_(z.narrow(1, l.out_split, l.G - l.out_split));
+  if (l.G > l.out_split) {
+    rows(buf, g, 0, l.out2_start, l.G - l.out_split).copy_(z.narrow(1, l.out_split, l.G - l.out_split));
+  }
 }
 
 // A layer's output columns (the two destination ranges back to back).
@@ -281,8 +283,9 @@ inline at::Tensor gated_weight(const at::Tensor& fw, const at::Tensor& gv) {
 
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Grads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor,
-                         at::Tensor, at::Tensor, at::Tensor>;
+// grad_x, grad_weights, grad_biases, grad_fuse_weight, grad_fuse_bias, then the gate's four
+using Grads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Everything after the layers: pooled gate, fusion (or the plain buffer range), bias, residual.
 // Returns (out, stats). `fusion` computes the [npix, Cout] acc fusion product given the optional gate.
@@ -290,8 +293,8 @@ template <typename Fusion>
 inline std::tuple<at::Tensor, at::Tensor> finish_forward(
     const at::Tensor& x, const at::Tensor& buf, const Geom& g, const Plan& pl, const std::optional<at::Tensor>& fuse_w,
     const std::optional<at::Tensor>& fuse_b, const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
-    const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2, const std::optional<at::Tensor>& residual,
-    const Fusion& fusion) {
+    const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2,
+    const std::optional<at::Tensor>& residual, const Fusion& fusion) {
   const auto acc = at::toOpMathType(x.scalar_type());
   at::Tensor stats = at::empty({0}, x.options().dtype(acc));
   if (!fuse_w.has_value()) {
@@ -331,7 +334,8 @@ inline Outputs forward_generic(const at::Tensor& x, at::TensorList weights,
   auto fusion = [&](const at::Tensor& gv) {
     const at::Tensor fw = *fuse_w;
     if (gv.defined()) {
-      const at::Tensor F3 = buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, pl.fuse_len);
+      const at::Tensor F3 =
+          buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, pl.fuse_len);
       const at::Tensor Wg = gated_weight(fw, gv);  // [N, K, Cout] acc
       return at::bmm(F3.to(acc), Wg).view({g.npix, fw.size(0)});
     }
@@ -378,7 +382,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   } else {
     gfw = mm_acc(dOd.t(), rows(buf, g, 0, pl.fuse_start, K), acc).to(dt);
     add_dF(at::Tensor());
-    for (at::Tensor* t : {&ggw1, &ggb1, &ggw2, &ggb2}) *t = at::empty({0}, fw.options());  // distinct: no aliasing outputs
+    // distinct empties: outputs must not alias
+    for (at::Tensor* t : {&ggw1, &ggb1, &ggw2, &ggb2}) *t = at::empty({0}, fw.options());
   }
   return {gfw, gfb, ggw1, ggb1, ggw2, ggb2};
 }

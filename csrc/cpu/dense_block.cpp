@@ -106,7 +106,9 @@ PackedB<T> pack_b(const at::Tensor& src) {
       blas::pack(pb.K, w, pb.N, ld, c10::CppTypeToScalarType<T>::value, c10::CppTypeToScalarType<T>::value,
                  in + j * kNB, out + j * pb.stride);
     } else {
-      for (int64_t kk = 0; kk < pb.K; ++kk) std::memcpy(out + j * pb.stride + kk * ld, in + kk * pb.N + j * kNB, w * sizeof(T));
+      for (int64_t kk = 0; kk < pb.K; ++kk) {
+        std::memcpy(out + j * pb.stride + kk * ld, in + kk * pb.N + j * kNB, w * sizeof(T));
+      }
     }
   }
   return pb;
@@ -150,7 +152,9 @@ struct Tiles {
     segs = max_pixels >= g.W ? 1 : div_up(g.W, max_pixels);
     // enough work items to keep every thread busy
     const int64_t threads = at::get_num_threads();
-    while (rows_per_tile > 1 && g.N * div_up(g.H, rows_per_tile) < 4 * threads) rows_per_tile = div_up(rows_per_tile, 2);
+    while (rows_per_tile > 1 && g.N * div_up(g.H, rows_per_tile) < 4 * threads) {
+      rows_per_tile = div_up(rows_per_tile, 2);
+    }
     seg_w = div_up(g.W, segs);
     segs = div_up(g.W, seg_w);
     per_sample = div_up(g.H, rows_per_tile) * segs;
@@ -238,7 +242,8 @@ at::Tensor new_buffer_fast(const at::Tensor& x, const Plan& pl, const Geom& g) {
   }
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    copy_interior<T, T>(x.const_data_ptr<T>(), buf.data_ptr<T>(), true, !x.is_contiguous(), g, pl.Cx, pl.T, 0, g.margin);
+    copy_interior<T, T>(x.const_data_ptr<T>(), buf.data_ptr<T>(), true, !x.is_contiguous(), g, pl.Cx, pl.T, 0,
+                        g.margin);
   });
   return buf;
 }
@@ -336,7 +341,8 @@ void fusion_forward_fast(const at::Tensor& buf, const Geom& g, const Plan& pl, c
   } else {
     packs.push_back(pack_b<T>(fw.t()));
   }
-  const at::Tensor bf = fb.has_value() ? fb->to(at::kFloat).contiguous() : at::zeros({Cout}, buf.options().dtype(at::kFloat));
+  const at::Tensor bf =
+      fb.has_value() ? fb->to(at::kFloat).contiguous() : at::zeros({Cout}, buf.options().dtype(at::kFloat));
   const float* pb = bf.const_data_ptr<float>();
   const bool nhwc = !out.is_contiguous();  // out is NCHW-contiguous or channels_last (output_like)
   const T* pr = res.defined() ? res.const_data_ptr<T>() : nullptr;  // same layout as out
@@ -489,7 +495,8 @@ void layer_grad_input_fast(const at::Tensor& dz, at::Tensor& gbuf, const Geom& g
 constexpr int64_t kWgSplit = 4;
 constexpr int64_t kWgChunk = 512;
 
-at::Tensor layer_grad_weight_bf16(const at::Tensor& dz, const at::Tensor& buf, const Geom& g, const Layer& l, int64_t k) {
+at::Tensor layer_grad_weight_bf16(const at::Tensor& dz, const at::Tensor& buf, const Geom& g, const Layer& l,
+                                  int64_t k) {
   using T = at::BFloat16;
   const int64_t G = l.G, Tc = buf.size(1), taps = k * k, nblocks = div_up(l.in_len, kNB);
   const int64_t ldz = g.R + 2;  // one spare zero column: chunks are padded to an even length
@@ -532,8 +539,8 @@ at::Tensor layer_grad_weight_bf16(const at::Tensor& dz, const at::Tensor& buf, c
 // Fusion input gradient: gbuf[:, fuse] = dO @ fuse_w (scaled per sample by the gate), written (not added) on the
 // interior work spans; the caller zeroes every gbuf entry outside them.
 template <typename T>
-void fusion_grad_input_fast(const at::Tensor& dOd, at::Tensor& gbuf, const Geom& g, const Plan& pl, const at::Tensor& fw,
-                            const at::Tensor& gv) {
+void fusion_grad_input_fast(const at::Tensor& dOd, at::Tensor& gbuf, const Geom& g, const Plan& pl,
+                            const at::Tensor& fw, const at::Tensor& gv) {
   const int64_t Cout = fw.size(0), Tc = gbuf.size(1);
   std::vector<PackedB<T>> packs;
   if (gv.defined()) {
@@ -699,7 +706,8 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
         at::Tensor gw = at::empty({l.G, l.in_len, k, k}, w.options());
         const at::Tensor dzt = dz.narrow(0, g.margin, g.npix).t();
         for (int64_t t = 0; t < k * k; ++t) {
-          gw.select(3, t % k).select(2, t / k).copy_(at::mm(dzt, rows(buf, g, g.tap(t / k, t % k), l.in_start, l.in_len)));
+          const at::Tensor a = rows(buf, g, g.tap(t / k, t % k), l.in_start, l.in_len);
+          gw.select(3, t % k).select(2, t / k).copy_(at::mm(dzt, a));
         }
         gws[i] = gw;
       } else {
@@ -711,8 +719,8 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   at::Tensor gx = output_like(grad_out, pl.Cx);
   dispatch_fast(dt, [&](auto tag) {
     using T = decltype(tag);
-    copy_interior<float, T>(gbuf.const_data_ptr<float>(), gx.data_ptr<T>(), false, !gx.is_contiguous(), g, pl.Cx, pl.T, 0,
-                            g.margin);
+    copy_interior<float, T>(gbuf.const_data_ptr<float>(), gx.data_ptr<T>(), false, !gx.is_contiguous(), g, pl.Cx,
+                            pl.T, 0, g.margin);
   });
   return {gx, gws, gbs, gfw, gfb, ggw1, ggb1, ggw2, ggb2};
 }

@@ -12,10 +12,10 @@ them), so the activation memory of a block is linear in its depth instead of qua
 slices accumulate in one gradient buffer, layers in reverse order.
 
 Buffer layout (the compiled kernels; the reference below uses plain ``torch.cat``): pixel-major ("NHWC") with
-a zero border of ``k // 2`` pixels around every sample and a margin before and after, i.e. a matrix
-``[R, T]`` with ``R = N*(H+2p)*(W+2p) + 2*margin`` rows (pixels) and ``T`` columns (channels). A channel range
-of it is a row-strided matrix (leading dimension T), which GEMM micro-kernels read in place, and a conv tap is
-that matrix shifted by a constant number of rows; the border makes the zero padding implicit and lets one
+a zero border of ``p = k // 2`` pixels around every sample and a margin of ``p*(W+2p) + p`` rows before and
+after, i.e. a matrix ``[R, T]`` with ``R = N*(H+2p)*(W+2p) + 2*margin`` rows (pixels) and ``T`` columns. A
+channel range of it is a row-strided matrix (leading dimension T), which GEMM micro-kernels read in place, and a
+conv tap is that matrix shifted by a constant number of rows; the border makes the zero padding implicit and lets one
 GEMM span several image rows and all samples. Cost of the choice: the border (13% more memory at 32x32, 4% at
 96x96) and ~2/(W+2) wasted GEMM rows (the border columns inside a row range). Kernel contract: the docstring
 of ``dense_block`` below and docs/ops.md.
@@ -34,8 +34,6 @@ from ..reference import functional as RF
 from . import _checks
 
 OP = "dense_block"
-_LAYER_INTS = 8  # in_start, in_len, out_start, out_channels, out_split, out2_start, res_start, relu
-_HEAD_INTS = 5  # channels, in_channels, kernel_size, fuse_start, fuse_len
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,9 @@ class DensePlan:
         _check_plan(self)
 
     def ints(self) -> list[int]:
-        """The flat ``int[] plan`` of the dispatcher op."""
+        """The flat ``int[] plan`` of the dispatcher op: ``channels, in_channels, kernel_size, fuse_start,
+        fuse_len``, then per layer ``in_start, in_len, out_start, out_channels, out_split, out2_start,
+        res_start, relu``."""
         out = [self.channels, self.in_channels, self.kernel_size, self.fuse_start, self.fuse_len]
         for lay in self.layers:
             out += [lay.in_start, lay.in_len, lay.out_start, lay.out_channels, lay.out_split, lay.out2_start,

@@ -173,7 +173,8 @@ def test_gradcheck_float64(backend_ctx, backend, flavour):
 def _op_args(dtype=torch.float32, gate=True, requires_grad=True):
     plan = rdb_plan(6, 4, 2)
     g = torch.Generator().manual_seed(0)
-    t = lambda *s, scale=0.3: (torch.randn(*s, generator=g) * scale).to(dtype).requires_grad_(requires_grad)  # noqa: E731
+    def t(*s, scale=0.3):
+        return (torch.randn(*s, generator=g) * scale).to(dtype).requires_grad_(requires_grad)
     x = t(2, 6, 5, 3, scale=1.0)
     ws = [t(4, 6 + 4 * i, 3, 3) for i in range(2)]
     bs = [t(4), t(4)]
