@@ -1,0 +1,117 @@
+"""Fused models against their reference twins: every model and scale (outputs and every gradient), the
+published configurations once, channels_last input, and torch.compile of each fused model.
+
+The reference (``fused=False``) is the torch.cat / eager-layer formulation with identical state_dict keys;
+the fused model loads its state_dict, so any difference is the fused kernels' rounding.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from srkernels.models import build
+
+from .test_models import SMALL, cases
+
+pytest.importorskip("srkernels._C", reason="the fused models need the compiled extension")
+
+# fp32 parity bound of issue #5: max abs diff <= 1e-4 relative to the output range (gradients: their range)
+RTOL = 1e-4
+
+
+def pair(name, scale, cfg, small=True):
+    torch.manual_seed(0)
+    full = {**SMALL[name], **cfg} if small else dict(cfg)
+    ref = build(name, scale, fused=False, **full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = build(name, scale, fused=True, **full)
+    # perturb every parameter so biases and attention gates are away from their init (zeros / tiny values)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    fused.load_state_dict(ref.state_dict())
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    return ref, fused
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape, what
+    rng = max(a.abs().max().item(), 1e-12)
+    err = (a - b).abs().max().item()
+    assert err <= RTOL * rng, f"{what}: max abs diff {err:.3g} > {RTOL} * {rng:.3g}"
+
+
+def model_input(m, n=2, h=7, w=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, m.in_channels, h, w, generator=g) * m.input_range
+
+
+def all_cases():
+    yield from cases()
+    yield "srcnn", 2, dict(kernel_sizes=(9, 1, 5))
+    yield "srcnn", 4, dict(kernel_sizes=(9, 3, 5), in_channels=3)
+    yield "srcnn", 3, dict(padding="valid", in_channels=3)
+    yield "rdcab", 2, dict(variant="ipiu")
+    yield "rcan", 2, dict(meanshift="rgb255_on_unit")
+    yield "rcan", 4, dict(bam=True, meanshift="none")
+
+
+@pytest.mark.parametrize("name, scale, cfg", list(all_cases()), ids=str)
+def test_outputs_and_gradients(name, scale, cfg):
+    ref, fused = pair(name, scale, cfg)
+    h = 21 if cfg.get("padding") == "valid" else 7  # SRCNN "valid" shrinks by 16 pixels
+    x = model_input(ref, h=h, w=h - 1)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fused(xf)
+    close(yf.detach(), yr.detach(), "output")
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    close(xf.grad, xr.grad, "input grad")
+    fp = dict(fused.named_parameters())
+    for k, p in ref.named_parameters():
+        if p.grad is None:  # unused by the forward (e.g. MeanShift with meanshift="none")
+            assert fp[k].grad is None, f"{k}: gradient in the fused model only"
+            continue
+        assert fp[k].grad is not None, f"{k}: no gradient in the fused model"
+        close(fp[k].grad, p.grad, f"grad {k}")
+
+
+@pytest.mark.parametrize("name, scale, cfg", [
+    ("srcnn", 3, {}), ("srdensenet", 4, {}), ("rcan", 4, {}), ("rcan", 2, dict(bam=True)), ("rdn", 2, {}),
+    ("rdcab", 4, {}), ("rdcab", 4, dict(variant="split")), ("rdcab", 3, dict(variant="ipiu")),
+], ids=str)
+def test_published_config(name, scale, cfg):
+    ref, fused = pair(name, scale, cfg, small=False)
+    ref.eval(), fused.eval()
+    x = model_input(ref, n=1, h=6, w=5)
+    with torch.no_grad():
+        close(fused(x), ref(x), "output")
+
+
+@pytest.mark.parametrize("name", ["srdensenet", "rcan", "rdn", "rdcab"])
+def test_channels_last_input(name):
+    ref, fused = pair(name, 2, {})
+    ref.eval(), fused.eval()
+    x = model_input(ref).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        close(fused(x), ref(x.contiguous()), "output")
+
+
+@pytest.mark.parametrize("name, scale, cfg", [
+    ("srcnn", 3, {}), ("srdensenet", 2, {}), ("rcan", 2, {}), ("rcan", 3, dict(bam=True)), ("rdn", 2, {}),
+    ("rdcab", 2, {}), ("rdcab", 2, dict(variant="fd_irb")),
+], ids=str)
+def test_torch_compile(name, scale, cfg):
+    torch._dynamo.reset()
+    ref, fused = pair(name, scale, cfg)
+    ref.eval(), fused.eval()
+    compiled = torch.compile(fused)
+    x = model_input(ref, n=1)
+    with torch.no_grad():
+        y = compiled(x)
+        close(y, fused(x), "compiled vs eager fused")
+        close(y, ref(x), "compiled fused vs reference")
