@@ -54,13 +54,15 @@ def variants(a: dict) -> dict:
         "eager+prealloc": eager_prealloc,
         "compile(ref)": lambda: compiled_ref(x, *w, residual=r),
         "srkernels": lambda: ops.balanced_attention(x, *w, residual=r),
+        "srkernels (cache off)": harness.cache_off(lambda: ops.balanced_attention(x, *w, residual=r)),
         "srkernels+prealloc": lambda: ops.balanced_attention(x, *w, residual=r, out=out),
     }
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels+prealloc"])
+@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels (cache off)",
+                                     "srkernels+prealloc"])
 def test_balanced_attention(benchmark, shape, dtype, variant):
     benchmark.group = f"balanced_attention {list(shape)} {dtype}"
     with torch.no_grad():

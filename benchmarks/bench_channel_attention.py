@@ -52,13 +52,15 @@ def variants(a: dict) -> dict:
         "eager+prealloc": eager_prealloc,
         "compile(ref)": lambda: compiled_ref(x, *w, residual=r),
         "srkernels": lambda: ops.channel_attention(x, *w, residual=r),
+        "srkernels (cache off)": harness.cache_off(lambda: ops.channel_attention(x, *w, residual=r)),
         "srkernels+prealloc": lambda: ops.channel_attention(x, *w, residual=r, out=out),
     }
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels+prealloc"])
+@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels (cache off)",
+                                     "srkernels+prealloc"])
 def test_channel_attention(benchmark, shape, dtype, variant):
     benchmark.group = f"channel_attention {list(shape)} {dtype}"
     with torch.no_grad():

@@ -2,6 +2,8 @@
 // torch.ops.srkernels.* (TORCH_LIBRARY), not through pybind11.
 #include <pybind11/pybind11.h>
 
+#include "cpu/output_cache.h"
+
 #include <string>
 
 namespace py = pybind11;
@@ -31,4 +33,16 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
+  // The cache of large CPU outputs (csrc/cpu/output_cache.h); Python wrappers in srkernels/__init__.py.
+  m.def("cpu_cache_stats", [] {
+    auto s = srkernels::cpu::output_cache_stats();
+    py::dict d;
+    d["limit_bytes"] = s.limit_bytes;
+    d["cached_bytes"] = s.cached_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  });
+  m.def("set_cpu_cache_limit", &srkernels::cpu::set_output_cache_limit, py::arg("bytes"));
+  m.def("empty_cpu_cache", &srkernels::cpu::empty_output_cache);
 }

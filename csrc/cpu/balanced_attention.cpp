@@ -5,6 +5,7 @@
 // scaled while it is still in L2. Reductions use fixed pixel chunks combined in index order, so results are
 // bitwise independent of the thread count.
 #include "attention_common.h"
+#include "output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -418,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::
   at::Tensor r;
   if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
   const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_output_like(x);
   at::Tensor mean = at::empty({d.N, d.C}, acc_opts);
   at::Tensor maxmap = at::empty({d.N, d.H, d.W}, acc_opts);
   forward_into(x, layout, r, out, mean, maxmap, d, w1, prelu_w, w2, w_sa);
@@ -438,7 +439,7 @@ void balanced_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, co
   if (out.is_contiguous(memory_format(layout))) {
     forward_into(x, layout, r, out, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
   } else {  // a caller buffer in another layout: compute natively, then one copy
-    at::Tensor tmp = at::empty_like(x);
+    at::Tensor tmp = empty_output_like(x);
     forward_into(x, layout, r, tmp, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
     out.copy_(tmp);
   }
@@ -464,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
   const at::Tensor mean = mean_in.contiguous();
   const at::Tensor maxmap = maxmap_in.contiguous();
 
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = empty_output_like(x);
   at::Tensor gw1 = at::empty({Cr, C}, w1.options());
   at::Tensor gpw = at::empty(prelu_w.sizes(), w1.options());
   at::Tensor gw2 = at::empty({C, Cr}, w1.options());

@@ -4,6 +4,7 @@
 // still in L2, so x comes from DRAM once. Every reduction is split into fixed-size chunks whose partials are
 // combined in index order, so results are bitwise independent of the thread count.
 #include "attention_common.h"
+#include "output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -372,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in,
   const Layout layout = prepare_input(x);
   at::Tensor r;
   if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_output_like(x);
   at::Tensor stats = at::empty({x.size(0), with_std ? 2 : 1, x.size(1)},
                                x.options().dtype(at::toOpMathType(x.scalar_type())));
   forward_into(x, layout, r, out, stats, w1, b1, w2, b2, act_weight, with_std);
@@ -395,7 +396,7 @@ void channel_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, con
   if (out.is_contiguous(memory_format(layout))) {
     forward_into(x, layout, r, out, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
   } else {  // a caller buffer in another layout: compute natively, then one copy
-    at::Tensor tmp = at::empty_like(x);
+    at::Tensor tmp = empty_output_like(x);
     forward_into(x, layout, r, tmp, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
     out.copy_(tmp);
   }
@@ -495,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor go = match_layout(grad_out_in, x, layout, kOpBw, "grad_out");
   const at::Tensor stats = stats_in.contiguous();
 
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = empty_output_like(x);
   at::Tensor gw1 = at::empty({Cr, C}, w1.options());
   at::Tensor gw2 = at::empty({C, Cr}, w2.options());
   at::Tensor gb1 = b1.has_value() ? at::empty({Cr}, w1.options()) : at::empty({0}, w1.options());

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "attention_common.h"
+#include "output_cache.h"
 
 #include <limits>
 #include <numeric>
@@ -429,8 +430,8 @@ at::Tensor pixel_shuffle_cpu(const at::Tensor& x_in, int64_t r, const std::optio
   check_args(x_in, r, bias, act_weight, act);
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
-  at::Tensor out = at::empty({x.size(0), x.size(1) / (r * r), x.size(2) * r, x.size(3) * r},
-                             x.options().memory_format(memory_format(layout)));
+  at::Tensor out = empty_output({x.size(0), x.size(1) / (r * r), x.size(2) * r, x.size(3) * r}, x.options(),
+                                memory_format(layout));
   forward_into(x, r, bias, act_weight, act, residual, out, layout);
   return out;
 }
@@ -452,7 +453,7 @@ void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optiona
   if (out.is_contiguous(memory_format(layout))) {
     forward_into(x, r, bias, act_weight, act, residual, out, layout);
   } else {  // a caller buffer in another layout: compute natively, then one copy
-    at::Tensor tmp = at::empty(shape, x.options().memory_format(memory_format(layout)));
+    at::Tensor tmp = empty_output(shape, x.options(), memory_format(layout));
     forward_into(x, r, bias, act_weight, act, residual, tmp, layout);
     out.copy_(tmp);
   }
@@ -678,7 +679,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_backward_cpu(
   }
   go = go.contiguous(memory_format(layout));
   const auto opts = go.options();
-  at::Tensor gx = at::empty({g.N, g.Cin(), g.H, g.W}, opts.memory_format(memory_format(layout)));
+  at::Tensor gx = empty_output({g.N, g.Cin(), g.H, g.W}, opts, memory_format(layout));
   at::Tensor gb = bias ? at::zeros({g.Cin()}, opts) : at::empty({0}, opts);
   at::Tensor ga = act == Act::Prelu ? at::zeros({g.C}, opts) : at::empty({0}, opts);
   if (g.N == 0) return {gx, gb, ga};
