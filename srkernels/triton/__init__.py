@@ -12,7 +12,7 @@ import importlib.util
 
 AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 
-_OP_MODULES = ("channel_attention", "balanced_attention", "pixel_shuffle")
+_OP_MODULES = ("channel_attention", "balanced_attention", "pixel_shuffle", "dense_block")
 _loaded = False
 
 

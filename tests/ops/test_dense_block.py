@@ -1,6 +1,6 @@
 """dense_block: every flavour's fused module against its torch.cat reference module (forward and every gradient),
 float64 gradcheck, opcheck, torch.compile, state_dict loading, and the memory claim (saved activations linear in
-depth)."""
+depth). The Triton backend runs in the interpreter (TRITON_INTERPRET=1, set by conftest) on tiny shapes."""
 import pytest
 import torch
 
@@ -10,13 +10,15 @@ from srkernels import ops, use_backend
 from srkernels import reference as R
 from srkernels.ops.dense_block import DenseLayer, DensePlan, fdirb_plan, rdb_plan, split_plan, srdense_plan
 
-from ..conftest import assert_close, layout
+from ..conftest import assert_close, cpu_backends, layout
 from ._parity import randn
 
 OP = "dense_block"
 # "compiled" is the CPU micro-kernel path for float32/bfloat16; "generic" the ATen path the CUDA kernel uses
-# (forced on CPU), "reference" the Python torch.cat formulation of a plan.
-BACKENDS = ["compiled", "generic", "reference"]
+# (forced on CPU), "reference" the Python torch.cat formulation of a plan, "triton" the Triton kernels (interpreted).
+BACKENDS = ["compiled", "generic", "reference", "triton"]
+HAS_TRITON = "triton" in cpu_backends(OP)
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is off")
 
 # (name, ctor args, ctor kwargs, extra forward input)
 FLAVOURS = {
@@ -27,6 +29,8 @@ FLAVOURS = {
     "fdirb": (R.FDIRB, N.FDIRB, (8, 3), dict(sub_channels=4, reduction=4), False),
 }
 SHAPES = [(1, 5, 7), (2, 6, 5), (3, 1, 9)]  # (N, H, W): N=1 and N>1, odd sizes, a single row
+# The interpreter runs every program in Python: smaller maps, still N=1 and N>1, odd sizes, a single row.
+TRITON_SHAPES = [(1, 3, 5), (2, 3, 3), (2, 1, 5)]
 
 
 @pytest.fixture
@@ -106,15 +110,28 @@ def _low_copy(ref, dtype):
     return eager
 
 
+def _triton_case(flavour, shape, fmt, dtype):
+    """Interpreter time: float32 on every shape, in one layout per shape (alternating with the flavour);
+    bfloat16 on one shape with N > 1, contiguous for some flavours and channels_last for the others."""
+    i = list(FLAVOURS).index(flavour)
+    if dtype == torch.float32:
+        return fmt == ("contiguous", "channels_last")[(i + TRITON_SHAPES.index(shape)) % 2]
+    return shape == TRITON_SHAPES[1] and fmt == ("contiguous", "channels_last")[i % 2]
+
+
 def _cases():
     for backend in BACKENDS:
+        marks = [needs_triton] if backend == "triton" else []
         for flavour in FLAVOURS:
-            for shape in SHAPES:
+            for shape in TRITON_SHAPES if backend == "triton" else SHAPES:
                 for fmt in ("contiguous", "channels_last"):
                     for dtype in (torch.float32, torch.bfloat16):
-                        if backend != "compiled" and (dtype != torch.float32 or shape != SHAPES[1]):
+                        if backend == "triton":
+                            if not _triton_case(flavour, shape, fmt, dtype):
+                                continue
+                        elif backend != "compiled" and (dtype != torch.float32 or shape != SHAPES[1]):
                             continue  # the other paths: one shape, float32
-                        yield pytest.param(backend, flavour, shape, fmt, dtype,
+                        yield pytest.param(backend, flavour, shape, fmt, dtype, marks=marks,
                                            id=f"{backend}-{flavour}-{'x'.join(map(str, shape))}-{fmt}-{str(dtype)[6:]}")
 
 
@@ -124,10 +141,30 @@ def test_parity(backend_ctx, backend, flavour, shape, fmt, dtype):
     check_module(ref, fused, extra, shape, dtype, fmt, backend_ctx(backend))
 
 
-@pytest.mark.parametrize("backend", ["compiled", "generic"])
+@pytest.mark.parametrize("backend", ["compiled", "generic", pytest.param("triton", marks=needs_triton)])
 def test_float16_and_strided_input(backend_ctx, backend):
     ref, fused, extra = make_pair("rdb", torch.float16)
-    check_module(ref, fused, extra, (2, 4, 5), torch.float16, "strided", backend_ctx(backend))
+    check_module(ref, fused, extra, (2, 4, 5) if backend != "triton" else (2, 3, 3), torch.float16, "strided",
+                 backend_ctx(backend))
+
+
+@needs_triton
+@pytest.mark.parametrize("flavour", ["rdcab", "split"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_triton_float16(backend_ctx, flavour, fmt):
+    ref, fused, extra = make_pair(flavour, torch.float16)
+    check_module(ref, fused, extra, (2, 3, 3), torch.float16, fmt, backend_ctx("triton"))
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel_size", [1, 5])
+def test_triton_kernel_sizes_and_wide_tiles(backend_ctx, kernel_size):
+    """k = 1 (no border) and k = 5 (p = 2), with several tiles everywhere: 72 pixels per sample (64-pixel tiles,
+    so the gate's pooled sums merge two tiles), an 80-channel buffer (64-wide channel tiles) and layer inputs of
+    40 and 60 channels (32-wide reduction chunks)."""
+    ref, fused, extra = make_pair("rdcab", torch.float32,
+                                  cfg=((40, 20, 2), dict(reduction=16, kernel_size=kernel_size)))
+    check_module(ref, fused, extra, (1, 9, 8), torch.float32, "contiguous", backend_ctx("triton"))
 
 
 @pytest.mark.parametrize("flavour,cfg,shape,fmt", [
@@ -150,8 +187,17 @@ def test_row_segments_and_multi_row_tiles(backend_ctx):
     check_module(ref, fused, extra, (2, 9, 3), torch.float32, "channels_last", backend_ctx("compiled"))
 
 
-@pytest.mark.parametrize("backend", ["compiled", "reference"])
-@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def _gradcheck_cases():
+    for backend in ("compiled", "reference", "triton"):
+        for flavour in FLAVOURS:
+            # interpreter time: rdb is rdcab without the gate, srdense's no-fusion path has its parity tests
+            if backend == "triton" and flavour in ("rdb", "srdense"):
+                continue
+            yield pytest.param(backend, flavour, marks=[needs_triton] if backend == "triton" else [],
+                               id=f"{flavour}-{backend}")
+
+
+@pytest.mark.parametrize("backend,flavour", list(_gradcheck_cases()))
 def test_gradcheck_float64(backend_ctx, backend, flavour):
     cfg = {"rdb": ((3, 2, 2), {}), "rdcab": ((3, 4, 2), dict(reduction=2)), "srdense": ((3, 2, 3), {}),
            "split": ((4, 2), dict(reduction=2)), "fdirb": ((3, 3), dict(sub_channels=2, reduction=3))}[flavour]
@@ -167,7 +213,9 @@ def test_gradcheck_float64(backend_ctx, backend, flavour):
         with backend_ctx(backend):
             return torch.func.functional_call(fused, state, tuple(a[:len(xs)]))
 
-    assert torch.autograd.gradcheck(fn, (*xs, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # the interpreter is slow: the Triton op gets the fast (random projection) gradcheck
+    assert torch.autograd.gradcheck(fn, (*xs, *params), eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=backend == "triton")
 
 
 def _op_args(dtype=torch.float32, gate=True, requires_grad=True):
@@ -189,15 +237,42 @@ def _detach(a):
     return a.detach() if isinstance(a, torch.Tensor) else a
 
 
+@pytest.mark.parametrize("backend", ["compiled", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("gate", [True, False])
-def test_opcheck(backend_ctx, gate):
+def test_opcheck(backend_ctx, backend, gate):
     args = _op_args(gate=gate)
-    with backend_ctx("compiled"):
-        torch.library.opcheck(torch.ops.srkernels.dense_block, args)
+    with backend_ctx(backend):
+        ns = torch.ops.srkernels if backend == "compiled" else torch.ops.srkernels_triton
+        torch.library.opcheck(ns.dense_block, args)
         det = tuple(_detach(a) for a in args)
-        out, buf, stats = torch.ops.srkernels.dense_block(*det)
+        out, buf, stats = ns.dense_block(*det)
         bargs = (torch.randn_like(out), buf, stats, det[1], det[2], det[3], det[4], *det[6:10])
-        torch.library.opcheck(torch.ops.srkernels.dense_block_backward, bargs)
+        torch.library.opcheck(ns.dense_block_backward, bargs)
+
+
+@needs_triton
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_op_matches_compiled_op(gate, dtype):
+    """The raw ops: the same (out, buffer, stats) triple (the buffer layout contract, zero border and margin
+    included) and the same backward outputs as the C++ op."""
+    args = tuple(_detach(a) for a in _op_args(dtype=dtype, gate=gate, requires_grad=False))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    outs = [ns.dense_block(*args) for ns in (torch.ops.srkernels, torch.ops.srkernels_triton)]
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        torch.testing.assert_close(b, a, **tol)
+    out, buf, stats = outs[0]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    bargs = (g, buf, stats, args[1], args[2], args[3], args[4], *args[6:10])
+    grads = [ns.dense_block_backward(*bargs) for ns in (torch.ops.srkernels, torch.ops.srkernels_triton)]
+
+    def flat(t):
+        return [u for v in t for u in (v if isinstance(v, list) else [v])]
+
+    for a, b in zip(flat(grads[0]), flat(grads[1])):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b, a, **tol)
 
 
 @pytest.mark.parametrize("flavour", ["rdb", "rdcab", "fdirb"])
@@ -286,7 +361,7 @@ def test_saves_only_the_buffer(backend_ctx):
     assert len(big) == 1 and big[0].shape == (2 * 8 * 8 + 2 * 9, 8 + 3 * 4)
 
 
-@pytest.mark.parametrize("backend", ["compiled", "generic", "reference"])
+@pytest.mark.parametrize("backend", ["compiled", "generic", "reference", pytest.param("triton", marks=needs_triton)])
 def test_empty_batch(backend_ctx, backend):
     _, fused, _ = make_pair("rdcab", torch.float32)
     x = torch.randn(0, 8, 4, 4, requires_grad=True)
@@ -317,6 +392,34 @@ def test_deterministic_and_thread_independent(backend_ctx):
     for r in runs[1:]:
         for a, b in zip(runs[0], r):
             assert torch.equal(a, b)
+
+
+@needs_triton
+def test_triton_deterministic(backend_ctx, monkeypatch):
+    """No atomics: two runs give bitwise equal outputs and gradients, also with the pixel reductions cut into
+    several partials (more pixels than _SPLIT_ROWS would need a big map, so the split size is lowered), which
+    must still match the reference."""
+    from srkernels.triton import dense_block as TD
+
+    ref, fused, extra = make_pair("rdcab", torch.float32, cfg=((8, 4, 2), dict(reduction=4)))
+    monkeypatch.setattr(TD, "_SPLIT_ROWS", 16)  # 70 pixels -> 5 partials per weight, bias and fusion gradient
+    check_module(ref, fused, extra, (2, 5, 7), torch.float32, "contiguous", backend_ctx("triton"))
+    x0 = torch.randn(2, 8, 5, 7)
+    runs = []
+    for _ in range(2):
+        fused.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        with backend_ctx("triton"):
+            out = fused(x)
+        out.backward(torch.ones_like(out))
+        runs.append([out.detach(), x.grad] + [p.grad.clone() for p in fused.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+def test_build_info_lists_triton():
+    assert "triton" in srkernels.build_info()["ops"][OP]["cpu"]
 
 
 def test_models_pick_up_fused_blocks():
