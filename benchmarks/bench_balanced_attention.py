@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +39,6 @@ def variants(a: dict) -> dict:
     x, r = a["x"], a["residual"]
     w = (a["w1"], a["prelu_w"], a["w2"], a["w_sa"])
     out, tmp = torch.empty_like(x), torch.empty_like(x)
-    compiled_ref = torch.compile(RF.balanced_attention)
 
     def eager_prealloc():
         ca = torch.sigmoid(F.linear(F.prelu(F.linear(x.mean((2, 3)), w[0]), w[1]), w[2]))
@@ -49,24 +47,10 @@ def variants(a: dict) -> dict:
         tmp.mul_(sa)
         return torch.add(tmp, r, out=out)
 
-    return {
-        "eager": lambda: RF.balanced_attention(x, *w, residual=r),
-        "eager+prealloc": eager_prealloc,
-        "compile(ref)": lambda: compiled_ref(x, *w, residual=r),
-        "srkernels": lambda: ops.balanced_attention(x, *w, residual=r),
-        "srkernels (cache off)": harness.cache_off(lambda: ops.balanced_attention(x, *w, residual=r)),
-        "srkernels+prealloc": lambda: ops.balanced_attention(x, *w, residual=r, out=out),
-    }
+    return harness.standard_variants(RF.balanced_attention, ops.balanced_attention, (x, *w), r, eager_prealloc, out)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels (cache off)",
-                                     "srkernels+prealloc"])
-def test_balanced_attention(benchmark, shape, dtype, variant):
-    benchmark.group = f"balanced_attention {list(shape)} {dtype}"
-    with torch.no_grad():
-        benchmark(variants(make(shape, dtype, "cpu"))[variant])
+test_balanced_attention = harness.pytest_benchmark(BENCH, SHAPES, DTYPES, make, variants)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +38,6 @@ def variants(a: dict) -> dict:
     x, r = a["x"], a["residual"]
     w = (a["w1"], a["b1"], a["w2"], a["b2"])
     out, tmp = torch.empty_like(x), torch.empty_like(x)
-    compiled_ref = torch.compile(RF.channel_attention)
 
     def eager_prealloc():
         g = torch.sigmoid(torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(
@@ -47,24 +45,10 @@ def variants(a: dict) -> dict:
         torch.mul(x, g[:, :, None, None], out=tmp)
         return torch.add(tmp, r, out=out)
 
-    return {
-        "eager": lambda: RF.channel_attention(x, *w, residual=r),
-        "eager+prealloc": eager_prealloc,
-        "compile(ref)": lambda: compiled_ref(x, *w, residual=r),
-        "srkernels": lambda: ops.channel_attention(x, *w, residual=r),
-        "srkernels (cache off)": harness.cache_off(lambda: ops.channel_attention(x, *w, residual=r)),
-        "srkernels+prealloc": lambda: ops.channel_attention(x, *w, residual=r, out=out),
-    }
+    return harness.standard_variants(RF.channel_attention, ops.channel_attention, (x, *w), r, eager_prealloc, out)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels (cache off)",
-                                     "srkernels+prealloc"])
-def test_channel_attention(benchmark, shape, dtype, variant):
-    benchmark.group = f"channel_attention {list(shape)} {dtype}"
-    with torch.no_grad():
-        benchmark(variants(make(shape, dtype, "cpu"))[variant])
+test_channel_attention = harness.pytest_benchmark(BENCH, SHAPES, DTYPES, make, variants)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def device_arg() -> str:
     return "cuda" if "--cuda" in sys.argv or (torch.cuda.is_available() and "--cpu" not in sys.argv) else "cpu"
 
 
-__all__ = ["compare", "cache_off", "markdown", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha"]
+__all__ = ["compare", "cache_off", "markdown", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha",
+           "STANDARD_VARIANTS", "standard_variants", "pytest_benchmark"]
 
 
 def main(bench: str, shapes: list, dtypes: list, make, variants, passes: int = 3) -> None:
@@ -138,3 +139,40 @@ def main(bench: str, shapes: list, dtypes: list, make, variants, passes: int = 3
                       f"counts {passes} passes over x; `srkernels` allocates from its CPU output cache, "
                       f"`(cache off)` from a fresh mmap each call; commit `{git_sha()}`; {describe_machine().get('cpu', device)}.\n\n{table}")
     print(f"appended to {path}")
+
+
+# The variants of a suite for an op with ``residual=`` and ``out=`` (the attention ops), in table order.
+STANDARD_VARIANTS = ("eager", "eager+prealloc", "compile(ref)", "srkernels", "srkernels (cache off)",
+                     "srkernels+prealloc")
+
+
+def standard_variants(reference, op, args: tuple, residual, eager_prealloc, out) -> dict:
+    """STANDARD_VARIANTS for ``op(*args, residual=residual)`` and its plain-PyTorch ``reference``:
+    ``eager_prealloc`` is the hand-written eager version into preallocated buffers, ``out`` the srkernels
+    ``out=`` buffer."""
+    compiled_ref = torch.compile(reference)
+    return {
+        "eager": lambda: reference(*args, residual=residual),
+        "eager+prealloc": eager_prealloc,
+        "compile(ref)": lambda: compiled_ref(*args, residual=residual),
+        "srkernels": lambda: op(*args, residual=residual),
+        "srkernels (cache off)": cache_off(lambda: op(*args, residual=residual)),
+        "srkernels+prealloc": lambda: op(*args, residual=residual, out=out),
+    }
+
+
+def pytest_benchmark(bench: str, shapes: list, dtypes: list, make, variants, names=STANDARD_VARIANTS):
+    """The pytest-benchmark view of a suite (``pytest benchmarks/bench_<bench>.py``), as a test function to bind
+    to a ``test_*`` name: one case per shape, dtype and variant name (a key of ``variants(inputs)``), on CPU,
+    grouped by shape and dtype."""
+    import pytest
+
+    @pytest.mark.parametrize("shape", shapes, ids=lambda s: "x".join(map(str, s)))
+    @pytest.mark.parametrize("dtype", dtypes, ids=str)
+    @pytest.mark.parametrize("variant", names)
+    def test(benchmark, shape, dtype, variant):
+        benchmark.group = f"{bench} {list(shape)} {dtype}"
+        with torch.no_grad():
+            benchmark(variants(make(shape, dtype, "cpu"))[variant])
+
+    return test

@@ -45,6 +45,17 @@ def layout(x: torch.Tensor, fmt: str) -> torch.Tensor:
     raise ValueError(fmt)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+    machine is shared, so one thread is much faster than two contended ones for tiny tensors, and bit-exact
+    comparisons need the same thread count everywhere."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _no_forced_backend(monkeypatch):
     monkeypatch.delenv("SRKERNELS_BACKEND", raising=False)

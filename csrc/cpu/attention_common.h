@@ -46,6 +46,26 @@ inline at::Tensor match_layout(const at::Tensor& t, const at::Tensor& x, Layout 
   return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
 }
 
+// match_layout for an optional operand (the residual); undefined when absent.
+inline at::Tensor match_layout(const c10::optional<at::Tensor>& t, const at::Tensor& x, Layout l, const char* op,
+                               const char* name) {
+  return t.has_value() ? match_layout(*t, x, l, op, name) : at::Tensor();
+}
+
+// The end of every <op>_out variant: fwd(dst) computes the result in x's native layout `layout`. dst is the
+// caller's `out` when it already has that layout; otherwise a native temporary from make_tmp(), copied into
+// `out` afterwards (one more pass), so the kernels only ever write their native layout.
+template <typename MakeTmp, typename Fwd>
+inline void forward_out(const at::Tensor& out, Layout layout, const MakeTmp& make_tmp, const Fwd& fwd) {
+  if (out.is_contiguous(memory_format(layout))) {
+    fwd(out);
+  } else {
+    const at::Tensor tmp = make_tmp();
+    fwd(tmp);
+    out.copy_(tmp);
+  }
+}
+
 inline void check_x(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel called with a ", x.device(), " tensor");
@@ -143,6 +163,32 @@ struct VecIO {
   }
 };
 
+// One vector step of cnt <= W elements: whole (cnt == W) or masked (cnt < W; loads give 0 past cnt).
+template <typename T>
+inline typename VecIO<T>::AV load_n(const T* p, int64_t cnt) {
+  return cnt == VecIO<T>::W ? VecIO<T>::load(p) : VecIO<T>::load(p, cnt);
+}
+template <typename T>
+inline void store_n(T* p, const typename VecIO<T>::AV& v, int64_t cnt) {
+  if (cnt == VecIO<T>::W) {
+    VecIO<T>::store(p, v);
+  } else {
+    VecIO<T>::store(p, v, cnt);
+  }
+}
+template <typename A>
+inline Vectorized<A> aload_n(const A* p, int64_t cnt) {
+  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
+}
+template <typename A>
+inline void astore_n(A* p, const Vectorized<A>& v, int64_t cnt) {
+  if (cnt == Vectorized<A>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
 // Fixed-order horizontal reductions (a fixed shuffle tree): deterministic.
 template <typename A>
 inline A hsum(const Vectorized<A>& v) {
@@ -170,19 +216,49 @@ inline A sigmoid(A z) {
   return A(1) / (A(1) + std::exp(-z));
 }
 
-template <typename A>
-inline A dot(const A* a, const A* b, int64_t n) {
+// Fixed-order accumulation drivers over [0, n) in vector steps: step(i, cnt, acc) folds elements [i, i + cnt)
+// into the vector accumulator acc, cnt == W except for one partial step at the end. Which accumulator takes
+// which step decides the rounding, so every row reduction of one shape goes through the same driver.
+// Two accumulators: pairs of whole vectors alternate s0 / s1, a last whole vector goes to s0, the tail to s1.
+template <typename A, typename Step>
+inline A reduce2(int64_t n, const Step& step) {
   using AV = Vectorized<A>;
   constexpr int64_t W = AV::size();
   AV s0(A(0)), s1(A(0));
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    s0 = at::vec::fmadd(AV::loadu(a + i), AV::loadu(b + i), s0);
-    s1 = at::vec::fmadd(AV::loadu(a + i + W), AV::loadu(b + i + W), s1);
+    step(i, W, s0);
+    step(i + W, W, s1);
   }
-  for (; i + W <= n; i += W) s0 = at::vec::fmadd(AV::loadu(a + i), AV::loadu(b + i), s0);
-  if (i < n) s1 = at::vec::fmadd(AV::loadu(a + i, n - i), AV::loadu(b + i, n - i), s1);
+  for (; i + W <= n; i += W) step(i, W, s0);
+  if (i < n) step(i, n - i, s1);
   return hsum<A>(s0 + s1);
+}
+
+// Four accumulators (long streaming rows): groups of four whole vectors go to s0..s3, then whole vectors to
+// s0, the tail to s1; combined as (s0 + s1) + (s2 + s3).
+template <typename A, typename Step>
+inline A reduce4(int64_t n, const Step& step) {
+  using AV = Vectorized<A>;
+  constexpr int64_t W = AV::size();
+  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    step(i, W, s0);
+    step(i + W, W, s1);
+    step(i + 2 * W, W, s2);
+    step(i + 3 * W, W, s3);
+  }
+  for (; i + W <= n; i += W) step(i, W, s0);
+  if (i < n) step(i, n - i, s1);
+  return hsum<A>((s0 + s1) + (s2 + s3));
+}
+
+template <typename A>
+inline A dot(const A* a, const A* b, int64_t n) {
+  return reduce2<A>(n, [&](int64_t i, int64_t cnt, Vectorized<A>& s) {
+    s = at::vec::fmadd(aload_n<A>(a + i, cnt), aload_n<A>(b + i, cnt), s);
+  });
 }
 
 // y[0:n] += alpha * x[0:n]
@@ -214,40 +290,16 @@ inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 inline at::opmath_type<T> sum_row(const T* p, int64_t n) {
-  using IO = VecIO<T>;
-  using A = typename IO::A;
-  using AV = typename IO::AV;
-  constexpr int64_t W = IO::W;
-  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    s0 += IO::load(p + i);
-    s1 += IO::load(p + i + W);
-    s2 += IO::load(p + i + 2 * W);
-    s3 += IO::load(p + i + 3 * W);
-  }
-  for (; i + W <= n; i += W) s0 += IO::load(p + i);
-  if (i < n) s1 += IO::load(p + i, n - i);
-  return hsum<A>((s0 + s1) + (s2 + s3));
+  return reduce4<at::opmath_type<T>>(n, [&](int64_t i, int64_t cnt, typename VecIO<T>::AV& s) {
+    s += load_n<T>(p + i, cnt);
+  });
 }
 
 template <typename T>
 inline at::opmath_type<T> dot_row(const T* a, const T* b, int64_t n) {
-  using IO = VecIO<T>;
-  using A = typename IO::A;
-  using AV = typename IO::AV;
-  constexpr int64_t W = IO::W;
-  AV s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
-    s1 = at::vec::fmadd(IO::load(a + i + W), IO::load(b + i + W), s1);
-    s2 = at::vec::fmadd(IO::load(a + i + 2 * W), IO::load(b + i + 2 * W), s2);
-    s3 = at::vec::fmadd(IO::load(a + i + 3 * W), IO::load(b + i + 3 * W), s3);
-  }
-  for (; i + W <= n; i += W) s0 = at::vec::fmadd(IO::load(a + i), IO::load(b + i), s0);
-  if (i < n) s1 = at::vec::fmadd(IO::load(a + i, n - i), IO::load(b + i, n - i), s1);
-  return hsum<A>((s0 + s1) + (s2 + s3));
+  return reduce4<at::opmath_type<T>>(n, [&](int64_t i, int64_t cnt, typename VecIO<T>::AV& s) {
+    s = at::vec::fmadd(load_n<T>(a + i, cnt), load_n<T>(b + i, cnt), s);
+  });
 }
 
 // f(c, cnt) over [0, C) in acc-vector steps; only the last step may be partial.
@@ -257,31 +309,6 @@ inline void over_channels(int64_t C, const F& f) {
   int64_t c = 0;
   for (; c + W <= C; c += W) f(c, W);
   if (c < C) f(c, C - c);
-}
-
-template <typename T>
-inline typename VecIO<T>::AV load_n(const T* p, int64_t cnt) {
-  return cnt == VecIO<T>::W ? VecIO<T>::load(p) : VecIO<T>::load(p, cnt);
-}
-template <typename T>
-inline void store_n(T* p, const typename VecIO<T>::AV& v, int64_t cnt) {
-  if (cnt == VecIO<T>::W) {
-    VecIO<T>::store(p, v);
-  } else {
-    VecIO<T>::store(p, v, cnt);
-  }
-}
-template <typename A>
-inline Vectorized<A> aload_n(const A* p, int64_t cnt) {
-  return cnt == Vectorized<A>::size() ? Vectorized<A>::loadu(p) : Vectorized<A>::loadu(p, cnt);
-}
-template <typename A>
-inline void astore_n(A* p, const Vectorized<A>& v, int64_t cnt) {
-  if (cnt == Vectorized<A>::size()) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

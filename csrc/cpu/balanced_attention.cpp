@@ -45,6 +45,14 @@ struct PixChunks {
   int64_t len(int64_t k) const { return std::min(P, HW - k * P); }
 };
 
+// Channel c's total of per-chunk partials [nk, C], summed in chunk order (the fixed merge of every pass).
+template <typename A>
+inline A sum_chunks(const std::vector<A>& part, int64_t nk, int64_t C, int64_t c) {
+  A s = A(0);
+  for (int64_t k = 0; k < nk; ++k) s += part[k * C + c];
+  return s;
+}
+
 // ------------------------------------------------------------------ KxK zero-padded correlation (plain loops)
 
 // A [H, W] map stored with K/2 zero rows/columns around it plus one vector of zero slack per row, so the
@@ -131,29 +139,30 @@ void spatial_gate(const PaddedMap<A>& mxp, const A* w, int64_t K, A* sa) {
   });
 }
 
+// The two gates of one sample from its statistics (the forward computes them, the backward recomputes them from
+// the saved maps): ca = MLP(mean) with hidden pre-activation h and activation a, sa = sigmoid(corr(maxmap,
+// w_sa)). Returns the padded maxmap (the backward's w_sa gradient reads it).
+template <typename A>
+PaddedMap<A> gates(const Mlp<A>& mlp, const A* mean, const A* mx, const std::vector<A>& wsa, int64_t H, int64_t Wd,
+                   int64_t K, A* h, A* a, A* ca, A* sa) {
+  mlp.forward(mean, h, a, ca);
+  PaddedMap<A> mxp(H, Wd, K);
+  mxp.fill(mx);
+  spatial_gate<A>(mxp, wsa.data(), K, sa);
+  return mxp;
+}
+
 // ------------------------------------------------------------------ NCHW row kernels (one channel, a pixel run)
 
 // Returns sum(x); mx = x (kFirst) or max(mx, x), NaN-propagating like torch.max.
 template <bool kFirst, typename T>
 inline at::opmath_type<T> sum_max_row(const T* x, int64_t n, at::opmath_type<T>* mx) {
-  using IO = VecIO<T>;
-  using A = typename IO::A;
-  using AV = typename IO::AV;
-  constexpr int64_t W = IO::W;
-  AV s0(A(0)), s1(A(0));
-  int64_t i = 0;
-  auto step = [&](int64_t o, int64_t cnt, AV& s) {
-    const AV v = load_n<T>(x + o, cnt);
+  using A = at::opmath_type<T>;
+  return reduce2<A>(n, [&](int64_t o, int64_t cnt, Vectorized<A>& s) {
+    const Vectorized<A> v = load_n<T>(x + o, cnt);
     s += v;
     astore_n<A>(mx + o, kFirst ? v : at::vec::maximum(aload_n<A>(mx + o, cnt), v), cnt);
-  };
-  for (; i + 2 * W <= n; i += 2 * W) {
-    step(i, W, s0);
-    step(i + W, W, s1);
-  }
-  for (; i + W <= n; i += W) step(i, W, s0);
-  if (i < n) step(i, n - i, s1);
-  return hsum<A>(s0 + s1);
+  });
 }
 
 // out = x * ca * sa[p] (+ r)
@@ -178,13 +187,10 @@ template <bool kFirst, typename T>
 inline at::opmath_type<T> bwd1_row(const T* go, const T* x, int64_t n, const at::opmath_type<T>* sa,
                                    const at::opmath_type<T>* mx, at::opmath_type<T> ca, int64_t c,
                                    at::opmath_type<T>* dsa, at::opmath_type<T>* am) {
-  using IO = VecIO<T>;
-  using A = typename IO::A;
-  using AV = typename IO::AV;
-  constexpr int64_t W = IO::W;
+  using A = at::opmath_type<T>;
+  using AV = Vectorized<A>;
   const AV vca(ca), vc{A(c)}, none(A(-1)), zero(A(0));
-  AV s0(A(0)), s1(A(0));
-  auto step = [&](int64_t o, int64_t cnt, AV& s) {
+  return reduce2<A>(n, [&](int64_t o, int64_t cnt, AV& s) {
     const AV xv = load_n<T>(x + o, cnt);
     const AV t = load_n<T>(go + o, cnt) * xv;
     s = at::vec::fmadd(t, aload_n<A>(sa + o, cnt), s);
@@ -197,15 +203,7 @@ inline at::opmath_type<T> bwd1_row(const T* go, const T* x, int64_t n, const at:
       const AV a = aload_n<A>(am + o, cnt);
       astore_n<A>(am + o, AV::blendv(a, vc, eq & (a < zero)), cnt);
     }
-  };
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    step(i, W, s0);
-    step(i + W, W, s1);
-  }
-  for (; i + W <= n; i += W) step(i, W, s0);
-  if (i < n) step(i, n - i, s1);
-  return hsum<A>(s0 + s1);
+  });
 }
 
 // Backward pass 2 for channel c: gx = go*ca*sa + k + (am == c ? dmax : 0)
@@ -379,17 +377,10 @@ void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const
           }
         }
       });
-      for (int64_t c = 0; c < C; ++c) {
-        A s = A(0);
-        for (int64_t k = 0; k < nk; ++k) s += psum[k * C + c];
-        mn[c] = s / A(HW);
-      }
+      for (int64_t c = 0; c < C; ++c) mn[c] = sum_chunks(psum, nk, C, c) / A(HW);
 
       std::vector<A> h(Cr), a(Cr), ca(C), sa(HW);
-      mlp.forward(mn, h.data(), a.data(), ca.data());
-      PaddedMap<A> mxp(H, Wd, K);
-      mxp.fill(mx);
-      spatial_gate<A>(mxp, wsa.data(), K, sa.data());
+      gates<A>(mlp, mn, mx, wsa, H, Wd, K, h.data(), a.data(), ca.data(), sa.data());
 
       at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
         for (int64_t k = b; k < e; ++k) {
@@ -416,8 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::
   const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOp);
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
-  at::Tensor r;
-  if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
+  const at::Tensor r = match_layout(residual, x, layout, kOp, "residual");
   const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
   at::Tensor out = empty_output_like(x);
   at::Tensor mean = at::empty({d.N, d.C}, acc_opts);
@@ -428,21 +418,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::
 
 void balanced_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& prelu_w,
                                 const at::Tensor& w2, const at::Tensor& w_sa,
-                                const c10::optional<at::Tensor>& residual, const at::Tensor& out_arg) {
-  at::Tensor out = out_arg;  // kernels for every backend share the signature (const Tensor&)
+                                const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
   const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOpOut);
   check_out(out, x_in, kOpOut);
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
-  at::Tensor r;
-  if (residual.has_value()) r = match_layout(*residual, x, layout, kOpOut, "residual");
-  if (out.is_contiguous(memory_format(layout))) {
-    forward_into(x, layout, r, out, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
-  } else {  // a caller buffer in another layout: compute natively, then one copy
-    at::Tensor tmp = empty_output_like(x);
-    forward_into(x, layout, r, tmp, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
-    out.copy_(tmp);
-  }
+  const at::Tensor r = match_layout(residual, x, layout, kOpOut, "residual");
+  forward_out(out, layout, [&] { return empty_output_like(x); }, [&](const at::Tensor& dst) {
+    forward_into(x, layout, r, dst, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
+  });
 }
 
 // ------------------------------------------------------------------ backward
@@ -501,10 +485,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
         std::copy(pmean + n * C, pmean + (n + 1) * C, s);
 
         std::vector<A> h(Cr), ca(C), sa(HW), dsa(HW), am(HW), dmax(HW), pdca(nk * C), dca(C), dmean(C), kc(C);
-        mlp.forward(s, h.data(), rows.a.data() + n * Cr, ca.data());
-        PaddedMap<A> mxp(H, Wd, K);
-        mxp.fill(mx);
-        spatial_gate<A>(mxp, wsa.data(), K, sa.data());
+        const PaddedMap<A> mxp =
+            gates<A>(mlp, s, mx, wsa, H, Wd, K, h.data(), rows.a.data() + n * Cr, ca.data(), sa.data());
 
         // Pass 1: dca partials, dsa, argmax (lowest channel attaining the max).
         at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
@@ -526,11 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
             }
           }
         });
-        for (int64_t c = 0; c < C; ++c) {
-          A t = A(0);
-          for (int64_t k = 0; k < nk; ++k) t += pdca[k * C + c];
-          dca[c] = t;
-        }
+        for (int64_t c = 0; c < C; ++c) dca[c] = sum_chunks(pdca, nk, C, c);
         mlp.backward(h.data(), ca.data(), dca.data(), rows.dz.data() + n * C, rows.dh.data() + n * Cr,
                      rows.dslope.data() + n * Cr, dmean.data());
 

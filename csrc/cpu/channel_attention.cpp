@@ -37,6 +37,7 @@ inline bool parse_pool(c10::string_view pool, const char* op) {
 struct Chunking {
   Layout layout;
   int64_t C, HW, nk, P;
+  int64_t cs, ks;  // per-item partials ([C, nk] NCHW, [nk, C] NHWC): stride between channels, between chunks
   Chunking(Layout l, int64_t C_, int64_t HW_) : layout(l), C(C_), HW(HW_) {
     if (l == Layout::NCHW) {
       P = kChunkNCHW;
@@ -45,9 +46,30 @@ struct Chunking {
       P = std::max<int64_t>(1, kChunkNHWC / std::max<int64_t>(C, 1));
       nk = div_up(HW, P);
     }
+    cs = l == Layout::NCHW ? nk : 1;
+    ks = l == Layout::NCHW ? 1 : C;
   }
   int64_t items() const { return layout == Layout::NCHW ? C * nk : nk; }
   int64_t len(int64_t k) const { return std::min(P, HW - k * P); }  // pixels in chunk k
+
+  // One pass over a sample, items split across threads: NCHW row(i, c, k, o) for item i = (channel c, chunk
+  // k), NHWC pixels(k, o) for chunk k; o = the chunk's element offset in the sample. Every pass (pool, scale,
+  // dg, grad_x) goes through here, so all of them see the same items.
+  template <typename RowF, typename PixF>
+  void parallel(const RowF& row, const PixF& pixels) const {
+    if (layout == Layout::NCHW) {
+      at::parallel_for(0, items(), 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t c = i / nk, k = i % nk;
+          row(i, c, k, c * HW + k * P);
+        }
+      });
+    } else {
+      at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) pixels(k, k * P * C);
+      });
+    }
+  }
 };
 
 // ------------------------------------------------------------------ NCHW row kernels (one channel run)
@@ -223,11 +245,10 @@ void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type
   const int64_t C = ch.C, HW = ch.HW, nk = ch.nk;
   // NCHW: [C, nk]; NHWC: [nk, C]. psum holds chunk sums ("avg") or chunk means ("avg+std").
   std::vector<A> psum(nk * C), pe(with_std ? nk * C : 0), pm2(with_std ? nk * C : 0);
-  if (ch.layout == Layout::NCHW) {
-    at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t c = i / nk, k = i % nk, len = ch.len(k);
-        const T* p = xn + c * HW + k * ch.P;
+  ch.parallel(
+      [&](int64_t i, int64_t, int64_t k, int64_t o) {
+        const int64_t len = ch.len(k);
+        const T* p = xn + o;
         const A s = sum_row<T>(p, len);
         if (with_std) {
           const A mc = s / A(len);
@@ -238,13 +259,10 @@ void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type
         } else {
           psum[i] = s;
         }
-      }
-    });
-  } else {
-    at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
+      },
+      [&](int64_t k, int64_t o) {
         const int64_t len = ch.len(k);
-        const T* p = xn + k * ch.P * C;
+        const T* p = xn + o;
         A* s = psum.data() + k * C;
         sum_pixels<T>(p, len, C, s);
         if (with_std) {
@@ -253,11 +271,8 @@ void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type
           sqdev_pixels<T>(p, len, C, s, pm2.data() + k * C, pek);
           for (int64_t c = 0; c < C; ++c) pek[c] = pek[c] / A(len);
         }
-      }
-    });
-  }
-  const int64_t cs = ch.layout == Layout::NCHW ? nk : 1;  // stride between channels in the partials
-  const int64_t ks = ch.layout == Layout::NCHW ? 1 : C;   // stride between chunks
+      });
+  const int64_t cs = ch.cs, ks = ch.ks;
   for (int64_t c = 0; c < C; ++c) {
     if (!with_std) {
       A s = A(0);
@@ -287,11 +302,10 @@ void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type
 
 // ------------------------------------------------------------------ forward
 
-// Checks shared by the forward and its _out variant; returns Cr.
-int64_t check_forward_args(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
-                           const c10::optional<at::Tensor>& act_weight, const char* op) {
-  check_x(x, op);
+// Checks of the MLP weights against x, shared by the forward, its _out variant and the backward; returns Cr.
+int64_t check_weights(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                      const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                      const c10::optional<at::Tensor>& act_weight, const char* op) {
   const int64_t C = x.size(1);
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, op, ": w1 must be [Cr, C=", C, "], got ", w1.sizes());
   const int64_t Cr = w1.size(0);
@@ -340,22 +354,13 @@ void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const
       mlp.forward(s.data(), h.data(), a.data(), g.data());
 
       // Scale while the sample is cache-resident (same chunking as the pool pass).
-      if (layout == Layout::NCHW) {
-        at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            const int64_t c = i / ch.nk, k = i % ch.nk;
-            const int64_t o = c * HW + k * ch.P;
+      ch.parallel(
+          [&](int64_t, int64_t c, int64_t k, int64_t o) {
             scale_row<T>(xn + o, rn != nullptr ? rn + o : nullptr, on + o, ch.len(k), g[c]);
-          }
-        });
-      } else {
-        at::parallel_for(0, ch.nk, 1, [&](int64_t b, int64_t e) {
-          for (int64_t k = b; k < e; ++k) {
-            const int64_t o = k * ch.P * C;
+          },
+          [&](int64_t k, int64_t o) {
             scale_pixels<T>(xn + o, rn != nullptr ? rn + o : nullptr, on + o, ch.len(k), C, g.data());
-          }
-        });
-      }
+          });
     });
   });
 }
@@ -367,12 +372,12 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in,
                                                          const c10::optional<at::Tensor>& residual,
                                                          const c10::optional<at::Tensor>& act_weight,
                                                          c10::string_view pool) {
-  check_forward_args(x_in, w1, b1, w2, b2, act_weight, kOp);
+  check_x(x_in, kOp);
+  check_weights(x_in, w1, b1, w2, b2, act_weight, kOp);
   const bool with_std = parse_pool(pool, kOp);
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
-  at::Tensor r;
-  if (residual.has_value()) r = match_layout(*residual, x, layout, kOp, "residual");
+  const at::Tensor r = match_layout(residual, x, layout, kOp, "residual");
   at::Tensor out = empty_output_like(x);
   at::Tensor stats = at::empty({x.size(0), with_std ? 2 : 1, x.size(1)},
                                x.options().dtype(at::toOpMathType(x.scalar_type())));
@@ -384,22 +389,17 @@ void channel_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, con
                                const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                                const c10::optional<at::Tensor>& residual,
                                const c10::optional<at::Tensor>& act_weight, c10::string_view pool,
-                               const at::Tensor& out_arg) {
-  at::Tensor out = out_arg;  // kernels for every backend share the signature (const Tensor&)
-  check_forward_args(x_in, w1, b1, w2, b2, act_weight, kOpOut);
+                               const at::Tensor& out) {
+  check_x(x_in, kOpOut);
+  check_weights(x_in, w1, b1, w2, b2, act_weight, kOpOut);
   const bool with_std = parse_pool(pool, kOpOut);
   check_out(out, x_in, kOpOut);
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
-  at::Tensor r;
-  if (residual.has_value()) r = match_layout(*residual, x, layout, kOpOut, "residual");
-  if (out.is_contiguous(memory_format(layout))) {
-    forward_into(x, layout, r, out, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
-  } else {  // a caller buffer in another layout: compute natively, then one copy
-    at::Tensor tmp = empty_output_like(x);
-    forward_into(x, layout, r, tmp, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
-    out.copy_(tmp);
-  }
+  const at::Tensor r = match_layout(residual, x, layout, kOpOut, "residual");
+  forward_out(out, layout, [&] { return empty_output_like(x); }, [&](const at::Tensor& dst) {
+    forward_into(x, layout, r, dst, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
+  });
 }
 
 // ------------------------------------------------------------------ backward
@@ -418,27 +418,12 @@ void ca_backward_sample(const T* gon, const T* xn, T* gxn, const Chunking& ch, c
 
   // dg[c] = sum_p grad_out * x: chunk partials combined in index order.
   std::vector<A> part(nk * C);
-  if (ch.layout == Layout::NCHW) {
-    at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t c = i / nk, k = i % nk;
-        const int64_t o = c * HW + k * ch.P;
-        part[i] = dot_row<T>(gon + o, xn + o, ch.len(k));
-      }
-    });
-  } else {
-    at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        const int64_t o = k * ch.P * C;
-        dot_pixels<T>(gon + o, xn + o, ch.len(k), C, part.data() + k * C);
-      }
-    });
-  }
-  const int64_t cs = ch.layout == Layout::NCHW ? nk : 1;
-  const int64_t ks = ch.layout == Layout::NCHW ? 1 : C;
+  ch.parallel(
+      [&](int64_t i, int64_t, int64_t k, int64_t o) { part[i] = dot_row<T>(gon + o, xn + o, ch.len(k)); },
+      [&](int64_t k, int64_t o) { dot_pixels<T>(gon + o, xn + o, ch.len(k), C, part.data() + k * C); });
   for (int64_t c = 0; c < C; ++c) {
     A acc = A(0);
-    for (int64_t k = 0; k < nk; ++k) acc += part[c * cs + k * ks];
+    for (int64_t k = 0; k < nk; ++k) acc += part[c * ch.cs + k * ch.ks];
     dg[c] = acc;
   }
 
@@ -452,22 +437,13 @@ void ca_backward_sample(const T* gon, const T* xn, T* gxn, const Chunking& ch, c
     if constexpr (kStd) beta[c] = stdv[c] > A(0) ? ds[c] / (A(HW) * stdv[c]) : A(0);
   }
 
-  if (ch.layout == Layout::NCHW) {
-    at::parallel_for(0, ch.items(), 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t c = i / nk, k = i % nk;
-        const int64_t o = c * HW + k * ch.P;
+  ch.parallel(
+      [&](int64_t, int64_t c, int64_t k, int64_t o) {
         grad_row<kStd, T>(gon + o, xn + o, gxn + o, ch.len(k), g[c], alpha[c], kStd ? beta[c] : A(0), mean[c]);
-      }
-    });
-  } else {
-    at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        const int64_t o = k * ch.P * C;
+      },
+      [&](int64_t k, int64_t o) {
         grad_pixels<kStd, T>(gon + o, xn + o, gxn + o, ch.len(k), C, g.data(), alpha.data(), beta.data(), mean);
-      }
-    });
-  }
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward_cpu(
@@ -477,13 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_x(x_in, kOpBw);
   const bool with_std = parse_pool(pool, kOpBw);
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, kOpBw, ": w1 must be [Cr, C=", C, "], got ", w1.sizes());
-  const int64_t Cr = w1.size(0);
-  check_param(w1, x_in, {Cr, C}, kOpBw, "w1");
-  check_param(w2, x_in, {C, Cr}, kOpBw, "w2");
-  if (b1.has_value()) check_param(*b1, x_in, {Cr}, kOpBw, "b1");
-  if (b2.has_value()) check_param(*b2, x_in, {C}, kOpBw, "b2");
-  if (act_weight.has_value()) check_slope(*act_weight, x_in, Cr, kOpBw, "act_weight");
+  const int64_t Cr = check_weights(x_in, w1, b1, w2, b2, act_weight, kOpBw);
   const int64_t P = with_std ? 2 : 1;
   const auto acc_type = at::toOpMathType(x_in.scalar_type());
   TORCH_CHECK(stats_in.sizes() == at::IntArrayRef({N, P, C}), kOpBw, ": stats must be [N, ", P, ", C] = [", N,

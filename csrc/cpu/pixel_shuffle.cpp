@@ -135,18 +135,27 @@ template <int R>
 inline constexpr PermTables<R> kPerm{};
 #endif
 
-template <typename A, int R>
-inline void interleave(Vectorized<A>* v) {
+// Interleave (kInverse = false) or deinterleave (true) R vectors in place. The two directions differ only in
+// the pow2 recursion and in which lane tables the permutes read (output vector m takes from each input u
+// the lanes of mask[m][u], permuted by idx[m]).
+template <typename A, int R, bool kInverse>
+inline void interleave_dir(Vectorized<A>* v) {
   Vectorized<A> out[R];
   if constexpr ((R & (R - 1)) == 0) {
-    interleave_pow2<R, 1, A>(v, out);
+    if constexpr (kInverse) {
+      deinterleave_pow2<R, 1, A>(v, out);
+    } else {
+      interleave_pow2<R, 1, A>(v, out);
+    }
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
     const auto& t = kPerm<R>;
+    const auto& idx = kInverse ? t.iidx : t.fidx;
+    const auto& mask = kInverse ? t.imask : t.fmask;
     for (int m = 0; m < R; ++m) {
-      const __m512i idx = _mm512_load_si512(t.fidx[m]);
+      const __m512i vi = _mm512_load_si512(idx[m]);
       __m512 o = _mm512_setzero_ps();
-      for (int j = 0; j < R; ++j) o = _mm512_mask_permutexvar_ps(o, t.fmask[m][j], idx, v[j]);
+      for (int u = 0; u < R; ++u) o = _mm512_mask_permutexvar_ps(o, mask[m][u], vi, v[u]);
       out[m] = o;
     }
 #endif
@@ -155,22 +164,13 @@ inline void interleave(Vectorized<A>* v) {
 }
 
 template <typename A, int R>
+inline void interleave(Vectorized<A>* v) {
+  interleave_dir<A, R, false>(v);
+}
+
+template <typename A, int R>
 inline void deinterleave(Vectorized<A>* v) {
-  Vectorized<A> out[R];
-  if constexpr ((R & (R - 1)) == 0) {
-    deinterleave_pow2<R, 1, A>(v, out);
-  } else {
-#if defined(CPU_CAPABILITY_AVX512)
-    const auto& t = kPerm<R>;
-    for (int j = 0; j < R; ++j) {
-      const __m512i idx = _mm512_load_si512(t.iidx[j]);
-      __m512 o = _mm512_setzero_ps();
-      for (int u = 0; u < R; ++u) o = _mm512_mask_permutexvar_ps(o, t.imask[j][u], idx, v[u]);
-      out[j] = o;
-    }
-#endif
-  }
-  for (int j = 0; j < R; ++j) v[j] = out[j];
+  interleave_dir<A, R, true>(v);
 }
 
 // Calls f(std::integral_constant<int, R>) if r <= 8 interleaves in registers for acc type A (larger r, and
@@ -315,11 +315,10 @@ void shuffle_nhwc_r2(const T* x, T* out, const T* res, const Geometry& g, const 
           }
           deinterleave<A, 4>(v);  // [c0 s0..s3, c1 s0..s3, ...] -> sub-pixel s = 2i + j: v[s] = [c0 .. c15]
           const AV vs = slope ? aload_n<A>(slope + c, cnt) : zero;
-          const int64_t p00 = orow0 + (2 * w) * C + c, p10 = p00 + Wr * C;
-          finish<T>(out + p00, res ? res + p00 : nullptr, v[0], act, vs, cnt);
-          finish<T>(out + p00 + C, res ? res + p00 + C : nullptr, v[1], act, vs, cnt);
-          finish<T>(out + p10, res ? res + p10 : nullptr, v[2], act, vs, cnt);
-          finish<T>(out + p10 + C, res ? res + p10 + C : nullptr, v[3], act, vs, cnt);
+          for (int64_t s = 0; s < 4; ++s) {  // sub-pixel s = 2i + j: output row 2h + i, column 2w + j
+            const int64_t p = orow0 + (s >> 1) * Wr * C + (2 * w + (s & 1)) * C + c;
+            finish<T>(out + p, res ? res + p : nullptr, v[s], act, vs, cnt);
+          }
         }
       }
     }
@@ -394,9 +393,9 @@ void shuffle_nhwc(const T* x, T* out, const T* res, const Geometry& g, const at:
 // Validates and writes the forward into `out` (which must have x's converted layout and the output shape).
 void forward_into(at::Tensor x, int64_t r, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& act_weight, Act act, const std::optional<at::Tensor>& residual,
-                  at::Tensor& out, Layout layout) {
+                  const at::Tensor& out, Layout layout) {
   const Geometry g{x.size(0), x.size(1) / (r * r), x.size(2), x.size(3), r};
-  const at::Tensor res = residual ? match_layout(*residual, out, layout, "pixel_shuffle", "residual") : at::Tensor();
+  const at::Tensor res = match_layout(residual, out, layout, "pixel_shuffle", "residual");
   if (g.N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pixel_shuffle_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -438,8 +437,7 @@ at::Tensor pixel_shuffle_cpu(const at::Tensor& x_in, int64_t r, const std::optio
 
 void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& act_weight, c10::string_view act_s,
-                           const std::optional<at::Tensor>& residual, const at::Tensor& out_arg) {
-  at::Tensor out = out_arg;  // kernels for every backend share the signature (const Tensor&)
+                           const std::optional<at::Tensor>& residual, const at::Tensor& out) {
   const Act act = parse_act(act_s);
   check_args(x_in, r, bias, act_weight, act);
   at::Tensor x = x_in;
@@ -450,13 +448,8 @@ void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optiona
   const auto overlap = at::get_overlap_status(out, x_in);
   TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
               "pixel_shuffle_out: out must not overlap x");
-  if (out.is_contiguous(memory_format(layout))) {
-    forward_into(x, r, bias, act_weight, act, residual, out, layout);
-  } else {  // a caller buffer in another layout: compute natively, then one copy
-    at::Tensor tmp = empty_output(shape, x.options(), memory_format(layout));
-    forward_into(x, r, bias, act_weight, act, residual, tmp, layout);
-    out.copy_(tmp);
-  }
+  forward_out(out, layout, [&] { return empty_output(shape, x.options(), memory_format(layout)); },
+              [&](const at::Tensor& dst) { forward_into(x, r, bias, act_weight, act, residual, dst, layout); });
 }
 
 // ---- backward / unshuffle -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -699,6 +700,81 @@ inline void check_x(const at::Tensor& x, const char* op) {
   }
 }
 
+// The optional residual of a forward, in x's layout fmt (undefined when absent).
+inline at::Tensor optional_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x,
+                                    at::MemoryFormat fmt) {
+  return residual.has_value() && residual->defined() ? same_layout(*residual, x, fmt, "residual") : at::Tensor();
+}
+
+// A tensor the forward saved for the backward (stats, mean, maxmap): acc dtype, x's device, `shape`.
+inline void check_saved(const at::Tensor& t, const char* name, c10::IntArrayRef shape, const at::Tensor& x,
+                        const char* op) {
+  const auto acc = acc_dtype(x.scalar_type());
+  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " must have dtype ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// A weight gradient's buffer: zeros for an empty batch (no kernel runs then), else uninitialised.
+inline at::Tensor weight_grad_buffer(const at::Tensor& w, int64_t N) {
+  return N == 0 ? at::zeros(w.sizes(), w.options()) : at::empty(w.sizes(), w.options());
+}
+
+// A residual read while the kernels write dst: the very same elements (Full = same pointer and strides) are
+// safe, each element being read before it is written by the same thread; any other overlap is copied first.
+inline void unalias_residual(at::Tensor& res, const at::Tensor& dst, at::MemoryFormat fmt) {
+  if (!res.defined()) return;
+  const auto st = at::get_overlap_status(res, dst);
+  if (st == at::MemOverlapStatus::Partial || st == at::MemOverlapStatus::TooHard) res = res.clone(fmt);
+}
+
+// Where an `_out` op's kernels write: `out` itself when it has x's native layout and 16-byte alignment, else a
+// temporary in that layout (copied into `out` afterwards). Alignment matters because the vector width also
+// sets the pooling's summation order: the result must not depend on where the caller's buffer starts. The
+// residual is then made safe to read (unalias_residual).
+inline at::Tensor out_target(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& x, at::MemoryFormat fmt,
+                             at::Tensor& res, const char* op) {
+  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", x.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ", x.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.device() == x.device(), op, ": out must be on ", x.device(), ", got ", out.device());
+  at::assert_no_overlap(out, x_in);
+  const bool direct = out.is_contiguous(fmt) && aligned16(out.data_ptr());
+  at::Tensor dst = direct ? out : at::empty(x.sizes(), x.options(), fmt);
+  unalias_residual(res, dst, fmt);
+  return dst;
+}
+
+// The body of both `_out` ops: fwd(dst) runs the forward into out_target's choice, then the copy if needed.
+template <typename Fwd>
+inline void forward_out(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& x, at::MemoryFormat fmt,
+                        at::Tensor& res, const char* op, const Fwd& fwd) {
+  const at::Tensor dst = out_target(out, x_in, x, fmt, res, op);
+  fwd(dst);
+  if (!dst.is_same(out)) out.copy_(dst);
+}
+
+// The 16-byte vector path: the vectorised dimension (C in NHWC, H*W in NCHW) a multiple of VM elements and
+// every buffer 16-byte aligned (nullptr = an absent buffer).
+inline bool can_vectorize(bool nhwc, int64_t C, int64_t HW, int VM, std::initializer_list<const void*> ptrs) {
+  if (!(nhwc ? C % VM == 0 : HW % VM == 0)) return false;
+  for (const void* p : ptrs) {
+    if (!aligned16(p)) return false;
+  }
+  return true;
+}
+
+// run(std::integral_constant<int, V>) with V = VM when `vec`, else V = 1: every kernel of a call takes the
+// same V (it also fixes the reductions' summation order).
+template <int VM, typename F>
+inline void with_vec_width(bool vec, const F& run) {
+  if (vec) {
+    run(std::integral_constant<int, VM>{});
+  } else {
+    run(std::integral_constant<int, 1>{});
+  }
+}
+
 // Elementwise launch on the native layout: V = max vector width or 1, chosen by the caller.
 template <int V, typename Op>
 inline void launch_ew(const Op& op, bool nhwc, int64_t N, int C, int64_t HW, cudaStream_t stream) {
@@ -764,6 +840,58 @@ struct MlpBwdScratch {
         pa(at::empty({N, Cr}, o)),
         coef(at::empty({4, N, C}, o)) {}
 };
+
+// MLP weights from the checked tensors; undefined b1, b2, slope = absent (no bias, ReLU).
+template <typename scalar_t>
+MlpWeights<scalar_t> mlp_weights(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                 const at::Tensor& slope) {
+  MlpWeights<scalar_t> W;
+  W.w1 = w1.data_ptr<scalar_t>();
+  W.b1 = b1.defined() ? b1.data_ptr<scalar_t>() : nullptr;
+  W.w2 = w2.data_ptr<scalar_t>();
+  W.b2 = b2.defined() ? b2.data_ptr<scalar_t>() : nullptr;
+  W.slope = slope.defined() ? slope.data_ptr<scalar_t>() : nullptr;
+  W.C = static_cast<int>(w1.size(1));
+  W.Cr = static_cast<int>(w1.size(0));
+  return W;
+}
+
+// g [N, C] = the MLP gate of the pooled stats [N, P, C] (mlp_fwd_kernel, one block per sample).
+template <typename scalar_t>
+void launch_mlp_fwd(const MlpWeights<scalar_t>& W, const at::opmath_type<scalar_t>* stats, int P, int64_t N,
+                    const at::TensorOptions& acc_opts, at::opmath_type<scalar_t>* g, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor hb = at::empty({N, W.Cr}, acc_opts), ab = at::empty({N, W.Cr}, acc_opts);
+  mlp_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream>>>(
+      W, stats, P, hb.data_ptr<acc_t>(), ab.data_ptr<acc_t>(), g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The MLP backward from dg [N, C] (mlp_bwd_kernel: T.coef gets the grad_x coefficients) and the weight
+// gradients summed over the batch in order (weight_grad_kernel). gb1, gb2, gslope, gwsa: nullptr = not
+// wanted; gwsa sums the [KK, nchunks] partials wsa_part.
+template <typename scalar_t>
+void launch_mlp_bwd(const MlpWeights<scalar_t>& W, const at::opmath_type<scalar_t>* stats, int P,
+                    const at::opmath_type<scalar_t>* dg, int64_t N, int64_t HW, MlpBwdScratch& T, scalar_t* gw1,
+                    scalar_t* gb1, scalar_t* gw2, scalar_t* gb2, scalar_t* gslope,
+                    const at::opmath_type<scalar_t>* wsa_part, int KK, int64_t nchunks, scalar_t* gwsa,
+                    cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = W.C, Cr = W.Cr;
+  mlp_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream>>>(
+      W, stats, P, dg, HW, N * C, T.h.data_ptr<acc_t>(), T.a.data_ptr<acc_t>(), T.s.data_ptr<acc_t>(),
+      T.dz.data_ptr<acc_t>(), T.dh.data_ptr<acc_t>(), T.pa.data_ptr<acc_t>(), T.coef.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // One thread per output of weight_grad_kernel, at most 4096 blocks (it loops over the rest); each output is
+  // one thread's ordered sum, so the grid does not change any value.
+  const int64_t total = 2 * C * Cr + (gb1 ? Cr : 0) + (gb2 ? C : 0) + (gslope ? Cr : 0) + (gwsa ? KK : 0);
+  const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>((total + kBlock - 1) / kBlock, 1, 4096));
+  weight_grad_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
+      N, W.C, W.Cr, T.s.data_ptr<acc_t>(), T.dz.data_ptr<acc_t>(), T.a.data_ptr<acc_t>(), T.dh.data_ptr<acc_t>(),
+      T.pa.data_ptr<acc_t>(), gw1, gb1, gw2, gb2, gslope, wsa_part, KK, nchunks, gwsa);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 }  // namespace
 }  // namespace srk

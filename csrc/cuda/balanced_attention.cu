@@ -9,17 +9,16 @@
 //
 // Kernels (deterministic, see attention_common.cuh):
 //   forward : pool (NCHW: bam_reduce_nchw_kernel; NHWC: reduce_nhwc_kernel<kBamFwd> [+ max_merge_kernel])
-//             -> merge_partials_kernel (mean) -> mlp_fwd_kernel (ca) -> sa_conv_kernel (sa)
+//             -> merge_partials_kernel (mean) -> mlp_fwd_kernel (ca) -> kxk_map_kernel<false> (sa)
 //             -> ew_*_kernel<BamScaleOp> (out)
-//   backward: mlp_fwd_kernel (ca) + sa_conv_kernel (sa) recomputed from the saved maps -> reduction
+//   backward: mlp_fwd_kernel (ca) + kxk_map_kernel<false> (sa) recomputed from the saved maps -> reduction
 //             (bam_reduce_nchw_kernel<BWD> / reduce_nhwc_kernel<kBamBwd>) -> merge_partials_kernel (dca)
-//             + pixel_finalize_kernel (dt, argmax) -> dmax_kernel, wsa_partial_kernel -> mlp_bwd_kernel
-//             -> weight_grad_kernel -> ew_*_kernel<BamGradOp> (grad_x)
+//             + pixel_finalize_kernel (dt, argmax) -> kxk_map_kernel<true> (dmax), wsa_partial_kernel
+//             -> mlp_bwd_kernel -> weight_grad_kernel -> ew_*_kernel<BamGradOp> (grad_x)
 //   _out    : the forward kernels writing the caller's `out` (directly when it has x's native layout,
 //             else into a temporary + copy_, one more read and write pass)
 #include "attention_common.cuh"
 
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -157,11 +156,14 @@ __global__ void __launch_bounds__(kBlock) max_merge_kernel(const acc_t* __restri
   }
 }
 
-// sa = sigmoid(correlation of maxmap with w (K x K, zero padding K/2)), taps summed in row-major order.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kBlock) sa_conv_kernel(const at::opmath_type<scalar_t>* __restrict__ m,
+// The K x K map kernels of MSAM (zero padding r = K/2, taps summed in row-major (i, j) order):
+//   kTransposed = false: sa = sigmoid(correlation of maxmap with w): out[y, x] = sigmoid(sum w[i,j] m[y+i-r, x+j-r])
+//   kTransposed = true : dmax = conv_transpose2d(dt, w, pad r):       out[y, x] = sum w[i,j] m[y-i+r, x-j+r]
+// Forward and backward of one correlation: the same loop with the tap offsets mirrored.
+template <typename scalar_t, bool kTransposed>
+__global__ void __launch_bounds__(kBlock) kxk_map_kernel(const at::opmath_type<scalar_t>* __restrict__ m,
                                                           const scalar_t* __restrict__ w, int K, int64_t N, int64_t H,
-                                                          int64_t W, at::opmath_type<scalar_t>* __restrict__ sa) {
+                                                          int64_t W, at::opmath_type<scalar_t>* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
   const int r = K / 2;
@@ -171,15 +173,15 @@ __global__ void __launch_bounds__(kBlock) sa_conv_kernel(const at::opmath_type<s
     const acc_t* mp = m + n * HW;
     acc_t t = acc_t(0);
     for (int i = 0; i < K; ++i) {
-      const int64_t yy = y + i - r;
+      const int64_t yy = kTransposed ? y - i + r : y + i - r;
       if (yy < 0 || yy >= H) continue;
       for (int j = 0; j < K; ++j) {
-        const int64_t x2 = xx + j - r;
+        const int64_t x2 = kTransposed ? xx - j + r : xx + j - r;
         if (x2 < 0 || x2 >= W) continue;
         t += to_acc<acc_t>(w[i * K + j]) * mp[yy * W + x2];
       }
     }
-    sa[q] = sigmoid_acc(t);
+    out[q] = kTransposed ? t : sigmoid_acc(t);
   }
 }
 
@@ -203,32 +205,6 @@ __global__ void __launch_bounds__(kBlock) pixel_finalize_kernel(const acc_t* __r
     const acc_t sv = sa[q];
     dt[q] = d * sv * (acc_t(1) - sv);
     argmax[q] = am;
-  }
-}
-
-// dmax = conv_transpose2d(dt, w, pad K/2): dmax[y, x] = sum_{i,j} w[i,j] * dt[y - i + r, x - j + r].
-template <typename scalar_t>
-__global__ void __launch_bounds__(kBlock) dmax_kernel(const at::opmath_type<scalar_t>* __restrict__ dt,
-                                                       const scalar_t* __restrict__ w, int K, int64_t N, int64_t H,
-                                                       int64_t W, at::opmath_type<scalar_t>* __restrict__ dmax) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = H * W;
-  const int r = K / 2;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < N * HW;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t n = q / HW, p = q - n * HW, y = p / W, xx = p - y * W;
-    const acc_t* dp = dt + n * HW;
-    acc_t t = acc_t(0);
-    for (int i = 0; i < K; ++i) {
-      const int64_t yy = y - i + r;
-      if (yy < 0 || yy >= H) continue;
-      for (int j = 0; j < K; ++j) {
-        const int64_t x2 = xx - j + r;
-        if (x2 < 0 || x2 >= W) continue;
-        t += to_acc<acc_t>(w[i * K + j]) * dp[yy * W + x2];
-      }
-    }
-    dmax[q] = t;
   }
 }
 
@@ -415,15 +391,7 @@ BamArgs bam_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& pr
 
 template <typename scalar_t>
 MlpWeights<scalar_t> bam_mlp(const BamArgs& a) {
-  MlpWeights<scalar_t> W;
-  W.w1 = a.w1.data_ptr<scalar_t>();
-  W.b1 = nullptr;
-  W.w2 = a.w2.data_ptr<scalar_t>();
-  W.b2 = nullptr;
-  W.slope = a.slope.data_ptr<scalar_t>();
-  W.C = static_cast<int>(a.C);
-  W.Cr = static_cast<int>(a.Cr);
-  return W;
+  return mlp_weights<scalar_t>(a.w1, at::Tensor(), a.w2, at::Tensor(), a.slope);  // no biases, PReLU
 }
 
 // ca [N, C] from mean and sa [N, HW] from maxmap.
@@ -434,18 +402,32 @@ void attention_maps(const BamArgs& A, const at::Tensor& mean, const at::Tensor& 
   const auto acc_opts = mean.options();
   ca = at::empty({N, A.C}, acc_opts);
   sa = at::empty({N, H * W}, acc_opts);
-  at::Tensor hb = at::empty({N, A.Cr}, acc_opts), ab = at::empty({N, A.Cr}, acc_opts);
-  const MlpWeights<scalar_t> Wt = bam_mlp<scalar_t>(A);
-  mlp_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(Wt.C, Wt.Cr), 0, stream>>>(
-      Wt, mean.data_ptr<acc_t>(), 1, hb.data_ptr<acc_t>(), ab.data_ptr<acc_t>(), ca.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sa_conv_kernel<scalar_t><<<flat_blocks(N * H * W), kBlock, 0, stream>>>(
+  launch_mlp_fwd<scalar_t>(bam_mlp<scalar_t>(A), mean.data_ptr<acc_t>(), 1, N, acc_opts, ca.data_ptr<acc_t>(), stream);
+  kxk_map_kernel<scalar_t, false><<<flat_blocks(N * H * W), kBlock, 0, stream>>>(
       maxmap.data_ptr<acc_t>(), A.wsa.data_ptr<scalar_t>(), A.K, N, H, W, sa.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 inline int nchw_bam_threads(int64_t C) {
   return 32 * static_cast<int>(std::min<int64_t>(kBlock / 32, C));
+}
+
+// The NCHW pool (BWD = false) or backward reduction (BWD = true), bam_reduce_nchw_kernel over S tiles of
+// kTileNchw pixels per sample: allocates the channel partials pa [N, S, C]; returns S.
+template <typename scalar_t, int V, bool BWD>
+int64_t launch_bam_reduce_nchw(const scalar_t* x, const scalar_t* go, const at::opmath_type<scalar_t>* ca,
+                               const at::opmath_type<scalar_t>* sa, const at::opmath_type<scalar_t>* mref,
+                               at::Tensor& pa, at::opmath_type<scalar_t>* pix_a, int* pix_b, int64_t N, int64_t C,
+                               int64_t HW, const at::TensorOptions& acc_opts, const char* op, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = (HW + kTileNchw - 1) / kTileNchw;
+  TORCH_CHECK(S <= kMaxGridX, op, ": tensor too large");
+  pa = at::empty({N, S, C}, acc_opts);
+  const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
+  bam_reduce_nchw_kernel<scalar_t, V, BWD><<<grid, nchw_bam_threads(C), 0, stream>>>(
+      x, go, ca, sa, mref, pa.data_ptr<acc_t>(), pix_a, pix_b, N, static_cast<int>(C), HW, S);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return S;
 }
 
 // The forward on x in its native layout, writing `out` (same layout as x; may be the residual itself: the
@@ -463,22 +445,17 @@ std::pair<at::Tensor, at::Tensor> bam_forward(const at::Tensor& x, bool nhwc, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "balanced_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = (nhwc ? C % VM == 0 : HW % VM == 0) && aligned16(x.data_ptr()) && aligned16(out.data_ptr()) &&
-                     (!res.defined() || aligned16(res.data_ptr()));
-    auto run = [&](auto vtag) {
+    const bool vec = can_vectorize(nhwc, C, HW, VM,
+                                   {x.data_ptr(), out.data_ptr(), res.defined() ? res.data_ptr() : nullptr});
+    with_vec_width<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       const scalar_t* xp = x.data_ptr<scalar_t>();
       acc_t* mm = maxmap.data_ptr<acc_t>();
       at::Tensor pa;
       int64_t S;
       if (!nhwc) {
-        S = (HW + kTileNchw - 1) / kTileNchw;
-        TORCH_CHECK(S <= kMaxGridX, op, ": tensor too large");
-        pa = at::empty({N, S, C}, acc_opts);
-        const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
-        bam_reduce_nchw_kernel<scalar_t, V, false><<<grid, nchw_bam_threads(C), 0, stream>>>(
-            xp, nullptr, nullptr, nullptr, nullptr, pa.data_ptr<acc_t>(), mm, nullptr, N, static_cast<int>(C), HW, S);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        S = launch_bam_reduce_nchw<scalar_t, V, false>(xp, nullptr, nullptr, nullptr, nullptr, pa, mm, nullptr, N, C,
+                                                       HW, acc_opts, op, stream);
       } else {
         const NhwcGeom g = nhwc_geom(static_cast<int>(C), HW, V, kMinIters, kChunksPerSample);
         S = g.S;
@@ -501,12 +478,7 @@ std::pair<at::Tensor, at::Tensor> bam_forward(const at::Tensor& x, bool nhwc, co
       BamScaleOp<scalar_t> sop{xp, res.defined() ? res.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                                ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(), static_cast<int>(C)};
       launch_ew<V>(sop, nhwc, N, static_cast<int>(C), HW, stream);
-    };
-    if (vec) {
-      run(std::integral_constant<int, VM>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
   return {mean, maxmap};
 }
@@ -521,32 +493,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at:
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
   const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
+  const at::Tensor res = optional_residual(residual, x, fmt);
   at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   auto [mean, maxmap] = bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, mean, maxmap};
-}
-
-// Where an `_out` op's kernels write: `out` itself when it has x's native layout and 16-byte alignment, else a
-// temporary in that layout (copied into `out` afterwards). Alignment matters because the vector width also
-// sets the pooling's summation order: the result must not depend on where the caller's buffer starts. A
-// residual that overlaps the target other than as the very same elements (Full = same pointer and strides)
-// is copied first: only element-for-element aliasing is safe.
-at::Tensor out_target(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& x, at::MemoryFormat fmt,
-                      at::Tensor& res, const char* op) {
-  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", x.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ", x.scalar_type(), ", got ",
-              out.scalar_type());
-  TORCH_CHECK(out.device() == x.device(), op, ": out must be on ", x.device(), ", got ", out.device());
-  at::assert_no_overlap(out, x_in);
-  const bool direct = out.is_contiguous(fmt) && aligned16(out.data_ptr());
-  at::Tensor dst = direct ? out : at::empty(x.sizes(), x.options(), fmt);
-  if (res.defined()) {
-    const auto st = at::get_overlap_status(res, dst);
-    if (st == at::MemOverlapStatus::Partial || st == at::MemOverlapStatus::TooHard) res = res.clone(fmt);
-  }
-  return dst;
 }
 
 void balanced_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& prelu_w,
@@ -558,11 +508,10 @@ void balanced_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, c
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
   const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
-  const at::Tensor dst = out_target(out, x_in, x, fmt, res, op);
-  bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
-  if (!dst.is_same(out)) out.copy_(dst);
+  at::Tensor res = optional_residual(residual, x, fmt);
+  forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
+    bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_attention_backward_cuda(
@@ -578,23 +527,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
   const at::Tensor go = same_layout(grad_out_in, x, fmt, "grad_out");
 
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, H = x.size(2), W = x.size(3), HW = H * W;
-  const auto acc_t_type = acc_dtype(x.scalar_type());
-  const auto acc_opts = x.options().dtype(acc_t_type);
-  auto check_map = [&](const at::Tensor& t, const char* name, c10::IntArrayRef shape) {
-    TORCH_CHECK(t.scalar_type() == acc_t_type, op, ": ", name, " must have dtype ", acc_t_type, ", got ",
-                t.scalar_type());
-    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device());
-    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  };
-  check_map(mean_in, "mean", {N, C});
-  check_map(maxmap_in, "maxmap", {N, H, W});
+  const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  check_saved(mean_in, "mean", {N, C}, x, op);
+  check_saved(maxmap_in, "maxmap", {N, H, W}, x, op);
   const at::Tensor mean = mean_in.contiguous(), maxmap = maxmap_in.contiguous();
 
   at::Tensor grad_x = at::empty(x.sizes(), x.options(), fmt);
-  auto wgrad = [&](const at::Tensor& w) {
-    return N == 0 ? at::zeros(w.sizes(), w.options()) : at::empty(w.sizes(), w.options());
-  };
-  at::Tensor gw1 = wgrad(A.w1), gslope = wgrad(A.slope), gw2 = wgrad(A.w2), gwsa = wgrad(A.wsa);
+  at::Tensor gw1 = weight_grad_buffer(A.w1, N), gslope = weight_grad_buffer(A.slope, N),
+             gw2 = weight_grad_buffer(A.w2, N), gwsa = weight_grad_buffer(A.wsa, N);
   if (N == 0) return {grad_x, gw1, gslope, gw2, gwsa};
   TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -602,9 +542,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "balanced_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = (nhwc ? C % VM == 0 : HW % VM == 0) && aligned16(x.data_ptr()) && aligned16(go.data_ptr()) &&
-                     aligned16(grad_x.data_ptr());
-    auto run = [&](auto vtag) {
+    const bool vec = can_vectorize(nhwc, C, HW, VM, {x.data_ptr(), go.data_ptr(), grad_x.data_ptr()});
+    with_vec_width<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       const scalar_t* xp = x.data_ptr<scalar_t>();
       const scalar_t* gop = go.data_ptr<scalar_t>();
@@ -616,16 +555,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
       int64_t S;
       int CT = 1;
       if (!nhwc) {
-        S = (HW + kTileNchw - 1) / kTileNchw;
-        TORCH_CHECK(S <= kMaxGridX, op, ": tensor too large");
-        pa = at::empty({N, S, C}, acc_opts);
         pdsa = at::empty({N, 1, HW}, acc_opts);
         pam = at::empty({N, 1, HW}, acc_opts.dtype(at::kInt));
-        const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
-        bam_reduce_nchw_kernel<scalar_t, V, true><<<grid, nchw_bam_threads(C), 0, stream>>>(
-            xp, gop, ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(), maxmap.data_ptr<acc_t>(), pa.data_ptr<acc_t>(),
-            pdsa.data_ptr<acc_t>(), pam.data_ptr<int>(), N, static_cast<int>(C), HW, S);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        S = launch_bam_reduce_nchw<scalar_t, V, true>(xp, gop, ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(),
+                                                      maxmap.data_ptr<acc_t>(), pa, pdsa.data_ptr<acc_t>(),
+                                                      pam.data_ptr<int>(), N, C, HW, acc_opts, op, stream);
       } else {
         const NhwcGeom g = nhwc_geom(static_cast<int>(C), HW, V, kMinIters, kChunksPerSample);
         S = g.S;
@@ -649,9 +583,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
           am.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor dmax = at::empty({N, HW}, acc_opts);
-      dmax_kernel<scalar_t><<<flat_blocks(N * HW), kBlock, 0, stream>>>(dt.data_ptr<acc_t>(),
-                                                                        A.wsa.data_ptr<scalar_t>(), A.K, N, H, W,
-                                                                        dmax.data_ptr<acc_t>());
+      kxk_map_kernel<scalar_t, true><<<flat_blocks(N * HW), kBlock, 0, stream>>>(
+          dt.data_ptr<acc_t>(), A.wsa.data_ptr<scalar_t>(), A.K, N, H, W, dmax.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t nch = (N * HW + kSaPix - 1) / kSaPix;
       TORCH_CHECK(nch <= kMaxGridX, op, ": tensor too large");
@@ -664,20 +597,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 
       // Channel branch: MLP backward from dca (pool "avg", PReLU, no biases).
       MlpBwdScratch T(N, C, Cr, acc_opts);
-      const MlpWeights<scalar_t> Wt = bam_mlp<scalar_t>(A);
-      mlp_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(Wt.C, Wt.Cr), 0, stream>>>(
-          Wt, mean.data_ptr<acc_t>(), 1, dca.data_ptr<acc_t>(), HW, N * C, T.h.data_ptr<acc_t>(),
-          T.a.data_ptr<acc_t>(), T.s.data_ptr<acc_t>(), T.dz.data_ptr<acc_t>(), T.dh.data_ptr<acc_t>(),
-          T.pa.data_ptr<acc_t>(), T.coef.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-      const int64_t total = 2 * C * Cr + Cr + KK;
-      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + kBlock - 1) / kBlock, 4096));
-      weight_grad_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
-          N, Wt.C, Wt.Cr, T.s.data_ptr<acc_t>(), T.dz.data_ptr<acc_t>(), T.a.data_ptr<acc_t>(),
-          T.dh.data_ptr<acc_t>(), T.pa.data_ptr<acc_t>(), gw1.data_ptr<scalar_t>(), nullptr, gw2.data_ptr<scalar_t>(),
-          nullptr, gslope.data_ptr<scalar_t>(), wsa_part.data_ptr<acc_t>(), KK, nch, gwsa.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_mlp_bwd<scalar_t>(bam_mlp<scalar_t>(A), mean.data_ptr<acc_t>(), 1, dca.data_ptr<acc_t>(), N, HW, T,
+                               gw1.data_ptr<scalar_t>(), nullptr, gw2.data_ptr<scalar_t>(), nullptr,
+                               gslope.data_ptr<scalar_t>(), wsa_part.data_ptr<acc_t>(), KK, nch,
+                               gwsa.data_ptr<scalar_t>(), stream);
 
       BamGradOp<scalar_t> gop_{gop,
                                grad_x.data_ptr<scalar_t>(),
@@ -688,12 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
                                N * C,
                                static_cast<int>(C)};
       launch_ew<V>(gop_, nhwc, N, static_cast<int>(C), HW, stream);
-    };
-    if (vec) {
-      run(std::integral_constant<int, VM>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
   return {grad_x, gw1, gslope, gw2, gwsa};
 }

@@ -18,7 +18,6 @@
 //             else into a temporary + copy_, one more read and write pass)
 #include "attention_common.cuh"
 
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -254,16 +253,8 @@ CaArgs ca_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at
 }
 
 template <typename scalar_t>
-MlpWeights<scalar_t> mlp_weights(const CaArgs& a) {
-  MlpWeights<scalar_t> W;
-  W.w1 = a.w1.data_ptr<scalar_t>();
-  W.b1 = a.b1.defined() ? a.b1.data_ptr<scalar_t>() : nullptr;
-  W.w2 = a.w2.data_ptr<scalar_t>();
-  W.b2 = a.b2.defined() ? a.b2.data_ptr<scalar_t>() : nullptr;
-  W.slope = a.act.defined() ? a.act.data_ptr<scalar_t>() : nullptr;
-  W.C = static_cast<int>(a.C);
-  W.Cr = static_cast<int>(a.Cr);
-  return W;
+MlpWeights<scalar_t> ca_mlp(const CaArgs& a) {
+  return mlp_weights<scalar_t>(a.w1, a.b1, a.w2, a.b2, a.act);
 }
 
 // The forward on x in its native layout, writing `out` (same layout as x; may be the residual itself: the
@@ -281,9 +272,9 @@ at::Tensor ca_forward(const at::Tensor& x, bool nhwc, const CaArgs& A, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = (nhwc ? C % VM == 0 : HW % VM == 0) && aligned16(x.data_ptr()) && aligned16(out.data_ptr()) &&
-                     (!res.defined() || aligned16(res.data_ptr()));
-    auto run = [&](auto vtag) {
+    const bool vec = can_vectorize(nhwc, C, HW, VM,
+                                   {x.data_ptr(), out.data_ptr(), res.defined() ? res.data_ptr() : nullptr});
+    with_vec_width<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       const scalar_t* xp = x.data_ptr<scalar_t>();
       at::Tensor pa, pb;
@@ -295,21 +286,12 @@ at::Tensor ca_forward(const at::Tensor& x, bool nhwc, const CaArgs& A, const at:
                           static_cast<acc_t>(HW), st, st + C, P * C, stream);
 
       at::Tensor g = at::empty({N, C}, acc_opts);
-      at::Tensor hb = at::empty({N, A.Cr}, acc_opts), ab = at::empty({N, A.Cr}, acc_opts);
-      const MlpWeights<scalar_t> W = mlp_weights<scalar_t>(A);
-      mlp_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream>>>(
-          W, st, P, hb.data_ptr<acc_t>(), ab.data_ptr<acc_t>(), g.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_mlp_fwd<scalar_t>(ca_mlp<scalar_t>(A), st, P, N, acc_opts, g.data_ptr<acc_t>(), stream);
 
       CaScaleOp<scalar_t> sop{xp, res.defined() ? res.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                               g.data_ptr<acc_t>(), static_cast<int>(C)};
       launch_ew<V>(sop, nhwc, N, static_cast<int>(C), HW, stream);
-    };
-    if (vec) {
-      run(std::integral_constant<int, VM>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
   return stats;
 }
@@ -326,32 +308,10 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
   const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
+  const at::Tensor res = optional_residual(residual, x, fmt);
   at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   at::Tensor stats = ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, stats};
-}
-
-// Where an `_out` op's kernels write: `out` itself when it has x's native layout and 16-byte alignment, else a
-// temporary in that layout (copied into `out` afterwards). Alignment matters because the vector width also
-// sets the pooling's summation order: the result must not depend on where the caller's buffer starts. A
-// residual that overlaps the target other than as the very same elements (Full = same pointer and strides)
-// is copied first: only element-for-element aliasing is safe.
-at::Tensor out_target(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& x, at::MemoryFormat fmt,
-                      at::Tensor& res, const char* op) {
-  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have the shape of x ", x.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ", x.scalar_type(), ", got ",
-              out.scalar_type());
-  TORCH_CHECK(out.device() == x.device(), op, ": out must be on ", x.device(), ", got ", out.device());
-  at::assert_no_overlap(out, x_in);
-  const bool direct = out.is_contiguous(fmt) && aligned16(out.data_ptr());
-  at::Tensor dst = direct ? out : at::empty(x.sizes(), x.options(), fmt);
-  if (res.defined()) {
-    const auto st = at::get_overlap_status(res, dst);
-    if (st == at::MemOverlapStatus::Partial || st == at::MemOverlapStatus::TooHard) res = res.clone(fmt);
-  }
-  return dst;
 }
 
 void channel_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
@@ -365,11 +325,10 @@ void channel_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
   const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res;
-  if (residual.has_value() && residual->defined()) res = same_layout(*residual, x, fmt, "residual");
-  const at::Tensor dst = out_target(out, x_in, x, fmt, res, op);
-  ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
-  if (!dst.is_same(out)) out.copy_(dst);
+  at::Tensor res = optional_residual(residual, x, fmt);
+  forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
+    ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward_cuda(
@@ -388,19 +347,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, HW = x.size(2) * x.size(3);
   const int P = A.with_std ? 2 : 1;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  TORCH_CHECK(stats_in.scalar_type() == acc_dtype(x.scalar_type()), op, ": stats must have dtype ",
-              acc_dtype(x.scalar_type()), ", got ", stats_in.scalar_type());
-  TORCH_CHECK(stats_in.device() == x.device(), op, ": stats must be on ", x.device());
-  TORCH_CHECK(stats_in.sizes() == c10::IntArrayRef({N, P, C}), op, ": stats must have shape [", N, ", ", P, ", ",
-              C, "], got ", stats_in.sizes());
+  check_saved(stats_in, "stats", {N, P, C}, x, op);
   const at::Tensor stats = stats_in.contiguous();
 
   at::Tensor grad_x = at::empty(x.sizes(), x.options(), fmt);
-  auto wgrad = [&](const at::Tensor& w) { return N == 0 ? at::zeros(w.sizes(), w.options()) : at::empty(w.sizes(), w.options()); };
-  at::Tensor gw1 = wgrad(A.w1), gw2 = wgrad(A.w2);
-  at::Tensor gb1 = A.b1.defined() ? wgrad(A.b1) : at::empty({0}, x.options());
-  at::Tensor gb2 = A.b2.defined() ? wgrad(A.b2) : at::empty({0}, x.options());
-  at::Tensor gact = A.act.defined() ? wgrad(A.act) : at::empty({0}, x.options());
+  at::Tensor gw1 = weight_grad_buffer(A.w1, N), gw2 = weight_grad_buffer(A.w2, N);
+  at::Tensor gb1 = A.b1.defined() ? weight_grad_buffer(A.b1, N) : at::empty({0}, x.options());
+  at::Tensor gb2 = A.b2.defined() ? weight_grad_buffer(A.b2, N) : at::empty({0}, x.options());
+  at::Tensor gact = A.act.defined() ? weight_grad_buffer(A.act, N) : at::empty({0}, x.options());
   if (N == 0) return {grad_x, gw1, gb1, gw2, gb2, gact};
   TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -408,9 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = (nhwc ? C % VM == 0 : HW % VM == 0) && aligned16(x.data_ptr()) && aligned16(go.data_ptr()) &&
-                     aligned16(grad_x.data_ptr());
-    auto run = [&](auto vtag) {
+    const bool vec = can_vectorize(nhwc, C, HW, VM, {x.data_ptr(), go.data_ptr(), grad_x.data_ptr()});
+    with_vec_width<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       const scalar_t* xp = x.data_ptr<scalar_t>();
       const scalar_t* gop = go.data_ptr<scalar_t>();
@@ -421,31 +374,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           dg.data_ptr<acc_t>(), nullptr, C, stream);
 
       MlpBwdScratch T(N, C, Cr, acc_opts);
-      const MlpWeights<scalar_t> W = mlp_weights<scalar_t>(A);
-      mlp_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream>>>(
-          W, stats.data_ptr<acc_t>(), P, dg.data_ptr<acc_t>(), HW, N * C, T.h.data_ptr<acc_t>(),
-          T.a.data_ptr<acc_t>(), T.s.data_ptr<acc_t>(), T.dz.data_ptr<acc_t>(), T.dh.data_ptr<acc_t>(),
-          T.pa.data_ptr<acc_t>(), T.coef.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-      const int64_t total = 2 * C * Cr + Cr + C + Cr;
-      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + kBlock - 1) / kBlock, 4096));
-      weight_grad_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
-          N, W.C, W.Cr, T.s.data_ptr<acc_t>(), T.dz.data_ptr<acc_t>(), T.a.data_ptr<acc_t>(), T.dh.data_ptr<acc_t>(),
-          T.pa.data_ptr<acc_t>(), gw1.data_ptr<scalar_t>(), A.b1.defined() ? gb1.data_ptr<scalar_t>() : nullptr,
-          gw2.data_ptr<scalar_t>(), A.b2.defined() ? gb2.data_ptr<scalar_t>() : nullptr,
-          A.act.defined() ? gact.data_ptr<scalar_t>() : nullptr, nullptr, 0, 0, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_mlp_bwd<scalar_t>(ca_mlp<scalar_t>(A), stats.data_ptr<acc_t>(), P, dg.data_ptr<acc_t>(), N, HW, T,
+                               gw1.data_ptr<scalar_t>(), A.b1.defined() ? gb1.data_ptr<scalar_t>() : nullptr,
+                               gw2.data_ptr<scalar_t>(), A.b2.defined() ? gb2.data_ptr<scalar_t>() : nullptr,
+                               A.act.defined() ? gact.data_ptr<scalar_t>() : nullptr, nullptr, 0, 0, nullptr, stream);
 
       CaGradOp<scalar_t> gop_{gop, xp, grad_x.data_ptr<scalar_t>(), T.coef.data_ptr<acc_t>(), N * C,
                               static_cast<int>(C), A.with_std};
       launch_ew<V>(gop_, nhwc, N, static_cast<int>(C), HW, stream);
-    };
-    if (vec) {
-      run(std::integral_constant<int, VM>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
   return {grad_x, gw1, gb1, gw2, gb2, gact};
 }

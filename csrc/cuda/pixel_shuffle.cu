@@ -484,7 +484,7 @@ void ps_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& bi
                           act};
     at::Tensor pb, ps;
     int64_t S = 0;
-    auto run = [&](auto vtag) {
+    with_vec_width<VM>(vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       if (!nhwc) {
         // As the attention pooling: about kChunksPerSample blocks per sample, >= kMinIters vectors per thread.
@@ -517,12 +517,7 @@ void ps_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& bi
         ps_bwd_nhwc_kernel<scalar_t, V><<<grid, kBlock, smem, stream>>>(a, g.log2TC, g.CT, g.S, g.ppc);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-    };
-    if (vec) {
-      run(std::integral_constant<int, VM>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
     if (want_b || want_s) {
       const int64_t warps = (want_b ? d.Cin : 0) + (want_s ? d.C : 0);
       const int64_t blocks = (warps * 32 + kBlock - 1) / kBlock;
@@ -561,13 +556,10 @@ void pixel_shuffle_out_cuda(const at::Tensor& x_in, int64_t r, const std::option
               out.scalar_type());
   TORCH_CHECK(out.device() == A.x.device(), op, ": out must be on ", A.x.device(), ", got ", out.device());
   at::assert_no_overlap(out, x_in);
-  // Write out directly when it has x's layout, else a temporary copied into it afterwards. A residual that
-  // overlaps the target other than element for element (Full = same pointer and strides) is copied first.
+  // Write out directly when it has x's layout (no reduction here: alignment does not matter), else a temporary
+  // copied into it afterwards.
   const at::Tensor dst = out.is_contiguous(A.fmt) ? out : at::empty(shape, A.x.options(), A.fmt);
-  if (A.res.defined()) {
-    const auto st = at::get_overlap_status(A.res, dst);
-    if (st == at::MemOverlapStatus::Partial || st == at::MemOverlapStatus::TooHard) A.res = A.res.clone(A.fmt);
-  }
+  unalias_residual(A.res, dst, A.fmt);
   ps_forward(A, dst);
   if (!dst.is_same(out)) out.copy_(dst);
 }
@@ -607,11 +599,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_backward_cuda(
   if (has_w) slope = small_weight(*act_weight, go, {d.C}, "act_weight");
 
   at::Tensor gx = at::empty({d.N, d.Cin, d.H, d.W}, go.options(), fmt);
-  auto wgrad = [&](const at::Tensor& w) {
-    return d.N == 0 ? at::zeros(w.sizes(), w.options()) : at::empty(w.sizes(), w.options());
-  };
-  at::Tensor gbias = bias.defined() ? wgrad(bias) : at::Tensor();
-  at::Tensor gslope = slope.defined() ? wgrad(slope) : at::Tensor();
+  at::Tensor gbias = bias.defined() ? weight_grad_buffer(bias, d.N) : at::Tensor();
+  at::Tensor gslope = slope.defined() ? weight_grad_buffer(slope, d.N) : at::Tensor();
   // act "none" never reads x (it only set the layout).
   ps_backward(go, act == kActNone ? at::Tensor() : x, bias, slope, act, d, fmt == at::MemoryFormat::ChannelsLast,
               gx, gbias, gslope, op);

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +24,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch import nn
+
+from ..data import _atomic_write
 
 FORMAT = "srkernels-train"
 VERSION = 1
@@ -64,23 +65,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temp file in the same directory + fsync + ``os.replace``."""
+    """``torch.save`` through a temp file in the same directory + fsync + ``os.replace`` (data._atomic_write),
+    then an fsync of the directory so that the rename itself survives a crash."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic_write(path, lambda f: torch.save(obj, f))
+    _fsync_dir(path.parent)
     return path
 
 

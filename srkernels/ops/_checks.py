@@ -33,6 +33,17 @@ def like(name: str, t, x: Tensor, shapes: tuple[tuple[int, ...], ...] | None = N
     return t
 
 
+def fc_pair(x: Tensor, w1, w2) -> tuple[Tensor, Tensor, int, int]:
+    """The squeeze-excite MLP's two FCs on x's C channels: ``w1`` (Cr, C) or 1x1-conv (Cr, C, 1, 1), ``w2``
+    (C, Cr) or (C, Cr, 1, 1) -> (w1 [Cr, C], w2 [C, Cr], C, Cr)."""
+    C = x.shape[1]
+    like("w1", w1, x)
+    Cr = w1.shape[0]
+    w1 = like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1))).reshape(Cr, C)
+    w2 = like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1))).reshape(C, Cr)
+    return w1, w2, C, Cr
+
+
 def residual(r, x: Tensor) -> Tensor | None:
     if r is None:
         return None

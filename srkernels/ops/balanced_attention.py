@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference import functional as RF
-from . import _checks
+from . import _checks, _dispatch
 
 OP = "balanced_attention"
 
@@ -36,11 +36,7 @@ def balanced_attention(
         out: optional caller-owned result buffer (inference only; may be ``residual`` itself).
     """
     _checks.feature_map("x", x)
-    C = x.shape[1]
-    _checks.like("w1", w1, x)
-    Cr = w1.shape[0]
-    w1 = _checks.like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1))).reshape(Cr, C)
-    w2 = _checks.like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1))).reshape(C, Cr)
+    w1, w2, _, Cr = _checks.fc_pair(x, w1, w2)
     prelu_w = _checks.like("prelu_w", prelu_w, x, ((Cr,), (1,))).expand(Cr)
     _checks.like("w_sa", w_sa, x)
     K = w_sa.shape[-1]
@@ -50,16 +46,9 @@ def balanced_attention(
     residual = _checks.residual(residual, x)
     args = (x, w1, prelu_w, w2, w_sa, residual)
     backend = _backend.choose(OP, x.device.type)
-    if out is not None:
-        _checks.out(out, args)
-        if backend == "reference":
-            with torch.no_grad():
-                return out.copy_(RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual))
-        _backend.op_handle(backend, OP + "_out")(*args, out)
-        return out
-    if backend == "reference":
-        return RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual)
-    return _backend.op_handle(backend, OP)(*args)[0]
+    return _dispatch.run(
+        backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True
+    )
 
 
 def _fake(x, w1, prelu_w, w2, w_sa, residual):
@@ -94,10 +83,5 @@ def _make_backward(backward_op):
 
 def register(namespace: str, fake: bool) -> None:
     """Fake kernels (for ops defined in C++) and autograd for ``namespace::balanced_attention``."""
-    qual = f"{namespace}::{OP}"
-    if fake:
-        torch.library.register_fake(qual)(_fake)
-        torch.library.register_fake(f"{qual}_backward")(_fake_backward)
-        torch.library.register_fake(f"{qual}_out")(_fake_out)
-    backward_op = getattr(getattr(torch.ops, namespace), f"{OP}_backward")
-    torch.library.register_autograd(qual, _make_backward(backward_op), setup_context=_setup_context)
+    _dispatch.register(namespace, OP, fake, {"": _fake, "_backward": _fake_backward, "_out": _fake_out},
+                       _make_backward, _setup_context)

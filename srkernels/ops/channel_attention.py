@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference import functional as RF
-from . import _checks
+from . import _checks, _dispatch
 
 OP = "channel_attention"
 ACTS = ("relu", "prelu")
@@ -45,11 +45,7 @@ def channel_attention(
     Returns a tensor shaped like ``x``, in ``x``'s memory format (or ``out``).
     """
     _checks.feature_map("x", x)
-    C = x.shape[1]
-    _checks.like("w1", w1, x)
-    Cr = w1.shape[0]
-    w1 = _checks.like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1))).reshape(Cr, C)
-    w2 = _checks.like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1))).reshape(C, Cr)
+    w1, w2, C, Cr = _checks.fc_pair(x, w1, w2)
     if b1 is not None:
         _checks.like("b1", b1, x, ((Cr,),))
     if b2 is not None:
@@ -65,19 +61,11 @@ def channel_attention(
     residual = _checks.residual(residual, x)
     args = (x, w1, b1, w2, b2, residual, act_weight, pool)
     backend = _backend.choose(OP, x.device.type)
-    if out is not None:
-        _checks.out(out, args)
-        if backend == "reference":
-            with torch.no_grad():
-                return out.copy_(RF.channel_attention(
-                    x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool))
-        _backend.op_handle(backend, OP + "_out")(*args, out)
-        return out
-    if backend == "reference":
-        return RF.channel_attention(
-            x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool
-        )
-    return _backend.op_handle(backend, OP)(*args)[0]
+    return _dispatch.run(
+        backend, OP, args,
+        lambda: RF.channel_attention(x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool),
+        out, saves=True,
+    )
 
 
 # ---- registration of the compiled op (the Triton op registers its own, same functions) --------------
@@ -127,10 +115,5 @@ def _make_backward(backward_op):
 
 def register(namespace: str, fake: bool) -> None:
     """Fake kernels (for ops defined in C++) and autograd for ``namespace::channel_attention``."""
-    qual = f"{namespace}::{OP}"
-    if fake:
-        torch.library.register_fake(qual)(_fake)
-        torch.library.register_fake(f"{qual}_backward")(_fake_backward)
-        torch.library.register_fake(f"{qual}_out")(_fake_out)
-    backward_op = getattr(getattr(torch.ops, namespace), f"{OP}_backward")
-    torch.library.register_autograd(qual, _make_backward(backward_op), setup_context=_setup_context)
+    _dispatch.register(namespace, OP, fake, {"": _fake, "_backward": _fake_backward, "_out": _fake_out},
+                       _make_backward, _setup_context)

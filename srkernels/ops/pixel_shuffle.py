@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference import functional as RF
-from . import _checks
+from . import _checks, _dispatch
 
 OP = "pixel_shuffle"
 ACTS = ("none", "relu", "prelu")
@@ -64,17 +64,11 @@ def pixel_shuffle(
         _checks.like("residual", residual, x, ((N, C, H * r, W * r),))
     args = (x, r, bias, act_weight, act, residual)
     backend = _backend.choose(OP, x.device.type)
-    if out is not None:
-        _checks.out(out, args, (N, C, H * r, W * r))
-        if backend == "reference":
-            with torch.no_grad():
-                return out.copy_(RF.pixel_shuffle(x, r, bias=bias, act=act, act_weight=act_weight,
-                                                  residual=residual))
-        _backend.op_handle(backend, OP + "_out")(*args, out)
-        return out
-    if backend == "reference":
-        return RF.pixel_shuffle(x, r, bias=bias, act=act, act_weight=act_weight, residual=residual)
-    return _backend.op_handle(backend, OP)(*args)
+    return _dispatch.run(
+        backend, OP, args,
+        lambda: RF.pixel_shuffle(x, r, bias=bias, act=act, act_weight=act_weight, residual=residual),
+        out, (N, C, H * r, W * r),
+    )
 
 
 def pixel_unshuffle(x: Tensor, r: int) -> Tensor:

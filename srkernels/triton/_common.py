@@ -223,3 +223,69 @@ def finish_registration(op, fake, kernel) -> None:
         from torch._subclasses.functional_tensor import FunctionalTensorMode
 
         op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+
+
+# ---- helpers shared by the op modules' kernels and launchers -----------------------------------------------
+
+from torch.library import wrap_triton  # noqa: E402
+
+
+@triton.jit
+def tile_2d(C, HW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # The [BLOCK_C, BLOCK_P] tile of program (pixel block pb, channel block, sample n) of an (NPB, NCB, N) grid:
+    # -> pb, n (int64), channel / pixel offsets and masks, the tile mask, and the offsets as int64 [BLOCK_C, 1]
+    # and [1, BLOCK_P] columns for the strided address math n * s_n + c64 * s_c + p64 * s_p.
+    pb = tl.program_id(0)
+    cb = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mc = offs_c < C
+    mp = offs_p < HW
+    mask = mc[:, None] & mp[None, :]
+    return pb, n, offs_c, offs_p, mc, mp, mask, offs_c.to(tl.int64)[:, None], offs_p.to(tl.int64)[None, :]
+
+
+def geometry(x: Tensor):
+    """Tiling of an [N, C, H, W] tensor in a kernel layout for the tile_2d kernels:
+    (N, C, H, W, HW, (s_n, s_c, s_p), BLOCK_C, BLOCK_P, pixel blocks NPB, channel blocks NCB)."""
+    N, C, H, W = x.shape
+    HW = H * W
+    sxn, sxc, sxp = strides(x)
+    BC, BP = tile_blocks(C, HW, sxc == 1 and C > 1)
+    return N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, triton.cdiv(HW, BP), triton.cdiv(C, BC)
+
+
+def merge_partials(
+    psum: Tensor, pm2: Tensor, out: Tensor, C: int, HW: int, NPB: int, block_p: int, denom, *, batches: int,
+    with_m2: bool = False, block_c: int | None = None,
+) -> None:
+    """Launch merge_partials_kernel over ``batches`` x [NPB, C] partials (see the kernel); BLOCK_C defaults to
+    next_power_of_2(C) capped at 128."""
+    MBC = min(triton.next_power_of_2(C), 128) if block_c is None else block_c
+    wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), batches)](
+        psum, pm2, out, C, HW, NPB, block_p, denom, WITH_M2=with_m2, BLOCK_K=merge_block_k(NPB), BLOCK_C=MBC
+    )
+
+
+def forward_operands(
+    x: Tensor, residual: Tensor | None, out: Tensor | None, op: str
+) -> tuple[Tensor, torch.memory_format, Tensor, Tensor | None]:
+    """The start of a forward that has an ``_out`` variant -> (x in its kernel layout, that layout, where the
+    final kernel writes (``out_target``), the residual safe to read meanwhile (``kernel_residual``))."""
+    x_in = x
+    x, fmt = kernel_layout(x)
+    dst = out_target(out, x_in, x, fmt, op)
+    return x, fmt, dst, kernel_residual(residual, x, fmt, dst, op)
+
+
+def residual_operand(residual: Tensor | None, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """(pointer, (s_n, s_c, s_p) strides) of an optional residual for a HAS_RES kernel; absent: x and zero
+    strides (never read)."""
+    return (x, (0, 0, 0)) if residual is None else (residual, strides(residual))
+
+
+def finish_out(out: Tensor | None, dst: Tensor) -> None:
+    """The end of an ``_out`` forward: copy the result from a temporary (see ``out_target``) into ``out``."""
+    if out is not None and dst is not out:
+        out.copy_(dst)

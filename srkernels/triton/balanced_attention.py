@@ -15,7 +15,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import _common as cm
-from ._common import merge_partials_kernel
 
 
 @triton.jit
@@ -43,15 +42,12 @@ def _bam_stats_kernel(
 
 
 @triton.jit
-def _sa_corr_kernel(
-    in_ptr, w_ptr, out_ptr, H, W,
-    K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # out[n, y, x] = sum_ij w[i, j] * in[n, y + i - K//2, x + j - K//2] (zero padding), opt. sigmoid.
-    # One kernel row per step as a [BLOCK, K_PAD] gather (the map is tiny and cache-resident).
+def _map_window(H, W, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # The KxK windows of the map kernels below: program (pixel block pb, sample n) of an [N, H, W] map ->
+    # pb, n (int64), H*W, the block's pixels and mask, their rows, the tap columns j (and mask), and the
+    # [BLOCK, K_PAD] source columns x + j - K//2 with where they lie inside the map.
     pb = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    acc_ty = out_ptr.dtype.element_ty
     HW = H * W
     offs = pb * BLOCK + tl.arange(0, BLOCK)
     m = offs < HW
@@ -60,12 +56,30 @@ def _sa_corr_kernel(
     mj = offs_j < K
     sx = (offs % W)[:, None] + (offs_j - K // 2)[None, :]
     okx = m[:, None] & mj[None, :] & (sx >= 0) & (sx < W)
+    return pb, n, HW, offs, m, yy, offs_j, mj, sx, okx
+
+
+@triton.jit
+def _map_window_row(base, i, yy, sx, okx, H, W, K: tl.constexpr):
+    # Kernel row i of every window: [BLOCK, K_PAD] values map[y + i - K//2, x + j - K//2] (0 outside the map).
+    sy = yy + (i - K // 2)
+    ok = okx & ((sy >= 0) & (sy < H))[:, None]
+    return tl.load(base + sy[:, None] * W + sx, mask=ok, other=0.0)
+
+
+@triton.jit
+def _sa_corr_kernel(
+    in_ptr, w_ptr, out_ptr, H, W,
+    K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out[n, y, x] = sum_ij w[i, j] * in[n, y + i - K//2, x + j - K//2] (zero padding), opt. sigmoid.
+    # One kernel row per step as a [BLOCK, K_PAD] gather (the map is tiny and cache-resident).
+    _, n, HW, offs, m, yy, offs_j, mj, sx, okx = _map_window(H, W, K, K_PAD, BLOCK)
+    acc_ty = out_ptr.dtype.element_ty
     base = in_ptr + n * HW
     acc = tl.zeros([BLOCK], dtype=acc_ty)
     for i in range(K):
-        sy = yy + (i - K // 2)
-        ok = okx & ((sy >= 0) & (sy < H))[:, None]
-        v = tl.load(base + sy[:, None] * W + sx, mask=ok, other=0.0)
+        v = _map_window_row(base, i, yy, sx, okx, H, W, K)
         w = tl.load(w_ptr + i * K + offs_j, mask=mj, other=0.0)
         acc += tl.sum(v * w[None, :], axis=1)
     if SIGMOID:
@@ -79,23 +93,12 @@ def _sa_wgrad_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Per-block partials of grad_w[i, j] = sum_p dt[n, p] * map_padded[n, p + (i, j) - K//2].
-    pb = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    HW = H * W
-    offs = pb * BLOCK + tl.arange(0, BLOCK)
-    m = offs < HW
-    yy = offs // W
-    offs_j = tl.arange(0, K_PAD)
-    mj = offs_j < K
-    sx = (offs % W)[:, None] + (offs_j - K // 2)[None, :]
-    okx = m[:, None] & mj[None, :] & (sx >= 0) & (sx < W)
+    pb, n, HW, offs, m, yy, offs_j, mj, sx, okx = _map_window(H, W, K, K_PAD, BLOCK)
     dt = tl.load(dt_ptr + n * HW + offs, mask=m, other=0.0)
     base = map_ptr + n * HW
     pbase = part_ptr + (n * NPB + pb) * (K * K)
     for i in range(K):
-        sy = yy + (i - K // 2)
-        ok = okx & ((sy >= 0) & (sy < H))[:, None]
-        v = tl.load(base + sy[:, None] * W + sx, mask=ok, other=0.0)
+        v = _map_window_row(base, i, yy, sx, okx, H, W, K)
         tl.store(pbase + i * K + offs_j, tl.sum(v * dt[:, None], axis=0), mask=mj)
 
 
@@ -105,16 +108,7 @@ def _bam_scale_kernel(
     HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # out = x * ca[n, c] * sa[n, p] (+ residual) in acc, rounded once; out has x's strides.
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = offs_c < C
-    mp = offs_p < HW
-    mask = mc[:, None] & mp[None, :]
-    c64 = offs_c.to(tl.int64)[:, None]
-    p64 = offs_p.to(tl.int64)[None, :]
+    _, n, offs_c, offs_p, mc, mp, mask, c64, p64 = cm.tile_2d(C, HW, BLOCK_C, BLOCK_P)
     xoff = n * sxn + c64 * sxc + p64 * sxp
     ca = tl.load(ca_ptr + n * C + offs_c, mask=mc, other=0.0)
     sa = tl.load(sa_ptr + n * HW + offs_p, mask=mp, other=0.0)
@@ -167,16 +161,7 @@ def _bam_grad_x_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # grad_x = go * ca * sa + dmean/HW + (c == argmax) * dmax; gx has x's strides.
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = offs_c < C
-    mp = offs_p < HW
-    mask = mc[:, None] & mp[None, :]
-    c64 = offs_c.to(tl.int64)[:, None]
-    p64 = offs_p.to(tl.int64)[None, :]
+    _, n, offs_c, offs_p, mc, mp, mask, c64, p64 = cm.tile_2d(C, HW, BLOCK_C, BLOCK_P)
     ca = tl.load(ca_ptr + n * C + offs_c, mask=mc, other=0.0)
     dmh = tl.load(dmh_ptr + n * C + offs_c, mask=mc, other=0.0)
     sa = tl.load(sa_ptr + n * HW + offs_p, mask=mp, other=0.0)
@@ -186,14 +171,6 @@ def _bam_grad_x_kernel(
     y = go * ca[:, None] * sa[None, :] + dmh[:, None]
     y += tl.where(offs_c[:, None] == am[None, :], dmax[None, :], 0.0)
     tl.store(gx_ptr + n * sxn + c64 * sxc + p64 * sxp, y.to(gx_ptr.dtype.element_ty), mask=mask)
-
-
-def _geometry(x: Tensor):
-    N, C, H, W = x.shape
-    HW = H * W
-    sxn, sxc, sxp = cm.strides(x)
-    BC, BP = cm.tile_blocks(C, HW, sxc == 1 and C > 1)
-    return N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, triton.cdiv(HW, BP), triton.cdiv(C, BC)
 
 
 def _check_w_sa(w_sa: Tensor) -> int:
@@ -223,11 +200,8 @@ def _forward(
     into ``out``: directly when it has x's kernel layout, else through a temporary copied into it."""
     torch._check(x.dim() == 4, lambda: f"{op}: x must be [N, C, H, W]")
     K = _check_w_sa(w_sa)
-    x_in = x
-    x, fmt = cm.kernel_layout(x)
-    dst = cm.out_target(out, x_in, x, fmt, op)
-    residual = cm.kernel_residual(residual, x, fmt, dst, op)
-    N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    x, fmt, dst, residual = cm.forward_operands(x, residual, out, op)
+    N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = cm.geometry(x)
     acc = cm.acc_dtype(x.dtype)
 
     psum = x.new_empty((N, NPB, C), dtype=acc)
@@ -236,23 +210,19 @@ def _forward(
     if x.numel() > 0:
         wrap_triton(_bam_stats_kernel)[(NPB, N)](x, psum, maxmap, C, HW, NPB, sxn, sxc, sxp, BLOCK_C=BC, BLOCK_P=BP)
     if N > 0 and C > 0:  # also for H * W == 0: 0 / 0 = nan, like the reference mean
-        MBC = min(triton.next_power_of_2(C), 128)
-        wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
-            psum, psum, mean, C, HW, NPB, BP, HW, WITH_M2=False, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
-        )
+        cm.merge_partials(psum, psum, mean, C, HW, NPB, BP, HW, batches=N)
 
     _, _, ca = cm.mlp_forward(mean, w1, None, w2, None, prelu_w)
     ca = ca.contiguous()
     sa = _spatial_gate(maxmap.view(N, HW), w_sa, K, H, W)
 
-    srn, src, srp = cm.strides(residual) if residual is not None else (0, 0, 0)
+    res, (srn, src, srp) = cm.residual_operand(residual, x)
     if x.numel() > 0:
         wrap_triton(_bam_scale_kernel)[(NPB, NCB, N)](
-            x, ca, sa, x if residual is None else residual, dst, C, HW, sxn, sxc, sxp, srn, src, srp,
+            x, ca, sa, res, dst, C, HW, sxn, sxc, sxp, srn, src, srp,
             HAS_RES=residual is not None, BLOCK_C=BC, BLOCK_P=BP,
         )
-    if out is not None and dst is not out:
-        out.copy_(dst)
+    cm.finish_out(out, dst)
     return dst, mean, maxmap
 
 
@@ -299,7 +269,7 @@ def balanced_attention_backward(
     K = _check_w_sa(w_sa)
     x, fmt = cm.kernel_layout(x)
     grad_out = cm.like_layout(grad_out, fmt)
-    N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = cm.geometry(x)
     sgn, sgc, sgp = cm.strides(grad_out)
     acc = cm.acc_dtype(x.dtype)
     mean = mean.reshape(N, C).to(acc)
@@ -319,10 +289,7 @@ def balanced_attention_backward(
             BLOCK_C=BC, BLOCK_P=BP,
         )
     if N > 0 and C > 0:
-        MBC = min(triton.next_power_of_2(C), 128)
-        wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
-            pdca, pdca, dca, C, HW, NPB, BP, 1, WITH_M2=False, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
-        )
+        cm.merge_partials(pdca, pdca, dca, C, HW, NPB, BP, 1, batches=N)
 
     dmean, gw1, _, gw2, _, gpw = cm.mlp_backward(dca, mean, h, a, ca, w1, w2, prelu_w)
     dmh = (dmean / HW).contiguous()
@@ -342,11 +309,8 @@ def balanced_attention_backward(
         wrap_triton(_sa_wgrad_kernel)[(NMB, N)](
             maxmap, dt, pw, H, W, NMB, K=K, K_PAD=triton.next_power_of_2(K), BLOCK=MB
         )
-        # the N * NMB block partials of each tap, summed in fixed order
-        MBC = triton.next_power_of_2(KK)
-        wrap_triton(merge_partials_kernel)[(1, 1)](
-            pw, pw, gws, KK, 1, N * NMB, 1, 1, WITH_M2=False, BLOCK_K=cm.merge_block_k(N * NMB), BLOCK_C=MBC
-        )
+        # the N * NMB block partials of each tap, summed in fixed order (all KK taps in one program)
+        cm.merge_partials(pw, pw, gws, KK, 1, N * NMB, 1, 1, batches=1, block_c=triton.next_power_of_2(KK))
 
     grad_x = torch.empty_like(x)
     if x.numel() > 0:

@@ -13,7 +13,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import _common as cm
-from ._common import merge_partials_kernel
 
 
 @triton.jit
@@ -23,16 +22,9 @@ def _ca_stats_kernel(
 ):
     # One tile per program -> per-block channel sums, and centred sums of squares (two-pass on the tile in
     # registers) so that blocks merge without E[x^2] - E[x]^2 cancellation.
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
+    pb, n, offs_c, _, mc, _, mask, c64, p64 = cm.tile_2d(C, HW, BLOCK_C, BLOCK_P)
     acc_ty = psum_ptr.dtype.element_ty
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = offs_c < C
-    mask = mc[:, None] & (offs_p < HW)[None, :]
-    ptrs = x_ptr + n * sxn + offs_c.to(tl.int64)[:, None] * sxc + offs_p.to(tl.int64)[None, :] * sxp
-    x = tl.load(ptrs, mask=mask, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + n * sxn + c64 * sxc + p64 * sxp, mask=mask, other=0.0).to(acc_ty)
     s = tl.sum(x, axis=1)
     out = (n * NPB + pb) * C + offs_c
     tl.store(psum_ptr + out, s, mask=mc)
@@ -48,15 +40,7 @@ def _ca_scale_kernel(
     HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # out = x * g[n, c] (+ residual) in acc, rounded once; out has x's strides.
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = offs_c < C
-    mask = mc[:, None] & (offs_p < HW)[None, :]
-    c64 = offs_c.to(tl.int64)[:, None]
-    p64 = offs_p.to(tl.int64)[None, :]
+    _, n, offs_c, _, mc, _, mask, c64, p64 = cm.tile_2d(C, HW, BLOCK_C, BLOCK_P)
     xoff = n * sxn + c64 * sxc + p64 * sxp
     g = tl.load(g_ptr + n * C + offs_c, mask=mc, other=0.0)
     y = tl.load(x_ptr + xoff, mask=mask, other=0.0).to(g.dtype) * g[:, None]
@@ -71,16 +55,8 @@ def _ca_dg_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # Per-block partials of dg[n, c] = sum_p grad_out * x.
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
+    pb, n, offs_c, _, mc, _, mask, c64, p64 = cm.tile_2d(C, HW, BLOCK_C, BLOCK_P)
     acc_ty = pdg_ptr.dtype.element_ty
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = offs_c < C
-    mask = mc[:, None] & (offs_p < HW)[None, :]
-    c64 = offs_c.to(tl.int64)[:, None]
-    p64 = offs_p.to(tl.int64)[None, :]
     go = tl.load(go_ptr + n * sgn + c64 * sgc + p64 * sgp, mask=mask, other=0.0).to(acc_ty)
     x = tl.load(x_ptr + n * sxn + c64 * sxc + p64 * sxp, mask=mask, other=0.0).to(acc_ty)
     tl.store(pdg_ptr + (n * NPB + pb) * C + offs_c, tl.sum(go * x, axis=1), mask=mc)
@@ -92,15 +68,7 @@ def _ca_grad_x_kernel(
     WITH_STD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # grad_x = go * g + ds/HW (+ ds/(HW std) * (x - mean)); coef[n] rows: g, ds/HW (, ds/(HW std), mean).
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mc = offs_c < C
-    mask = mc[:, None] & (offs_p < HW)[None, :]
-    c64 = offs_c.to(tl.int64)[:, None]
-    p64 = offs_p.to(tl.int64)[None, :]
+    _, n, offs_c, _, mc, _, mask, c64, p64 = cm.tile_2d(C, HW, BLOCK_C, BLOCK_P)
     n_rows: tl.constexpr = 4 if WITH_STD else 2
     cptr = coef_ptr + n * n_rows * C + offs_c
     g = tl.load(cptr, mask=mc, other=0.0)
@@ -121,17 +89,9 @@ def _check_pool(pool: str) -> bool:
     return pool == "avg+std"
 
 
-def _geometry(x: Tensor):
-    N, C, H, W = x.shape
-    HW = H * W
-    sxn, sxc, sxp = cm.strides(x)
-    BC, BP = cm.tile_blocks(C, HW, sxc == 1 and C > 1)
-    return N, C, HW, (sxn, sxc, sxp), BC, BP, triton.cdiv(HW, BP), triton.cdiv(C, BC)
-
-
 def _pool_stats(x: Tensor, with_std: bool) -> Tensor:
     """stats [N, P, C] acc: mean (and population std)."""
-    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    N, C, _, _, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = cm.geometry(x)
     acc = cm.acc_dtype(x.dtype)
     P = 2 if with_std else 1
     psum = x.new_empty((N, NPB, C), dtype=acc)
@@ -142,10 +102,7 @@ def _pool_stats(x: Tensor, with_std: bool) -> Tensor:
             x, psum, pm2, C, HW, NPB, sxn, sxc, sxp, WITH_M2=with_std, BLOCK_C=BC, BLOCK_P=BP
         )
     if N > 0 and C > 0:  # also for H * W == 0: 0 / 0 = nan, like the reference mean
-        MBC = min(triton.next_power_of_2(C), 128)
-        wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
-            psum, pm2, stats, C, HW, NPB, BP, HW, WITH_M2=with_std, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
-        )
+        cm.merge_partials(psum, pm2, stats, C, HW, NPB, BP, HW, batches=N, with_m2=with_std)
     return stats
 
 
@@ -165,24 +122,20 @@ def _forward(
     ``out``: directly when it has x's kernel layout, else through a temporary copied into it."""
     torch._check(x.dim() == 4, lambda: f"{op}: x must be [N, C, H, W]")
     with_std = _check_pool(pool)
-    x_in = x
-    x, fmt = cm.kernel_layout(x)
-    dst = cm.out_target(out, x_in, x, fmt, op)
-    residual = cm.kernel_residual(residual, x, fmt, dst, op)
+    x, fmt, dst, residual = cm.forward_operands(x, residual, out, op)
     stats = _pool_stats(x, with_std)
     s = stats[:, 0] + stats[:, 1] if with_std else stats[:, 0]
     _, _, g = cm.mlp_forward(s, w1, b1, w2, b2, act_weight)
     g = g.contiguous()
 
-    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
-    srn, src, srp = cm.strides(residual) if residual is not None else (0, 0, 0)
+    N, C, _, _, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = cm.geometry(x)
+    res, (srn, src, srp) = cm.residual_operand(residual, x)
     if x.numel() > 0:
         wrap_triton(_ca_scale_kernel)[(NPB, NCB, N)](
-            x, g, x if residual is None else residual, dst, C, HW, sxn, sxc, sxp, srn, src, srp,
+            x, g, res, dst, C, HW, sxn, sxc, sxp, srn, src, srp,
             HAS_RES=residual is not None, BLOCK_C=BC, BLOCK_P=BP,
         )
-    if out is not None and dst is not out:
-        out.copy_(dst)
+    cm.finish_out(out, dst)
     return dst, stats
 
 
@@ -246,7 +199,7 @@ def channel_attention_backward(
     with_std = _check_pool(pool)
     x, fmt = cm.kernel_layout(x)
     grad_out = cm.like_layout(grad_out, fmt)
-    N, C, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = _geometry(x)
+    N, C, _, _, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = cm.geometry(x)
     sgn, sgc, sgp = cm.strides(grad_out)
     acc = cm.acc_dtype(x.dtype)
 
@@ -258,10 +211,7 @@ def channel_attention_backward(
             grad_out, x, pdg, C, HW, NPB, sgn, sgc, sgp, sxn, sxc, sxp, BLOCK_C=BC, BLOCK_P=BP
         )
     if N > 0 and C > 0:
-        MBC = min(triton.next_power_of_2(C), 128)
-        wrap_triton(merge_partials_kernel)[(triton.cdiv(C, MBC), N)](
-            pdg, pdg, dg, C, HW, NPB, BP, 1, WITH_M2=False, BLOCK_K=cm.merge_block_k(NPB), BLOCK_C=MBC
-        )
+        cm.merge_partials(pdg, pdg, dg, C, HW, NPB, BP, 1, batches=N)
     dg = dg[:, 0]
 
     stats = stats.to(acc)

@@ -18,6 +18,8 @@ Reductions (grad_bias, grad_act_weight) are per-tile partials merged in a fixed 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -25,7 +27,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import _common as cm
-from ._common import merge_partials_kernel
 
 _ACTS = {"none": 0, "relu": 1, "prelu": 2}
 
@@ -321,6 +322,26 @@ def _tiles_nhwc(C: int, W: int, RP: int) -> tuple[int, int]:
     return bw, bc
 
 
+class _Tiling(NamedTuple):
+    """Tile and grid pieces of one layout, shared by the forward and backward launches. A row block is what a
+    backward program step covers: one x row (NHWC) or BH x rows (NCHW), of BW pixels per w block."""
+
+    blocks: dict  # the kernels' tile meta-args: BW, BC (NHWC) or BH, BW (NCHW)
+    tile: int  # elements per program tile (num_warps)
+    NWB: int  # w blocks per row block
+    NRB: int  # row blocks
+    NCB: int  # channel programs: channel blocks (NHWC) or one per channel (NCHW)
+    pixels: int  # x pixels per (row block, w block), per channel
+
+
+def _tiling(channels_last: bool, C: int, H: int, W: int, RP: int) -> _Tiling:
+    if channels_last:
+        BW, BC = _tiles_nhwc(C, W, RP)
+        return _Tiling(dict(BW=BW, BC=BC), BW * BC * RP * RP, triton.cdiv(W, BW), H, triton.cdiv(C, BC), BW)
+    BH, BW = _tiles_nchw(H, W, RP)
+    return _Tiling(dict(BH=BH, BW=BW), BH * BW * RP * RP, triton.cdiv(W, BW), triton.cdiv(H, BH), C, BH * BW)
+
+
 def _check_common(r: int, act: str, act_weight: Tensor | None, C: int) -> int:
     torch._check(r >= 1, lambda: f"pixel_shuffle: r must be >= 1, got {r}")
     torch._check(act in _ACTS, lambda: f"pixel_shuffle: act must be one of {tuple(_ACTS)}, got {act!r}")
@@ -363,16 +384,11 @@ def _shuffle_into(
     common = dict(R=r, RP=RP, HAS_BIAS=bias is not None, ACT=act_id, HAS_RES=residual is not None,
                   F64=x.dtype == torch.float64)
     strides = (*x.stride(), *_strides4(residual), *out.stride())
-    if fmt == torch.channels_last:
-        BW, BC = _tiles_nhwc(C, W, RP)
-        NWB = triton.cdiv(W, BW)
-        wrap_triton(_ps_fwd_nhwc_kernel)[(NWB * H, triton.cdiv(C, BC), N)](
-            x, b, a, res, out, C, W, NWB, *strides, **common, BW=BW, BC=BC, num_warps=_warps(BW * BC * RP * RP))
-    else:
-        BH, BW = _tiles_nchw(H, W, RP)
-        NWB = triton.cdiv(W, BW)
-        wrap_triton(_ps_fwd_nchw_kernel)[(NWB * triton.cdiv(H, BH), C, N)](
-            x, b, a, res, out, H, W, NWB, *strides, **common, BH=BH, BW=BW, num_warps=_warps(BH * BW * RP * RP))
+    nhwc = fmt == torch.channels_last
+    t = _tiling(nhwc, C, H, W, RP)
+    kernel, geo = (_ps_fwd_nhwc_kernel, (C, W, t.NWB)) if nhwc else (_ps_fwd_nchw_kernel, (H, W, t.NWB))
+    wrap_triton(kernel)[(t.NWB * t.NRB, t.NCB, N)](
+        x, b, a, res, out, *geo, *strides, **common, **t.blocks, num_warps=_warps(t.tile))
 
 
 def _unshuffle(
@@ -388,21 +404,13 @@ def _unshuffle(
     grad_x = torch.empty((N, Cin, H, W), dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
     RP = triton.next_power_of_2(r)
     reduce = need_bias_grad or act_id == 2
-    if fmt == torch.channels_last:
-        BW, BC = _tiles_nhwc(C, W, RP)
-        # with reductions, a program runs several rows: partials ~ 1/_PARTIAL_RATIO of grad_x
-        steps = max(1, min(H, triton.cdiv(_PARTIAL_RATIO, BW))) if reduce else 1
-        NWB = triton.cdiv(W, BW)
-        grid = (NWB * triton.cdiv(H, steps), triton.cdiv(C, BC), N)
-        kernel, blocks, tile = _ps_bwd_nhwc_kernel, dict(BW=BW, BC=BC), BW * BC * RP * RP
-    else:
-        BH, BW = _tiles_nchw(H, W, RP)
-        NHB = triton.cdiv(H, BH)
-        steps = max(1, min(NHB, triton.cdiv(_PARTIAL_RATIO, BH * BW))) if reduce else 1
-        NWB = triton.cdiv(W, BW)
-        grid = (NWB * triton.cdiv(NHB, steps), C, N)
-        kernel, blocks, tile = _ps_bwd_nchw_kernel, dict(BH=BH, BW=BW), BH * BW * RP * RP
-    geo = (C, H, W, NWB)
+    nhwc = fmt == torch.channels_last
+    t = _tiling(nhwc, C, H, W, RP)
+    # with reductions, a program runs several row blocks: partials ~ 1/_PARTIAL_RATIO of grad_x
+    steps = max(1, min(t.NRB, triton.cdiv(_PARTIAL_RATIO, t.pixels))) if reduce else 1
+    grid = (t.NWB * triton.cdiv(t.NRB, steps), t.NCB, N)
+    kernel = _ps_bwd_nhwc_kernel if nhwc else _ps_bwd_nchw_kernel
+    geo = (C, H, W, t.NWB)
     NPB = grid[0]
     pgb = grad_out.new_empty((N * NPB, Cin), dtype=acc) if need_bias_grad else None
     pga = grad_out.new_empty((N * NPB, C), dtype=acc) if act_id == 2 else None
@@ -414,7 +422,7 @@ def _unshuffle(
             grad_x, pgb if pgb is not None else grad_x, pga if pga is not None else grad_x,
             *geo, NPB, steps, *grad_out.stride(), *_strides4(x), *grad_x.stride(),
             R=r, RP=RP, HAS_BIAS=bias is not None, ACT=act_id, BIAS_GRAD=need_bias_grad,
-            F64=grad_out.dtype == torch.float64, **blocks, num_warps=_warps(tile),
+            F64=grad_out.dtype == torch.float64, **t.blocks, num_warps=_warps(t.tile),
         )
     return grad_x, _merge(pgb, Cin, N * NPB, grad_x.numel() > 0), _merge(pga, C, N * NPB, grad_x.numel() > 0)
 
@@ -426,10 +434,7 @@ def _merge(partials: Tensor | None, K: int, rows: int, launched: bool) -> Tensor
     if not launched or rows == 0:
         return partials.new_zeros((K,))
     total = partials.new_empty((K,))
-    MBC = min(triton.next_power_of_2(K), 128)
-    wrap_triton(merge_partials_kernel)[(triton.cdiv(K, MBC), 1)](
-        partials, partials, total, K, 1, rows, 1, 1, WITH_M2=False, BLOCK_K=cm.merge_block_k(rows), BLOCK_C=MBC
-    )
+    cm.merge_partials(partials, partials, total, K, 1, rows, 1, 1, batches=1)
     return total
 
 

@@ -47,3 +47,19 @@ def run_parity(fused_fn, ref_fn, inputs: dict, *, backend: str, dtype: torch.dty
 
 def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def assert_thread_independent(run) -> None:
+    """``run()`` (-> a tuple of tensors) gives bitwise-equal results with 1 thread and, twice, with the default
+    thread count (the kernels' reductions have a fixed order whatever the threads)."""
+    runs = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, prev, prev):
+            torch.set_num_threads(threads)
+            runs.append(run())
+    finally:
+        torch.set_num_threads(prev)
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)

@@ -6,7 +6,7 @@ from srkernels import ops, use_backend
 from srkernels.reference import functional as RF
 
 from ..conftest import assert_close, needs_cuda
-from ._parity import randn, run_parity
+from ._parity import assert_thread_independent, randn, run_parity
 
 OP = "balanced_attention"
 BACKENDS = ["compiled", "triton"]
@@ -105,22 +105,16 @@ def test_empty_batch(backend):
 
 def test_deterministic_and_thread_independent():
     t = {k: v.float() for k, v in make_inputs(3, 64, 20, 21, 4).items()}
-    runs = []
-    prev = torch.get_num_threads()
-    try:
-        for threads in (1, prev, prev):
-            torch.set_num_threads(threads)
-            x = t["x"].clone().requires_grad_(True)
-            w_sa = t["w_sa"].clone().requires_grad_(True)
-            with use_backend("compiled"):
-                out = ops.balanced_attention(x, t["w1"], t["prelu_w"], t["w2"], w_sa, residual=t["residual"])
-            out.backward(torch.ones_like(out))
-            runs.append((out.detach(), x.grad, w_sa.grad))
-    finally:
-        torch.set_num_threads(prev)
-    for r in runs[1:]:
-        for a, b in zip(runs[0], r):
-            assert torch.equal(a, b)
+
+    def run():
+        x = t["x"].clone().requires_grad_(True)
+        w_sa = t["w_sa"].clone().requires_grad_(True)
+        with use_backend("compiled"):
+            out = ops.balanced_attention(x, t["w1"], t["prelu_w"], t["w2"], w_sa, residual=t["residual"])
+        out.backward(torch.ones_like(out))
+        return out.detach(), x.grad, w_sa.grad
+
+    assert_thread_independent(run)
 
 
 def test_module_keys_and_fuse():

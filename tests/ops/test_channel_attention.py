@@ -6,7 +6,7 @@ from srkernels import ops, use_backend
 from srkernels.reference import functional as RF
 
 from ..conftest import assert_close, needs_cuda
-from ._parity import randn, run_parity
+from ._parity import assert_thread_independent, randn, run_parity
 
 OP = "channel_attention"
 BACKENDS = ["compiled", "triton"]
@@ -121,22 +121,16 @@ def test_empty_batch(backend):
 def test_deterministic_and_thread_independent():
     inputs, opts = make_inputs(3, 64, 20, 21, 4, "avg+std", "relu", True, True)
     t = {k: v.float() for k, v in inputs.items() if v is not None}
-    runs = []
-    prev = torch.get_num_threads()
-    try:
-        for threads in (1, prev, prev):
-            torch.set_num_threads(threads)
-            x = t["x"].clone().requires_grad_(True)
-            w1 = t["w1"].clone().requires_grad_(True)
-            with use_backend("compiled"):
-                out = ops.channel_attention(x, w1, t["b1"], t["w2"], t["b2"], residual=t["residual"], pool="avg+std")
-            out.backward(torch.ones_like(out))
-            runs.append((out.detach(), x.grad, w1.grad))
-    finally:
-        torch.set_num_threads(prev)
-    for r in runs[1:]:
-        for a, b in zip(runs[0], r):
-            assert torch.equal(a, b)
+
+    def run():
+        x = t["x"].clone().requires_grad_(True)
+        w1 = t["w1"].clone().requires_grad_(True)
+        with use_backend("compiled"):
+            out = ops.channel_attention(x, w1, t["b1"], t["w2"], t["b2"], residual=t["residual"], pool="avg+std")
+        out.backward(torch.ones_like(out))
+        return out.detach(), x.grad, w1.grad
+
+    assert_thread_independent(run)
 
 
 def test_saves_only_what_backward_needs():

@@ -1,0 +1,42 @@
+"""What every op does once its arguments are checked and ``_backend.choose`` has picked the backend (the
+choice stays in the op itself: its warning points at the op's caller)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from . import _checks
+
+
+def run(backend: str, op: str, args: tuple, reference: Callable[[], Tensor], out: Tensor | None = None,
+        out_shape: tuple[int, ...] | None = None, *, saves: bool = False) -> Tensor:
+    """``op(*args)`` on ``backend``; ``reference()`` computes the result for the "reference" backend. With
+    ``out`` (inference only, shape ``out_shape``, default x's) the result is written through ``<op>_out`` (or
+    copied from the reference) and ``out`` is returned. ``saves``: the op returns (result, tensors saved for
+    the backward); only the result is returned."""
+    if out is not None:
+        _checks.out(out, args, out_shape)
+        if backend == "reference":
+            with torch.no_grad():
+                return out.copy_(reference())
+        _backend.op_handle(backend, op + "_out")(*args, out)
+        return out
+    if backend == "reference":
+        return reference()
+    result = _backend.op_handle(backend, op)(*args)
+    return result[0] if saves else result
+
+
+def register(namespace: str, op: str, fake: bool, fakes: dict[str, Callable], make_backward: Callable,
+             setup_context: Callable) -> None:
+    """Fake kernels (for ops defined in C++: ``fakes`` maps a name suffix, "" for the op itself, to its fake)
+    and autograd for ``namespace::op``, whose backward ``make_backward(namespace::op_backward)`` returns."""
+    qual = f"{namespace}::{op}"
+    if fake:
+        for suffix, fn in fakes.items():
+            torch.library.register_fake(qual + suffix)(fn)
+    backward_op = getattr(getattr(torch.ops, namespace), f"{op}_backward")
+    torch.library.register_autograd(qual, make_backward(backward_op), setup_context=setup_context)
