@@ -41,15 +41,17 @@ def _packed_weight(conv: nn.Conv2d) -> Tensor:
     return cached[1]
 
 
-def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
-    """``act(conv(x)) (+ residual)`` for any ``nn.Conv2d``, as one oneDNN call where possible."""
+def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: Tensor | None = None, *,
+           with_bias: bool = True) -> Tensor:
+    """``act(conv(x)) (+ residual)`` for any ``nn.Conv2d``, as one oneDNN call where possible.
+    ``with_bias=False`` skips ``conv.bias`` (for a caller that adds it in its own epilogue)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     # under torch.compile the eager formula is traced: Inductor picks its own fused conv kernels
     if not torch.compiler.is_compiling() and _onednn_ok(conv, x, residual):
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         w = _packed_weight(conv)
-        b = conv.bias.detach() if conv.bias is not None else None
+        b = conv.bias.detach() if conv.bias is not None and with_bias else None
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, activation or "none", [None], "")
         if activation is None:  # conv + bias + residual: oneDNN binary "add" post-op
@@ -58,7 +60,8 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
                 x, other, w, b, *args, "add", None, None, [None], None)
         y = torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, activation, [None], "")
         return y.add_(residual)
-    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(x, conv.weight, conv.bias if with_bias else None, conv.stride, conv.padding, conv.dilation,
+                 conv.groups)
     if activation == "relu":
         y = F.relu(y)
     return y if residual is None else y + residual

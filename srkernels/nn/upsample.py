@@ -1,21 +1,21 @@
 """Fused upsamplers (same keys as ``srkernels.reference.upsample``) and mean-shift folding.
 
-Each upsampling stage runs its conv without bias and hands the raw output to ``ops.pixel_shuffle``, which adds
-the bias and rearranges in one pass (the eager path writes the conv output, then shuffles it at a fraction of
-copy speed).
+Each upsampling stage runs its conv without bias (in CPU inference one oneDNN call on prepacked weights,
+``nn.conv2d``) and hands the raw output to ``ops.pixel_shuffle``, which adds the bias and rearranges in one
+pass (the eager path writes the conv output, then shuffles it at a fraction of copy speed).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
 from ..reference import upsample as R
+from .conv import conv2d
 
 
 def _stage(conv: nn.Conv2d, shuffle: nn.PixelShuffle, x: Tensor) -> Tensor:
-    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = conv2d(conv, x, with_bias=False)
     return ops.pixel_shuffle(y, shuffle.upscale_factor, bias=conv.bias)
 
 
