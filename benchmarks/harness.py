@@ -21,9 +21,11 @@ RESULTS = HERE / "results"
 
 
 def git_sha() -> str:
+    """Short HEAD sha, with "+dirty" when tracked files differ from it (the numbers are then not HEAD's)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        run = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

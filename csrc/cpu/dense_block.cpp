@@ -5,11 +5,12 @@
 // (at::native::cpublas::brgemm; AMX for bf16) reading its A operand straight from the buffer (a channel range
 // of the pixel rows, leading dimension T), one call per conv tap, accumulating in an fp32 tile that the
 // epilogue (bias, residual, ReLU, rounding) writes into the layer's slice. Backward: dZ = dY * (Y > 0) in one
-// pass (masks recomputed from the stored post-ReLU outputs), weight gradients as k*k GEMMs over all pixels
-// (at::mm on views), input gradients accumulated by brgemm directly into the fp32 gradient buffer (C operand
-// with leading dimension T, so every layer adds into its input range in place). Other dtypes and shapes the
-// bf16 ukernel cannot take (odd K) use the ATen reference path. Results do not depend on the thread count:
-// every output element is produced by one thread in a fixed order and reductions are chunked by shape.
+// pass (masks recomputed from the stored post-ReLU outputs), weight gradients by brgemm in one pass over the
+// layer's input range for all taps, input gradients accumulated by brgemm directly into the fp32 gradient
+// buffer (C operand with leading dimension T, so every layer adds into its input range in place). Other dtypes
+// and shapes the bf16 ukernel cannot take (odd K) use the ATen reference path. Results do not depend on the
+// thread count: every output element is produced by one thread in a fixed order and reductions are chunked by
+// shape.
 #include "dense_block_common.h"
 
 #include <ATen/Parallel.h>
@@ -487,19 +488,24 @@ void layer_grad_input_fast(const at::Tensor& dz, at::Tensor& gbuf, const Geom& g
   });
 }
 
-// bf16 weight gradient on AMX: dW_tap[G, in_len] = sum_q dZ[q - off_tap]^T A[q] over the buffer rows q. The
-// buffer rows of each chunk of kWgChunk pixels are packed to VNNI once (in L2) and shared by all taps, whose
-// shift moves to the A operand (a transposed copy of dZ, G rows: cheap); fp32 accumulators per (tap, column
-// block) stay in L2. Pixels are cut into kWgSplit fixed ranges whose partial sums are added in order, so the
-// result does not depend on the thread count.
+// Weight gradient: dW_tap[G, in_len] = sum_q dZ[q - off_tap]^T A[q] over the buffer rows q, in ONE pass over
+// the layer's input range for all k*k taps (k*k separate GEMMs over all pixels would stream the input range
+// from memory k*k times: the first conv of a late SRDenseNet block reads 1024 channels). Per chunk of kWgChunk
+// pixels and 64-column block, the block of buffer rows (bf16: packed to VNNI once; fp32: read in place, leading
+// dimension T) stays in L1/L2 and is shared by all taps, whose shift moves to the A operand (a transposed copy
+// of dZ, G rows: cheap); the fp32 accumulators per (tap, column block) stay in cache. Pixels are cut into
+// kWgSplit fixed ranges whose partial sums are added in order, so the result does not depend on the thread
+// count.
 constexpr int64_t kWgSplit = 4;
-constexpr int64_t kWgChunk = 512;
 
-at::Tensor layer_grad_weight_bf16(const at::Tensor& dz, const at::Tensor& buf, const Geom& g, const Layer& l,
+template <typename T>
+at::Tensor layer_grad_weight_fast(const at::Tensor& dz, const at::Tensor& buf, const Geom& g, const Layer& l,
                                   int64_t k) {
-  using T = at::BFloat16;
+  constexpr bool kVnni = !std::is_same_v<T, float>;
+  // bf16: the packed chunk (nblocks x kc x 64) stays in L2; fp32: one 64-column block of kc rows in L1/L2
+  constexpr int64_t kWgChunk = kVnni ? 512 : 256;
   const int64_t G = l.G, Tc = buf.size(1), taps = k * k, nblocks = div_up(l.in_len, kNB);
-  const int64_t ldz = g.R + 2;  // one spare zero column: chunks are padded to an even length
+  const int64_t ldz = g.R + 2;  // one spare zero column: bf16 chunks are padded to an even length
   at::Tensor dzt = at::zeros({G, ldz}, dz.options());
   dzt.narrow(1, 0, g.R).copy_(dz.t());
   at::Tensor part = at::empty({kWgSplit, taps, G, l.in_len}, dz.options().dtype(at::kFloat));
@@ -508,29 +514,41 @@ at::Tensor layer_grad_weight_bf16(const at::Tensor& dz, const at::Tensor& buf, c
   float* P = part.data_ptr<float>();
   const int64_t len = div_up(g.npix, 2 * kWgSplit) * 2;  // even split lengths
   at::parallel_for(0, kWgSplit, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<T> pk(size_t(nblocks * kWgChunk * kNB));
+    std::vector<T> pk(kVnni ? size_t(nblocks * kWgChunk * kNB) : 0);
     for (int64_t sp = s0; sp < s1; ++sp) {
       float* c = P + sp * taps * G * l.in_len;
       std::fill(c, c + taps * G * l.in_len, 0.f);
       const int64_t lo = g.margin + sp * len, hi = std::min(g.margin + g.npix, lo + len);
       for (int64_t q = lo; q < hi; q += kWgChunk) {
-        const int64_t kc = div_up(std::min(kWgChunk, hi - q), 2) * 2;  // the extra row is a zero margin row
-        for (int64_t j = 0; j < nblocks; ++j) {
-          const int64_t nb = std::min(kNB, l.in_len - j * kNB);
-          blas::pack(kc, nb, Tc, PackedB<T>::ld(nb), at::kBFloat16, at::kBFloat16, B + q * Tc + l.in_start + j * kNB,
-                     pk.data() + j * kWgChunk * kNB);
-        }
-        for (int64_t tap = 0; tap < taps; ++tap) {
-          const T* a = A + q - g.tap(tap / k, tap % k);
+        if constexpr (kVnni) {
+          const int64_t kc = div_up(std::min(kWgChunk, hi - q), 2) * 2;  // the extra row is a zero margin row
           for (int64_t j = 0; j < nblocks; ++j) {
             const int64_t nb = std::min(kNB, l.in_len - j * kNB);
-            mk<T>(G, nb, kc, a, ldz, pk.data() + j * kWgChunk * kNB, PackedB<T>::ld(nb),
-                  c + tap * G * l.in_len + j * kNB, l.in_len, true);
+            blas::pack(kc, nb, Tc, PackedB<T>::ld(nb), at::kBFloat16, at::kBFloat16,
+                       B + q * Tc + l.in_start + j * kNB, pk.data() + j * kWgChunk * kNB);
+          }
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            const T* a = A + q - g.tap(tap / k, tap % k);
+            for (int64_t j = 0; j < nblocks; ++j) {
+              const int64_t nb = std::min(kNB, l.in_len - j * kNB);
+              mk<T>(G, nb, kc, a, ldz, pk.data() + j * kWgChunk * kNB, PackedB<T>::ld(nb),
+                    c + tap * G * l.in_len + j * kNB, l.in_len, true);
+            }
+          }
+        } else {
+          const int64_t kc = std::min(kWgChunk, hi - q);
+          for (int64_t j = 0; j < nblocks; ++j) {
+            const int64_t nb = std::min(kNB, l.in_len - j * kNB);
+            const T* b = B + q * Tc + l.in_start + j * kNB;
+            for (int64_t tap = 0; tap < taps; ++tap) {
+              mk<T>(G, nb, kc, A + q - g.tap(tap / k, tap % k), ldz, b, Tc, c + tap * G * l.in_len + j * kNB,
+                    l.in_len, false);
+            }
           }
         }
       }
     }
-    blas::brgemm_release(true);
+    if constexpr (kVnni) blas::brgemm_release(true);
   });
   // [taps, G, in_len] -> [G, in_len, k, k]
   return part.sum(0).view({k, k, G, l.in_len}).permute({2, 3, 0, 1}).to(buf.scalar_type()).contiguous();
@@ -701,18 +719,7 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
       at::Tensor gbias;
       const at::Tensor dz = layer_dz_fast<T>(buf, gbuf, g, l, gbias, arena);
       gbs[i] = gbias.to(dt);
-      if constexpr (std::is_same_v<T, float>) {
-        // k*k GEMMs over all pixel rows on views (MKL; K = pixels is long, so these run near peak)
-        at::Tensor gw = at::empty({l.G, l.in_len, k, k}, w.options());
-        const at::Tensor dzt = dz.narrow(0, g.margin, g.npix).t();
-        for (int64_t t = 0; t < k * k; ++t) {
-          const at::Tensor a = rows(buf, g, g.tap(t / k, t % k), l.in_start, l.in_len);
-          gw.select(3, t % k).select(2, t / k).copy_(at::mm(dzt, a));
-        }
-        gws[i] = gw;
-      } else {
-        gws[i] = layer_grad_weight_bf16(dz, buf, g, l, k);
-      }
+      gws[i] = layer_grad_weight_fast<T>(dz, buf, g, l, k);
       layer_grad_input_fast<T>(dz, gbuf, g, l, w);
     }
   });

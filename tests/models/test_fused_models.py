@@ -115,3 +115,22 @@ def test_torch_compile(name, scale, cfg):
         y = compiled(x)
         close(y, fused(x), "compiled vs eager fused")
         close(y, ref(x), "compiled fused vs reference")
+
+
+@pytest.mark.parametrize("name, scale, cfg", [
+    ("srcnn", 3, {}), ("srdensenet", 4, {}), ("rcan", 2, {}), ("rcan", 3, dict(bam=True)), ("rdn", 3, {}),
+    ("rdcab", 2, {}), ("rdcab", 4, dict(variant="split", num_features=64, growth=64)),
+    ("rdcab", 2, dict(variant="fd_irb")),
+], ids=str)
+def test_fuse_converts_a_reference_model(name, scale, cfg):
+    import srkernels
+
+    ref, fused = pair(name, scale, cfg)
+    converted = build(name, scale, fused=False, **{**SMALL[name], **cfg})
+    converted.load_state_dict(ref.state_dict())
+    assert srkernels.nn.fuse(converted) is converted
+    assert list(converted.state_dict()) == list(ref.state_dict())
+    x = model_input(ref)
+    with torch.no_grad():
+        close(converted(x), fused(x), "fuse(reference) vs fused=True")
+        close(converted(x), ref(x), "fuse(reference) vs reference")
