@@ -25,7 +25,10 @@ def git_sha() -> str:
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True,  # noqa: E731
                                         check=True).stdout.strip()
-        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "-uno") else "")
+        # the suite's own outputs (results/, README tables) do not count
+        dirty = run("status", "--porcelain", "-uno", "--", ":/", ":(top,exclude)benchmarks/results",
+                    ":(top,exclude)benchmarks/README.md")
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
