@@ -289,3 +289,12 @@ def finish_out(out: Tensor | None, dst: Tensor) -> None:
     """The end of an ``_out`` forward: copy the result from a temporary (see ``out_target``) into ``out``."""
     if out is not None and dst is not out:
         out.copy_(dst)
+
+
+@triton.jit
+def acc(v, F64: tl.constexpr):
+    # v in the accumulation dtype: float64 for float64 kernels (F64), float32 for every other dtype
+    if F64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)

@@ -46,6 +46,7 @@ from torch._prims_common import suggest_memory_format
 from ..ops.dense_block import buffer_rows
 from . import _common as cm
 from . import interpreted
+from ._common import acc as _acc
 from ._common import merge_partials_kernel
 
 OP = "dense_block"
@@ -61,11 +62,10 @@ _SPLIT_ROWS = 4096
 
 
 @triton.jit
-def _acc(v, F64: tl.constexpr):
-    if F64:
-        return v.to(tl.float64)
-    else:
-        return v.to(tl.float32)
+def _buffer_rows(r64, n, W, Wp, HpWp, base):
+    # buffer row of interior pixel r64 (flat h * W + w) of sample n: skip the border and the leading margin
+    h = r64 // W
+    return base + n * HpWp + h * Wp + (r64 - h * W)
 
 
 @triton.jit
@@ -115,8 +115,7 @@ def _pixel_rows(m, HW, W, Wp, HpWp, base):
     m = m.to(tl.int64)
     n = m // HW
     r = m - n * HW
-    h = r // W
-    return base + n * HpWp + h * Wp + (r - h * W), n, r
+    return _buffer_rows(r, n, W, Wp, HpWp, base), n, r
 
 
 # ---- forward ------------------------------------------------------------------------------------------
@@ -218,8 +217,7 @@ def _fuse_fwd_kernel(
     mr = offs_r < HW
     mo = offs_o < Cout
     r64 = offs_r.to(tl.int64)
-    h = r64 // W
-    rows = base + n * HpWp + h * Wp + (r64 - h * W)
+    rows = _buffer_rows(r64, n, W, Wp, HpWp, base)
     acc = _zeros(BLOCK_M, BLOCK_N, F64)
     for k0 in range(0, K, BLOCK_K):
         offs_c = k0 + tl.arange(0, BLOCK_K)
@@ -259,8 +257,7 @@ def _fuse_bwd_in_kernel(
     mr = offs_r < HW
     mc = offs_c < K
     r64 = offs_r.to(tl.int64)
-    h = r64 // W
-    rows = base + n * HpWp + h * Wp + (r64 - h * W)
+    rows = _buffer_rows(r64, n, W, Wp, HpWp, base)
     acc = _zeros(BLOCK_M, BLOCK_N, F64)
     for o0 in range(0, Cout, BLOCK_K):
         offs_o = o0 + tl.arange(0, BLOCK_K)
@@ -288,8 +285,7 @@ def _add_rows_kernel(
     n = tl.program_id(2).to(tl.int64)
     mc = offs_c < K
     r64 = offs_r.to(tl.int64)
-    h = r64 // W
-    rows = base + n * HpWp + h * Wp + (r64 - h * W)
+    rows = _buffer_rows(r64, n, W, Wp, HpWp, base)
     mask = (offs_r < HW)[:, None] & mc[None, :]
     ptrs = gbuf_ptr + rows[:, None] * T + col0 + offs_c[None, :]
     v = tl.load(v_ptr + n * K + offs_c, mask=mc, other=0.0)

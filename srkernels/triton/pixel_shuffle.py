@@ -27,16 +27,9 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import _common as cm
+from ._common import acc as _acc  # the accumulation-dtype cast the jit kernels share
 
 _ACTS = {"none": 0, "relu": 1, "prelu": 2}
-
-
-@triton.jit
-def _acc(v, F64: tl.constexpr):
-    if F64:
-        return v.to(tl.float64)
-    else:
-        return v.to(tl.float32)
 
 
 @triton.jit

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from srkernels import reference as R
 from srkernels.models import ALIASES, MODELS, RCAN, build, chop, resolve
 
+from ..conftest import saved_bytes
+
 
 def meta(name, scale, **cfg):
     with torch.device("meta"):
@@ -618,22 +620,6 @@ def test_srdensenet_fused_is_one_op_without_cat():
     assert all(p.grad is not None for p in fused.parameters())
 
 
-def _saved_bytes(model, x) -> int:
-    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
-
-
 def test_srdensenet_fused_saves_at_most_half_the_activations():
     """Published x4 config at 16x16: bytes saved for backward per sample (batch 2 minus batch 1). The difference
     cancels what does not scale with the input: the fused forward also saves the permuted copies of the blocks'
@@ -641,8 +627,8 @@ def test_srdensenet_fused_saves_at_most_half_the_activations():
     pytest.importorskip("srkernels._C")
     ref, fused = _srdensenet_pair()
     xs = [torch.rand(n, 1, 16, 16) for n in (1, 2)]
-    r1, r2 = (_saved_bytes(ref, x) for x in xs)
-    f1, f2 = (_saved_bytes(fused, x) for x in xs)
+    r1, r2 = (saved_bytes(ref, x) for x in xs)
+    f1, f2 = (saved_bytes(fused, x) for x in xs)
     assert r2 - r1 > 10 * 2**20  # sanity: the reference keeps every concatenation (~15 MB per 16x16 sample)
     assert f2 - f1 <= 0.5 * (r2 - r1), f"fused {f2 - f1} B vs reference {r2 - r1} B per sample"
     assert f2 < r2

@@ -10,7 +10,7 @@ from srkernels import ops, use_backend
 from srkernels import reference as R
 from srkernels.ops.dense_block import DenseLayer, DensePlan, fdirb_plan, rdb_plan, split_plan, srdense_plan
 
-from ..conftest import assert_close, cpu_backends, layout
+from ..conftest import assert_close, cpu_backends, layout, saved_bytes
 from ._parity import randn
 
 OP = "dense_block"
@@ -310,20 +310,6 @@ def test_loads_reference_state_dict_and_fuse(flavour):
         assert_close(swapped(*xs), ref(*xs), torch.float32, "fuse()")
 
 
-def _saved_bytes(module, x, *extra):
-    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x, *extra)
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("flavour", ["rdb", "rdcab"])
@@ -338,8 +324,8 @@ def test_saved_activation_memory_is_linear_in_depth(backend_ctx, flavour):
         fused = fused_cls(16, 16, depth)
         fused.load_state_dict(ref.state_dict())
         with backend_ctx("compiled"):
-            fused_b.append(_saved_bytes(fused, x, *extra))
-        ref_b.append(_saved_bytes(ref, x, *extra))
+            fused_b.append(saved_bytes(fused, x, *extra))
+        ref_b.append(saved_bytes(ref, x, *extra))
     # equal steps in depth (2 -> 4 -> 8 is +2 then +4 layers): linear means the second step is twice the first
     f1, f2 = fused_b[1] - fused_b[0], fused_b[2] - fused_b[1]
     r1, r2 = ref_b[1] - ref_b[0], ref_b[2] - ref_b[1]
