@@ -112,3 +112,15 @@ def test_conv_epilogue_tracks_weight_updates():
 def test_conv_epilogue_bad_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         srkernels.nn.Conv2d(2, 2, 3, activation="gelu")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_conv_without_bias(grad):
+    """with_bias=False (the upsamplers add the bias in the shuffle epilogue) skips conv.bias on both paths."""
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(6, 10, 3, padding=1)
+    conv.bias.data.uniform_(1, 2)  # far from zero: a bias that slipped in would show
+    x = torch.randn(2, 6, 5, 7)
+    with torch.set_grad_enabled(grad):
+        out = conv2d(conv, x, with_bias=False)
+        assert_close(out, F.conv2d(x, conv.weight, None, padding=1), torch.float32, "no bias")
