@@ -5,9 +5,10 @@
 // (at::native::cpublas::brgemm; AMX for bf16) reading its A operand straight from the buffer (a channel range
 // of the pixel rows, leading dimension T), one call per conv tap, accumulating in an fp32 tile that the
 // epilogue (bias, residual, ReLU, rounding) writes into the layer's slice. Backward: dZ = dY * (Y > 0) in one
-// pass (masks recomputed from the stored post-ReLU outputs), weight gradients by brgemm in one pass over the
-// layer's input range for all taps, input gradients accumulated by brgemm directly into the fp32 gradient
-// buffer (C operand with leading dimension T, so every layer adds into its input range in place). Other dtypes
+// pass (masks recomputed from the stored post-ReLU outputs; dZ^T for the weight gradient in the same pass),
+// weight gradients by brgemm in one pass over the layer's input range for all taps, input gradients by brgemm
+// into an L1 tile added in place into the fp32 gradient buffer (leading dimension T, so every layer adds into
+// its input range). Other dtypes
 // and shapes the bf16 ukernel cannot take (odd K) use the ATen reference path. Results do not depend on the
 // thread count: every output element is produced by one thread in a fixed order and reductions are chunked by
 // shape.
@@ -392,18 +393,28 @@ void fusion_forward_fast(const at::Tensor& buf, const Geom& g, const Plan& pl, c
 
 // ---------------------------------------------------------------------------------------- backward: layer
 
-// dZ = dY * (Y > 0) (or dY) on interior pixels, 0 elsewhere, in T (the GEMM operand); the bias gradient
+// Leading dimension of dZ^T ([G, ldz], the weight gradient's A operand): the buffer rows plus one spare zero
+// column, since bf16 chunks are padded to an even length.
+inline int64_t dz_t_ld(const Geom& g) { return g.R + 2; }
+
+// dZ = dY * (Y > 0) (or dY) on interior pixels, 0 elsewhere, in T (the GEMM operand), both as [R, G] rows
+// (input gradient) and transposed, [G, ldz] (weight gradient; each image row is transposed from L1 right after
+// it is written: a separate strided ATen copy of dZ^T cost more than the rest of this pass); the bias gradient
 // (fp32 partial sums per padded image row, added in row order) and the residual's gradient (added into gbuf)
 // in the same pass.
 template <typename T>
 at::Tensor layer_dz_fast(const at::Tensor& buf, at::Tensor& gbuf, const Geom& g, const Layer& l, at::Tensor& gbias,
-                         Arena& arena) {
-  const int64_t G = l.G, Tc = buf.size(1), nrows = g.N * g.Hp;
+                         at::Tensor& dzt, Arena& arena) {
+  const int64_t G = l.G, Tc = buf.size(1), nrows = g.N * g.Hp, ldz = dz_t_ld(g);
   const int64_t mark = arena.used;
   at::Tensor dz = arena.take({g.R, G}, buf.scalar_type());
+  dzt = arena.take({G, ldz}, buf.scalar_type());
   arena.used = mark;  // one dZ at a time: the next layer reuses the space
   dz.narrow(0, 0, g.margin).zero_();
   dz.narrow(0, g.R - g.margin, g.margin).zero_();
+  dzt.narrow(1, 0, g.margin).zero_();
+  dzt.narrow(1, g.R - g.margin, ldz - (g.R - g.margin)).zero_();
+  T* pzt = dzt.data_ptr<T>();
   at::Tensor part = at::zeros({nrows, G}, buf.options().dtype(at::kFloat));
   const T* pB = buf.const_data_ptr<T>();
   float* pG = gbuf.data_ptr<float>();
@@ -417,6 +428,7 @@ at::Tensor layer_dz_fast(const at::Tensor& buf, at::Tensor& gbuf, const Geom& g,
       T* zr = pz + q_row * G;
       if (pr < g.p || pr >= g.p + g.H) {
         std::memset(static_cast<void*>(zr), 0, g.Wp * G * sizeof(T));
+        for (int64_t c = 0; c < G; ++c) std::memset(static_cast<void*>(pzt + c * ldz + q_row), 0, g.Wp * sizeof(T));
         continue;
       }
       std::memset(static_cast<void*>(zr), 0, g.p * G * sizeof(T));
@@ -451,6 +463,14 @@ at::Tensor layer_dz_fast(const at::Tensor& buf, at::Tensor& gbuf, const Geom& g,
         }
         (FVec::loadu(acc + c, len) + sum).store(acc + c, len);
       }
+      // dZ^T of this image row, from the L1-resident rows just written (border pixels included: zero)
+      constexpr int64_t kB = std::is_same_v<T, float> ? 16 : 32;  // at::vec's AVX-512 transpose block
+      for (int64_t m0 = 0; m0 < g.Wp; m0 += kB) {
+        for (int64_t n0 = 0; n0 < G; n0 += kB) {
+          at::vec::transpose_mxn<T>(zr + m0 * G + n0, G, pzt + n0 * ldz + q_row + m0, ldz,
+                                    int(std::min(kB, g.Wp - m0)), int(std::min(kB, G - n0)));
+        }
+      }
     }
   });
   gbias = part.sum(0);
@@ -460,7 +480,9 @@ at::Tensor layer_dz_fast(const at::Tensor& buf, at::Tensor& gbuf, const Geom& g,
 // gbuf[:, in] += conv_transpose(dZ, W). Per work item, the k*k shifted copies of its dZ rows are gathered into
 // an L2-resident [M, k*k*G] scratch (dZ is only G wide, so this is cheap next to the GEMM), then one brgemm per
 // 64-column block of the input range with K = k*k*G accumulates straight into the fp32 gradient buffer
-// (leading dimension T): each layer adds into its input range in place, reverse layer order.
+// (leading dimension T): each layer adds into its input range in place, reverse layer order. The brgemm writes
+// an L1 tile which vector code then adds into the buffer: AMX tile loads/stores of the fp32 buffer rows (not in
+// cache) stalled (bf16 input gradient 1.35x slower with the buffer as the C operand).
 template <typename T>
 void layer_grad_input_fast(const at::Tensor& dz, at::Tensor& gbuf, const Geom& g, const Layer& l, const at::Tensor& w) {
   const int64_t k = w.size(2), Tc = gbuf.size(1), G = l.G, K9 = k * k * G;
@@ -470,6 +492,7 @@ void layer_grad_input_fast(const at::Tensor& dz, at::Tensor& gbuf, const Geom& g
   const Tiles tiles(g, tile_pixels(kNB));
   at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> col(size_t(tiles.max_m * K9));
+    std::vector<float> acc(size_t(tiles.max_m * kNB));
     for (int64_t t = t0; t < t1; ++t) {
       const Span sp = tiles.at(t, g);
       const int64_t q0 = sp.first(g), M = sp.rows(g);
@@ -480,8 +503,16 @@ void layer_grad_input_fast(const at::Tensor& dz, at::Tensor& gbuf, const Geom& g
       }
       for (int64_t j = 0; j < pk.nblocks; ++j) {
         const int64_t nb = pk.width(j);
-        mk<T>(M, nb, K9, col.data(), K9, pk.block(j), PackedB<T>::ld(nb), C + q0 * Tc + l.in_start + j * kNB, Tc,
-              pk.vnni);
+        mk<T>(M, nb, K9, col.data(), K9, pk.block(j), PackedB<T>::ld(nb), acc.data(), nb, pk.vnni, false);
+        float* dst = C + q0 * Tc + l.in_start + j * kNB;
+        for (int64_t m = 0; m < M; ++m) {
+          const float* a = acc.data() + m * nb;
+          float* d = dst + m * Tc;
+          for (int64_t c = 0; c < nb; c += FVec::size()) {
+            const int64_t len = std::min<int64_t>(FVec::size(), nb - c);
+            (FVec::loadu(d + c, len) + FVec::loadu(a + c, len)).store(d + c, len);
+          }
+        }
       }
     }
     if (pk.vnni) blas::brgemm_release(true);
@@ -492,57 +523,61 @@ void layer_grad_input_fast(const at::Tensor& dz, at::Tensor& gbuf, const Geom& g
 // the layer's input range for all k*k taps (k*k separate GEMMs over all pixels would stream the input range
 // from memory k*k times: the first conv of a late SRDenseNet block reads 1024 channels). Per chunk of kWgChunk
 // pixels and 64-column block, the block of buffer rows (bf16: packed to VNNI once; fp32: read in place, leading
-// dimension T) stays in L1/L2 and is shared by all taps, whose shift moves to the A operand (a transposed copy
-// of dZ, G rows: cheap); the fp32 accumulators per (tap, column block) stay in cache. Pixels are cut into
+// dimension T) stays in L1/L2 and is shared by all taps, whose shift moves to the A operand (dZ^T, G rows,
+// written by layer_dz_fast); the fp32 accumulators per (tap, column block) stay in cache. Pixels are cut into
 // kWgSplit fixed ranges whose partial sums are added in order, so the result does not depend on the thread
 // count.
 constexpr int64_t kWgSplit = 4;
 
 template <typename T>
-at::Tensor layer_grad_weight_fast(const at::Tensor& dz, const at::Tensor& buf, const Geom& g, const Layer& l,
+at::Tensor layer_grad_weight_fast(const at::Tensor& dzt, const at::Tensor& buf, const Geom& g, const Layer& l,
                                   int64_t k) {
   constexpr bool kVnni = !std::is_same_v<T, float>;
-  // bf16: the packed chunk (nblocks x kc x 64) stays in L2; fp32: one 64-column block of kc rows in L1/L2
+  // bf16: the packed block (kc x 64) stays in L1/L2; fp32: one 64-column block of kc rows in L1/L2
   constexpr int64_t kWgChunk = kVnni ? 512 : 256;
   const int64_t G = l.G, Tc = buf.size(1), taps = k * k, nblocks = div_up(l.in_len, kNB);
-  const int64_t ldz = g.R + 2;  // one spare zero column: bf16 chunks are padded to an even length
-  at::Tensor dzt = at::zeros({G, ldz}, dz.options());
-  dzt.narrow(1, 0, g.R).copy_(dz.t());
-  at::Tensor part = at::empty({kWgSplit, taps, G, l.in_len}, dz.options().dtype(at::kFloat));
+  const int64_t ldz = dz_t_ld(g);
+  at::Tensor part = at::empty({kWgSplit, taps, G, l.in_len}, dzt.options().dtype(at::kFloat));
   const T* A = dzt.const_data_ptr<T>();
   const T* B = buf.const_data_ptr<T>();
   float* P = part.data_ptr<float>();
-  const int64_t len = div_up(g.npix, 2 * kWgSplit) * 2;  // even split lengths
+  // Only the rows of each sample's H image rows (dZ is zero on the top and bottom border rows), rounded up to an
+  // even count (the extra row is a border row) so that every range below has an even length (bf16 VNNI pairs).
+  // Without a border (1x1 convs), one band of all pixel rows.
+  const int64_t bands = g.p > 0 ? g.N : 1, band = g.p > 0 ? div_up(g.H * g.Wp, 2) * 2 : g.npix;
+  const int64_t total = bands * band;
+  const int64_t len = div_up(total, 2 * kWgSplit) * 2;  // even split lengths
   at::parallel_for(0, kWgSplit, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<T> pk(kVnni ? size_t(nblocks * kWgChunk * kNB) : 0);
+    std::vector<T> pk(kVnni ? size_t(kWgChunk * kNB) : 0);
     for (int64_t sp = s0; sp < s1; ++sp) {
       float* c = P + sp * taps * G * l.in_len;
       std::fill(c, c + taps * G * l.in_len, 0.f);
-      const int64_t lo = g.margin + sp * len, hi = std::min(g.margin + g.npix, lo + len);
-      for (int64_t q = lo; q < hi; q += kWgChunk) {
-        if constexpr (kVnni) {
-          const int64_t kc = div_up(std::min(kWgChunk, hi - q), 2) * 2;  // the extra row is a zero margin row
-          for (int64_t j = 0; j < nblocks; ++j) {
-            const int64_t nb = std::min(kNB, l.in_len - j * kNB);
-            blas::pack(kc, nb, Tc, PackedB<T>::ld(nb), at::kBFloat16, at::kBFloat16,
-                       B + q * Tc + l.in_start + j * kNB, pk.data() + j * kWgChunk * kNB);
-          }
-          for (int64_t tap = 0; tap < taps; ++tap) {
-            const T* a = A + q - g.tap(tap / k, tap % k);
+      const int64_t b0 = sp * len, b1 = std::min(total, b0 + len);
+      for (int64_t n = b0 / band; n * band < b1; ++n) {
+        const int64_t x0 = std::max(b0, n * band), x1 = std::min(b1, (n + 1) * band);
+        const int64_t first = g.margin + (g.p > 0 ? (n * g.Hp + g.p) * g.Wp : 0);  // the band's first row
+        const int64_t lo = first + (x0 - n * band), hi = lo + (x1 - x0);
+        for (int64_t q = lo; q < hi; q += kWgChunk) {
+          if constexpr (kVnni) {
+            const int64_t kc = div_up(std::min(kWgChunk, hi - q), 2) * 2;  // (even but for p = 0: a margin row)
             for (int64_t j = 0; j < nblocks; ++j) {
               const int64_t nb = std::min(kNB, l.in_len - j * kNB);
-              mk<T>(G, nb, kc, a, ldz, pk.data() + j * kWgChunk * kNB, PackedB<T>::ld(nb),
-                    c + tap * G * l.in_len + j * kNB, l.in_len, true);
+              blas::pack(kc, nb, Tc, PackedB<T>::ld(nb), at::kBFloat16, at::kBFloat16,
+                         B + q * Tc + l.in_start + j * kNB, pk.data());
+              for (int64_t tap = 0; tap < taps; ++tap) {
+                mk<T>(G, nb, kc, A + q - g.tap(tap / k, tap % k), ldz, pk.data(), PackedB<T>::ld(nb),
+                      c + tap * G * l.in_len + j * kNB, l.in_len, true);
+              }
             }
-          }
-        } else {
-          const int64_t kc = std::min(kWgChunk, hi - q);
-          for (int64_t j = 0; j < nblocks; ++j) {
-            const int64_t nb = std::min(kNB, l.in_len - j * kNB);
-            const T* b = B + q * Tc + l.in_start + j * kNB;
-            for (int64_t tap = 0; tap < taps; ++tap) {
-              mk<T>(G, nb, kc, A + q - g.tap(tap / k, tap % k), ldz, b, Tc, c + tap * G * l.in_len + j * kNB,
-                    l.in_len, false);
+          } else {
+            const int64_t kc = std::min(kWgChunk, hi - q);
+            for (int64_t j = 0; j < nblocks; ++j) {
+              const int64_t nb = std::min(kNB, l.in_len - j * kNB);
+              const T* b = B + q * Tc + l.in_start + j * kNB;
+              for (int64_t tap = 0; tap < taps; ++tap) {
+                mk<T>(G, nb, kc, A + q - g.tap(tap / k, tap % k), ldz, b, Tc, c + tap * G * l.in_len + j * kNB,
+                      l.in_len, false);
+              }
             }
           }
         }
@@ -612,6 +647,9 @@ bool fast_ok(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor
   for (const Layer& l : pl.layers) {
     if (!even(l.in_len) || !even(l.G)) return false;
   }
+  // Without a border (1x1 convs) the weight gradient's row range is all N*H*W pixels: it must be even too, or
+  // its last VNNI pair would read one row past the buffer.
+  if (pl.p == 0 && !even(x.size(0) * x.size(2) * x.size(3))) return false;
   return even(pl.fuse_len) && (!fuse_w.has_value() || even(fuse_w->size(0)));
 }
 
@@ -681,7 +719,8 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   int64_t max_g = 0;
   for (const Layer& l : pl.layers) max_g = std::max(max_g, l.G);
   const int64_t esz = c10::elementSize(dt);
-  Arena arena = backward_arena(div_up(g.R * pl.T * 4, 64) * 64 + div_up(g.R * max_g * esz, 64) * 64);
+  Arena arena = backward_arena(div_up(g.R * pl.T * 4, 64) * 64 + div_up(g.R * max_g * esz, 64) * 64 +
+                                      div_up(dz_t_ld(g) * max_g * esz, 64) * 64);
   at::Tensor gbuf = arena.take({g.R, pl.T}, at::kFloat);
   at::Tensor gfw, gfb, ggw1, ggb1, ggw2, ggb2;
   if (fuse_w.has_value()) {
@@ -717,9 +756,10 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
       const at::Tensor& w = weights[i];
       const int64_t k = w.size(2);
       at::Tensor gbias;
-      const at::Tensor dz = layer_dz_fast<T>(buf, gbuf, g, l, gbias, arena);
+      at::Tensor dzt;
+      const at::Tensor dz = layer_dz_fast<T>(buf, gbuf, g, l, gbias, dzt, arena);
       gbs[i] = gbias.to(dt);
-      gws[i] = layer_grad_weight_fast<T>(dz, buf, g, l, k);
+      gws[i] = layer_grad_weight_fast<T>(dzt, buf, g, l, k);
       layer_grad_input_fast<T>(dz, gbuf, g, l, w);
     }
   });

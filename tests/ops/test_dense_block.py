@@ -167,6 +167,14 @@ def test_triton_kernel_sizes_and_wide_tiles(backend_ctx, kernel_size):
     check_module(ref, fused, extra, (1, 9, 8), torch.float32, "contiguous", backend_ctx("triton"))
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 5), (2, 3, 5)], ids=["odd-pixels", "even-pixels"])
+def test_compiled_bf16_1x1(backend_ctx, shape):
+    """bf16 micro-kernel path with 1x1 convs (no border rows): an odd N*H*W must not take the VNNI-pair path,
+    whose last pair would read past the buffer; both counts match the reference."""
+    ref, fused, extra = make_pair("rdcab", torch.bfloat16, cfg=((8, 6, 3), dict(reduction=4, kernel_size=1)))
+    check_module(ref, fused, extra, shape, torch.bfloat16, "contiguous", backend_ctx("compiled"))
+
+
 @pytest.mark.parametrize("flavour,cfg,shape,fmt", [
     ("rdb", ((64, 64, 8), {}), (1, 5, 6), "contiguous"),  # RDN config B: G0 = G = 64, C = 8
     ("rdcab", ((64, 64, 8), {}), (2, 3, 4), "channels_last"),  # RDCAB-RecursiveSRNet: 576-wide concat, CA 576/36
