@@ -230,18 +230,25 @@ void copy_interior(const S* src, D* dst, bool to_rows, bool nhwc, const Geom& g,
   }
 }
 
-// Buffer with zero border/margin rows and x in its first Cx columns.
-at::Tensor new_buffer_fast(const at::Tensor& x, const Plan& pl, const Geom& g) {
-  at::Tensor buf = at::empty({g.R, pl.T}, x.options().memory_format(c10::MemoryFormat::Contiguous));
-  buf.narrow(0, 0, g.margin).zero_();
-  buf.narrow(0, g.R - g.margin, g.margin).zero_();
-  at::Tensor img = buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp, g.Wp, pl.T});
+// Zero the margin rows and the border pixels of a buffer-layout matrix [R, T] (the implicit conv padding);
+// returns its pixel rows as [N, Hp, Wp, T].
+at::Tensor zero_border(const at::Tensor& b, const Geom& g) {
+  b.narrow(0, 0, g.margin).zero_();
+  b.narrow(0, g.R - g.margin, g.margin).zero_();
+  at::Tensor img = b.narrow(0, g.margin, g.npix).view({g.N, g.Hp, g.Wp, b.size(1)});
   if (g.p > 0) {
     img.narrow(1, 0, g.p).zero_();
     img.narrow(1, g.Hp - g.p, g.p).zero_();
     img.narrow(2, 0, g.p).zero_();
     img.narrow(2, g.Wp - g.p, g.p).zero_();
   }
+  return img;
+}
+
+// Buffer with zero border/margin rows and x in its first Cx columns.
+at::Tensor new_buffer_fast(const at::Tensor& x, const Plan& pl, const Geom& g) {
+  at::Tensor buf = at::empty({g.R, pl.T}, x.options().memory_format(c10::MemoryFormat::Contiguous));
+  zero_border(buf, g);
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     copy_interior<T, T>(x.const_data_ptr<T>(), buf.data_ptr<T>(), true, !x.is_contiguous(), g, pl.Cx, pl.T, 0,
@@ -622,15 +629,7 @@ void fusion_grad_input_fast(const at::Tensor& dOd, at::Tensor& gbuf, const Geom&
 
 // Zero every gradient-buffer entry the fusion's spans do not write: margins, border pixels, other columns.
 void zero_outside_fusion(at::Tensor& gbuf, const Geom& g, const Plan& pl) {
-  gbuf.narrow(0, 0, g.margin).zero_();
-  gbuf.narrow(0, g.R - g.margin, g.margin).zero_();
-  at::Tensor img = gbuf.narrow(0, g.margin, g.npix).view({g.N, g.Hp, g.Wp, pl.T});
-  if (g.p > 0) {
-    img.narrow(1, 0, g.p).zero_();
-    img.narrow(1, g.Hp - g.p, g.p).zero_();
-    img.narrow(2, 0, g.p).zero_();
-    img.narrow(2, g.Wp - g.p, g.p).zero_();
-  }
+  at::Tensor img = zero_border(gbuf, g);
   if (pl.fuse_start > 0) img.narrow(3, 0, pl.fuse_start).zero_();
   const int64_t end = pl.fuse_start + pl.fuse_len;
   if (end < pl.T) img.narrow(3, end, pl.T - end).zero_();

@@ -38,10 +38,12 @@ class Cache {
     return *c;
   }
 
+  // A block of at least n bytes, or nullptr when the cache is disabled (limit 0): one lock per allocation.
   Block* take(size_t n) {
     size_t bytes = (n + kGranule - 1) / kGranule * kGranule;
     {
       std::lock_guard<std::mutex> g(mu_);
+      if (limit_ == 0) return nullptr;
       auto it = free_.lower_bound(bytes);
       if (it != free_.end() && it->first <= bytes + bytes / 8) {  // waste at most 1/8 of the block
         Block* b = new Block{it->second, it->first};
@@ -88,11 +90,6 @@ class Cache {
     return {int64_t(limit_), int64_t(cached_), hits_, misses_};
   }
 
-  size_t limit() {
-    std::lock_guard<std::mutex> g(mu_);
-    return limit_;
-  }
-
  private:
   void trim_locked() {  // largest blocks first
     while (cached_ > limit_ && !free_.empty()) {
@@ -113,8 +110,8 @@ void release(void* ctx) { Cache::instance().give_back(static_cast<Block*>(ctx));
 
 struct CachingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinBytes || Cache::instance().limit() == 0) return c10::GetDefaultCPUAllocator()->allocate(n);
-    Block* b = Cache::instance().take(n);
+    Block* b = n < kMinBytes ? nullptr : Cache::instance().take(n);
+    if (b == nullptr) return c10::GetDefaultCPUAllocator()->allocate(n);
     return {b->ptr, b, &release, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {

@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.dense_block import DenseLayer, DensePlan, cached_plan
 from ._common import SRModel, conv, layer, positive_int
 
-_PLANS: dict[tuple, object] = {}
-
-
+@cached_plan
 def network_plan(num_features: int, growth: int, num_layers: int, num_blocks: int, kernel_size: int = 3):
     """The ``DensePlan`` of SRDenseNet's whole dense part + bottleneck over the buffer
     [conv1 (F) | block1 (G*L) | ... | block B (G*L)] (F = num_features, G = growth, L = num_layers).
@@ -35,22 +34,14 @@ def network_plan(num_features: int, growth: int, num_layers: int, num_blocks: in
     Block b (1-based) owns channels [F + (b-1)*G*L, F + b*G*L); its layer 1 reads the prefix [0, F + (b-1)*G*L),
     its layer k >= 2 reads the block's outputs 1..k-1; the fusion (``conv2``) reads the whole buffer.
     """
-    key = (num_features, growth, num_layers, num_blocks, kernel_size)
-    plan = None if torch.compiler.is_compiling() else _PLANS.get(key)  # traced (folded) under torch.compile
-    if plan is None:
-        from ..ops.dense_block import DenseLayer, DensePlan
-
-        f, g, nl = num_features, growth, num_layers
-        layers = []
-        for b in range(num_blocks):
-            base = f + b * g * nl
-            layers.append(DenseLayer(0, base, base, g))
-            layers += [DenseLayer(base, j * g, base + j * g, g) for j in range(1, nl)]
-        width = f + num_blocks * g * nl
-        plan = DensePlan(width, f, kernel_size, tuple(layers), 0, width)
-        if not torch.compiler.is_compiling():
-            _PLANS[key] = plan
-    return plan
+    f, g, nl = num_features, growth, num_layers
+    layers = []
+    for b in range(num_blocks):
+        base = f + b * g * nl
+        layers.append(DenseLayer(0, base, base, g))
+        layers += [DenseLayer(base, j * g, base + j * g, g) for j in range(1, nl)]
+    width = f + num_blocks * g * nl
+    return DensePlan(width, f, kernel_size, tuple(layers), 0, width)
 
 
 def upstream_index(num_features: int, block_channels: int, num_blocks: int) -> Tensor:

@@ -133,7 +133,7 @@ def _check_plan(p: DensePlan) -> None:
 _PLANS: dict[tuple, DensePlan] = {}
 
 
-def _cached(build):
+def cached_plan(build):
     """Memoise a plan builder (plans are immutable); under torch.compile the builder is traced instead, which
     dynamo folds to constants (a lookup in a mutable dict would become a guard)."""
 
@@ -141,7 +141,7 @@ def _cached(build):
     def wrapper(*args):
         if torch.compiler.is_compiling():
             return build(*args)
-        key = (build.__name__, *args)
+        key = (build.__module__, build.__qualname__, *args)
         plan = _PLANS.get(key)
         if plan is None:
             plan = _PLANS[key] = build(*args)
@@ -150,7 +150,7 @@ def _cached(build):
     return wrapper
 
 
-@_cached
+@cached_plan
 def rdb_plan(channels: int, growth: int, num_layers: int, kernel_size: int = 3) -> DensePlan:
     """RDN's RDB / RDCAB: layer c reads [0, G0 + c*G) and appends G channels; the fusion reads all."""
     g0, g = channels, growth
@@ -159,7 +159,7 @@ def rdb_plan(channels: int, growth: int, num_layers: int, kernel_size: int = 3) 
     return DensePlan(width, g0, kernel_size, layers, 0, width)
 
 
-@_cached
+@cached_plan
 def srdense_plan(in_channels: int, growth: int, num_layers: int, kernel_size: int = 3) -> DensePlan:
     """SRDenseNet: layer 1 reads the input, layer k >= 2 only the earlier outputs; output = all outputs."""
     c, g = in_channels, growth
@@ -168,7 +168,7 @@ def srdense_plan(in_channels: int, growth: int, num_layers: int, kernel_size: in
     return DensePlan(c + num_layers * g, c, kernel_size, tuple(layers), c, num_layers * g)
 
 
-@_cached
+@cached_plan
 def split_plan(channels: int, num_layers: int, distilled: int, kernel_size: int = 3) -> DensePlan:
     """Split block: [x | rem_1..rem_{L-1} | d_1..d_L]; layer k reads [x, rem_1..rem_{k-1}] and writes its
     distilled part to d_k, the rest to rem_k (the last layer computes only its distilled part)."""
@@ -180,7 +180,7 @@ def split_plan(channels: int, num_layers: int, distilled: int, kernel_size: int 
     return DensePlan(d0 + L * d, c, kernel_size, tuple(layers), d0, L * d)
 
 
-@_cached
+@cached_plan
 def fdirb_plan(channels: int, num_layers: int, sub_channels: int, kernel_size: int = 3) -> DensePlan:
     """FD-IRB: [x | l_1..l_{L-1} | layer_L]; l_k = relu(conv_k([x, l_1..l_{k-1}]) + l_{k-1}), layer_L has no
     activation; the fusion reads everything (its weight folds the 1x1 retain convs, see nn.FDIRB)."""
