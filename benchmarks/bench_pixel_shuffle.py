@@ -120,8 +120,8 @@ def main() -> None:
         harness.update_readme(f"{BENCH}-{device}", f"Shuffle rows: % copy against their row `copy 256MB`, % "
                               f"same-size copy against their row `copy` (x into a preallocated tensor), both timed in "
                               f"the same rounds; GB/s counts read x + write out. Conv rows are compute-bound (GB/s not "
-                              f"meaningful). `srkernels` allocates from its CPU output cache, `(cache off)` from a "
-                              f"fresh mmap each call (as the eager ops do); commit `{harness.git_sha()}`.\n\n{table}")
+                              f"meaningful). `srkernels` allocates from its CPU output cache, `(cache off)` from "
+                              f"PyTorch's default allocator each call (as the eager ops do); commit `{harness.git_sha()}`.\n\n{table}")
     print(f"appended to {path}")
 
 

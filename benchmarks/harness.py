@@ -69,13 +69,14 @@ def compare(case: str, variants: dict, *, nbytes: int, copy_gbps: float, baselin
             "pct_same": None if same_gbps is None else round(100 * rate / same_gbps, 1),
             "speedup_min": round(base.min / tim.min, 3), "speedup_median": round(base.median / tim.median, 3),
             "baseline": baseline,
+            "faults_per_call": None if tim.faults_per_call is None else round(tim.faults_per_call, 1),
         })
     return rows
 
 
 def cache_off(fn):
-    """``fn`` with srkernels' CPU output cache disabled (every large output a fresh, page-faulting mmap, as
-    PyTorch's own ops get): the "default allocation without the cache" rows."""
+    """``fn`` with srkernels' CPU output cache disabled (every large output from PyTorch's default allocator,
+    as PyTorch's own ops get): the "default allocation without the cache" rows."""
 
     def run():
         limit = srkernels.cpu_cache_info()["limit_bytes"]
@@ -92,12 +93,16 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.0f}%"
 
 
+def _faults(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | variant | ms min | ms median | GB/s | % copy | % same-size copy | speed-up (min / median) |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| case | variant | ms min | ms median | GB/s | % copy | % same-size copy | page faults / call | "
+            "speed-up (min / median) |\n|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['case']} | {r['variant']} | {r['ms_min']:.3f} | {r['ms_median']:.3f} | {r['gbps']:.1f} | "
-        f"{_pct(r['pct_copy'])} | {_pct(r.get('pct_same'))} | "
+        f"{_pct(r['pct_copy'])} | {_pct(r.get('pct_same'))} | {_faults(r.get('faults_per_call'))} | "
         f"{r['speedup_min']:.2f}x / {r['speedup_median']:.2f}x vs {r['baseline']} |\n"
         for r in rows
     )
@@ -160,7 +165,7 @@ def main(bench: str, shapes: list, dtypes: list, make, variants, passes: int = 3
         update_readme(f"{bench}-{device}", f"% copy: against the row `copy 256MB`, % same-size copy: against "
                       f"the row `copy` (x into a preallocated tensor), both timed in the same rounds; GB/s "
                       f"counts {passes} passes over x; `srkernels` allocates from its CPU output cache, "
-                      f"`(cache off)` from a fresh mmap each call; commit `{git_sha()}`; {describe_machine().get('cpu', device)}.\n\n{table}")
+                      f"`(cache off)` from PyTorch's default allocator each call; commit `{git_sha()}`; {describe_machine().get('cpu', device)}.\n\n{table}")
     print(f"appended to {path}")
 
 

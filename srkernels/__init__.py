@@ -50,8 +50,9 @@ def build_info() -> dict:
 def cpu_cache_info() -> dict:
     """The cache of large CPU outputs (``limit_bytes``, ``cached_bytes``, ``hits``, ``misses``).
 
-    The compiled CPU kernels take outputs of 1 MiB and more from a bounded cache of freed blocks instead of a
-    fresh mmap (which costs a page fault per 4 KiB on first touch: ~8 ms for 38 MB). The default limit is
+    The compiled CPU kernels take outputs of 1 MiB and more from a bounded cache of freed blocks instead of
+    PyTorch's default allocator, whose large blocks are often fresh mmaps or trimmed heap (a page fault per
+    4 KiB on first touch: ~8 ms for 38 MB). The default limit is
     ``SRKERNELS_CPU_CACHE_MB`` (1024); tensors alive in your program are never counted against it."""
     if _backend._C is None:
         return {"limit_bytes": 0, "cached_bytes": 0, "hits": 0, "misses": 0}

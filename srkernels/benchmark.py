@@ -17,6 +17,9 @@ import torch
 class Timing:
     name: str
     times_ms: list[float] = field(default_factory=list)
+    # minor page faults per call, one entry per sample (CPU): says whether a variant's fresh allocations are
+    # paying first-touch faults, which decides most "default allocation" comparisons on CPU
+    faults: list[float] = field(default_factory=list)
 
     @property
     def min(self) -> float:
@@ -25,6 +28,18 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.times_ms)
+
+    @property
+    def faults_per_call(self) -> float | None:
+        return statistics.median(self.faults) if self.faults else None
+
+
+def _minor_faults() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _sync(device: torch.device) -> None:
@@ -63,7 +78,10 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device | 
     for r in range(rounds):
         names = list(fns) if r % 2 == 0 else list(reversed(fns))  # alternate order: no fixed position bias
         for name in names:
+            f0 = _minor_faults()
             out[name].times_ms.append(_time_once(fns[name], device, inner[name]))
+            if f0 is not None and device.type == "cpu":
+                out[name].faults.append((_minor_faults() - f0) / inner[name])
     return out
 
 
