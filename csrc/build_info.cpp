@@ -41,8 +41,10 @@ PYBIND11_MODULE(_C, m) {
     d["cached_bytes"] = s.cached_bytes;
     d["hits"] = s.hits;
     d["misses"] = s.misses;
+    d["paused"] = s.paused;
     return d;
   });
   m.def("set_cpu_cache_limit", &srkernels::cpu::set_output_cache_limit, py::arg("bytes"));
   m.def("empty_cpu_cache", &srkernels::cpu::empty_output_cache);
+  m.def("pause_cpu_cache", &srkernels::cpu::pause_output_cache, py::arg("paused"));
 }

@@ -5,6 +5,7 @@ PyTorch ground truth), ``srkernels.build_info()`` (what was compiled).
 """
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata as _metadata
 
 import torch
@@ -48,14 +49,14 @@ def build_info() -> dict:
 
 
 def cpu_cache_info() -> dict:
-    """The cache of large CPU outputs (``limit_bytes``, ``cached_bytes``, ``hits``, ``misses``).
+    """The cache of large CPU outputs (``limit_bytes``, ``cached_bytes``, ``hits``, ``misses``, ``paused``).
 
     The compiled CPU kernels take outputs of 1 MiB and more from a bounded cache of freed blocks instead of
     PyTorch's default allocator, whose large blocks are often fresh mmaps or trimmed heap (a page fault per
     4 KiB on first touch: ~8 ms for 38 MB). The default limit is
     ``SRKERNELS_CPU_CACHE_MB`` (1024); tensors alive in your program are never counted against it."""
     if _backend._C is None:
-        return {"limit_bytes": 0, "cached_bytes": 0, "hits": 0, "misses": 0}
+        return {"limit_bytes": 0, "cached_bytes": 0, "hits": 0, "misses": 0, "paused": False}
     return dict(_backend._C.cpu_cache_stats())
 
 
@@ -73,5 +74,21 @@ def empty_cpu_cache() -> None:
         _backend._C.empty_cpu_cache()
 
 
+@contextlib.contextmanager
+def cpu_cache_paused():
+    """Inside the block, large CPU outputs come from PyTorch's default allocator; the cache keeps what it
+    holds (unlike ``set_cpu_cache_limit(0)``), so code after the block finds it as before. For timing the
+    uncached path next to the cached one."""
+    if _backend._C is None:
+        yield
+        return
+    was = _backend._C.cpu_cache_stats()["paused"]
+    _backend._C.pause_cpu_cache(True)
+    try:
+        yield
+    finally:
+        _backend._C.pause_cpu_cache(was)
+
+
 __all__ = ["ops", "nn", "reference", "build_info", "use_backend", "cpu_cache_info", "set_cpu_cache_limit",
-           "empty_cpu_cache", "__version__"]
+           "empty_cpu_cache", "cpu_cache_paused", "__version__"]

@@ -62,6 +62,26 @@ def test_limit_and_empty():
     assert torch.equal(ops.pixel_shuffle(x, 2), F.pixel_shuffle(x, 2))
 
 
+def test_paused_bypasses_and_keeps_the_cache():
+    x = torch.randn(*BIG)
+    del_me = ops.pixel_shuffle(x, 2)
+    ptr = del_me.data_ptr()
+    del del_me
+    held = srkernels.cpu_cache_info()
+    assert held["cached_bytes"] >= 1 << 20 and not held["paused"]
+    with srkernels.cpu_cache_paused():
+        assert srkernels.cpu_cache_info()["paused"]
+        y = ops.pixel_shuffle(x, 2)  # from the default allocator: the held block stays where it is
+        assert y.data_ptr() != ptr and torch.equal(y, F.pixel_shuffle(x, 2))
+        info = srkernels.cpu_cache_info()
+        assert (info["cached_bytes"], info["hits"], info["misses"]) == (held["cached_bytes"], held["hits"],
+                                                                         held["misses"])
+        del y
+    assert not srkernels.cpu_cache_info()["paused"]
+    y = ops.pixel_shuffle(x, 2)
+    assert y.data_ptr() == ptr and srkernels.cpu_cache_info()["hits"] == held["hits"] + 1
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
 def test_bad_limit(bad):
     with pytest.raises(ValueError, match="nbytes"):

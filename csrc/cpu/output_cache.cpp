@@ -38,12 +38,13 @@ class Cache {
     return *c;
   }
 
-  // A block of at least n bytes, or nullptr when the cache is disabled (limit 0): one lock per allocation.
+  // A block of at least n bytes, or nullptr when the cache is disabled (limit 0) or paused: one lock per
+  // allocation.
   Block* take(size_t n) {
     size_t bytes = (n + kGranule - 1) / kGranule * kGranule;
     {
       std::lock_guard<std::mutex> g(mu_);
-      if (limit_ == 0) return nullptr;
+      if (limit_ == 0 || paused_) return nullptr;
       auto it = free_.lower_bound(bytes);
       if (it != free_.end() && it->first <= bytes + bytes / 8) {  // waste at most 1/8 of the block
         Block* b = new Block{it->second, it->first};
@@ -77,6 +78,13 @@ class Cache {
     trim_locked();
   }
 
+  // Paused: new outputs come from the default allocator; the held blocks stay (and blocks of live outputs
+  // still come back), so resuming finds the cache as it was.
+  void set_paused(bool paused) {
+    std::lock_guard<std::mutex> g(mu_);
+    paused_ = paused;
+  }
+
   void clear() {
     std::lock_guard<std::mutex> g(mu_);
     size_t keep = limit_;
@@ -87,7 +95,7 @@ class Cache {
 
   OutputCacheStats stats() {
     std::lock_guard<std::mutex> g(mu_);
-    return {int64_t(limit_), int64_t(cached_), hits_, misses_};
+    return {int64_t(limit_), int64_t(cached_), hits_, misses_, paused_};
   }
 
  private:
@@ -104,6 +112,7 @@ class Cache {
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0, limit_ = 0;
   int64_t hits_ = 0, misses_ = 0;
+  bool paused_ = false;
 };
 
 void release(void* ctx) { Cache::instance().give_back(static_cast<Block*>(ctx)); }
@@ -142,5 +151,6 @@ at::Tensor empty_output_like(const at::Tensor& x) {
 OutputCacheStats output_cache_stats() { return Cache::instance().stats(); }
 void set_output_cache_limit(int64_t bytes) { Cache::instance().set_limit(size_t(std::max<int64_t>(0, bytes))); }
 void empty_output_cache() { Cache::instance().clear(); }
+void pause_output_cache(bool paused) { Cache::instance().set_paused(paused); }
 
 }  // namespace srkernels::cpu

@@ -21,10 +21,13 @@ at::Tensor empty_output_like(const at::Tensor& x);
 
 struct OutputCacheStats {
   int64_t limit_bytes, cached_bytes, hits, misses;
+  bool paused;
 };
 OutputCacheStats output_cache_stats();
 // 0 disables the cache (and frees what it holds); the default comes from SRKERNELS_CPU_CACHE_MB (1024).
 void set_output_cache_limit(int64_t bytes);
 void empty_output_cache();
+// Paused: outputs bypass the cache, which keeps what it holds (for timing the uncached path beside it).
+void pause_output_cache(bool paused);
 
 }  // namespace srkernels::cpu
