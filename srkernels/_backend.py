@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -56,6 +57,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache  # fixed once _C is loaded; the dispatcher lookup costs ~25 us per call beside a large kernel
 def has_compiled(op: str, device_type: str) -> bool:
     if _C is None:
         return False

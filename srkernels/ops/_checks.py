@@ -39,9 +39,9 @@ def fc_pair(x: Tensor, w1, w2) -> tuple[Tensor, Tensor, int, int]:
     C = x.shape[1]
     like("w1", w1, x)
     Cr = w1.shape[0]
-    w1 = like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1))).reshape(Cr, C)
-    w2 = like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1))).reshape(C, Cr)
-    return w1, w2, C, Cr
+    w1 = like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1)))
+    w2 = like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1)))
+    return w1.flatten(1) if w1.dim() == 4 else w1, w2.flatten(1) if w2.dim() == 4 else w2, C, Cr
 
 
 def residual(r, x: Tensor) -> Tensor | None:
