@@ -9,6 +9,8 @@ PAGES = 1024
 
 def touch_fresh_pages():
     m = mmap.mmap(-1, PAGES * mmap.PAGESIZE)  # anonymous: every page faults on its first write
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # with THP "always" a huge page would fault once for 512 pages
+        m.madvise(mmap.MADV_NOHUGEPAGE)
     for i in range(0, PAGES * mmap.PAGESIZE, mmap.PAGESIZE):
         m[i] = 1
     m.close()
