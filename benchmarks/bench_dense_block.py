@@ -211,15 +211,13 @@ def run_case(case: str, dtype, *, cpu_time: bool, rounds: int, quick: bool) -> l
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | variant | ms min | ms median | vs reference | vs reference-cl | saved for backward MB | "
-            "peak RSS growth MB |\n|---|---|---|---|---|---|---|---|\n")
-    body = "".join(
-        f"| {r['case']} | {r['variant']} | {r['ms_min']:.1f} | {r['ms_median']:.1f} | "
-        f"{r['speedup_vs_reference']:.2f}x | {r['speedup_vs_reference_cl']:.2f}x | {r.get('saved_MB', '')} | "
-        f"{r.get('peak_rss_growth_MB', '')} |\n"
+    header = ["case", "variant", "ms min", "ms median", "vs reference", "vs reference-cl", "saved for backward MB",
+              "peak RSS growth MB"]
+    return harness.md_table(header, [
+        [r["case"], r["variant"], f"{r['ms_min']:.1f}", f"{r['ms_median']:.1f}", f"{r['speedup_vs_reference']:.2f}x",
+         f"{r['speedup_vs_reference_cl']:.2f}x", str(r.get("saved_MB", "")), str(r.get("peak_rss_growth_MB", ""))]
         for r in rows
-    )
-    return head + body
+    ])
 
 
 @pytest.mark.parametrize("case,shape", [(c, s) for c in CASES for s in CASES[c][1]])

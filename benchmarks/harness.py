@@ -75,7 +75,7 @@ def compare(case: str, variants: dict, *, nbytes: int, copy_gbps: float, baselin
 
 
 def cache_off(fn):
-    """``fn`` with srkernels' CPU output cache disabled (every large output from PyTorch's default allocator,
+    """``fn`` with srkernels' CPU output cache paused (every large output from PyTorch's default allocator,
     as PyTorch's own ops get): the "default allocation without the cache" rows."""
 
     def run():
@@ -93,16 +93,21 @@ def _faults(v) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table from a header and rows of already formatted cells."""
+    line = lambda cells: "| " + " | ".join(cells) + " |\n"  # noqa: E731
+    return line(header) + "|" + "---|" * len(header) + "\n" + "".join(line(r) for r in rows)
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | variant | ms min | ms median | GB/s | % copy | % same-size copy | page faults / call | "
-            "speed-up (min / median) |\n|---|---|---|---|---|---|---|---|---|\n")
-    body = "".join(
-        f"| {r['case']} | {r['variant']} | {r['ms_min']:.3f} | {r['ms_median']:.3f} | {r['gbps']:.1f} | "
-        f"{_pct(r['pct_copy'])} | {_pct(r.get('pct_same'))} | {_faults(r.get('faults_per_call'))} | "
-        f"{r['speedup_min']:.2f}x / {r['speedup_median']:.2f}x vs {r['baseline']} |\n"
+    header = ["case", "variant", "ms min", "ms median", "GB/s", "% copy", "% same-size copy", "page faults / call",
+              "speed-up (min / median)"]
+    return md_table(header, [
+        [r["case"], r["variant"], f"{r['ms_min']:.3f}", f"{r['ms_median']:.3f}", f"{r['gbps']:.1f}",
+         _pct(r["pct_copy"]), _pct(r.get("pct_same")), _faults(r.get("faults_per_call")),
+         f"{r['speedup_min']:.2f}x / {r['speedup_median']:.2f}x vs {r['baseline']}"]
         for r in rows
-    )
-    return head + body
+    ])
 
 
 def record(bench: str, rows: list[dict], extra: dict) -> Path:
@@ -135,7 +140,7 @@ def device_arg() -> str:
     return "cuda" if "--cuda" in sys.argv or (torch.cuda.is_available() and "--cpu" not in sys.argv) else "cpu"
 
 
-__all__ = ["compare", "cache_off", "markdown", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha",
+__all__ = ["compare", "cache_off", "markdown", "md_table", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha",
            "STANDARD_VARIANTS", "standard_variants", "pytest_benchmark"]
 
 

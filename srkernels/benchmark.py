@@ -12,6 +12,11 @@ from typing import Callable
 
 import torch
 
+try:
+    import resource
+except ImportError:  # not on Unix: no fault counts
+    resource = None
+
 
 @dataclass
 class Timing:
@@ -34,11 +39,7 @@ class Timing:
         return statistics.median(self.faults) if self.faults else None
 
 
-def _minor_faults() -> int | None:
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return None
+def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -75,12 +76,13 @@ def interleaved(fns: dict[str, Callable[[], object]], *, device: torch.device | 
         once = max(_time_once(fn, device, 1), 1e-3)
         inner[name] = max(1, int(min_round_ms / once))
     out = {name: Timing(name) for name in fns}
+    count_faults = device.type == "cpu" and resource is not None
     for r in range(rounds):
         names = list(fns) if r % 2 == 0 else list(reversed(fns))  # alternate order: no fixed position bias
         for name in names:
-            f0 = _minor_faults()
+            f0 = _minor_faults() if count_faults else 0
             out[name].times_ms.append(_time_once(fns[name], device, inner[name]))
-            if f0 is not None and device.type == "cpu":
+            if count_faults:
                 out[name].faults.append((_minor_faults() - f0) / inner[name])
     return out
 
