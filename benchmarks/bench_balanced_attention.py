@@ -1,6 +1,6 @@
 """Balanced attention (BAM) + residual: eager reference vs torch.compile(reference) vs srkernels.
 
-    python benchmarks/bench_balanced_attention.py [--quick] [--cpu|--cuda]
+    python benchmarks/bench_balanced_attention.py [--quick] [--cpu|--cuda] [--malloc=fresh|reuse]
     pytest benchmarks/bench_balanced_attention.py --benchmark-group-by=group
 
 Bytes model (forward): floor 3 passes (read x, read residual, write out). Eager makes 9: mean reads x, max

@@ -1,6 +1,7 @@
 """Channel attention + residual (RCAB's tail): eager reference vs torch.compile(reference) vs srkernels.
 
-    python benchmarks/bench_channel_attention.py [--quick] [--cpu|--cuda]   # table, JSON line, README update
+    python benchmarks/bench_channel_attention.py [--quick] [--cpu|--cuda] [--malloc=fresh|reuse]
+        # table, JSON line, README update (--malloc: pin glibc's allocation regime, see srkernels.benchmark)
     pytest benchmarks/bench_channel_attention.py --benchmark-group-by=group  # pytest-benchmark view
 
 Bytes model (forward, inference): the op must read x and the residual and write out: 3 tensor passes. Eager

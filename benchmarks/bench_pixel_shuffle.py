@@ -1,7 +1,7 @@
 """Upsampling epilogue: pixel shuffle (+ bias) vs F.pixel_shuffle, the conv 64->256 + shuffle(2) pair, and
 conv + ReLU through the oneDNN epilogue vs eager.
 
-    python benchmarks/bench_pixel_shuffle.py [--quick] [--cpu|--cuda]
+    python benchmarks/bench_pixel_shuffle.py [--quick] [--cpu|--cuda] [--malloc=fresh|reuse]
     pytest benchmarks/bench_pixel_shuffle.py --benchmark-group-by=group
 
 Bytes model of the shuffle stage: read x + write out = 2 passes (3 with a residual). Eager bias + shuffle
@@ -92,6 +92,7 @@ def test_conv_shuffle_pair(benchmark, dtype, variant):
 
 
 def main() -> None:
+    harness.enter_malloc_regime(harness.malloc_arg())
     device = harness.device_arg()
     quick = "--quick" in sys.argv
     rounds = 5 if quick else 15

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import srkernels
-from srkernels.benchmark import copy_bandwidth, describe_machine, gbps, interleaved
+from srkernels.benchmark import MALLOC_REGIMES, copy_bandwidth, describe_machine, gbps, interleaved, malloc_env, malloc_regime
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -32,6 +32,11 @@ def git_sha() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
+
+REGIME_NOTES = {
+    "fresh": "every large block is mapped afresh, so each default allocation page-faults",
+    "reuse": "freed memory stays in the heap and is reused, so no default allocation page-faults",
+}
 
 BIG_COPY_BYTES = 256 << 20  # per buffer: well beyond L2, the "copy bandwidth" of the memory system
 
@@ -122,7 +127,12 @@ def record(bench: str, rows: list[dict], extra: dict) -> Path:
 
 
 def update_readme(bench: str, text: str) -> None:
-    """Replace the block between <!-- bench:NAME --> markers in benchmarks/README.md with ``text``."""
+    """Replace the block between <!-- bench:NAME --> markers in benchmarks/README.md with ``text``; a run in a
+    pinned malloc regime (``--malloc``) has its own block, NAME-malloc-REGIME."""
+    regime = malloc_regime()
+    if regime != "default":
+        bench += f"-malloc-{regime}"
+        text = f"glibc malloc regime `{regime}` (`--malloc={regime}`: {REGIME_NOTES.get(regime, 'custom GLIBC_TUNABLES')}); " + text
     readme = HERE / "README.md"
     src = readme.read_text() if readme.exists() else "# Benchmarks\n"
     start, end = f"<!-- bench:{bench} -->", f"<!-- /bench:{bench} -->"
@@ -140,13 +150,28 @@ def device_arg() -> str:
     return "cuda" if "--cuda" in sys.argv or (torch.cuda.is_available() and "--cpu" not in sys.argv) else "cpu"
 
 
-__all__ = ["compare", "cache_off", "markdown", "md_table", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha",
+__all__ = ["compare", "cache_off", "malloc_arg", "enter_malloc_regime", "markdown", "md_table", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha",
            "STANDARD_VARIANTS", "standard_variants", "pytest_benchmark"]
+
+
+def malloc_arg() -> str:
+    """``--malloc=fresh|reuse|default``: the glibc malloc regime to run in (srkernels.benchmark.MALLOC_REGIMES)."""
+    regime = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--malloc=")), "default")
+    if regime not in MALLOC_REGIMES:
+        sys.exit(f"--malloc must be one of {', '.join(MALLOC_REGIMES)}, got {regime!r}")
+    return regime
+
+
+def enter_malloc_regime(regime: str) -> None:
+    """Re-execute this script with GLIBC_TUNABLES set for ``regime`` (glibc reads them only at start-up)."""
+    if malloc_regime() != regime:
+        os.execve(sys.executable, [sys.executable, *sys.argv], malloc_env(regime))
 
 
 def main(bench: str, shapes: list, dtypes: list, make, variants, passes: int = 3) -> None:
     """Script entry of a suite: ``make(shape, dtype, device)`` builds inputs, ``variants(inputs)`` the
     callables (baseline "eager"); GB/s counts ``passes`` passes over ``inputs["x"]``."""
+    enter_malloc_regime(malloc_arg())
     device = device_arg()
     quick = "--quick" in sys.argv
     copy = copy_bandwidth(device=device)

@@ -5,6 +5,7 @@ Used by ``srkernels bench`` and by the suites under ``benchmarks/``.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -100,13 +101,46 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+# glibc malloc settings (GLIBC_TUNABLES, read at process start) that pin where large CPU tensors come from.
+# Under glibc's default dynamic thresholds a freed 10 MB block either stays in the heap (the next allocation
+# reuses it: no faults) or goes back to the kernel (the next one page-faults on first touch), depending on the
+# process's allocation history, so a "default allocation" speed-up can differ 4x between two identical runs.
+MALLOC_REGIMES = {
+    "default": "",  # glibc's dynamic thresholds: either regime below, by history
+    # every block >= 128 KiB is mmapped and unmapped on free: fresh pages, first-touch faults on every call
+    "fresh": "glibc.malloc.mmap_threshold=131072",
+    # no mmapped blocks and no trimming: freed memory stays in the heap and is reused, no faults
+    "reuse": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295",
+}
+
+
+def malloc_env(regime: str, env: dict | None = None) -> dict:
+    """A copy of ``env`` (default: os.environ) whose GLIBC_TUNABLES puts a new process in ``regime``."""
+    if regime not in MALLOC_REGIMES:
+        raise ValueError(f"regime must be one of {sorted(MALLOC_REGIMES)}, got {regime!r}")
+    env = dict(os.environ if env is None else env)
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.")]
+    tunables = ":".join(kept + ([MALLOC_REGIMES[regime]] if MALLOC_REGIMES[regime] else []))
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
+def malloc_regime(env: dict | None = None) -> str:
+    """The regime ``env`` (default: this process's environment) pins, or "custom" for other malloc tunables."""
+    tunables = ":".join(t for t in (os.environ if env is None else env).get("GLIBC_TUNABLES", "").split(":")
+                        if t.startswith("glibc.malloc."))
+    return next((name for name, value in MALLOC_REGIMES.items() if value == tunables), "custom")
+
+
 def describe_machine() -> dict:
-    import os
     import platform
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "malloc": malloc_regime()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

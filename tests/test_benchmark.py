@@ -28,3 +28,65 @@ def test_faults_per_call_counts_first_touch():
     assert len(t["fresh"].faults) == 3
     assert t["fresh"].faults_per_call >= PAGES * 0.9
     assert t["reused"].faults_per_call < 10
+
+
+# --- malloc regimes: the benchmarks can pin where large CPU tensors come from --------------------------------
+
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from srkernels.benchmark import MALLOC_REGIMES, malloc_env, malloc_regime  # noqa: E402
+
+
+def test_malloc_env_sets_replaces_and_keeps_other_tunables():
+    base = {"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=on:glibc.malloc.arena_max=2", "HOME": "/h"}
+    env = malloc_env("fresh", base)
+    assert env["HOME"] == "/h" and base["GLIBC_TUNABLES"].startswith("glibc.cpu")  # input not modified
+    assert env["GLIBC_TUNABLES"] == "glibc.cpu.x86_ibt=on:" + MALLOC_REGIMES["fresh"]
+    assert malloc_regime(env) == "fresh"
+    assert malloc_regime(malloc_env("reuse", env)) == "reuse"
+    assert malloc_env("default", env)["GLIBC_TUNABLES"] == "glibc.cpu.x86_ibt=on"
+    assert "GLIBC_TUNABLES" not in malloc_env("default", {})
+    assert malloc_regime({}) == "default" and malloc_regime(base) == "custom"
+    with pytest.raises(ValueError, match="regime"):
+        malloc_env("mmap", {})
+
+
+ALLOC_LOOP = """
+import resource, torch
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(40):
+    torch.empty(10 << 18).fill_(1)  # 10 MB, freed at once: glibc settles its thresholds, the heap its size
+f0 = faults()
+for _ in range(20):
+    torch.empty(10 << 18).fill_(1)
+print((faults() - f0) / 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="GLIBC_TUNABLES are read by glibc only")
+@pytest.mark.parametrize("regime", ["fresh", "reuse"])
+def test_malloc_regime_decides_first_touch_faults(regime):
+    """A new process in the regime: `fresh` faults every page of a 10 MB tensor on every allocation, `reuse`
+    none (the heap keeps and reuses the freed block)."""
+    out = subprocess.run([sys.executable, "-c", ALLOC_LOOP], env=malloc_env(regime), capture_output=True,
+                         text=True, check=True).stdout
+    per_call = float(out.split()[-1])
+    pages = (10 << 20) // 4096
+    if regime == "fresh":
+        assert per_call >= 0.9 * pages / 512  # at least one fault per 2 MB even if THP maps huge pages
+        assert per_call >= 0.9 * pages or _thp_always(), per_call
+    else:
+        assert per_call < 0.01 * pages, per_call
+
+
+def _thp_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
