@@ -129,8 +129,9 @@ def record(bench: str, rows: list[dict], extra: dict) -> Path:
 def update_readme(bench: str, text: str) -> None:
     """Replace the block between <!-- bench:NAME --> markers in benchmarks/README.md with ``text``; a run in a
     pinned malloc regime (``--malloc``) has its own block, NAME-malloc-REGIME."""
-    regime = malloc_regime()
+    regime, after = malloc_regime(), None
     if regime != "default":
+        after = f"<!-- /bench:{bench} -->"  # a new regime block goes beside the suite's default one
         bench += f"-malloc-{regime}"
         text = f"glibc malloc regime `{regime}` (`--malloc={regime}`: {REGIME_NOTES.get(regime, 'custom GLIBC_TUNABLES')}); " + text
     readme = HERE / "README.md"
@@ -139,6 +140,9 @@ def update_readme(bench: str, text: str) -> None:
     block = f"{start}\n{text}\n{end}"
     if start in src and end in src:
         src = src[: src.index(start)] + block + src[src.index(end) + len(end):]
+    elif after is not None and after in src:
+        at = src.index(after) + len(after)
+        src = src[:at] + "\n\n" + block + src[at:]
     else:
         src = src.rstrip() + "\n\n" + block + "\n"
     tmp = readme.with_suffix(".md.tmp")

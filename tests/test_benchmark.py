@@ -1,8 +1,14 @@
-"""srkernels.benchmark: interleaved timing and its page-fault count (the column that says whether a
-"default allocation" row paid first-touch faults)."""
+"""srkernels.benchmark: interleaved timing, its page-fault count (the column that says whether a
+"default allocation" row paid first-touch faults) and the malloc regimes that pin those faults."""
 import mmap
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
-from srkernels.benchmark import interleaved
+import pytest
+
+from srkernels.benchmark import MALLOC_REGIMES, interleaved, malloc_env, malloc_regime
 
 PAGES = 1024
 
@@ -31,14 +37,6 @@ def test_faults_per_call_counts_first_touch():
 
 
 # --- malloc regimes: the benchmarks can pin where large CPU tensors come from --------------------------------
-
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-from srkernels.benchmark import MALLOC_REGIMES, malloc_env, malloc_regime  # noqa: E402
 
 
 def test_malloc_env_sets_replaces_and_keeps_other_tunables():
@@ -90,3 +88,23 @@ def _thp_always() -> bool:
             return "[always]" in f.read()
     except OSError:
         return False
+
+
+def test_readme_block_per_malloc_regime(tmp_path, monkeypatch):
+    """A pinned-regime run writes its own table beside the suite's default one and leaves that one alone."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    readme = tmp_path / "README.md"
+    readme.write_text("# B\n\n<!-- bench:s-cpu -->\nold\n<!-- /bench:s-cpu -->\n\ntail\n")
+    monkeypatch.setattr(harness, "HERE", tmp_path)
+    monkeypatch.setenv("GLIBC_TUNABLES", MALLOC_REGIMES["reuse"])
+    harness.update_readme("s-cpu", "first")
+    harness.update_readme("s-cpu", "second")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    harness.update_readme("s-cpu", "new")
+    text = readme.read_text()
+    assert text.index("\nnew\n") < text.index("<!-- bench:s-cpu-malloc-reuse -->") < text.index("second") < text.index("tail")
+    assert "first" not in text and "old" not in text and "`--malloc=reuse`" in text
