@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from srkernels import models  # noqa: E402
+from srkernels.benchmark import saved_bytes  # noqa: E402
 from srkernels import nn as N  # noqa: E402
 from srkernels import reference as R  # noqa: E402
 
@@ -137,22 +138,6 @@ def train_fn(m, x):
         m.zero_grad(set_to_none=True)
         m(x).float().square().mean().backward()
     return run
-
-
-def saved_bytes(m, x) -> int:
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = m(x)
-    del out
-    return sum(seen.values())
 
 
 def _rss_kb(field: str) -> int:

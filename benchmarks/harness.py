@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 import srkernels
-from srkernels.benchmark import MALLOC_REGIMES, copy_bandwidth, describe_machine, gbps, interleaved, malloc_env, malloc_regime
+from srkernels.benchmark import (MALLOC_REGIME_NOTES, MALLOC_REGIMES, copy_bandwidth, describe_machine, gbps,
+                                 interleaved, malloc_env, malloc_regime)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -32,11 +33,6 @@ def git_sha() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
-
-REGIME_NOTES = {
-    "fresh": "every large block is mapped afresh, so each default allocation page-faults",
-    "reuse": "freed memory stays in the heap and is reused, so no default allocation page-faults",
-}
 
 BIG_COPY_BYTES = 256 << 20  # per buffer: well beyond L2, the "copy bandwidth" of the memory system
 
@@ -133,7 +129,7 @@ def update_readme(bench: str, text: str) -> None:
     if regime != "default":
         after = f"<!-- /bench:{bench} -->"  # a new regime block goes beside the suite's default one
         bench += f"-malloc-{regime}"
-        text = f"glibc malloc regime `{regime}` (`--malloc={regime}`: {REGIME_NOTES.get(regime, 'custom GLIBC_TUNABLES')}); " + text
+        text = f"glibc malloc regime `{regime}` (`--malloc={regime}`: {MALLOC_REGIME_NOTES.get(regime, 'custom GLIBC_TUNABLES')}); " + text
     readme = HERE / "README.md"
     src = readme.read_text() if readme.exists() else "# Benchmarks\n"
     start, end = f"<!-- bench:{bench} -->", f"<!-- /bench:{bench} -->"
@@ -154,8 +150,9 @@ def device_arg() -> str:
     return "cuda" if "--cuda" in sys.argv or (torch.cuda.is_available() and "--cpu" not in sys.argv) else "cpu"
 
 
-__all__ = ["compare", "cache_off", "malloc_arg", "enter_malloc_regime", "markdown", "md_table", "record", "update_readme", "copy_bandwidth", "device_arg", "git_sha",
-           "STANDARD_VARIANTS", "standard_variants", "pytest_benchmark"]
+__all__ = ["compare", "cache_off", "malloc_arg", "enter_malloc_regime", "markdown", "md_table", "record",
+           "update_readme", "copy_bandwidth", "device_arg", "git_sha", "STANDARD_VARIANTS", "standard_variants",
+           "pytest_benchmark"]
 
 
 def malloc_arg() -> str:

@@ -105,13 +105,22 @@ def gbps(nbytes: int, ms: float) -> float:
 # Under glibc's default dynamic thresholds a freed 10 MB block either stays in the heap (the next allocation
 # reuses it: no faults) or goes back to the kernel (the next one page-faults on first touch), depending on the
 # process's allocation history, so a "default allocation" speed-up can differ 4x between two identical runs.
-MALLOC_REGIMES = {
+MALLOC_REGIMES = {  # name -> GLIBC_TUNABLES malloc settings
     "default": "",  # glibc's dynamic thresholds: either regime below, by history
-    # every block >= 128 KiB is mmapped and unmapped on free: fresh pages, first-touch faults on every call
     "fresh": "glibc.malloc.mmap_threshold=131072",
-    # no mmapped blocks and no trimming: freed memory stays in the heap and is reused, no faults
     "reuse": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295",
 }
+MALLOC_REGIME_NOTES = {
+    "fresh": "every block of 128 KiB or more is mapped afresh and unmapped on free, so each default allocation "
+             "page-faults",
+    "reuse": "no mapped blocks and no heap trimming: freed memory is reused, so no default allocation page-faults",
+}
+
+
+def _tunables(env: dict) -> tuple[list[str], list[str]]:
+    """GLIBC_TUNABLES of ``env`` split into (malloc settings, the others)."""
+    items = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    return [t for t in items if t.startswith("glibc.malloc.")], [t for t in items if not t.startswith("glibc.malloc.")]
 
 
 def malloc_env(regime: str, env: dict | None = None) -> dict:
@@ -119,8 +128,7 @@ def malloc_env(regime: str, env: dict | None = None) -> dict:
     if regime not in MALLOC_REGIMES:
         raise ValueError(f"regime must be one of {sorted(MALLOC_REGIMES)}, got {regime!r}")
     env = dict(os.environ if env is None else env)
-    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.")]
-    tunables = ":".join(kept + ([MALLOC_REGIMES[regime]] if MALLOC_REGIMES[regime] else []))
+    tunables = ":".join(_tunables(env)[1] + ([MALLOC_REGIMES[regime]] if MALLOC_REGIMES[regime] else []))
     if tunables:
         env["GLIBC_TUNABLES"] = tunables
     else:
@@ -130,9 +138,25 @@ def malloc_env(regime: str, env: dict | None = None) -> dict:
 
 def malloc_regime(env: dict | None = None) -> str:
     """The regime ``env`` (default: this process's environment) pins, or "custom" for other malloc tunables."""
-    tunables = ":".join(t for t in (os.environ if env is None else env).get("GLIBC_TUNABLES", "").split(":")
-                        if t.startswith("glibc.malloc."))
-    return next((name for name, value in MALLOC_REGIMES.items() if value == tunables), "custom")
+    pinned = ":".join(_tunables(os.environ if env is None else env)[0])
+    return next((name for name, value in MALLOC_REGIMES.items() if value == pinned), "custom")
+
+
+def saved_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``module(*inputs)``, parameters
+    excluded: the activation memory of training, measured directly rather than through wall-clock or RSS."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(storages.values())
 
 
 def describe_machine() -> dict:

@@ -45,23 +45,6 @@ def layout(x: torch.Tensor, fmt: str) -> torch.Tensor:
     raise ValueError(fmt)
 
 
-def saved_bytes(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``module(*inputs)``, parameters
-    excluded: the activation memory of training, measured directly rather than through wall-clock or RSS."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(*inputs)
-    return sum(storages.values())
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from srkernels import reference as R
+from srkernels.benchmark import saved_bytes
 from srkernels.models import ALIASES, MODELS, RCAN, build, chop, resolve
-
-from ..conftest import saved_bytes
 
 
 def meta(name, scale, **cfg):

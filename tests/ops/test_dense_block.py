@@ -8,9 +8,10 @@ import srkernels
 from srkernels import nn as N
 from srkernels import ops, use_backend
 from srkernels import reference as R
+from srkernels.benchmark import saved_bytes
 from srkernels.ops.dense_block import DenseLayer, DensePlan, fdirb_plan, rdb_plan, split_plan, srdense_plan
 
-from ..conftest import assert_close, cpu_backends, layout, saved_bytes
+from ..conftest import assert_close, cpu_backends, layout
 from ._parity import randn
 
 OP = "dense_block"
