@@ -2,8 +2,12 @@
 // torch.ops.srkernels.* (TORCH_LIBRARY), not through pybind11.
 #include <pybind11/pybind11.h>
 
-#include "cpu/output_cache.h"
+#include "runtime/cpu_dispatch.h"
+#include "runtime/output_cache.h"
 
+#include <pybind11/stl.h>
+
+#include <sstream>
 #include <string>
 
 namespace py = pybind11;
@@ -13,17 +17,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     py::dict d;
     d["version"] = SRKERNELS_VERSION;
-    d["cpu_isa"] = SRKERNELS_CPU_ISA;
+    d["cpu_capabilities"] = srkernels::cpu::compiled_capabilities();
     d["cuda"] = bool(SRKERNELS_WITH_CUDA);
-    std::string archs = SRKERNELS_CUDA_ARCHS;
     py::list arch_list;
-    size_t start = 0;
-    while (start < archs.size()) {
-      size_t end = archs.find(';', start);
-      if (end == std::string::npos) end = archs.size();
-      if (end > start) arch_list.append(archs.substr(start, end - start));
-      start = end + 1;
-    }
+    std::istringstream archs(SRKERNELS_CUDA_ARCHS);  // space-separated, from CMakeLists.txt
+    for (std::string a; archs >> a;) arch_list.append(a);
     d["cuda_archs"] = arch_list;
     d["compiler"] = __VERSION__;
 #ifdef _OPENMP
@@ -33,7 +31,10 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
-  // The cache of large CPU outputs (csrc/cpu/output_cache.h); Python wrappers in srkernels/__init__.py.
+  // The capability the CPU kernels run; raises ValueError for a bad SRKERNELS_CPU_CAPABILITY.
+  m.def("cpu_capability", [] { return std::string(srkernels::cpu::capability_name(srkernels::cpu::selected_capability())); });
+  m.def("supported_cpu_capabilities", &srkernels::cpu::supported_capabilities);
+  // The cache of large CPU outputs (csrc/runtime/output_cache.h); Python wrappers in srkernels/__init__.py.
   m.def("cpu_cache_stats", [] {
     auto s = srkernels::cpu::output_cache_stats();
     py::dict d;

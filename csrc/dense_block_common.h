@@ -27,7 +27,17 @@
 #include <tuple>
 #include <vector>
 
+// Included by the CPU kernel, compiled once per capability, and by CUDA host code: one copy of every inline
+// function here per capability, so that no compile calls a copy built with ISA flags it may lack
+// (runtime/cpu_dispatch.h).
+#ifdef CPU_CAPABILITY
+#define SRK_DENSE_ISA CPU_CAPABILITY
+#else
+#define SRK_DENSE_ISA host
+#endif
+
 namespace srkernels::dense {
+inline namespace SRK_DENSE_ISA {
 
 constexpr const char* kOp = "dense_block";
 constexpr const char* kOpBw = "dense_block_backward";
@@ -449,4 +459,5 @@ inline Grads backward_generic(const at::Tensor& grad_out, const at::Tensor& buf,
   return {gx, gws, gbs, gfw, gfb, ggw1, ggb1, ggw2, ggb2};
 }
 
+}  // namespace SRK_DENSE_ISA
 }  // namespace srkernels::dense

@@ -21,7 +21,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 
 def build_info() -> dict:
-    """What this installation can run: versions, compiled CPU ISA and CUDA archs, Triton, per-op backends."""
+    """What this installation can run: versions, compiled CPU capabilities and the one chosen for this process
+    (``SRKERNELS_CPU_CAPABILITY`` forces a lower one), CUDA archs, Triton, per-op backends."""
     native = _backend._C.build_info() if _backend._C is not None else {}
     try:
         import triton
@@ -35,7 +36,8 @@ def build_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "compiled": _backend._C is not None,
         "compiled_error": None if _backend._C_ERROR is None else str(_backend._C_ERROR),
-        "cpu_isa": native.get("cpu_isa"),
+        "cpu_capabilities": list(native.get("cpu_capabilities", [])),
+        "cpu_capability": _backend._C.cpu_capability() if _backend._C is not None else None,
         "openmp": bool(native.get("openmp", False)),
         "cuda": bool(native.get("cuda", False)),
         "cuda_archs": list(native.get("cuda_archs", [])),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -24,12 +25,25 @@ OPS = ("channel_attention", "balanced_attention", "pixel_shuffle", "dense_block"
 # it has no JIT warm-up. Change per op when a GPU benchmark says otherwise.
 CUDA_PREFERENCE = {op: ("compiled", "triton") for op in OPS}
 
-try:  # loading _C registers the torch.ops.srkernels kernels
-    _C = importlib.import_module("srkernels._C")
-    _C_ERROR: Exception | None = None
-except ImportError as e:  # not built: the reference serves CPU calls
-    _C = None
-    _C_ERROR = e
+def _load_native():
+    """srkernels._C (loading it registers the torch.ops.srkernels kernels), or None with the reason.
+
+    Not built: the reference serves CPU calls (warned per op, below). Built but unloadable (missing
+    libcudart, a torch other than the one it was built against): warned once here, with the reason."""
+    if importlib.util.find_spec("srkernels._C") is None:
+        return None, ImportError("srkernels._C is not built (run scripts/setup.sh or pip install .)")
+    try:
+        module = importlib.import_module("srkernels._C")
+    except ImportError as e:
+        warnings.warn(f"srkernels: the compiled extension srkernels._C failed to load ({e}); every op runs its "
+                      "PyTorch reference. Rebuild it against this torch: pip install --no-build-isolation .",
+                      RuntimeWarning, stacklevel=3)
+        return None, e
+    module.cpu_capability()  # a bad SRKERNELS_CPU_CAPABILITY is an error at import, not at the first op
+    return module, None
+
+
+_C, _C_ERROR = _load_native()
 
 _local = threading.local()
 _warned: set[str] = set()

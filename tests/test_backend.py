@@ -7,7 +7,7 @@ from srkernels import _backend, ops, use_backend
 
 def test_build_info_reports_backends():
     info = srkernels.build_info()
-    for key in ("version", "torch", "compiled", "cpu_isa", "cuda", "cuda_archs", "triton", "ops"):
+    for key in ("version", "torch", "compiled", "cpu_capabilities", "cpu_capability", "cuda", "cuda_archs", "triton", "ops"):
         assert key in info
     for op in _backend.OPS:
         assert info["ops"][op]["cpu"][-1] == "reference"

@@ -15,6 +15,7 @@
 #include <vector>
 
 namespace srkernels::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 
 using at::vec::Vectorized;
 
@@ -428,4 +429,5 @@ inline void reduce_mlp_grads(const MlpGradRows<A>& r, at::Tensor& gw1, at::Tenso
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu

@@ -5,7 +5,8 @@
 // scaled while it is still in L2. Reductions use fixed pixel chunks combined in index order, so results are
 // bitwise independent of the thread count.
 #include "attention_common.h"
-#include "output_cache.h"
+#include "runtime/cpu_dispatch.h"
+#include "runtime/output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -16,6 +17,7 @@
 #include <tuple>
 
 namespace srkernels::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 namespace {
 
 constexpr const char* kOp = "balanced_attention";
@@ -558,10 +560,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
+SRK_CPU_KERNEL(balanced_attention, balanced_attention_cpu)
+SRK_CPU_KERNEL(balanced_attention_backward, balanced_attention_backward_cpu)
+SRK_CPU_KERNEL(balanced_attention_out, balanced_attention_out_cpu)
+
+#if SRK_REGISTER_CPU_OPS
 TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("balanced_attention", &srkernels::cpu::balanced_attention_cpu);
-  m.impl("balanced_attention_backward", &srkernels::cpu::balanced_attention_backward_cpu);
-  m.impl("balanced_attention_out", &srkernels::cpu::balanced_attention_out_cpu);
+  m.impl("balanced_attention", SRK_CPU_STUB(balanced_attention));
+  m.impl("balanced_attention_backward", SRK_CPU_STUB(balanced_attention_backward));
+  m.impl("balanced_attention_out", SRK_CPU_STUB(balanced_attention_out));
 }
+#endif

@@ -4,7 +4,8 @@
 // still in L2, so x comes from DRAM once. Every reduction is split into fixed-size chunks whose partials are
 // combined in index order, so results are bitwise independent of the thread count.
 #include "attention_common.h"
-#include "output_cache.h"
+#include "runtime/cpu_dispatch.h"
+#include "runtime/output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +15,7 @@
 #include <tuple>
 
 namespace srkernels::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 namespace {
 
 constexpr const char* kOp = "channel_attention";
@@ -502,10 +504,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
+SRK_CPU_KERNEL(channel_attention, channel_attention_cpu)
+SRK_CPU_KERNEL(channel_attention_backward, channel_attention_backward_cpu)
+SRK_CPU_KERNEL(channel_attention_out, channel_attention_out_cpu)
+
+#if SRK_REGISTER_CPU_OPS
 TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("channel_attention", &srkernels::cpu::channel_attention_cpu);
-  m.impl("channel_attention_backward", &srkernels::cpu::channel_attention_backward_cpu);
-  m.impl("channel_attention_out", &srkernels::cpu::channel_attention_out_cpu);
+  m.impl("channel_attention", SRK_CPU_STUB(channel_attention));
+  m.impl("channel_attention_backward", SRK_CPU_STUB(channel_attention_backward));
+  m.impl("channel_attention_out", SRK_CPU_STUB(channel_attention_out));
 }
+#endif

@@ -13,6 +13,7 @@
 // thread count: every output element is produced by one thread in a fixed order and reductions are chunked by
 // shape.
 #include "dense_block_common.h"
+#include "runtime/cpu_dispatch.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -26,6 +27,7 @@
 #include <type_traits>
 
 namespace srkernels::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 namespace {
 
 using namespace srkernels::dense;
@@ -772,9 +774,15 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
+SRK_CPU_KERNEL(dense_block, dense_block_cpu)
+SRK_CPU_KERNEL(dense_block_backward, dense_block_backward_cpu)
+
+#if SRK_REGISTER_CPU_OPS
 TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("dense_block", &srkernels::cpu::dense_block_cpu);
-  m.impl("dense_block_backward", &srkernels::cpu::dense_block_backward_cpu);
+  m.impl("dense_block", SRK_CPU_STUB(dense_block));
+  m.impl("dense_block_backward", SRK_CPU_STUB(dense_block_backward));
 }
+#endif

@@ -18,13 +18,15 @@
 #include <torch/library.h>
 
 #include "attention_common.h"
-#include "output_cache.h"
+#include "runtime/cpu_dispatch.h"
+#include "runtime/output_cache.h"
 
 #include <limits>
 #include <numeric>
 #include <tuple>
 
 namespace srkernels::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 namespace {
 
 enum class Act { None, Relu, Prelu };
@@ -715,11 +717,19 @@ at::Tensor pixel_unshuffle_cpu(const at::Tensor& x, int64_t r) {
 }
 
 }  // namespace
+}  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
+SRK_CPU_KERNEL(pixel_shuffle, pixel_shuffle_cpu)
+SRK_CPU_KERNEL(pixel_shuffle_backward, pixel_shuffle_backward_cpu)
+SRK_CPU_KERNEL(pixel_shuffle_out, pixel_shuffle_out_cpu)
+SRK_CPU_KERNEL(pixel_unshuffle, pixel_unshuffle_cpu)
+
+#if SRK_REGISTER_CPU_OPS
 TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("pixel_shuffle", &srkernels::cpu::pixel_shuffle_cpu);
-  m.impl("pixel_shuffle_backward", &srkernels::cpu::pixel_shuffle_backward_cpu);
-  m.impl("pixel_shuffle_out", &srkernels::cpu::pixel_shuffle_out_cpu);
-  m.impl("pixel_unshuffle", &srkernels::cpu::pixel_unshuffle_cpu);
+  m.impl("pixel_shuffle", SRK_CPU_STUB(pixel_shuffle));
+  m.impl("pixel_shuffle_backward", SRK_CPU_STUB(pixel_shuffle_backward));
+  m.impl("pixel_shuffle_out", SRK_CPU_STUB(pixel_shuffle_out));
+  m.impl("pixel_unshuffle", SRK_CPU_STUB(pixel_unshuffle));
 }
+#endif

@@ -1,4 +1,4 @@
-#include "output_cache.h"
+#include "runtime/output_cache.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
