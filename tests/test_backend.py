@@ -35,3 +35,30 @@ def test_use_backend_rejects_unknown():
     with pytest.raises(ValueError, match="backend must be one of"):
         with use_backend("fast"):
             pass
+
+
+def test_unloadable_extension_warns_with_the_reason():
+    """A built _C that fails to load (missing libcudart, ABI mismatch) is reported once at import, not
+    silently replaced by the reference."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, warnings
+real = importlib.import_module
+def fail_C(name, *a, **k):
+    if name == "srkernels._C":
+        raise ImportError("libcudart.so.13: cannot open shared object file")
+    return real(name, *a, **k)
+importlib.import_module = fail_C
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import srkernels
+msgs = [str(w.message) for w in caught if "srkernels._C failed to load" in str(w.message)]
+assert len(msgs) == 1 and "libcudart.so.13" in msgs[0], [str(w.message) for w in caught]
+info = srkernels.build_info()
+assert not info["compiled"] and "libcudart.so.13" in info["compiled_error"]
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
