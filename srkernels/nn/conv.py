@@ -5,6 +5,9 @@ configurations run the eager ops with the same result.
 """
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,12 +15,24 @@ from torch._prims_common import suggest_memory_format
 
 ACTIVATIONS = (None, "relu")
 _MKLDNN = torch.backends.mkldnn.is_available()
+# Packed weights kept per conv, one per input shape, least recently used dropped first. Each is a copy of the
+# weight, so this bounds memory when every image has its own size (then each forward packs once, about what
+# eager pays per call anyway); tiled inference runs one tile size, and a few sizes in rotation still hit.
+_PACK_CACHE_SIZE = 4
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions here: AVX-512 (bw, vl, dq) or AVX-NE-CONVERT, as capped by
+    ONEDNN_MAX_CPU_ISA. The very check oneDNN's bf16 ops apply before refusing (issue 12: AVX2-only CPUs such
+    as AMD Zen 2/3); asked once per process. A function, so tests can stand in for another CPU."""
+    return _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16()))
         and x.dim() == 4
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
@@ -28,17 +43,33 @@ def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
     )
 
 
-def _packed_weight(conv: nn.Conv2d) -> Tensor:
-    """oneDNN-prepacked weight, cached on the module until the weight changes (version, dtype, storage)."""
+def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """oneDNN-prepacked weight in the layout the primitive for ``x`` wants, cached on the module per input shape
+    until the weight changes (version, dtype, storage).
+
+    The blocked layout oneDNN picks depends on the input size (for 256x64x3x3 under AVX2: Acdb16a packed without
+    a size, Acdb24a for a 12x16 input, Acdb32a for 32x32); a weight packed for another size is reordered again
+    inside every call (issue 13).
+    ``_convolution_pointwise`` always runs a packed weight channels-last, and packing with ``input_size``
+    assumes the same, so the input's memory format needs no key of its own."""
     w = conv.weight
     key = (w._version, w.dtype, w.data_ptr())
     cached = getattr(conv, "_srk_packed", None)
     if cached is None or cached[0] != key:
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        cached = (key, packed)
+        cached = (key, OrderedDict())
         conv._srk_packed = cached
-    return cached[1]
+    packs = cached[1]
+    shape = tuple(x.shape)
+    packed = packs.get(shape)
+    if packed is None:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
+        packs[shape] = packed
+        if len(packs) > _PACK_CACHE_SIZE:
+            packs.popitem(last=False)
+    else:
+        packs.move_to_end(shape)
+    return packed
 
 
 def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: Tensor | None = None, *,
@@ -50,7 +81,7 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
     # under torch.compile the eager formula is traced: Inductor picks its own fused conv kernels
     if not torch.compiler.is_compiling() and _onednn_ok(conv, x, residual):
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        w = _packed_weight(conv)
+        w = _packed_weight(conv, x)
         b = conv.bias.detach() if conv.bias is not None and with_bias else None
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, activation or "none", [None], "")

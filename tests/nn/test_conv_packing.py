@@ -1,0 +1,253 @@
+"""The oneDNN path of ``srkernels.nn.conv2d``: which CPUs may take it, and that its prepacked weights are the
+ones the primitive wants (issues 12 and 13).
+
+Two facts are only visible from oneDNN itself, so they are checked in a subprocess: ``ONEDNN_MAX_CPU_ISA=AVX2``
+makes oneDNN behave as on an AVX2-only CPU (it refuses bf16 as such a CPU does), and ``ONEDNN_VERBOSE=1``
+prints every primitive oneDNN runs, weight reorders included, on the C stdout.
+"""
+import os
+import platform
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srkernels
+from srkernels.nn import conv as conv_mod
+
+from ..conftest import assert_close
+
+ONEDNN = torch.backends.mkldnn.is_available()
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+needs_x86 = pytest.mark.skipif(not (ONEDNN and X86), reason="ONEDNN_MAX_CPU_ISA=AVX2 needs an x86-64 oneDNN")
+
+
+def _run(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter (oneDNN reads its environment once per process); its stdout."""
+    # oneDNN settings of the calling shell would change what is measured: only ``env``'s apply
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ONEDNN_", "DNNL_"))} | env
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+# --- issue 12: bf16 without AVX-512 ----------------------------------------------------------------------------
+
+class _RefuseBf16:
+    """Stands in for a oneDNN op packet (and its overloads) on a CPU without bf16 support: bf16 raises as oneDNN
+    does there, anything else runs."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def __call__(self, *args, **kwargs):
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            raise RuntimeError("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+        return self.op(*args, **kwargs)
+
+    def __getattr__(self, overload):
+        return _RefuseBf16(getattr(self.op, overload))
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation,residual", [(None, False), ("relu", False), (None, True), ("relu", True)])
+def test_bf16_takes_eager_path_without_cpu_support(monkeypatch, activation, residual):
+    """With the feature check saying no, bf16 never reaches oneDNN (which would raise) and matches eager."""
+    monkeypatch.setattr(conv_mod, "_onednn_bf16", lambda: False)
+    for name in ("_reorder_convolution_weight", "_convolution_pointwise"):
+        monkeypatch.setattr(torch.ops.mkldnn, name, _RefuseBf16(getattr(torch.ops.mkldnn, name)))
+    torch.manual_seed(4)
+    conv = srkernels.nn.Conv2d(8, 12, 3, padding=1, activation=activation).bfloat16()
+    x = torch.randn(2, 8, 7, 9, dtype=torch.bfloat16)
+    r = torch.randn(2, 12, 7, 9, dtype=torch.bfloat16) if residual else None
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    ref = F.relu(ref) if activation else ref
+    ref = ref + r.double() if residual else ref
+    with torch.no_grad():
+        assert_close(conv(x, r), ref, torch.bfloat16, "bf16 eager fallback")
+        # float32 still takes oneDNN (the stand-ins let it through)
+        c32 = conv.float()
+        assert_close(c32(x.float(), None if r is None else r.float()), ref, torch.float32, "fp32 oneDNN")
+        assert c32._srk_packed[1], "fp32 should have used prepacked weights"
+
+
+@needs_onednn
+def test_bf16_feature_check_is_torchs():
+    """The check is the one oneDNN's bf16 ops themselves apply, asked once per process."""
+    conv_mod._onednn_bf16.cache_clear()
+    assert conv_mod._onednn_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert conv_mod._onednn_bf16.cache_info().currsize == 1
+
+
+@needs_x86
+def test_bf16_without_avx512_runs_eager():
+    """For real: oneDNN capped at AVX2 refuses bf16 weight packing; conv2d and a fused bf16 RCAN still run and
+    match float64 (within bf16 tolerance); float32 keeps the oneDNN path."""
+    out = _run("""
+        import torch, torch.nn.functional as F
+        import srkernels
+        from srkernels.models import build
+        assert not torch.ops.mkldnn._is_mkldnn_bf16_supported(), "ONEDNN_MAX_CPU_ISA=AVX2 did not apply"
+        try:
+            torch.ops.mkldnn._reorder_convolution_weight(torch.randn(4, 4, 3, 3).bfloat16(), [1, 1], [1, 1], [1, 1], 1)
+            raise SystemExit("oneDNN packed bf16 weights although capped at AVX2")
+        except RuntimeError as e:
+            assert "bf16 path needs the cpu support" in str(e), e
+        torch.manual_seed(0)
+        conv = srkernels.nn.Conv2d(8, 12, 3, padding=1, activation="relu")
+        x, r = torch.randn(2, 8, 7, 9), torch.randn(2, 12, 7, 9)
+        ref = F.relu(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)) + r.double()
+        m = build("rcan", 2, fused=True, n_resgroups=1, n_resblocks=2).eval()
+        lr = torch.rand(1, 3, 6, 5)
+        with torch.no_grad():
+            m_ref = m.double()(lr.double())
+            for dtype in (torch.float32, torch.bfloat16):  # fp32 first: bf16 rounds the weights
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    got = conv.to(dtype)(x.to(dtype).contiguous(memory_format=fmt), r.to(dtype)).double()
+                    print(dtype, fmt, "conv err", (got - ref).abs().max().item() / ref.abs().max().item())
+                    got = m.to(dtype)(lr.to(dtype).contiguous(memory_format=fmt)).double()
+                    print(dtype, fmt, "rcan err", (got - m_ref).abs().max().item() / m_ref.abs().max().item())
+            print("packed fp32:", conv._srk_packed[0][1] == torch.float32 and len(conv._srk_packed[1]) > 0)
+    """, ONEDNN_MAX_CPU_ISA="AVX2")
+    errs = re.findall(r"(torch\.\w+) .* (conv|rcan) err (\S+)", out)
+    assert len(errs) == 8, out
+    for dtype, what, err in errs:
+        assert float(err) <= (3e-2 if dtype == "torch.bfloat16" else 1e-5), out
+    assert "packed fp32: True" in out, out
+
+
+# --- issue 13: weights packed for the input the primitive sees -------------------------------------------------
+
+# ONEDNN_VERBOSE lines: "onednn_verbose,v1,primitive,exec,cpu,<primitive>,<impl>,<prop_kind>,<mds>,<attrs>,
+# <aux>,<problem>,<ms>"; a conv's problem reads like "mb1_ic64oc256_ih12oh12kh3sh1dh0ph1_iw16ow16kw3sw1dw0pw1"
+# (with "g<n>" first for groups), a reorder's like "256x64x3x3".
+_EXEC = re.compile(r"^onednn_verbose(?:,v\d+)?,(?:primitive,)?exec,cpu,(\w+),[^,]*,([^,]*),(.*),([^,]*),([^,]*)$")
+
+
+def _weight_dims(problem: str) -> str:
+    """The dims oneDNN prints for the weight of a 2-d convolution problem."""
+    f = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", problem)}
+    dims = [f["oc"], f["ic"], f.get("kh", 1), f.get("kw", 1)]
+    g = f.get("g", 1)
+    return "x".join(map(str, [g, dims[0] // g, dims[1] // g, *dims[2:]] if g > 1 else dims))
+
+
+def _weight_reorders(lines: list[str]) -> tuple[list[str], int, int]:
+    """(weight reorders feeding a prepacked-path convolution, prepacked-path convolutions, eager weight reorders).
+
+    A reorder is charged to the convolution executed next. It is a weight reorder when its dims are that
+    convolution's weight dims (an input reorder would be NxCxHxW). The prepacked path
+    (``mkldnn._convolution_pointwise``) runs ``forward_inference``; ATen's eager convolution runs ``forward_training``
+    and reorders its plain weight on every call by design, which is not this module's concern.
+    """
+    ours, n_ours, eager, pending = [], 0, 0, []
+    for line in lines:
+        m = _EXEC.match(line.strip())
+        if not m:
+            continue
+        prim, prop, problem = m.group(1), m.group(2), m.group(4)
+        if prim == "reorder":
+            pending.append((problem, line))
+        elif prim == "convolution":
+            wdims = _weight_dims(problem)
+            hits = [ln for dims, ln in pending if dims == wdims]
+            if prop == "forward_inference":
+                n_ours += 1
+                ours += hits
+            else:
+                eager += len(hits)
+            pending = []
+    return ours, n_ours, eager
+
+
+def test_weight_reorder_parser():
+    v = "onednn_verbose,v1,primitive,exec,cpu,"
+    lines = [
+        v + "reorder,jit:uni,undef,src:f32::blocked:abcd::f0 dst:f32::blocked:Acdb16a::f0,,,1x64x12x16,0.01",
+        v + "reorder,simple:any,undef,src:f32::blocked:Acdb16a::f0 dst:f32:p:blocked:Acdb24a::f0,attr-scratchpad:user,"
+            ",256x64x3x3,10.0",
+        v + "convolution,brg_conv_fwd:avx2,forward_inference,src:f32::blocked:acdb::f0 wei:f32:ap:blocked:Acdb24a::f0 "
+            "bia:undef::undef::: dst:f32::blocked:acdb::f0,attr-scratchpad:user,alg:convolution_direct,"
+            "mb1_ic64oc256_ih12oh12kh3sh1dh0ph1_iw16ow16kw3sw1dw0pw1,0.2",
+        v + "reorder,jit:uni,undef,src:f32::blocked:acdb::f0 dst:f32:p:blocked:Acdb8a::f0,,,3x64x3x3,0.01",
+        v + "convolution,brg_conv_fwd:avx2,forward_training,src:f32::blocked:acdb::f0 wei:f32:ap:blocked:Acdb8a::f0 "
+            "bia:f32:a:blocked:a::f0 dst:f32::blocked:acdb::f0,attr-scratchpad:user,alg:convolution_direct,"
+            "mb1_ic64oc3_ih24oh24kh3sh1dh0ph1_iw32ow32kw3sw1dw0pw1,0.1",
+        v + "convolution,jit:avx2,forward_inference,src:f32::blocked:acdb::f0 wei:f32::blocked:Abcde8a::f0 "
+            "bia:undef::undef::: dst:f32::blocked:acdb::f0,,alg:convolution_direct,"
+            "mb1_g8ic8oc8_ih5oh5kh3sh1dh0ph1_iw5ow5kw3sw1dw0pw1,0.1",
+    ]
+    ours, n_ours, eager = _weight_reorders(lines)
+    assert [ln.split(",")[-2] for ln in ours] == ["256x64x3x3"] and n_ours == 2 and eager == 1
+    assert _weight_dims("mb1_g8ic8oc8_ih5oh5kh3sh1dh0ph1_iw5ow5kw3sw1dw0pw1") == "8x1x1x3x3"
+
+
+_WARM_THEN_MEASURE = """
+    import sys, torch
+    import srkernels
+    from srkernels.models import build
+    torch.manual_seed(0)
+    dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    work = []  # (module, args) for every dtype x layout x size
+    for dtype in dtypes:
+        convs = [srkernels.nn.Conv2d(64, 64, 3, padding=1, activation="relu"),  # unary post-op
+                 srkernels.nn.Conv2d(64, 64, 3, padding=1),                     # binary add post-op
+                 srkernels.nn.Conv2d(64, 256, 3, padding=1, bias=False)]        # upsampler's shape
+        convs = [c.to(dtype) for c in convs]
+        rcan = build("rcan", 2, fused=True, n_resgroups=1, n_resblocks=2).eval().to(dtype)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for h, w in ((12, 16), (9, 11), (32, 32)):
+                x = torch.randn(1, 64, h, w, dtype=dtype).contiguous(memory_format=fmt)
+                work += [(convs[0], (x,)), (convs[1], (x, torch.randn_like(x))), (convs[2], (x,))]
+                work.append((rcan, (torch.rand(1, 3, h, w, dtype=dtype).contiguous(memory_format=fmt),)))
+    with torch.no_grad():
+        for m, args in work:
+            m(*args)
+        sys.stdout.flush()
+        print("=== measure", flush=True)
+        for m, args in work:
+            m(*args)
+    print("=== done", flush=True)
+"""
+
+
+@needs_onednn
+@pytest.mark.parametrize("isa", ["native", pytest.param("AVX2", marks=needs_x86)])
+def test_no_weight_reorder_after_warmup(isa):
+    """Once every input has been seen, a forward of nn.Conv2d (unary and binary post-ops, contiguous and
+    channels_last input, several sizes) and of a fused RCAN reorders no prepacked weight: each weight was packed
+    in the format the primitive for that input wants. Structural, from ONEDNN_VERBOSE, not timed."""
+    env = {"ONEDNN_VERBOSE": "1"}
+    if isa != "native":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    out = _run(_WARM_THEN_MEASURE, **env)
+    assert "=== done" in out, out[-3000:]
+    measured = out.split("=== measure", 1)[1].splitlines()
+    ours, n_ours, _ = _weight_reorders(measured)
+    assert n_ours >= 30, f"the prepacked path hardly ran ({n_ours} convolutions):\n" + "\n".join(measured[:40])
+    assert not ours, f"{len(ours)} weight reorders after warm-up ({isa}), e.g.:\n" + "\n".join(ours[:6])
+
+
+# --- the cache itself ------------------------------------------------------------------------------------------
+
+@needs_onednn
+def test_packed_cache_is_per_input_shape_and_bounded():
+    conv = srkernels.nn.Conv2d(4, 6, 3, padding=1)
+    sizes = [(5 + i, 7) for i in range(conv_mod._PACK_CACHE_SIZE + 2)]
+    with torch.no_grad():
+        for h, w in sizes:
+            x = torch.randn(1, 4, h, w)
+            assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), torch.float32, f"{h}x{w}")
+            conv(x.contiguous(memory_format=torch.channels_last))  # same primitive input: no new entry
+        packs = conv._srk_packed[1]
+        assert len(packs) == conv_mod._PACK_CACHE_SIZE
+        assert list(packs) == [(1, 4, h, w) for h, w in sizes[-conv_mod._PACK_CACHE_SIZE:]]  # least recent go
+        conv.weight.add_(1)  # a new weight version drops every pack
+        conv(torch.randn(1, 4, 5, 7))
+        assert list(conv._srk_packed[1]) == [(1, 4, 5, 7)]
