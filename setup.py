@@ -1,13 +1,85 @@
-"""Drives CMakeLists.txt (the one build description) to build srkernels._C; see README "Build options"."""
+"""Drives CMakeLists.txt (the one build description) to build srkernels._C; see README "Build options".
+
+The cmake and ninja used are those of the ``cmake`` / ``ninja`` PyPI packages installed for the Python running
+this build (what ``pyproject.toml`` requires), not whatever comes first on PATH: ``venv/bin/pip install .``
+without an activated venv must not pick up an older system CMake. A CMake on PATH is used only when the package
+is missing and it is new enough.
+
+Environment: SRKERNELS_CUDA (auto|0|1), SRKERNELS_CPU_CAPABILITIES (space-separated subset of the CPU capabilities
+to compile, e.g. "default avx2"; unset: CMakeLists.txt's default, all), SRKERNELS_BUILD_TYPE (Release),
+TORCH_CUDA_ARCH_LIST and CUDA_HOME (read by CMakeLists.txt), MAX_JOBS, CMAKE_ARGS (extra cmake arguments,
+shell-quoted), SRKERNELS_BUILD_DIR (the CMake build tree; default build/cmake.<python tag>).
+"""
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def _cmake_minimum() -> tuple[int, ...]:
+    text = (ROOT / "CMakeLists.txt").read_text()
+    m = re.search(r"cmake_minimum_required\s*\(\s*VERSION\s+([0-9.]+)", text, re.IGNORECASE)
+    return tuple(int(p) for p in m.group(1).split(".")) if m else (3, 0)
+
+
+def _version_of(exe: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ()
+    m = re.search(r"version\s+([0-9]+(?:\.[0-9]+)*)", out)
+    return tuple(int(p) for p in m.group(1).split(".")) if m else ()
+
+
+def _from_package(module: str, attr: str, exe: str) -> str | None:
+    """``<module>.<attr>/<exe>`` of the installed PyPI package (cmake.CMAKE_BIN_DIR, ninja.BIN_DIR)."""
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    path = Path(getattr(mod, attr, "") or "") / (exe + (sysconfig.get_config_var("EXE") or ""))
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def _need(what: str, why: str) -> None:
+    sys.exit(
+        f"srkernels build: {why}.\n"
+        f"  Install {what} for the Python that runs this build:\n"
+        f"    {sys.executable} -m pip install 'cmake>=3.30' ninja\n"
+        f"  (pip install . without --no-build-isolation installs them into its build environment itself.)"
+    )
+
+
+def find_cmake() -> str:
+    exe = _from_package("cmake", "CMAKE_BIN_DIR", "cmake")
+    if exe:
+        return exe
+    need = _cmake_minimum()
+    on_path = shutil.which("cmake")
+    have = _version_of(on_path) if on_path else ()
+    if on_path and have >= need:
+        return on_path
+    found = f"the cmake on PATH ({on_path}) is {'.'.join(map(str, have)) or 'unusable'}" if on_path else \
+        "there is none on PATH"
+    _need("the cmake package", f"no CMake >= {'.'.join(map(str, need))}: the 'cmake' Python package is not "
+                               f"installed for {sys.executable} and {found}")
+
+
+def find_ninja() -> str:
+    exe = _from_package("ninja", "BIN_DIR", "ninja") or shutil.which("ninja")
+    if not exe:
+        _need("the ninja package", f"no Ninja: the 'ninja' Python package is not installed for {sys.executable} "
+                                   "and there is none on PATH")
+    return exe
 
 
 class CMakeExtension(Extension):
@@ -17,27 +89,49 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / ext.name
-        build_dir.mkdir(parents=True, exist_ok=True)
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        # One persistent build tree per Python, whatever asked for the build: setuptools gives an editable
+        # install (pip install -e) a fresh temporary build_temp every time, so building there would recompile
+        # everything on every install and share nothing with a later `pip wheel .`. Ninja tracks command lines,
+        # so a changed option or torch rebuilds what it must.
+        tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+        build_dir = Path(os.environ.get("SRKERNELS_BUILD_DIR") or ROOT / "build" / f"cmake.{tag}").resolve()
+        lib_dir = build_dir / "lib"
+        lib_dir.mkdir(parents=True, exist_ok=True)
         import torch  # noqa: F401  (fail early with a clear message if torch is missing)
 
+        cmake, ninja = find_cmake(), find_ninja()
+        print(f"srkernels build: cmake {cmake}, ninja {ninja}, build tree {build_dir}", flush=True)
         version = self.distribution.get_version()
         cfg = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_dir}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('SRKERNELS_BUILD_TYPE', 'Release')}",
             f"-DSRKERNELS_CUDA={os.environ.get('SRKERNELS_CUDA', 'auto')}",
-            f"-DSRKERNELS_CPU_ISA={os.environ.get('SRKERNELS_CPU_ISA', 'avx512')}",
             f"-DSRKERNELS_VERSION={version}",
         ]
+        caps = os.environ.get("SRKERNELS_CPU_CAPABILITIES")
+        # The build tree persists: an unset variable must not leave an earlier narrowing in the CMake cache.
+        cfg.append(f"-DSRKERNELS_CPU_CAPABILITIES={caps}" if caps else "-USRKERNELS_CPU_CAPABILITIES")
+        if os.environ.get("SRKERNELS_CPU_ISA"):
+            print("srkernels build: SRKERNELS_CPU_ISA is obsolete and ignored: every CPU capability is compiled "
+                  "and one is chosen at load time (narrow with SRKERNELS_CPU_CAPABILITIES, force one at run time "
+                  "with SRKERNELS_CPU_CAPABILITY)", file=sys.stderr, flush=True)
+        cfg += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         subprocess.run(cfg, check=True)
-        build = ["cmake", "--build", str(build_dir), "--target", "_C"]
+        build = [cmake, "--build", str(build_dir), "--target", "_C"]
         jobs = os.environ.get("MAX_JOBS")
         if jobs:
             build += ["-j", jobs]
         subprocess.run(build, check=True)
+
+        built = lib_dir / target.name
+        if not built.is_file():
+            sys.exit(f"srkernels build: CMake did not produce {built} (found: {sorted(p.name for p in lib_dir.iterdir())})")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
 
 
 setup(ext_modules=[CMakeExtension("srkernels._C")], cmdclass={"build_ext": CMakeBuild})

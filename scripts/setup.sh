@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv (if missing), install the dependencies and build srkernels in place (editable).
 # Environment: SRKERNELS_CUDA=auto|0|1 (0 = CPU-only, fastest local build), TORCH_CUDA_ARCH_LIST, MAX_JOBS,
-# SRKERNELS_CPU_ISA=avx512|avx2|default, VENV (default .venv).
+# SRKERNELS_CPU_CAPABILITIES (e.g. "default avx2": narrows the CPU variants compiled), CMAKE_ARGS, VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
