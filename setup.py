@@ -8,7 +8,11 @@ is missing and it is new enough.
 Environment: SRKERNELS_CUDA (auto|0|1), SRKERNELS_CPU_CAPABILITIES (space-separated subset of the CPU capabilities
 to compile, e.g. "default avx2"; unset: CMakeLists.txt's default, all), SRKERNELS_BUILD_TYPE (Release),
 TORCH_CUDA_ARCH_LIST and CUDA_HOME (read by CMakeLists.txt), MAX_JOBS, CMAKE_ARGS (extra cmake arguments,
-shell-quoted), SRKERNELS_BUILD_DIR (the CMake build tree; default build/cmake.<python tag>).
+shell-quoted), SRKERNELS_BUILD_DIR (the CMake build tree; default build/cmake.<python tag>-torch<version>-abi<0|1>).
+
+torch is not installed by this build: it compiles against the torch already installed for the running Python
+(``pip install --no-build-isolation .``), and records that torch's version and C++ ABI flag next to the module
+(srkernels/_build_config.py) so that importing srkernels under another torch is one clear error.
 """
 import os
 import re
@@ -82,6 +86,12 @@ def find_ninja() -> str:
     return exe
 
 
+def torch_tag(torch) -> str:
+    """``torch2.14.1_cu130-abi1``: what a build tree is keyed by (version with its local tag, C++ ABI flag)."""
+    version = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
+    return f"torch{version}-abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -90,15 +100,21 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        # One persistent build tree per Python, whatever asked for the build: setuptools gives an editable
-        # install (pip install -e) a fresh temporary build_temp every time, so building there would recompile
-        # everything on every install and share nothing with a later `pip wheel .`. Ninja tracks command lines,
-        # so a changed option or torch rebuilds what it must.
-        tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+        try:
+            import torch  # the torch installed for this Python is the one the extension is compiled against
+        except ImportError:
+            sys.exit(f"srkernels build: torch is not installed for {sys.executable}. Install the torch you want "
+                     "first (e.g. pip install torch), then: pip install --no-build-isolation .")
+        # One persistent build tree per Python and torch, whatever asked for the build: setuptools gives an
+        # editable install (pip install -e) a fresh temporary build_temp every time, so building there would
+        # recompile everything on every install and share nothing with a later `pip wheel .`. Ninja tracks
+        # command lines, so a changed option rebuilds what it must; another torch (another venv, an upgrade)
+        # gets a tree of its own, so objects compiled against one torch are never linked against another, and
+        # switching back and forth stays incremental.
+        tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}-{torch_tag(torch)}"
         build_dir = Path(os.environ.get("SRKERNELS_BUILD_DIR") or ROOT / "build" / f"cmake.{tag}").resolve()
         lib_dir = build_dir / "lib"
         lib_dir.mkdir(parents=True, exist_ok=True)
-        import torch  # noqa: F401  (fail early with a clear message if torch is missing)
 
         cmake, ninja = find_cmake(), find_ninja()
         print(f"srkernels build: cmake {cmake}, ninja {ninja}, build tree {build_dir}", flush=True)
@@ -120,7 +136,21 @@ class CMakeBuild(build_ext):
                   "and one is chosen at load time (narrow with SRKERNELS_CPU_CAPABILITIES, force one at run time "
                   "with SRKERNELS_CPU_CAPABILITY)", file=sys.stderr, flush=True)
         cfg += shlex.split(os.environ.get("CMAKE_ARGS", ""))
+        # A tree named by SRKERNELS_BUILD_DIR may have been built against another torch (or Python): start it
+        # afresh then, rather than trust timestamps to rebuild every object.
+        stamp = build_dir / "srkernels-built-for.txt"
+        built_for = f"{sys.executable} {torch.__version__} abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        previous = stamp.read_text().strip() if stamp.is_file() else None
+        fresh = previous is not None and previous != built_for
+        if fresh:
+            print(f"srkernels build: {build_dir} was built for {previous}, now {built_for}: reconfiguring and "
+                  "rebuilding it from scratch", flush=True)
+            cfg.insert(1, "--fresh")
+        stamp.unlink(missing_ok=True)
         subprocess.run(cfg, check=True)
+        if fresh:
+            subprocess.run([cmake, "--build", str(build_dir), "--target", "clean"], check=True)
+        stamp.write_text(built_for + "\n")
         build = [cmake, "--build", str(build_dir), "--target", "_C"]
         jobs = os.environ.get("MAX_JOBS")
         if jobs:
@@ -130,8 +160,13 @@ class CMakeBuild(build_ext):
         built = lib_dir / target.name
         if not built.is_file():
             sys.exit(f"srkernels build: CMake did not produce {built} (found: {sorted(p.name for p in lib_dir.iterdir())})")
+        config = build_dir / "_build_config.py"  # written by CMake: the torch _C was compiled against
+        if not config.is_file():
+            sys.exit(f"srkernels build: CMake did not write {config}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, target)
+        # next to _C: srkernels/_backend.py reads it before loading _C (a mismatched torch is a clear error)
+        shutil.copy2(config, target.with_name("_build_config.py"))
 
 
 setup(ext_modules=[CMakeExtension("srkernels._C")], cmdclass={"build_ext": CMakeBuild})

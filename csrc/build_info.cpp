@@ -24,6 +24,10 @@ PYBIND11_MODULE(_C, m) {
     for (std::string a; archs >> a;) arch_list.append(a);
     d["cuda_archs"] = arch_list;
     d["compiler"] = __VERSION__;
+    // The torch this extension was compiled against (CMakeLists.txt; also in srkernels/_build_config.py,
+    // which srkernels/_backend.py checks before loading this module).
+    d["torch_built"] = SRKERNELS_TORCH_VERSION;
+    d["cxx11_abi"] = bool(SRKERNELS_CXX11_ABI);
 #ifdef _OPENMP
     d["openmp"] = true;  // at::parallel_for runs multithreaded in the CPU kernels
 #else

@@ -34,6 +34,9 @@ def build_info() -> dict:
         "version": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
+        # the torch the extension was compiled against (checked equal to the running one at import)
+        "torch_built": native.get("torch_built"),
+        "cxx11_abi": native.get("cxx11_abi"),
         "compiled": _backend._C is not None,
         "compiled_error": None if _backend._C_ERROR is None else str(_backend._C_ERROR),
         "cpu_capabilities": list(native.get("cpu_capabilities", [])),

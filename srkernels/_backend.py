@@ -25,20 +25,71 @@ OPS = ("channel_attention", "balanced_attention", "pixel_shuffle", "dense_block"
 # it has no JIT warm-up. Change per op when a GPU benchmark says otherwise.
 CUDA_PREFERENCE = {op: ("compiled", "triton") for op in OPS}
 
+REBUILD_HINT = ("Rebuild it against this torch, in the srkernels source tree: "
+                "pip install --no-build-isolation --force-reinstall --no-deps .  (or: bash scripts/setup.sh)")
+
+
+class TorchMismatchError(ImportError):
+    """srkernels._C was compiled against another torch (version or C++ ABI) than the one running."""
+
+
+def build_config() -> dict | None:
+    """The torch the installed srkernels._C was compiled against, from ``_build_config.py`` beside it
+    (written by the build; pure Python, so it is read without loading _C): ``{"torch_version", "cxx11_abi"}``,
+    or None when _C is not built or the build predates the record."""
+    spec = importlib.util.find_spec("srkernels._C")
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "_build_config.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    ns: dict = {}
+    exec(compile(text, path, "exec"), ns)  # two assignments, written by CMakeLists.txt
+    return {"torch_version": str(ns["TORCH_VERSION"]), "cxx11_abi": bool(ns["CXX11_ABI"])}
+
+
+def check_torch(built_version: str, built_abi: bool) -> None:
+    """Raise TorchMismatchError unless the running torch is the one _C was compiled against.
+
+    Must match: the whole version string, release and local tag (``2.14.1+cu130`` is neither ``2.14.2+cu130``
+    nor ``2.14.1+cpu``: the C++ ABI of torch extensions is not kept across releases, patch releases included,
+    and the local tag selects another build of libtorch, with other libraries), and
+    ``torch._C._GLIBCXX_USE_CXX11_ABI``."""
+    running, abi = torch.__version__, bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+    if running == built_version and abi == built_abi:
+        return
+    what = (f"torch {built_version}" if abi == built_abi else
+            f"torch {built_version} with _GLIBCXX_USE_CXX11_ABI={int(built_abi)}")
+    now = f"torch {running}" if abi == built_abi else f"torch {running} with _GLIBCXX_USE_CXX11_ABI={int(abi)}"
+    raise TorchMismatchError(
+        f"srkernels: the compiled extension srkernels._C was built against {what}, but this Python runs {now}; "
+        f"a C++ extension only works with the torch it was compiled against. {REBUILD_HINT}")
+
+
 def _load_native():
     """srkernels._C (loading it registers the torch.ops.srkernels kernels), or None with the reason.
 
-    Not built: the reference serves CPU calls (warned per op, below). Built but unloadable (missing
-    libcudart, a torch other than the one it was built against): warned once here, with the reason."""
+    Not built: the reference serves CPU calls (warned per op, below). Built against another torch than the
+    running one (recorded in _build_config.py beside it, read before loading _C): TorchMismatchError, raised
+    out of ``import srkernels``. Built but otherwise unloadable (missing libcudart): warned once here, with
+    the reason."""
     if importlib.util.find_spec("srkernels._C") is None:
-        return None, ImportError("srkernels._C is not built (run scripts/setup.sh or pip install .)")
+        return None, ImportError("srkernels._C is not built (run scripts/setup.sh or pip install --no-build-isolation .)")
+    recorded = build_config()
+    if recorded is not None:  # before importing _C: a mismatched torch fails there with undefined symbols
+        check_torch(recorded["torch_version"], recorded["cxx11_abi"])
     try:
         module = importlib.import_module("srkernels._C")
     except ImportError as e:
         warnings.warn(f"srkernels: the compiled extension srkernels._C failed to load ({e}); every op runs its "
-                      "PyTorch reference. Rebuild it against this torch: pip install --no-build-isolation .",
-                      RuntimeWarning, stacklevel=3)
+                      f"PyTorch reference. {REBUILD_HINT}", RuntimeWarning, stacklevel=3)
         return None, e
+    native = module.build_info()
+    if "torch_built" in native:  # also when _build_config.py is missing (copied .so, older install)
+        check_torch(native["torch_built"], native["cxx11_abi"])
     module.cpu_capability()  # a bad SRKERNELS_CPU_CAPABILITY is an error at import, not at the first op
     return module, None
 

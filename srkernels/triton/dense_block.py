@@ -626,7 +626,8 @@ def dense_block_backward(
     gate_b1: Tensor | None,
     gate_w2: Tensor | None,
     gate_b2: Tensor | None,
-):
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # the return annotation is required by torch 2.13's triton_op even with an explicit schema
     op = f"{OP}_backward"
     torch._check(grad_out.dim() == 4, lambda: f"{op}: grad_out must be 4-D")
     T, Cx, k, fs, K, layers = _parse(plan, weights, op)
