@@ -167,6 +167,17 @@ class CMakeBuild(build_ext):
         shutil.copy2(built, target)
         # next to _C: srkernels/_backend.py reads it before loading _C (a mismatched torch is a clear error)
         shutil.copy2(config, target.with_name("_build_config.py"))
+        self._srk_configs = getattr(self, "_srk_configs", {})
+        self._srk_configs[ext.name] = config
+
+    def copy_extensions_to_source(self) -> None:
+        # In-place builds (pip install -e, build_ext --inplace) copy only the module itself into the source tree;
+        # the record of the torch it was built against must go with it.
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for name, config in getattr(self, "_srk_configs", {}).items():
+            package_dir = Path(build_py.get_package_dir(name.rpartition(".")[0]))
+            shutil.copy2(config, package_dir / "_build_config.py")
 
 
 setup(ext_modules=[CMakeExtension("srkernels._C")], cmdclass={"build_ext": CMakeBuild})
