@@ -3,7 +3,7 @@ ONNX Runtime on the reference exported with torch.onnx.export. Every architectur
 (``srkernels.models.build(name, scale)``), interleaved in one process.
 
     python benchmarks/bench_models.py [--models rcan,rdn] [--sizes 32,48] [--large] [--scale 4] [--rounds 5]
-                                      [--threads N] [--onnx] [--train] [--no-record]
+                                      [--threads N] [--onnx] [--train | --train-only] [--no-record]
     python benchmarks/bench_models.py --models rcan --sizes 32 --rounds 3     # quick
 
 GFLOP counts conv MACs (forward hooks on the reference's Conv2d / ConvTranspose2d modules, 2 FLOP per MAC); the
@@ -229,6 +229,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--onnx", action="store_true", help="add an ONNX Runtime row (needs onnxruntime)")
     ap.add_argument("--train", action="store_true", help="also a training-step table (batch 2, first size)")
+    ap.add_argument("--train-only", action="store_true", help="only the training-step table")
     ap.add_argument("--no-record", action="store_true", help="do not append to results/models.jsonl")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -243,14 +244,14 @@ def main(argv=None) -> None:
     cap = srkernels.build_info().get("cpu_capability", srkernels.build_info().get("cpu_isa"))
     print(f"{machine.get('cpu', '?')}; srkernels cpu_capability {cap}; torch {machine['cpu_capability']}; "
           f"{threads} threads", flush=True)
-    rows = bench_inference(names, sizes, args.scale, args.rounds, threads, args.onnx)
-    text = table(rows)
-    print(text)
+    rows = [] if args.train_only else bench_inference(names, sizes, args.scale, args.rounds, threads, args.onnx)
+    if rows:
+        print(table(rows))
     slower = [r["case"] for r in rows if r["flag"]]
     if slower:
-        print(f"FLAGGED: fused slower than the reference in {', '.join(slower)}")
+        print(f"FLAGGED: fused slower than the faster eager reference in {', '.join(slower)}")
     train_rows = []
-    if args.train:
+    if args.train or args.train_only:
         train_rows = bench_training(names, sizes[0], args.scale, args.rounds)
         print(train_table(train_rows))
     if not args.no_record:
@@ -258,6 +259,19 @@ def main(argv=None) -> None:
             "device": "cpu", "dtype": "float32", "threads": threads, "cpu": machine.get("cpu"),
             "cpu_capability": cap, "args": vars(args)})
         print(f"appended to {path}")
+        if rows and set(names) == set(MODELS):
+            harness.update_readme(BENCH, readme_text(rows, train_rows, machine, cap, threads, args))
+
+
+def readme_text(rows, train_rows, machine, cap, threads, args) -> str:
+    slower = sorted({r["case"] for r in rows if r["flag"]})
+    text = (f"fp32 CPU inference, batch 1, x{args.scale}, {args.rounds} interleaved rounds; commit `{harness.git_sha()}`; "
+            f"{machine.get('cpu', '?')}, srkernels cpu_capability {cap}, {threads} thread(s); shared 2-core VM under "
+            f"load (compare rows of one case, not runs). GFLOP: conv MACs x 2. Flagged (fused slower than the faster "
+            f"eager reference, by min): {', '.join(slower) or 'none'}.\n\n{table(rows)}")
+    if train_rows:
+        text += f"\n\nTraining step (forward + backward, batch 2):\n\n{train_table(train_rows)}"
+    return text
 
 
 if __name__ == "__main__":
