@@ -343,3 +343,29 @@ def test_fused_models_reorder_no_weight_after_warmup():
                             f"{calls} eager F.conv2d calls, e.g.\n    "
                             + "\n    ".join((ours + eager_convs)[:3]))
     assert not problems, "\n".join(problems)
+
+
+@needs_onednn
+@pytest.mark.parametrize("key", ["rcan", "rcan_bam", "srcnn"])
+def test_fused_model_keeps_one_layout(key):
+    """One layout from head to tail: after warm-up a fused RCAN (+BAM) / SRCNN forward on a channels_last input
+    copies no tensor at all (no NCHW <-> channels_last conversion between layers), and on an NCHW input only
+    the input itself, once, at the entry. (RDN / RDCAB / SRDenseNet are not listed: ``ops.dense_block``
+    repacks its weights on every call, a copy this test would count.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from srkernels.models import build
+
+    name, scale, cfg = _MODEL_CASES[key]
+    torch.manual_seed(0)
+    m = build(name, scale, fused=True, **cfg).eval()
+    x = torch.rand(1, m.in_channels, 12, 10)
+    for fmt, allowed in ((torch.channels_last, 0), (torch.contiguous_format, 1)):
+        xf = x.contiguous(memory_format=fmt)
+        with torch.no_grad():
+            m(xf), m(xf)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                y = m(xf)
+        copies = [e for e in prof.events() if e.name == "aten::copy_"]
+        assert len(copies) <= allowed, f"{key} {fmt}: {len(copies)} copies (allowed {allowed})"
+        assert y.is_contiguous(memory_format=torch.channels_last)
