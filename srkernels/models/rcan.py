@@ -104,6 +104,8 @@ class RCAN(SRModel):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        if self.fused:
+            return self._forward_fused(x)
         if self.meanshift != "none":
             x = self.sub_mean(x)
         x = self.head(x)
@@ -111,6 +113,26 @@ class RCAN(SRModel):
         if self.meanshift != "none":
             x = self.add_mean(x)
         return x
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        """The same network with every conv through ``srkernels.nn.conv2d`` (one prepacked oneDNN call in CPU
+        inference) and the group-end and body-end skips as that call's residual post-op."""
+        from ..nn.conv import apply_conv
+
+        if self.meanshift != "none":
+            x = self.sub_mean(x)
+        x = apply_conv(self.head[0], x)
+        h = x
+        for group in self.body[:-1]:
+            skip = h
+            for block in group.body[:-1]:
+                h = block(h)
+            h = apply_conv(group.body[-1], h, residual=skip)
+        h = apply_conv(self.body[-1], h, residual=x)
+        h = apply_conv(self.tail[1], self.tail[0](h))
+        if self.meanshift != "none":
+            h = self.add_mean(h)
+        return h
 
     def forward_chop(self, x: Tensor, shave: int = 10, min_size: int = 160000) -> Tensor:
         """Official test-time ``--chop`` forward (spec §4.5): overlapping quadrants, stitched; see ``chop``."""

@@ -132,8 +132,14 @@ class RDCABRecursiveSRNet(SRModel):
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(sfe1 output, concat of the recursive blocks' outputs that gff fuses)."""
-        sfe1 = self.sfe1(x)
-        h = self.sfe2(sfe1)
+        if self.fused:
+            from ..nn.conv import apply_conv
+
+            sfe1 = apply_conv(self.sfe1, x)
+            h = apply_conv(self.sfe2, sfe1)
+        else:
+            sfe1 = self.sfe1(x)
+            h = self.sfe2(sfe1)
         kept = []
         if self.b_squared:
             for _ in range(len(self.recursive_SR)):
@@ -148,6 +154,8 @@ class RDCABRecursiveSRNet(SRModel):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        if self.fused:
+            return self._forward_fused(x)
         sfe1, cat = self.features(x)
         h = self.gff(cat) + sfe1
         if self.variant == "ipiu":
@@ -160,3 +168,21 @@ class RDCABRecursiveSRNet(SRModel):
         for i in range(1, 5):
             h = getattr(self, f"convIRB_{i}")(h)
         return self.convIRB(h) + up
+
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        """``forward`` with every conv through ``srkernels.nn.conv2d`` (prepacked oneDNN in CPU inference): gff's
+        ``+ sfe1``, the IRB convs' ReLU and the last conv's ``+ bicubic`` as post-ops of one call each."""
+        from ..nn.conv import apply_conv
+
+        sfe1, cat = self.features(x)
+        h = apply_conv(self.gff[1], apply_conv(self.gff[0], cat), residual=sfe1)
+        if self.variant == "ipiu":
+            return apply_conv(self.output, self.upscale(h))
+        up = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        if self.variant == "split":
+            return self.pixelshuffle(self.upscale1_scale(apply_conv(self.upscale1, h))) + up
+        h = apply_conv(self.middle_pointwise, self.upscale(h))
+        for i in range(1, 5):
+            h = apply_conv(getattr(self, f"convIRB_{i}")[0], h, "relu")
+        return apply_conv(self.convIRB[0], h, residual=up)

@@ -55,6 +55,8 @@ class RDN(SRModel):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        if self.fused:
+            return self._forward_fused(x)
         f1 = self.SFENet1(x)
         h = self.SFENet2(f1)
         outs = []
@@ -62,3 +64,16 @@ class RDN(SRModel):
             h = rdb(h)
             outs.append(h)
         return self.UPNet(self.GFF(torch.cat(outs, 1)) + f1)
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        """Every conv through ``srkernels.nn.conv2d``; GFF's 3x3 takes the ``+ f1`` as its residual post-op."""
+        from ..nn.conv import apply_conv
+
+        f1 = apply_conv(self.SFENet1, x)
+        h = apply_conv(self.SFENet2, f1)
+        outs = []
+        for rdb in self.RDBs:
+            h = rdb(h)
+            outs.append(h)
+        g = apply_conv(self.GFF[1], apply_conv(self.GFF[0], torch.cat(outs, 1)), residual=f1)
+        return self.UPNet(g)

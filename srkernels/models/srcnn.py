@@ -70,4 +70,9 @@ class SRCNN(SRModel):
         if min(x.shape[-2:]) <= 2 * self.border:
             raise ValueError(f"x must be larger than {2 * self.border} px per side for padding='valid', "
                              f"got {tuple(x.shape[-2:])}")
+        if self.fused:  # conv + bias + ReLU as one call each (prepacked oneDNN in CPU inference)
+            from ..nn.conv import apply_conv
+
+            h = apply_conv(self.map[0], apply_conv(self.features[0], x, "relu"), "relu")
+            return apply_conv(self.reconstruction, h)
         return self.reconstruction(self.map(self.features(x)))

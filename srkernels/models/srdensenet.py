@@ -189,7 +189,9 @@ class SRDenseNet(SRModel):
         fuse_w = self.conv2.weight.index_select(1, getattr(self, f"_perm{nb + 1}"))
         # channels_last: the op copies x0 into its buffer and writes its output without a transpose, and the
         # tail reads that output as a [pixels, channels] matrix
-        x0 = self.conv1(x).contiguous(memory_format=torch.channels_last)
+        from ..nn.conv import conv2d
+
+        x0 = conv2d(self.conv1[0], x, "relu").contiguous(memory_format=torch.channels_last)
         y = ops.dense_block(x0, weights, biases, plan, fuse_weight=fuse_w, fuse_bias=self.conv2.bias)
         return self._tail_fused(y)
 
@@ -214,7 +216,9 @@ class SRDenseNet(SRModel):
                 if d.bias is not None:
                     y = y.add_(d.bias.view(1, -1, 1, 1))
                 y = y.relu_()
-            return self.conv3(y)
+            from ..nn.conv import conv2d
+
+            return conv2d(self.conv3, y)
         n, c, h, w = y.shape
         u = y.permute(0, 2, 3, 1).reshape(-1, c)  # a view when y is channels_last (the compiled op's output)
         subs, couts, wb = [], [], []
@@ -234,5 +238,24 @@ class SRDenseNet(SRModel):
         z = z.permute(0, 3 + 2 * m, 1, *range(3, 3 + 2 * m, 2), 2, *range(4, 4 + 2 * m, 2))
         sc = math.prod(subs)
         z = z.reshape(n, cout * k * k, h * sc, w * sc)
-        onehot = torch.eye(k * k, dtype=z.dtype, device=z.device).view(1, k * k, k, k).expand(cout, -1, -1, -1)
-        return F.conv2d(z, onehot, c3.bias, padding=c3.padding, groups=cout)
+        from ..nn.conv import conv2d
+
+        return conv2d(self._tap_sum(c3, z), z)
+
+    def _tap_sum(self, c3: nn.Conv2d, z: Tensor) -> nn.Conv2d:
+        """The grouped conv with a one-hot kernel that sums conv3's k*k taps (bias: conv3's own parameter), kept
+        outside the module tree (not in the state_dict) and built once per dtype/device, so ``conv2d`` reuses its
+        prepacked weight in CPU inference."""
+        k, cout = c3.kernel_size[0], c3.out_channels
+        key = (z.dtype, z.device, k, cout, tuple(c3.padding))
+        cached = self.__dict__.get("_srk_tap_sum")
+        if cached is None or cached[0] != key:
+            tap = nn.Conv2d(cout * k * k, cout, k, padding=c3.padding, groups=cout, bias=False, device=z.device,
+                            dtype=z.dtype)
+            onehot = torch.eye(k * k, dtype=z.dtype, device=z.device).view(1, k * k, k, k).expand(cout, -1, -1, -1)
+            tap.weight = nn.Parameter(onehot.contiguous(), requires_grad=False)
+            cached = (key, tap)
+            self.__dict__["_srk_tap_sum"] = cached
+        tap = cached[1]
+        tap.bias = c3.bias  # the very parameter: its gradient lands on conv3.bias
+        return tap

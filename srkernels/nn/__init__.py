@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import reference as _R
 from .attention import RCAB, BalancedAttention, ChannelAttention
-from .conv import Conv2d, conv2d
+from .conv import Conv2d, apply_conv, conv2d
 from .dense import FDIRB, RDCAB, ResidualDenseBlock, SplitBlock, SRDenseBlock
 from .upsample import (MeanPaddedConv2d, MeanShift, PixelShuffleUpsampler, Upsampler, UPNet, fold_mean_shift, icnr_,
                        icnr_upsampler_)
@@ -44,7 +44,7 @@ def fuse(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["ChannelAttention", "BalancedAttention", "RCAB", "Conv2d", "conv2d", "Upsampler", "UPNet",
+__all__ = ["ChannelAttention", "BalancedAttention", "RCAB", "Conv2d", "conv2d", "apply_conv", "Upsampler", "UPNet",
            "PixelShuffleUpsampler", "MeanShift", "MeanPaddedConv2d", "fold_mean_shift", "icnr_", "icnr_upsampler_",
            "fuse", "FUSED"]
 __all__ += ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]

@@ -98,6 +98,19 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
     return y if residual is None else y + residual
 
 
+def apply_conv(m: nn.Module, x: Tensor, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """``act(m(x)) (+ residual)`` for a conv layer of a fused model: one ``conv2d`` call (prepacked oneDNN with
+    post-ops in CPU inference) when ``m`` is a plain ``nn.Conv2d`` or an ``srkernels.nn.Conv2d`` without its own
+    activation; any other module (e.g. ``MeanPaddedConv2d`` after ``fold_mean_shift``) runs its own forward and
+    the epilogue eagerly."""
+    if type(m) is nn.Conv2d or (type(m) is Conv2d and m.activation is None):
+        return conv2d(m, x, activation, residual)
+    y = m(x)
+    if activation == "relu":
+        y = F.relu(y)
+    return y if residual is None else y + residual
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` + optional ``activation`` ("relu") + optional residual passed to ``forward``:
     ``act(conv(x) + bias) (+ residual)``. Keys ``weight``, ``bias`` as ``nn.Conv2d``."""

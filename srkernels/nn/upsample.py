@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch._prims_common import suggest_memory_format
 
 from .. import ops
 from ..reference import upsample as R
@@ -20,14 +21,22 @@ def _stage(conv: nn.Conv2d, shuffle: nn.PixelShuffle, x: Tensor) -> Tensor:
 
 
 def _run(seq: nn.Sequential, x: Tensor) -> Tensor:
-    """Run a Sequential, fusing every (Conv2d, PixelShuffle) pair into conv + ops.pixel_shuffle."""
+    """Run a Sequential, fusing every (Conv2d, PixelShuffle) pair into conv + ops.pixel_shuffle; any other
+    plain conv (UPNet's reconstruction) goes through ``conv2d`` too, with a following ReLU as its post-op."""
     mods = list(seq)
     i = 0
     while i < len(mods):
         m = mods[i]
-        if isinstance(m, nn.Conv2d) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.PixelShuffle):
-            x = _stage(m, mods[i + 1], x)
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.PixelShuffle):
+            x = _stage(m, nxt, x)
             i += 2
+        elif type(m) is nn.Conv2d and isinstance(nxt, nn.ReLU):
+            x = conv2d(m, x, "relu")
+            i += 2
+        elif type(m) is nn.Conv2d:
+            x = conv2d(m, x)
+            i += 1
         else:
             x = m(x)
             i += 1
@@ -56,8 +65,11 @@ class PixelShuffleUpsampler(R.PixelShuffleUpsampler):
 
 
 class MeanShift(R.MeanShift):
-    """Same as the reference (a trainable 1x1 affine); kept as a twin so ``fuse`` maps every layer.
+    """Same as the reference (a trainable 1x1 affine), run through ``conv2d`` (prepacked in CPU inference).
     For inference, fold it away with :func:`fold_mean_shift`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv2d(self, x)
 
 
 class MeanPaddedConv2d(nn.Conv2d):
@@ -77,11 +89,14 @@ class MeanPaddedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         ph, pw = self.pad
         if ph == 0 and pw == 0:
-            return super().forward(x)
+            return conv2d(self, x)
         N, C, H, W = x.shape
-        xp = self.pad_value.to(x.dtype).expand(N, C, H + 2 * ph, W + 2 * pw).clone()
+        # the padded copy keeps x's memory format (the conv's input layout decides its output's)
+        xp = torch.empty((N, C, H + 2 * ph, W + 2 * pw), dtype=x.dtype, device=x.device,
+                         memory_format=suggest_memory_format(x))
+        xp.copy_(self.pad_value.to(x.dtype).expand_as(xp))
         xp[:, :, ph:ph + H, pw:pw + W] = x
-        return super().forward(xp)
+        return conv2d(self, xp)
 
 
 def _affine(ms: nn.Conv2d) -> tuple[Tensor, Tensor]:

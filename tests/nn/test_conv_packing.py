@@ -251,3 +251,121 @@ def test_packed_cache_is_per_input_shape_and_bounded():
         conv.weight.add_(1)  # a new weight version drops every pack
         conv(torch.randn(1, 4, 5, 7))
         assert list(conv._srk_packed[1]) == [(1, 4, 5, 7)]
+
+
+# --- issue 13: every conv of a fused model on the prepacked path --------------------------------------------------
+
+# small configs of every architecture (as tests/models' SMALL), at scales whose tails differ
+_MODEL_CASES = {
+    "srcnn": ("srcnn", 3, {}),
+    "srdensenet": ("srdensenet", 4, dict(num_features=32, num_blocks=2, num_layers=3, growth=8, bottleneck=16)),
+    "rcan": ("rcan", 2, dict(n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4)),
+    "rcan_bam": ("rcan", 4, dict(bam=True, n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4)),
+    "rdn": ("rdn", 4, dict(num_features=16, num_blocks=2, num_layers=3, growth=8)),
+    "rdcab_ipiu": ("rdcab", 2, dict(num_features=16, growth=16, num_layers=3, num_recursions=2, num_blocks=2)),
+    "rdcab_split": ("rdcab", 4, dict(variant="split", num_features=16, growth=16, num_layers=3, num_recursions=2)),
+    "rdcab_fd_irb": ("rdcab", 3, dict(variant="fd_irb", num_features=16, growth=16, num_layers=3,
+                                      num_recursions=2)),
+}
+
+_MODELS_WARM_THEN_MEASURE = """
+    import sys, torch
+    import torch.nn.functional as F
+    from srkernels.models import build
+    cases = {cases!r}
+    # ATen convolutions that do not go through oneDNN at all (small channel counts) are invisible to
+    # ONEDNN_VERBOSE: count every eager conv call (nn.Conv2d's forward calls F.conv2d) as well
+    eager_calls = [0]
+    _conv2d = F.conv2d
+    def counting_conv2d(*args, **kwargs):
+        eager_calls[0] += 1
+        return _conv2d(*args, **kwargs)
+    F.conv2d = counting_conv2d
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for key, (name, scale, cfg) in cases.items():
+            m = build(name, scale, fused=True, **cfg).eval()
+            for fmt in ("contiguous", "channels_last"):
+                x = torch.rand(1, m.in_channels, 12, 10)
+                if fmt == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                m(x), m(x)
+                sys.stdout.flush()
+                print(f"=== measure {{key}} {{fmt}}", flush=True)
+                eager_calls[0] = 0
+                m(x)
+                sys.stdout.flush()
+                print(f"eager F.conv2d calls: {{eager_calls[0]}}", flush=True)
+                print("=== end", flush=True)
+    print("=== done", flush=True)
+"""
+
+
+def _sections(out: str) -> dict[str, list[str]]:
+    """{"<case> <layout>": the ONEDNN_VERBOSE lines between its "=== measure" and "=== end" markers}."""
+    found = {}
+    for part in out.split("=== measure ")[1:]:
+        head, _, rest = part.partition("\n")
+        found[head.strip()] = rest.split("=== end", 1)[0].splitlines()
+    return found
+
+
+def _eager_convolutions(lines: list[str]) -> list[str]:
+    """Convolutions (and deconvolutions) oneDNN ran outside the prepacked path (ATen's eager convolution runs
+    ``forward_training`` and reorders its plain weight on every call)."""
+    out = []
+    for line in lines:
+        m = _EXEC.match(line.strip())
+        if m and m.group(1) in ("convolution", "deconvolution") and m.group(2) != "forward_inference":
+            out.append(line)
+    return out
+
+
+@needs_onednn
+def test_fused_models_reorder_no_weight_after_warmup():
+    """A fused model's CPU inference forward runs every convolution on the prepacked path: after warm-up, no
+    weight reorder at all (neither of a packed weight nor an eager convolution's) and no eager convolution
+    (oneDNN's forward_training, or any F.conv2d call, which also catches ATen's non-oneDNN kernels), for every
+    architecture, contiguous and channels_last input. Structural, from ONEDNN_VERBOSE, not timed. (The dense
+    blocks' convolutions are srkernels' own kernels, not oneDNN's.)"""
+    out = _run(_MODELS_WARM_THEN_MEASURE.format(cases=_MODEL_CASES), ONEDNN_VERBOSE="1")
+    assert "=== done" in out, out[-3000:]
+    sections = _sections(out)
+    assert len(sections) == 2 * len(_MODEL_CASES), sorted(sections)
+    problems = []
+    for case, lines in sections.items():
+        ours, n_ours, eager = _weight_reorders(lines)
+        eager_convs = _eager_convolutions(lines)
+        calls = next(int(ln.rsplit(":", 1)[1]) for ln in lines if ln.startswith("eager F.conv2d calls:"))
+        if ours or eager or eager_convs or calls or n_ours == 0:
+            problems.append(f"{case}: {n_ours} prepacked convolutions, {len(ours)} reorders of packed weights, "
+                            f"{eager} eager weight reorders, {len(eager_convs)} eager oneDNN convolutions, "
+                            f"{calls} eager F.conv2d calls, e.g.\n    "
+                            + "\n    ".join((ours + eager_convs)[:3]))
+    assert not problems, "\n".join(problems)
+
+
+@needs_onednn
+@pytest.mark.parametrize("key", ["rcan", "rcan_bam", "srcnn"])
+def test_fused_model_keeps_one_layout(key):
+    """One layout from head to tail: after warm-up a fused RCAN (+BAM) / SRCNN forward on a channels_last input
+    copies no tensor at all (no NCHW <-> channels_last conversion between layers), and on an NCHW input only
+    the input itself, once, at the entry. (RDN / RDCAB / SRDenseNet are not listed: ``ops.dense_block``
+    repacks its weights on every call, a copy this test would count.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from srkernels.models import build
+
+    name, scale, cfg = _MODEL_CASES[key]
+    torch.manual_seed(0)
+    m = build(name, scale, fused=True, **cfg).eval()
+    x = torch.rand(1, m.in_channels, 12, 10)
+    for fmt, allowed in ((torch.channels_last, 0), (torch.contiguous_format, 1)):
+        xf = x.contiguous(memory_format=fmt)
+        with torch.no_grad():
+            m(xf), m(xf)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                y = m(xf)
+        copies = [e for e in prof.events() if e.name == "aten::copy_"]
+        assert len(copies) <= allowed, f"{key} {fmt}: {len(copies)} copies (allowed {allowed})"
+        assert y.is_contiguous(memory_format=torch.channels_last)
