@@ -112,6 +112,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def model_pair(key: str, scale: int, *, train: bool):
+    """The reference model of ``MODELS[key]`` and its fused twin with the same weights."""
+    name, cfg = MODELS[key]
+    torch.manual_seed(0)
+    ref = build(name, scale, fused=False, **cfg).train(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = build(name, scale, fused=True, **cfg).train(train)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
 def bench_inference(names, sizes, scale, rounds, threads, use_onnx) -> list[dict]:
     rows = []
     for lr in sizes:
@@ -119,13 +131,7 @@ def bench_inference(names, sizes, scale, rounds, threads, use_onnx) -> list[dict
         print(f"LR {lr}: conv roofline {roof:.1f} GFLOP/s (" +
               ", ".join(f"{k} {v:.1f}" for k, v in roof_rates.items()) + ")", flush=True)
         for key in names:
-            name, cfg = MODELS[key]
-            torch.manual_seed(0)
-            ref = build(name, scale, fused=False, **cfg).eval()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fused = build(name, scale, fused=True, **cfg).eval()
-            fused.load_state_dict(ref.state_dict())
+            ref, fused = model_pair(key, scale, train=False)
             ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
             x = torch.rand(1, ref.in_channels, lr, lr) * ref.input_range
             xcl = x.contiguous(memory_format=torch.channels_last)
@@ -172,13 +178,7 @@ def bench_training(names, lr, scale, rounds) -> list[dict]:
     """Forward + backward of batch 2 at ``lr`` (L1 loss), reference vs fused; saved-activation bytes."""
     rows = []
     for key in names:
-        name, cfg = MODELS[key]
-        torch.manual_seed(0)
-        ref = build(name, scale, fused=False, **cfg).train()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fused = build(name, scale, fused=True, **cfg).train()
-        fused.load_state_dict(ref.state_dict())
+        ref, fused = model_pair(key, scale, train=True)
         x = torch.rand(2, ref.in_channels, lr, lr) * ref.input_range
 
         def step(m):
