@@ -214,3 +214,19 @@ def test_convert_subcommand(tmp_path, capsys):
     assert out.read_bytes() == stamp
     assert cli(["convert", str(upstream), str(tmp_path / "x.pt"), "-m", "rdn", "-s", "2"]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", [{"num_features": 30000}, "notadict"])
+def test_upscale_untrusted_metadata_is_one_line(photo, tmp_path, capsys, config):
+    from safetensors.torch import save_file
+
+    src = build("srcnn", 2, fused=False)
+    w = tmp_path / "evil.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(w),
+              metadata={"format": "pt", "srkernels": json.dumps({"arch": "rdn", "scale": 2, "config": config})})
+    assert cli(["upscale", str(photo), str(tmp_path / "o.png"), "-w", str(w), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "config" in err
+    assert cli(["convert", str(w), str(tmp_path / "c.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "config" in err

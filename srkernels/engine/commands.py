@@ -384,7 +384,7 @@ def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upsca
         pairs = _plan(args, model.scale)
         up = Upscaler(model, tile=None if args.no_tile else args.tile, overlap=args.overlap,
                       ensemble=args.self_ensemble, dtype=DTYPES[args.dtype])
-    except (UserError, ValueError, TypeError) as e:
+    except (UserError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
         return _fail(prog, e)
     bar = None
     failures = []
@@ -444,7 +444,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels conve
             raise UserError(f"output exists: {out} (or its .json); pass --overwrite to replace")
         model = load_model(args.input, args.model, args.scale, source=args.source, fused=False)
         _save_pretrained_atomic(model, out)
-    except (UserError, CheckpointError, ValueError, FileNotFoundError, TypeError) as e:
+    except (UserError, CheckpointError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
         return _fail(prog, e)
     print(f"{args.input} -> {out} ({type(model).__name__} x{model.scale})")
     return 0

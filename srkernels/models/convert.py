@@ -23,6 +23,7 @@ safetensors. Any problem is a ``CheckpointError`` (a ValueError) that says what 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reference.upsample import DIV2K_RGB_MEAN
-from ._common import SRModel
+from ._common import SRModel, check_scale
 
 FORMAT_VERSION = 1
 SOURCES = ("auto", "srkernels", "official", "super_image", "bam", "lornatang", "basicsr", "heejowoo", "yjn870")
@@ -325,6 +326,83 @@ def infer_config(arch: str, sd: Mapping[str, Tensor], scale: int | None = None) 
     return {}
 
 
+# ------------------------------------------------------------------------------ untrusted metadata checks
+
+DEFAULT_MAX_PARAMS = 200_000_000  # ~800 MB of float32; the largest published model here (RCAN) has ~16M
+_MAX_INT = 1 << 16  # no constructor option of these architectures is anywhere near this
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_info(info: Mapping[str, Any], path: object) -> tuple[type[SRModel], dict[str, Any]]:
+    """(class, implied config) of srkernels metadata, after checking each field's type (CheckpointError)."""
+    from . import resolve
+
+    fv = info.get("format_version", 1)
+    if not _is_int(fv) or fv < 1:
+        raise CheckpointError(f"{path}: metadata field format_version must be a positive int, got {fv!r}")
+    if fv > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {fv} is newer than this srkernels")
+    if not isinstance(info["arch"], str):
+        raise CheckpointError(f"{path}: metadata field arch must be a str, got {info['arch']!r}")
+    try:
+        cls, implied = resolve(info["arch"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata field arch: {e}") from None
+    sc = info["scale"]
+    if not _is_int(sc):
+        raise CheckpointError(f"{path}: metadata field scale must be an int, got {sc!r}")
+    try:
+        check_scale(cls.arch, sc, cls.scales)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata field scale: {e}") from None
+    config = info["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: metadata field config must be a dict, got {type(config).__name__}")
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+    accepted -= {"self", "scale", "fused"}
+    for k, v in config.items():
+        if k not in accepted:
+            raise CheckpointError(f"{path}: metadata field config.{k} is not an option of {cls.__name__} "
+                                  f"(options: {', '.join(sorted(accepted))})")
+        items = v if isinstance(v, list) else [v]
+        for x in items:
+            if not (x is None or isinstance(x, (bool, int, float, str))):
+                raise CheckpointError(f"{path}: metadata field config.{k} has a value of type "
+                                      f"{type(x).__name__}: {v!r}")
+            if _is_int(x) and not -_MAX_INT <= x <= _MAX_INT:
+                raise CheckpointError(f"{path}: metadata field config.{k} = {v!r} is out of range")
+    return cls, implied
+
+
+def _check_before_building(cls: type[SRModel], scale: int, kwargs: Mapping[str, Any], sd: Mapping[str, Tensor],
+                           path: object, max_params: int) -> None:
+    """Compare the config with the tensors in the file and count the parameters, on the meta device."""
+    inferred = infer_config(cls.arch, sd, scale)
+    for k, v in inferred.items():
+        if k in kwargs and k != "config":
+            have = list(kwargs[k]) if isinstance(kwargs[k], (list, tuple)) else kwargs[k]
+            want = list(v) if isinstance(v, (list, tuple)) else v
+            if have != want:
+                raise CheckpointError(
+                    f"{path}: metadata field config.{k} = {kwargs[k]!r} does not match the tensors in the file "
+                    f"(they imply {v!r})")
+    try:
+        with torch.device("meta"):
+            skeleton = cls(scale=scale, fused=False, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid metadata config: {e}") from None
+    n = sum(t.numel() for t in skeleton.state_dict().values())
+    if n > max_params:
+        shown = json.dumps(dict(kwargs), sort_keys=True, default=str)[:300]
+        raise CheckpointError(f"{path}: metadata config {shown} describes a model of {n:,} parameters, more than "
+                              f"max_params={max_params:,} (pass a larger max_params if this is intended)")
+    load_state_dict_strict(skeleton, sd, what=str(path), shapes_only=True)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -343,7 +421,8 @@ def detect_source(arch: str, sd: Mapping[str, Tensor], path: str | os.PathLike =
     return {"srcnn": "lornatang", "srdensenet": "lornatang", "rdcab": "heejowoo"}[arch]
 
 
-def load_state_dict_strict(model: nn.Module, sd: Mapping[str, Tensor], *, what: str = "checkpoint") -> None:
+def load_state_dict_strict(model: nn.Module, sd: Mapping[str, Tensor], *, what: str = "checkpoint",
+                           shapes_only: bool = False) -> None:
     """``model.load_state_dict(sd)`` after checking keys and shapes, with one error listing every mismatch."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -359,7 +438,8 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, Tensor], *, what: 
             problems.append(f"  {len(items)} {label} key(s):\n    {shown}")
     if problems:
         raise CheckpointError(f"{what} does not match {type(model).__name__}:\n" + "\n".join(problems))
-    model.load_state_dict(sd, strict=True)
+    if not shapes_only:
+        model.load_state_dict(sd, strict=True)
 
 
 def load_pretrained(
@@ -371,6 +451,7 @@ def load_pretrained(
     fused: bool = True,
     state_key: str | None = None,
     img_range: float = 255.0,
+    max_params: int = DEFAULT_MAX_PARAMS,
     **cfg: Any,
 ) -> SRModel:
     """Build ``arch`` at ``scale`` and load the checkpoint at ``path`` into it (strictly), in eval mode.
@@ -379,6 +460,10 @@ def load_pretrained(
     overrides the constructor options inferred from the file (e.g. ``meanshift="none"`` for an RCAN-BAM from
     the BAM repo, which ``source="bam"`` also implies). For files written by ``save_pretrained``, ``arch`` and
     ``scale`` may be None; if given they must agree with the file. ``img_range`` is BasicSR RCAN's.
+
+    The srkernels metadata of a file is untrusted: it is checked (field types, the constructor's keywords, the
+    options the tensors imply, the parameter count against ``max_params``, every key and shape) on a model
+    built on the ``meta`` device, before any real allocation; any problem is a ``CheckpointError``.
     """
     from . import resolve
 
@@ -388,14 +473,13 @@ def load_pretrained(
     if info:
         if source not in ("auto", "srkernels"):
             raise ValueError(f"{path} was written by srkernels.save_pretrained; source={source!r} does not apply")
-        if info.get("format_version", 1) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {info['format_version']} is newer than this srkernels")
-        cls, implied = resolve(info["arch"])
+        cls, implied = _validate_info(info, path)
         if arch is not None and resolve(arch)[0] is not cls:
             raise ValueError(f"arch {arch!r} does not match the checkpoint's arch {info['arch']!r}")
         if scale is not None and scale != info["scale"]:
             raise ValueError(f"scale {scale} does not match the checkpoint's scale {info['scale']}")
         kwargs = {**implied, **info["config"], **cfg}
+        _check_before_building(cls, info["scale"], kwargs, sd, path, max_params)
         model = cls(scale=info["scale"], fused=fused, **kwargs)
         load_state_dict_strict(model, sd, what=str(path))
         return model.eval()

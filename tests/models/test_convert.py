@@ -483,3 +483,53 @@ def test_super_image_peer_parity(tmp_path, scale, bam):
     with torch.no_grad():
         want, got = peer(x.clone()), m(x)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+# ---------------------------------------------------------------------------- untrusted metadata (issue 16)
+
+
+def _with_meta(tmp_path, meta: dict, name="evil.safetensors"):
+    from safetensors.torch import save_file
+
+    src = build("srcnn", 2, fused=False)
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path),
+              metadata={"format": "pt", "srkernels": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("meta, field", [
+    ({"arch": "rdn", "scale": 2, "config": {"num_features": 30000, "num_blocks": 2, "num_layers": 2,
+                                             "growth": 8}}, "num_features"),
+    ({"arch": "srcnn", "scale": 2, "config": "notadict"}, "config"),
+    ({"arch": "srcnn", "scale": 2, "config": {}, "format_version": "1"}, "format_version"),
+    ({"arch": "srcnn", "scale": "2", "config": {}}, "scale"),
+    ({"arch": 5, "scale": 2, "config": {}}, "arch"),
+    ({"arch": "srcnn", "scale": 2, "config": {"bogus": 1}}, "config.bogus"),
+    ({"arch": "srcnn", "scale": 2, "config": {"channels": [64, 10 ** 9]}}, "config.channels"),
+    ({"arch": "srcnn", "scale": 2, "config": {"channels": [64, 33]}}, "config.channels"),
+])
+def test_untrusted_metadata_is_checked_before_building(tmp_path, meta, field):
+    # before the fix: a 32 GB allocation for the first case, TypeErrors for the next ones
+    path = _with_meta(tmp_path, meta)
+    with pytest.raises(CheckpointError, match=re.escape(field)):
+        load_pretrained(None, path)
+
+
+def test_untrusted_metadata_matching_tensors_is_compared(tmp_path):
+    from safetensors.torch import save_file
+
+    src = build("rdn", 2, fused=False, num_features=16, num_blocks=2, num_layers=2, growth=8)
+    meta = {"arch": "rdn", "scale": 2, "config": {**src.config, "num_blocks": 3}}
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path),
+              metadata={"format": "pt", "srkernels": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="config.num_blocks"):
+        load_pretrained(None, path)
+
+
+def test_max_params_limit(tmp_path):
+    path = save_pretrained(build("srcnn", 2, fused=False), tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="max_params"):
+        load_pretrained(None, path, fused=False, max_params=1000)
+    assert load_pretrained(None, path, fused=False) is not None
