@@ -443,7 +443,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels conve
         if not args.overwrite and (out.exists() or out.with_suffix(".json").exists()):
             raise UserError(f"output exists: {out} (or its .json); pass --overwrite to replace")
         model = load_model(args.input, args.model, args.scale, source=args.source, fused=False)
-        _save_pretrained_atomic(model, out)
+        _save_pretrained_atomic(model, out, overwrite=args.overwrite)
     except (UserError, CheckpointError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
         return _fail(prog, e)
     print(f"{args.input} -> {out} ({type(model).__name__} x{model.scale})")

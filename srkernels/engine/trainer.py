@@ -276,17 +276,11 @@ def _tensorboard(run_dir: Path, enabled: bool):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _save_pretrained_atomic(model: nn.Module, path: Path) -> None:
-    """``save_pretrained`` into a temp folder beside ``path``, then os.replace both files into place."""
-    import tempfile
-
+def _save_pretrained_atomic(model: nn.Module, path: Path, overwrite: bool = True) -> None:
+    """``save_pretrained`` (each file written atomically), replacing an earlier save unless not ``overwrite``."""
     from ..models import save_pretrained
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp_") as tmp:
-        t = save_pretrained(model, Path(tmp) / path.name)
-        os.replace(t.with_suffix(".json"), path.with_suffix(".json"))
-        os.replace(t, path)
+    save_pretrained(model, path, overwrite=overwrite)
 
 
 def _resolve_train_data(cfg: Mapping[str, Any], run_dir: Path, scale: int, y_only: bool) -> PairedImageFolder:

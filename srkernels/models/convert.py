@@ -521,22 +521,83 @@ def load_pretrained(
 # ----------------------------------------------------------------------------------------------- saving
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s weights to ``path`` (.safetensors, config in its metadata) and ``<stem>.json`` beside it."""
-    from safetensors.torch import save_file
+def _is_our_sidecar(path: Path) -> bool:
+    try:
+        side = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(side, dict) and {"arch", "scale", "config"} <= side.keys()
+
+
+def _publish_bytes(data: bytes, dst: Path, overwrite: bool) -> None:
+    """Write ``data`` to a temp file beside ``dst`` (fsynced), then move it into place: ``os.replace`` with
+    ``overwrite``, else ``os.link`` (fails if ``dst`` appeared meanwhile). Readers never see a partial file."""
+    import secrets
+
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, dst)
+            return
+        try:
+            os.link(tmp, dst)
+        except FileExistsError:
+            raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it") from None
+        except OSError:  # no hard links on this filesystem
+            if dst.exists():
+                raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it") from None
+            os.replace(tmp, dst)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model``'s weights to ``path`` (.safetensors, config in its metadata) and ``<stem>.json`` beside it.
+
+    An existing ``path`` (or an existing srkernels sidecar ``<stem>.json``) is a ``FileExistsError`` unless
+    ``overwrite``. A ``<stem>.json`` that is not an srkernels sidecar (another tool's file) is never touched:
+    the sidecar is then not written (the config is in the safetensors metadata anyway) and a warning says so.
+    Each file is written atomically (temp file + rename).
+    """
+    import warnings
+
+    from safetensors.torch import save as save_bytes
 
     if not isinstance(model, SRModel):
         raise TypeError(f"model must be an srkernels model (SRModel), got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
     p = Path(path)
     if p.suffix != ".safetensors":
         raise ValueError(f"path must end in .safetensors, got {p}")
+    side = p.with_suffix(".json")
+    write_side = True
+    if side.exists() and not _is_our_sidecar(side):
+        write_side = False
+        warnings.warn(f"{side} exists and is not an srkernels sidecar; leaving it alone (the config is stored "
+                      f"in {p.name}'s metadata)", stacklevel=2)
+    if not overwrite:
+        taken = [str(q) for q in (p, side) if q.exists() and (q == p or write_side)]
+        if taken:
+            raise FileExistsError(f"{' and '.join(taken)} exist(s); pass overwrite=True to replace")
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} is a directory")
     info = {"format_version": FORMAT_VERSION, "arch": model.arch, "scale": model.scale,
             "input_range": model.input_range, "config": model.config}
     text = json.dumps(info, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    data = save_bytes(tensors, metadata={"format": "pt", _META_KEY: text})
     p.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(p), metadata={"format": "pt", _META_KEY: text})
-    p.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    _publish_bytes(data, p, overwrite)
+    if write_side:
+        _publish_bytes((json.dumps(info, indent=2, sort_keys=True) + "\n").encode(), side, True)
     return p

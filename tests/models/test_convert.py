@@ -533,3 +533,30 @@ def test_max_params_limit(tmp_path):
     with pytest.raises(CheckpointError, match="max_params"):
         load_pretrained(None, path, fused=False, max_params=1000)
     assert load_pretrained(None, path, fused=False) is not None
+
+
+def test_save_pretrained_refuses_to_overwrite(tmp_path):
+    a, b = build("srcnn", 2, fused=False), randomise(build("srcnn", 2, fused=False))
+    path = save_pretrained(a, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pretrained(b, path)
+    assert path.read_bytes() == before
+    save_pretrained(b, path, overwrite=True)
+    assert same_output(b, load_pretrained(None, path, fused=False), torch.rand(1, 1, 8, 8), exact=True)
+    assert not [q.name for q in tmp_path.iterdir() if q.name.startswith(".")]  # no temp files left
+
+
+def test_save_pretrained_never_touches_an_unrelated_sidecar(tmp_path):
+    foreign = '{"model_type": "another tool"}'
+    (tmp_path / "m.json").write_text(foreign)
+    m = randomise(build("srcnn", 2, fused=False))
+    with pytest.warns(UserWarning, match="not an srkernels sidecar"):
+        path = save_pretrained(m, tmp_path / "m.safetensors")
+    assert (tmp_path / "m.json").read_text() == foreign
+    assert same_output(m, load_pretrained(None, path, fused=False), torch.rand(1, 1, 8, 8), exact=True)
+    with pytest.warns(UserWarning), pytest.raises(FileExistsError):
+        save_pretrained(m, path)
+    with pytest.warns(UserWarning):
+        save_pretrained(m, path, overwrite=True)
+    assert (tmp_path / "m.json").read_text() == foreign
