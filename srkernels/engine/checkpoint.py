@@ -117,8 +117,24 @@ def save_checkpoint(state: Mapping[str, Any], run_dir: str | os.PathLike, iterat
     return path
 
 
+def verify_integrity(path: str | os.PathLike) -> None:
+    """Check every member of a torch zip checkpoint against its stored CRC-32 (a ValueError names the first
+    damaged one): ``torch.load`` itself does not, so a flipped bit in a tensor would load silently."""
+    import zipfile
+
+    p = Path(path)
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if bad is not None:
+        raise ValueError(f"checkpoint {p} is corrupt: {bad} does not match its CRC-32")
+
+
 def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
+    verify_integrity(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
