@@ -607,3 +607,19 @@ def test_corrupted_newest_checkpoint_falls_back(hr_dir, tmp_path):
         res = train(None, output_dir=tmp_path / "run", resume=True, progress=False)
     assert res.iteration == 6
     same_state(params(tmp_path / "ref"), params(tmp_path / "run"))
+
+
+def test_resume_before_the_first_checkpoint_starts_over(hr_dir, tmp_path):
+    import shutil
+
+    cfg = tiny_cfg(hr_dir, train__iterations=4, train__ckpt_every=2)
+    train(cfg, output_dir=tmp_path / "ref", progress=False)
+    train(cfg, output_dir=tmp_path / "run", stop_after=2, progress=False)
+    # as if killed before the first checkpoint: config.yaml and a few log rows, no checkpoint
+    shutil.rmtree(ckio.checkpoint_dir(tmp_path / "run"))
+    with pytest.warns(UserWarning, match="no checkpoint yet"):
+        res = train(None, output_dir=tmp_path / "run", resume=True, progress=False)
+    assert res.iteration == 4
+    same_state(params(tmp_path / "ref"), params(tmp_path / "run"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("it_per_s", "elapsed_s")} for r in rows]  # noqa
+    assert strip(read_csv(tmp_path / "ref" / "train.csv")) == strip(read_csv(tmp_path / "run" / "train.csv"))

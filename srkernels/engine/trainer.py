@@ -371,6 +371,14 @@ class _Trainer:
         from ..models import build
 
         self.cfg, self.run_dir, self.d, self.stop_after, self.progress = cfg, run_dir, d, stop_after, progress
+        if resume and not ckpt_io.list_checkpoints(run_dir):
+            # a run stopped before its first checkpoint: nothing to lose, so start it over (files that exist but
+            # cannot be read still stop the resume, in _restore)
+            warnings.warn(f"{run_dir} has no checkpoint yet (the run stopped before its first one); "
+                          "starting it from iteration 0 with its saved config")
+            resume, self.started_over = False, True
+        else:
+            self.started_over = False
         m, data, t = cfg["model"], cfg["data"], cfg["train"]
         self.device = _device(cfg["device"], d)
         self.amp_dtype = _autocast_dtype(t["amp"], self.device)
@@ -438,7 +446,7 @@ class _Trainer:
         self.train_log = _CsvLog(run_dir / "train.csv", ["iteration", "epoch", "loss", "lr", "it_per_s", "elapsed_s"],
                                  d.main)
         self.val_log = _CsvLog(run_dir / "val.csv", ["iteration", "set", "psnr", "ssim"], d.main)
-        if resume:
+        if resume or self.started_over:  # rows logged after the checkpoint resumed from are re-done
             self.train_log.truncate_after(self.iteration)
             self.val_log.truncate_after(self.iteration)
         self.tb = _tensorboard(run_dir, d.main)
