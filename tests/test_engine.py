@@ -623,3 +623,15 @@ def test_resume_before_the_first_checkpoint_starts_over(hr_dir, tmp_path):
     same_state(params(tmp_path / "ref"), params(tmp_path / "run"))
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("it_per_s", "elapsed_s")} for r in rows]  # noqa
     assert strip(read_csv(tmp_path / "ref" / "train.csv")) == strip(read_csv(tmp_path / "run" / "train.csv"))
+
+
+def test_logged_loss_after_resume_equals_the_uninterrupted_run(hr_dir, tmp_path):
+    # log every 3 iterations, checkpoint every 2: the stop at 4 falls inside a logging window
+    cfg = tiny_cfg(hr_dir, train__iterations=9, train__ckpt_every=2, train__log_every=3, train__val_every=9)
+    train(cfg, output_dir=tmp_path / "straight", progress=False)
+    train(cfg, output_dir=tmp_path / "split", stop_after=4, progress=False)
+    train(None, output_dir=tmp_path / "split", resume=True, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("it_per_s", "elapsed_s")} for r in rows]  # noqa
+    straight = strip(read_csv(tmp_path / "straight" / "train.csv"))
+    assert [r["iteration"] for r in straight] == ["3", "6", "9"]
+    assert straight == strip(read_csv(tmp_path / "split" / "train.csv"))

@@ -441,6 +441,7 @@ class _Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.best: dict[str, Any] = {"psnr": -math.inf, "iteration": 0}
+        self.loss_window: tuple[Tensor, int] = (torch.zeros(()), 0)  # (sum, count) since the last log row
         if resume:
             self._restore()
         self.train_log = _CsvLog(run_dir / "train.csv", ["iteration", "epoch", "loss", "lr", "it_per_s", "elapsed_s"],
@@ -473,6 +474,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": self._gather_rng(),
             "best": dict(self.best),
+            "loss_window": {"sum": self.loss_window[0].detach().cpu().clone(), "n": int(self.loss_window[1])},
         }
 
     def _save(self) -> None:
@@ -502,6 +504,9 @@ class _Trainer:
             self.ema.load_state_dict(ck["params_ema"])
         self.iteration, self.epoch, self.step_in_epoch = ck["iteration"], ck["epoch"], ck["step_in_epoch"]
         self.best = dict(ck.get("best") or self.best)
+        lw = ck.get("loss_window")
+        if isinstance(lw, dict) and isinstance(lw.get("sum"), Tensor) and isinstance(lw.get("n"), int):
+            self.loss_window = (lw["sum"].float().reshape(()), lw["n"])
         rngs = ck["rng"]
         if ck.get("world_size") == self.d.world and len(rngs) == self.d.world:
             ckpt_io.set_rng_state(rngs[self.d.rank])
@@ -602,8 +607,9 @@ class _Trainer:
         self.ddp.train()
         t0 = time.perf_counter()
         t_log, it_log = t0, self.iteration
-        loss_sum = torch.zeros((), device=self.device)
-        n_loss = 0
+        # the running average of the loss since the last log row: restored from the checkpoint on resume, so
+        # the rows logged after a resume are the ones an uninterrupted run logs
+        loss_sum, n_loss = self.loss_window[0].to(self.device), self.loss_window[1]
         try:
             while self.iteration < stop:
                 for lr, hr in self._loader():
@@ -617,7 +623,7 @@ class _Trainer:
                     if bar is not None:
                         bar.update(1)
                     it = self.iteration
-                    if it % t["log_every"] == 0 or it == stop:
+                    if it % t["log_every"] == 0 or it == total:
                         mean = loss_sum.item() / n_loss
                         if not math.isfinite(mean):
                             raise FloatingPointError(f"training loss is {mean} at iteration {it}")
@@ -640,6 +646,7 @@ class _Trainer:
                         if last_val and bar is not None:
                             bar.write(f"[{it}] " + ", ".join(f"{r.name} {r.psnr:.2f} dB / {r.ssim:.4f}" for r in last_val))
                     if it % t["ckpt_every"] == 0 or it == stop:
+                        self.loss_window = (loss_sum.detach().clone(), n_loss)
                         self._save()
                     if it >= stop:
                         break
