@@ -38,6 +38,7 @@ import hashlib
 import math
 import numbers
 import os
+import re
 import secrets
 import warnings
 from pathlib import Path
@@ -305,7 +306,7 @@ IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", "
 
 
 def _read_uint8(path: str | os.PathLike, mode: str | None = "RGB") -> np.ndarray:
-    """Decode an 8-bit image file to an HWC uint8 array. mode: "RGB", "L" or None (keep L / RGB / RGBA)."""
+    """Decode an 8-bit image file to an HWC uint8 array. mode: "RGB", "L" or None (keep L / LA / RGB / RGBA)."""
     from PIL import Image
 
     path = Path(path)
@@ -313,12 +314,17 @@ def _read_uint8(path: str | os.PathLike, mode: str | None = "RGB") -> np.ndarray
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
+            # Pillow decodes 16-bit RGB(A)/LA PNGs to 8-bit modes by dropping the low byte: refuse those (the
+            # raw mode of the undecoded tiles, e.g. "RGB;16B", tells) rather than lose precision silently
+            raw = [t.args[0] if isinstance(t.args, tuple) and t.args else t.args for t in (im.tile or [])]
+            deep = next((r for r in raw if isinstance(r, str) and re.search(r";(16|32)", r)), None)
             im.load()  # decode now, so truncated/corrupt data fails here rather than later
-            if im.mode.startswith("I") or im.mode == "F":
-                raise ValueError(f"unsupported {im.mode} (16/32-bit) image; only 8-bit images are supported")
+            if deep is not None or im.mode.startswith("I") or im.mode == "F":
+                raise ValueError(f"unsupported {deep or im.mode} (16/32-bit) image; only 8-bit images are "
+                                 "supported (convert it to 8 bits first; it is never truncated silently)")
             target = mode
             if target is None:
-                target = im.mode if im.mode in ("L", "RGB", "RGBA") else (
+                target = im.mode if im.mode in ("L", "LA", "RGB", "RGBA") else (
                     "RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB"
                 )
             arr = np.array(im.convert(target) if im.mode != target else im, dtype=np.uint8)
@@ -336,7 +342,7 @@ def load_image(
 ) -> Tensor:
     """Read an 8-bit image file as a [C, H, W] tensor: float in [0, 1] (``dtype``) or the raw levels
     (``dtype=torch.uint8``). ``mode``: "RGB" (grey images replicated, alpha dropped), "L" (PIL's luma, not
-    BT.601 Y: use ``metrics.rgb_to_y`` for that) or None (keep grey/RGB/RGBA). Unreadable files raise
+    BT.601 Y: use ``metrics.rgb_to_y`` for that) or None (keep grey/grey+alpha/RGB/RGBA). Unreadable files raise
     ValueError naming the file."""
     if mode not in ("RGB", "L", None):
         raise ValueError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
@@ -369,7 +375,7 @@ def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
 
 
 def save_image(img: Tensor, path: str | os.PathLike, *, data_range: float = 1.0, **pil_kwargs) -> None:
-    """Write a [C, H, W] (C = 1, 3, 4), [1, C, H, W] or [H, W] tensor as an 8-bit image, atomically (temp
+    """Write a [C, H, W] (C = 1, 2 (grey+alpha), 3, 4), [1, C, H, W] or [H, W] tensor as an 8-bit image, atomically (temp
     file + os.replace). Float images on [0, data_range] are rounded half away from zero and saturated, as
     MATLAB's uint8 conversion; uint8 tensors are written as they are. Format from the file extension."""
     from PIL import Image
@@ -386,14 +392,14 @@ def save_image(img: Tensor, path: str | os.PathLike, *, data_range: float = 1.0,
         t = t[0]
     if t.dim() == 2:
         t = t[None]
-    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
-        raise ValueError(f"img must be [C, H, W] with C in (1, 3, 4) (or [1, C, H, W] / [H, W]), got {tuple(img.shape)}")
+    if t.dim() != 3 or t.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(f"img must be [C, H, W] with C in (1, 2, 3, 4) (or [1, C, H, W] / [H, W]), got {tuple(img.shape)}")
     if t.dtype != torch.uint8:
         if not t.dtype.is_floating_point:
             raise TypeError(f"img must be floating or uint8, got {t.dtype}")
         t = to_uint8(t, data_range)
     arr = t.permute(1, 2, 0).contiguous().numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    pil = Image.fromarray(arr[:, :, 0]) if arr.shape[2] == 1 else Image.fromarray(arr, "LA" if arr.shape[2] == 2 else None)
     _atomic_write(path, lambda f: pil.save(f, format=fmt, **pil_kwargs))
 
 

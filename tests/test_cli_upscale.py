@@ -230,3 +230,15 @@ def test_upscale_untrusted_metadata_is_one_line(photo, tmp_path, capsys, config)
     assert cli(["convert", str(w), str(tmp_path / "c.safetensors")]) != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "config" in err
+
+
+def test_upscale_grey_alpha_stays_grey_alpha(tmp_path):
+    la = np.stack([skdata.camera()[200:230, 220:260], np.full((30, 40), 77, np.uint8)], axis=2)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert cli(["upscale", str(tmp_path / "la.png"), "-s", "2", "--no-progress", "--reference"]) == 0
+    with Image.open(tmp_path / "la_x2.png") as im:
+        assert im.mode == "LA" and im.size == (80, 60)
+        assert (np.asarray(im)[..., 1] == 77).all()
+    grey = save_png(tmp_path / "grey.png", la[..., 0])
+    assert cli(["upscale", str(grey), "-s", "2", "--no-progress", "--reference"]) == 0
+    assert np.array_equal(read(tmp_path / "grey_x2.png"), np.asarray(Image.open(tmp_path / "la_x2.png"))[..., 0])

@@ -97,7 +97,7 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="out.xyz"):
         save_image(torch.zeros(3, 4, 4), tmp_path / "out.xyz")
     with pytest.raises(ValueError, match="C, H, W"):
-        save_image(torch.zeros(2, 4, 4), tmp_path / "out.png")
+        save_image(torch.zeros(5, 4, 4), tmp_path / "out.png")
     with pytest.raises(TypeError, match="img must be a torch.Tensor"):
         save_image(np.zeros((4, 4, 3)), tmp_path / "out.png")
 
@@ -394,3 +394,39 @@ def test_grey_hr_is_replicated_to_rgb(tmp_path):
     _png(tmp_path / "g.png", g)
     lr, hr = PairedImageFolder(tmp_path, 2)[0]
     assert hr.shape == (3, 12, 12) and torch.equal(hr[0], hr[2]) and torch.equal(lr[0], lr[1])
+
+
+def _png16(path, arr):
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB)."""
+    import struct
+    import zlib
+
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 4])
+def test_16bit_images_are_refused_never_truncated(tmp_path, c):
+    arr = (np.arange(4 * 5 * c).reshape(4, 5, c) * 997 + 3).astype(np.uint16)
+    path = _png16(tmp_path / "deep.png", arr)
+    for mode in ("RGB", None):
+        with pytest.raises(ValueError, match="16/32-bit"):
+            load_image(path, mode=mode)
+
+
+def test_grey_alpha_keeps_its_two_channels(tmp_path):
+    la = _noise(4, 5, 2, c=2)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    got = load_image(tmp_path / "la.png", mode=None, dtype=torch.uint8)
+    assert torch.equal(got, torch.from_numpy(la).permute(2, 0, 1))
+    save_image(got, tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as im:
+        assert im.mode == "LA" and np.array_equal(np.asarray(im), la)

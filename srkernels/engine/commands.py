@@ -359,14 +359,14 @@ def _publish(write, dst: Path, overwrite: bool) -> None:
 def _upscale_file(up, src: Path, dst: Path, bar, overwrite: bool) -> None:
     from ..data import imresize, load_image, save_image, to_uint8
 
-    img = load_image(src, mode=None)  # keeps grey / RGB / RGBA
+    img = load_image(src, mode=None)  # keeps grey / grey+alpha / RGB / RGBA
     c = img.shape[0]
     rgb = img[:3] if c >= 3 else img[:1].expand(3, -1, -1)
     out = up(rgb, out_dtype=torch.uint8, on_tile=(lambda: bar.update(1)) if bar is not None else None)
-    if c == 1:
+    if c <= 2:
         out = torch.round(out.float().mean(0, keepdim=True)).to(torch.uint8)  # grey in, grey out
-    elif c == 4:  # alpha is upsampled with bicubic, not by the network
-        alpha = to_uint8(imresize(img[3:4], up.scale).clamp(0, 1))
+    if c in (2, 4):  # alpha is upsampled with bicubic, not by the network
+        alpha = to_uint8(imresize(img[c - 1:c], up.scale).clamp(0, 1))
         out = torch.cat([out, alpha], 0)
     _publish(lambda tmp: save_image(out, tmp), dst, overwrite)
 
