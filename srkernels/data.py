@@ -354,11 +354,55 @@ def load_image(
     return arr.to(dtype) / 255.0
 
 
+# temp files of the atomic writers: ".<name>.<pid>.<8 hex>.tmp[<.ext>]" beside the target (the pid of the
+# writing process lets a later run recognise the leftovers of a killed writer: remove_stale_temp_files)
+_TMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?:\.[A-Za-z0-9]+)?")
+
+
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """A fresh temp file name beside ``path`` that ``remove_stale_temp_files`` recognises."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we wrote: leave the file alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files our atomic writers left in ``directory`` when killed (``kill -9``, power loss):
+    those named by ``temp_path`` whose writing process (on this machine) no longer runs. Returns them."""
+    d = Path(directory)
+    removed: list[Path] = []
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TMP_RE.fullmatch(p.name)
+        if m is None or int(m.group("pid")) == os.getpid() or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
     """Write through a temporary file in the same directory, then os.replace: readers (and a crash) never
     see a partial file. The temp file is created with the default permissions (umask), unlike mkstemp."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -1,6 +1,7 @@
 """``srkernels upscale|eval|convert`` end to end on real photographs (scikit-image's bundled ones), the
 shipped model (present, loadable, better than bicubic on held-out photographs) and the no-overwrite rule."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,25 @@ def test_upscale_grey_alpha_stays_grey_alpha(tmp_path):
     grey = save_png(tmp_path / "grey.png", la[..., 0])
     assert cli(["upscale", str(grey), "-s", "2", "--no-progress", "--reference"]) == 0
     assert np.array_equal(read(tmp_path / "grey_x2.png"), np.asarray(Image.open(tmp_path / "la_x2.png"))[..., 0])
+
+
+def test_upscale_removes_stale_temp_files_of_killed_runs(photo, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = child.pid  # a pid that no longer runs
+    out = tmp_path / "out"
+    out.mkdir()
+    # the names a killed run leaves: _publish's temp, and save_image's own temp inside it
+    stale = [out / f".k1.png.{dead}.440c6fcb.tmp.png", out / f"..k1.png.{dead}.440c6fcb.tmp.png.{dead}.6e79aa30.tmp"]
+    live = out / f".k2.png.{os.getpid()}.0123abcd.tmp.png"  # a writer that still runs: kept
+    other = out / ".hidden.tmp"  # not ours: kept
+    for p in (*stale, live, other):
+        p.write_bytes(b"partial")
+    assert cli(["upscale", str(photo), str(out / "k1.png"), "-s", "2", "--no-progress", "--reference"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert live.exists() and other.exists()
+    assert "stale temp file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted([live.name, other.name, "k1.png"])

@@ -334,10 +334,10 @@ def _plan(args, scale: int) -> list[tuple[Path, Path]]:
 def _publish(write, dst: Path, overwrite: bool) -> None:
     """``write(tmp_path)`` into a temp file beside ``dst``, then move it into place: ``os.replace`` with
     ``overwrite``, otherwise ``os.link``, which fails if ``dst`` appeared since the up-front check."""
-    import secrets
+    from ..data import temp_path
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{dst.suffix}")
+    tmp = temp_path(dst, dst.suffix)  # recognised (and removed once its writer is dead) by later runs
     try:
         write(tmp)
         if overwrite:
@@ -386,6 +386,11 @@ def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upsca
                       ensemble=args.self_ensemble, dtype=DTYPES[args.dtype])
     except (UserError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
         return _fail(prog, e)
+    from ..data import remove_stale_temp_files
+
+    for folder in sorted({dst.parent for _, dst in pairs}):
+        for p in remove_stale_temp_files(folder):  # left by an earlier run that was killed mid-write
+            print(f"{prog}: removed stale temp file {p}", file=sys.stderr)
     bar = None
     failures = []
     for src, dst in pairs:
