@@ -92,7 +92,9 @@ def _read_raw(p: Path) -> tuple[Any, dict[str, str]]:
         m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
         detail = m.group(1) if m else (text.strip().splitlines() or [type(e).__name__])[0]
         detail = detail.strip().split(". ")[0][:200]
-        if "Unsupported global" in text:
+        # torch's wording of the weights_only refusal varies between versions ("Unsupported global: GLOBAL
+        # x.y", "unsupported GLOBAL x.y", "... is not an allowed global"): match it case-insensitively
+        if re.search(r"unsupported\s+global|not\s+an\s+allowed\s+global|add_safe_globals", text, re.I):
             raise CheckpointError(
                 f"{p} holds pickled objects other than tensors and plain containers; refusing to unpickle it "
                 f"(only weights_only loading is allowed): {detail}"

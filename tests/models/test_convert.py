@@ -560,3 +560,26 @@ def test_save_pretrained_never_touches_an_unrelated_sidecar(tmp_path):
     with pytest.warns(UserWarning):
         save_pretrained(m, path, overwrite=True)
     assert (tmp_path / "m.json").read_text() == foreign
+
+
+@pytest.mark.parametrize("wording", [
+    "Unsupported global: GLOBAL builtins.print was not an allowed global by default.",
+    "unsupported GLOBAL builtins.print was not an allowed global by default.",  # torch 2.14
+    "UNSUPPORTED   GLOBAL builtins.print",
+])
+def test_refusal_is_recognised_whatever_the_torch_wording(tmp_path, monkeypatch, wording):
+    import pickle
+
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1)}, path)
+
+    def refuse(*a, **k):
+        raise pickle.UnpicklingError(
+            "Weights only load failed. This file can still be loaded ...\n"
+            f"Please file an issue with the following so that we can make `weights_only=True` compatible with "
+            f"your use case: WeightsUnpickler error: {wording}\n\nCheck the documentation of torch.load ...")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(CheckpointError, match="refusing to unpickle") as e:
+        load_pretrained("srcnn", path, 2, fused=False)
+    assert "corrupt" not in str(e.value)
