@@ -47,7 +47,8 @@ def balanced_attention(
     args = (x, w1, prelu_w, w2, w_sa, residual)
     backend = _backend.choose(OP, x.device.type)
     return _dispatch.run(
-        backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True
+        backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True,
+        names=("x", "w1", "prelu_w", "w2", "w_sa", "residual"),
     )
 
 
