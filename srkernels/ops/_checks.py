@@ -38,10 +38,21 @@ def fc_pair(x: Tensor, w1, w2) -> tuple[Tensor, Tensor, int, int]:
     (C, Cr) or (C, Cr, 1, 1) -> (w1 [Cr, C], w2 [C, Cr], C, Cr)."""
     C = x.shape[1]
     like("w1", w1, x)
-    Cr = w1.shape[0]
+    if w1.dim() not in (2, 4):
+        raise ValueError(f"w1 must be 2-D (Cr, C) or 4-D (Cr, C, 1, 1), got shape {list(w1.shape)}")
+    Cr = hidden("w1", w1.shape[0], C)
     w1 = like("w1", w1, x, ((Cr, C), (Cr, C, 1, 1)))
     w2 = like("w2", w2, x, ((C, Cr), (C, Cr, 1, 1)))
     return w1.flatten(1) if w1.dim() == 4 else w1, w2.flatten(1) if w2.dim() == 4 else w2, C, Cr
+
+
+def hidden(name: str, Cr: int, C: int) -> int:
+    """The attention MLP's hidden width (``w1``'s rows) must be >= 1: ``reduction > C`` in a layer that builds
+    the weights as ``C // reduction`` gives 0 rows."""
+    if Cr < 1:
+        raise ValueError(f"{name} has {Cr} rows: the attention MLP needs a hidden width >= 1 (reduction larger "
+                         f"than the {C} channels?)")
+    return Cr
 
 
 def residual(r, x: Tensor) -> Tensor | None:
