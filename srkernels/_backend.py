@@ -94,6 +94,24 @@ def _load_native():
     return module, None
 
 
+CPU_CACHE_MB_MAX = 1 << 30  # 1 PiB: far above any machine, far below where C++'s ``MB << 20`` overflows size_t
+
+
+def _check_cpu_cache_env() -> None:
+    """Validate ``SRKERNELS_CPU_CACHE_MB`` before _C reads it (csrc/runtime/output_cache.cpp parses it with
+    ``atol``: "abc" or "" silently became 0, i.e. no cache, "1e3" became 1, and a huge value overflowed the
+    byte limit). Accepted: a non-negative decimal integer <= CPU_CACHE_MB_MAX, surrounding whitespace allowed --
+    exactly the values ``atol`` reads as themselves, so the C++ sees the same number (0 disables the cache)."""
+    raw = os.environ.get("SRKERNELS_CPU_CACHE_MB")
+    if raw is None:
+        return
+    v = raw.strip()
+    if not (v.isascii() and v.isdigit()) or int(v) > CPU_CACHE_MB_MAX:
+        raise ValueError(f"SRKERNELS_CPU_CACHE_MB must be a non-negative integer number of MiB <= {CPU_CACHE_MB_MAX} "
+                         f"(0 disables the CPU output cache; unset for the default 1024), got {raw!r}")
+
+
+_check_cpu_cache_env()
 _C, _C_ERROR = _load_native()
 
 _local = threading.local()

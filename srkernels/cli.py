@@ -77,6 +77,9 @@ def cmd_bench(args) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     shape = tuple(args.shape)
+    if any(n < 1 for n in shape):
+        print(f"srkernels bench: error: --shape N C H W must be positive ints, got {list(shape)}", file=sys.stderr)
+        return 2
     # relative to the output's magnitude; deep models in fp32 accumulate rounding differences of ~1e-6
     tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
     header = f"{'case':34s} {'ref ms min/med':>18s} {'fused ms min/med':>18s} {'speed-up':>8s} {'max |diff|':>11s}"

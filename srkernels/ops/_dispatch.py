@@ -12,13 +12,15 @@ from . import _checks
 
 
 def run(backend: str, op: str, args: tuple, reference: Callable[[], Tensor], out: Tensor | None = None,
-        out_shape: tuple[int, ...] | None = None, *, saves: bool = False) -> Tensor:
+        out_shape: tuple[int, ...] | None = None, *, saves: bool = False,
+        names: tuple[str, ...] | None = None) -> Tensor:
     """``op(*args)`` on ``backend``; ``reference()`` computes the result for the "reference" backend. With
     ``out`` (inference only, shape ``out_shape``, default x's) the result is written through ``<op>_out`` (or
     copied from the reference) and ``out`` is returned. ``saves``: the op returns (result, tensors saved for
-    the backward); only the result is returned."""
+    the backward); only the result is returned. ``names``: the user-facing names of ``args`` (for the ``out``
+    overlap errors)."""
     if out is not None:
-        _checks.out(out, args, out_shape)
+        _checks.out(out, args, out_shape, names)
         if backend == "reference":
             with torch.no_grad():
                 return out.copy_(reference())

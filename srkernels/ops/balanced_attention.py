@@ -39,6 +39,8 @@ def balanced_attention(
     w1, w2, _, Cr = _checks.fc_pair(x, w1, w2)
     prelu_w = _checks.like("prelu_w", prelu_w, x, ((Cr,), (1,))).expand(Cr)
     _checks.like("w_sa", w_sa, x)
+    if w_sa.dim() not in (2, 4):
+        raise ValueError(f"w_sa must be a (K, K) or (1, 1, K, K) kernel, got shape {list(w_sa.shape)}")
     K = w_sa.shape[-1]
     if K % 2 != 1:
         raise ValueError(f"w_sa must be an odd square kernel, got shape {list(w_sa.shape)}")
@@ -47,7 +49,8 @@ def balanced_attention(
     args = (x, w1, prelu_w, w2, w_sa, residual)
     backend = _backend.choose(OP, x.device.type)
     return _dispatch.run(
-        backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True
+        backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True,
+        names=("x", "w1", "prelu_w", "w2", "w_sa", "residual"),
     )
 
 

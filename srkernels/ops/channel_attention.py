@@ -64,7 +64,7 @@ def channel_attention(
     return _dispatch.run(
         backend, OP, args,
         lambda: RF.channel_attention(x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool),
-        out, saves=True,
+        out, saves=True, names=("x", "w1", "b1", "w2", "b2", "residual", "act_weight", "pool"),
     )
 
 

@@ -195,6 +195,8 @@ def fdirb_plan(channels: int, num_layers: int, sub_channels: int, kernel_size: i
 
 def _weight_2d(name: str, w, x: Tensor, rows: int | None, cols: int) -> Tensor:
     _checks.like(name, w, x)
+    if w.dim() not in (2, 4):
+        raise ValueError(f"{name} must be 2-D [rows, {cols}] or 4-D [rows, {cols}, 1, 1], got shape {list(w.shape)}")
     r = w.shape[0] if rows is None else rows
     return _checks.like(name, w, x, ((r, cols), (r, cols, 1, 1))).reshape(r, cols)
 
@@ -269,7 +271,9 @@ def dense_block(
             raise TypeError("gate must be a tuple (w1, b1, w2, b2)")
         gw1, gb1, gw2, gb2 = gate
         _checks.like("gate w1", gw1, x)
-        Cr = gw1.shape[0]
+        if gw1.dim() not in (2, 4):
+            raise ValueError(f"gate w1 must be 2-D (Cr, {K}) or 4-D (Cr, {K}, 1, 1), got shape {list(gw1.shape)}")
+        Cr = _checks.hidden("gate w1", gw1.shape[0], K)
         gw1 = _weight_2d("gate w1", gw1, x, Cr, K)
         gw2 = _weight_2d("gate w2", gw2, x, K, Cr)
         if gb1 is not None:

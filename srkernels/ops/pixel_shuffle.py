@@ -67,7 +67,7 @@ def pixel_shuffle(
     return _dispatch.run(
         backend, OP, args,
         lambda: RF.pixel_shuffle(x, r, bias=bias, act=act, act_weight=act_weight, residual=residual),
-        out, (N, C, H * r, W * r),
+        out, (N, C, H * r, W * r), names=("x", "r", "bias", "act_weight", "act", "residual"),
     )
 
 

@@ -86,4 +86,7 @@ def pixel_shuffle(
 
 
 def pixel_unshuffle(x: Tensor, r: int) -> Tensor:
+    if x.numel() == 0:  # F.pixel_unshuffle returns an empty input unchanged, with the wrong shape (torch 2.14)
+        N, C, H, W = x.shape
+        return x.new_empty((N, C * r * r, H // r, W // r))
     return F.pixel_unshuffle(x, r)
