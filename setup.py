@@ -139,9 +139,7 @@ class CMakeBuild(build_ext):
         # A tree named by SRKERNELS_BUILD_DIR may have been built against another torch (or Python): start it
         # afresh then, rather than trust timestamps to rebuild every object.
         stamp = build_dir / "srkernels-built-for.txt"
-        # sys.prefix, not sys.executable: `.venv/bin/pip` runs python3, `.venv/bin/python -m pip` runs python,
-        # the same interpreter (a difference here would rebuild everything, CUDA included)
-        built_for = f"{sys.prefix} {torch.__version__} abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        built_for = f"{sys.executable} {torch.__version__} abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
         previous = stamp.read_text().strip() if stamp.is_file() else None
         fresh = previous is not None and previous != built_for
         if fresh:
