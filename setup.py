@@ -86,6 +86,26 @@ def find_ninja() -> str:
     return exe
 
 
+def cuda_compiler(build_dir: Path) -> str | None:
+    """The nvcc to configure with: CUDACXX, else $CUDA_HOME/bin/nvcc, else the one this build tree already uses.
+
+    Passed to CMake every time: a tree configured with CUDA_HOME set and reconfigured without it (e.g. `pip wheel`
+    after scripts/setup.sh) would otherwise find the first nvcc on PATH, and a changed CMAKE_CUDA_COMPILER makes
+    CMake delete the tree's whole cache.
+    """
+    if os.environ.get("CUDACXX"):
+        return os.environ["CUDACXX"]
+    home = os.environ.get("CUDA_HOME")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    cache = build_dir / "CMakeCache.txt"
+    if cache.is_file():
+        m = re.search(r"^CMAKE_CUDA_COMPILER:[A-Z]*=(.+)$", cache.read_text(errors="replace"), re.M)
+        if m and Path(m.group(1)).is_file():
+            return m.group(1)
+    return None
+
+
 def torch_tag(torch) -> str:
     """``torch2.14.1_cu130-abi1``: what a build tree is keyed by (version with its local tag, C++ ABI flag)."""
     version = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
@@ -128,6 +148,9 @@ class CMakeBuild(build_ext):
             f"-DSRKERNELS_CUDA={os.environ.get('SRKERNELS_CUDA', 'auto')}",
             f"-DSRKERNELS_VERSION={version}",
         ]
+        nvcc = cuda_compiler(build_dir) if os.environ.get("SRKERNELS_CUDA", "auto") != "0" else None
+        if nvcc:
+            cfg.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         caps = os.environ.get("SRKERNELS_CPU_CAPABILITIES")
         # The build tree persists: an unset variable must not leave an earlier narrowing in the CMake cache.
         cfg.append(f"-DSRKERNELS_CPU_CAPABILITIES={caps}" if caps else "-USRKERNELS_CPU_CAPABILITIES")
@@ -136,10 +159,11 @@ class CMakeBuild(build_ext):
                   "and one is chosen at load time (narrow with SRKERNELS_CPU_CAPABILITIES, force one at run time "
                   "with SRKERNELS_CPU_CAPABILITY)", file=sys.stderr, flush=True)
         cfg += shlex.split(os.environ.get("CMAKE_ARGS", ""))
-        # A tree named by SRKERNELS_BUILD_DIR may have been built against another torch (or Python): start it
-        # afresh then, rather than trust timestamps to rebuild every object.
+        # A tree named by SRKERNELS_BUILD_DIR may have been built against another torch (or Python, or nvcc):
+        # start it afresh then, rather than trust timestamps to rebuild every object. The environment is named
+        # by sys.prefix, not sys.executable: `.venv/bin/pip` (python3) and `.venv/bin/python -m pip` are one venv.
         stamp = build_dir / "srkernels-built-for.txt"
-        built_for = f"{sys.executable} {torch.__version__} abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        built_for = f"{sys.prefix} {torch.__version__} abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)} nvcc={nvcc}"
         previous = stamp.read_text().strip() if stamp.is_file() else None
         fresh = previous is not None and previous != built_for
         if fresh:
