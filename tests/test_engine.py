@@ -1,4 +1,4 @@
-"""srkernels.engine: config checks, the train loop (every model, AMP, EMA, schedules), exact resume after a
+"""srkernels.toolkit: config checks, the train loop (every model, AMP, EMA, schedules), exact resume after a
 stop or a SIGKILL, atomic checkpoints, evaluation and the inference pipeline (tiling, ensemble, chop, Y)."""
 import csv
 import os
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from srkernels.data import imresize
-from srkernels.engine import (
+from srkernels.toolkit.data import imresize
+from srkernels.toolkit import (
     ConfigError,
     Upscaler,
     evaluate,
@@ -25,9 +25,9 @@ from srkernels.engine import (
     train,
     ycbcr_to_rgb,
 )
-from srkernels.engine import checkpoint as ckio
-from srkernels.engine.inference import self_ensemble, tile_spans, tiled
-from srkernels.metrics import psnr, rgb_to_y
+from srkernels.toolkit import checkpoint as ckio
+from srkernels.toolkit.inference import self_ensemble, tile_spans, tiled
+from srkernels.toolkit.metrics import psnr, rgb_to_y
 from srkernels.models import build, chop
 
 
@@ -434,7 +434,7 @@ def test_evaluate_identity_srcnn_matches_bicubic(hr_dir):
         assert n1 == n2
         assert p1 == pytest.approx(p2, abs=0.05) and s1 == pytest.approx(s2, abs=2e-3)
     # and an independent recomputation of one image's bicubic PSNR
-    from srkernels.data import PairedImageFolder
+    from srkernels.toolkit.data import PairedImageFolder
 
     lr, hr = PairedImageFolder(hr_dir, 2)[0]
     ref = psnr(imresize(lr, 2).clamp(0, 1), hr, crop_border=2)

@@ -1,4 +1,4 @@
-"""srkernels.metrics: hand-computed PSNR cases, Y coefficients, SSIM against scikit-image, edge cases."""
+"""srkernels.toolkit.metrics: hand-computed PSNR cases, Y coefficients, SSIM against scikit-image, edge cases."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from srkernels.metrics import psnr, rgb_to_y, ssim
+from srkernels.toolkit.metrics import psnr, rgb_to_y, ssim
 
 PEAK_DB = 20 * math.log10(255)  # PSNR of an error of exactly one level everywhere
 

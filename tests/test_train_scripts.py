@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
-from srkernels.engine import checkpoint as ckio
-from srkernels.engine import load_config
-from srkernels.engine.commands import train_main
+from srkernels.toolkit import checkpoint as ckio
+from srkernels.toolkit import load_config
+from srkernels.toolkit.commands import train_main
 from srkernels.models import build
 
 ROOT = Path(__file__).resolve().parents[1]

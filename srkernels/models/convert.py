@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_write
 from ..reference.upsample import DIV2K_RGB_MEAN
 from ._common import SRModel, check_scale
 
@@ -531,35 +532,6 @@ def _is_our_sidecar(path: Path) -> bool:
     return isinstance(side, dict) and {"arch", "scale", "config"} <= side.keys()
 
 
-def _publish_bytes(data: bytes, dst: Path, overwrite: bool) -> None:
-    """Write ``data`` to a temp file beside ``dst`` (fsynced), then move it into place: ``os.replace`` with
-    ``overwrite``, else ``os.link`` (fails if ``dst`` appeared meanwhile). Readers never see a partial file."""
-    import secrets
-
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, dst)
-            return
-        try:
-            os.link(tmp, dst)
-        except FileExistsError:
-            raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it") from None
-        except OSError:  # no hard links on this filesystem
-            if dst.exists():
-                raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it") from None
-            os.replace(tmp, dst)
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``model``'s weights to ``path`` (.safetensors, config in its metadata) and ``<stem>.json`` beside it.
 
@@ -598,8 +570,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     text = json.dumps(info, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     data = save_bytes(tensors, metadata={"format": "pt", _META_KEY: text})
-    p.parent.mkdir(parents=True, exist_ok=True)
-    _publish_bytes(data, p, overwrite)
+    atomic_write(p, data, overwrite=overwrite)
     if write_side:
-        _publish_bytes((json.dumps(info, indent=2, sort_keys=True) + "\n").encode(), side, True)
+        atomic_write(side, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     return p

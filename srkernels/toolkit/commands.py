@@ -108,7 +108,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="auto", help="upstream layout for load_pretrained (default: auto)")
     p.add_argument("--data", "-d", nargs="+", default=[], metavar="DIR",
                    help="folders of HR images (LR made with MATLAB bicubic), or skimage:NAME,NAME,...")
-    p.add_argument("--root", help="benchmark root for --sets (layouts of srkernels.data.folder_layouts)")
+    p.add_argument("--root", help="benchmark root for --sets (layouts of srkernels.toolkit.data.folder_layouts)")
     p.add_argument("--sets", nargs="+", default=[], metavar="SET", help="e.g. Set5 Set14 B100 Urban100 (with --root)")
     p.add_argument("--self-ensemble", action="store_true", help="x8 flip/transpose self-ensemble (RCAN+)")
     p.add_argument("--chop", action="store_true", help="official RCAN chop forward (10 px shave, 160000 px tiles)")
@@ -287,7 +287,7 @@ def _resolve_model(args) -> torch.nn.Module:
 
 
 def _plan(args, scale: int) -> list[tuple[Path, Path]]:
-    from ..data import IMAGE_EXTENSIONS
+    from .data import IMAGE_EXTENSIONS
 
     src = Path(args.input)
     if not src.exists():
@@ -331,33 +331,8 @@ def _plan(args, scale: int) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _publish(write, dst: Path, overwrite: bool) -> None:
-    """``write(tmp_path)`` into a temp file beside ``dst``, then move it into place: ``os.replace`` with
-    ``overwrite``, otherwise ``os.link``, which fails if ``dst`` appeared since the up-front check."""
-    from ..data import temp_path
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dst, dst.suffix)  # recognised (and removed once its writer is dead) by later runs
-    try:
-        write(tmp)
-        if overwrite:
-            os.replace(tmp, dst)
-            return
-        try:
-            os.link(tmp, dst)
-        except FileExistsError:
-            raise UserError(f"output exists: {dst}; pass --overwrite to replace") from None
-        except OSError:  # a filesystem without hard links: check again, then rename
-            if dst.exists():
-                raise UserError(f"output exists: {dst}; pass --overwrite to replace") from None
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _upscale_file(up, src: Path, dst: Path, bar, overwrite: bool) -> None:
-    from ..data import imresize, load_image, save_image, to_uint8
+    from .data import imresize, load_image, save_image, to_uint8
 
     img = load_image(src, mode=None)  # keeps grey / grey+alpha / RGB / RGBA
     c = img.shape[0]
@@ -368,7 +343,10 @@ def _upscale_file(up, src: Path, dst: Path, bar, overwrite: bool) -> None:
     if c in (2, 4):  # alpha is upsampled with bicubic, not by the network
         alpha = to_uint8(imresize(img[c - 1:c], up.scale).clamp(0, 1))
         out = torch.cat([out, alpha], 0)
-    _publish(lambda tmp: save_image(out, tmp), dst, overwrite)
+    try:  # atomic; without overwrite, a file that appeared since the up-front check is not replaced either
+        save_image(out, dst, overwrite=overwrite)
+    except FileExistsError:
+        raise UserError(f"output exists: {dst}; pass --overwrite to replace") from None
 
 
 def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upscale", args: Any = None) -> int:
@@ -386,7 +364,7 @@ def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upsca
                       ensemble=args.self_ensemble, dtype=DTYPES[args.dtype])
     except (UserError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
         return _fail(prog, e)
-    from ..data import remove_stale_temp_files
+    from .._io import remove_stale_temp_files
 
     for folder in sorted({dst.parent for _, dst in pairs}):
         for p in remove_stale_temp_files(folder):  # left by an earlier run that was killed mid-write
@@ -435,7 +413,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels convert", args: Any = None) -> int:
     from ..models.convert import CheckpointError
     from .checkpoint import load_model
-    from .trainer import _save_pretrained_atomic
+    from ..models import save_pretrained
 
     if args is None:
         p = argparse.ArgumentParser(prog=prog, description="Convert a checkpoint to srkernels safetensors")
@@ -448,7 +426,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels conve
         if not args.overwrite and (out.exists() or out.with_suffix(".json").exists()):
             raise UserError(f"output exists: {out} (or its .json); pass --overwrite to replace")
         model = load_model(args.input, args.model, args.scale, source=args.source, fused=False)
-        _save_pretrained_atomic(model, out, overwrite=args.overwrite)
+        save_pretrained(model, out, overwrite=args.overwrite)
     except (UserError, CheckpointError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
         return _fail(prog, e)
     print(f"{args.input} -> {out} ({type(model).__name__} x{model.scale})")

@@ -16,7 +16,7 @@ silently ignored setting::
 
 A dataset entry (``data.train``, each of ``data.val``) is one of
 ``{hr_dir, lr_dir?}`` (a folder of HR images; LR made on the fly with MATLAB bicubic when ``lr_dir`` is
-absent), ``{root, set, split?}`` (``srkernels.data.find_dataset_dirs``) or ``{skimage: [names]}`` (photographs
+absent), ``{root, set, split?}`` (``srkernels.toolkit.data.find_dataset_dirs``) or ``{skimage: [names]}`` (photographs
 bundled with scikit-image, see ``sample_data``), plus optional ``name``, ``limit`` (first N images) and
 ``cache_dir`` (where on-the-fly LR images are cached).
 

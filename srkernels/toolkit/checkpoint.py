@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import _atomic_write
+from .._io import atomic_write
 
 FORMAT = "srkernels-train"
 VERSION = 1
@@ -65,25 +65,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temp file in the same directory + fsync + ``os.replace`` (data._atomic_write),
-    then an fsync of the directory so that the rename itself survives a crash."""
-    path = Path(path)
-    _atomic_write(path, lambda f: torch.save(obj, f))
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save`` through ``srkernels._io.atomic_write`` (temp file + fsync + ``os.replace``), then an fsync
+    of the directory so that the rename itself survives a crash."""
+    return atomic_write(path, lambda f: torch.save(obj, f), sync_dir=True)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
