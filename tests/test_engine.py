@@ -635,3 +635,68 @@ def test_logged_loss_after_resume_equals_the_uninterrupted_run(hr_dir, tmp_path)
     straight = strip(read_csv(tmp_path / "straight" / "train.csv"))
     assert [r["iteration"] for r in straight] == ["3", "6", "9"]
     assert straight == strip(read_csv(tmp_path / "split" / "train.csv"))
+
+
+# ---- untrusted training checkpoints loaded directly (issue 16 follow-ups) ---------------------------------
+
+
+def _one_checkpoint(hr_dir, tmp_path, key="rdn"):
+    train(tiny_cfg(hr_dir, key, train__iterations=2, train__ckpt_every=2), output_dir=tmp_path / "run",
+          progress=False)
+    ((_, path),) = ckio.list_checkpoints(tmp_path / "run")
+    return path
+
+
+def test_directly_loaded_training_checkpoint_is_crc_checked(hr_dir, tmp_path):
+    from srkernels.models.convert import CheckpointError
+
+    path = _one_checkpoint(hr_dir, tmp_path)
+    load_model(path, fused=False)  # intact: loads
+    _flip_byte_in_tensor(path)  # bit rot in a tensor: torch.load alone reads it without a word
+    with pytest.raises(CheckpointError, match="CRC"):
+        load_model(path, fused=False)
+
+
+@pytest.mark.parametrize("edit, field", [
+    # sizes the tensors do not have (30000 features would be a 32 GB model; nothing is allocated)
+    (lambda m: m["args"].update(num_features=30000), "config.model.args.num_features"),
+    (lambda m: m["args"].update(num_blocks=3), "config.model.args.num_blocks"),
+    (lambda m: m.update(args="notadict"), "config.model.args"),
+    (lambda m: m["args"].update(bogus=1), "config.model.args.bogus"),
+    (lambda m: m["args"].update(growth=[1, 2]), "config.model.args.growth"),
+    (lambda m: m.update(name=5), "config.model.name"),
+    (lambda m: m.update(name="nope"), "config.model.name"),
+    (lambda m: m.update(scale="2"), "config.model.scale"),
+    (lambda m: m.pop("args"), "config.model.args"),
+])
+def test_training_checkpoint_model_settings_are_validated(hr_dir, tmp_path, edit, field):
+    import re
+
+    from srkernels.models.convert import CheckpointError
+
+    ck = torch.load(_one_checkpoint(hr_dir, tmp_path), weights_only=True)
+    edit(ck["config"]["model"])
+    evil = tmp_path / "iter_00000099.pt"
+    torch.save(ck, evil)
+    with pytest.raises(CheckpointError, match=re.escape(field)):
+        load_model(evil, fused=False)
+
+
+def test_training_checkpoint_max_params(hr_dir, tmp_path):
+    from srkernels.models.convert import CheckpointError
+
+    path = _one_checkpoint(hr_dir, tmp_path)
+    with pytest.raises(CheckpointError, match="max_params"):
+        load_model(path, fused=False, max_params=100)
+    with pytest.raises(CheckpointError, match="max_params"):  # a run directory too
+        load_model(tmp_path / "run", fused=False, max_params=100)
+    assert load_model(path, fused=False) is not None
+
+
+def test_a_run_that_fails_to_set_up_can_be_started_again(hr_dir, tmp_path):
+    bad = tiny_cfg(hr_dir)
+    bad["data"]["train"] = {"hr_dir": str(tmp_path / "missing")}
+    with pytest.raises(ValueError, match="not a directory"):
+        train(bad, output_dir=tmp_path / "run", progress=False)
+    # the corrected command starts the run (before: "already holds a training run; pass --resume")
+    assert train(tiny_cfg(hr_dir), output_dir=tmp_path / "run", progress=False).iteration == 3

@@ -339,50 +339,57 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _validate_info(info: Mapping[str, Any], path: object) -> tuple[type[SRModel], dict[str, Any]]:
-    """(class, implied config) of srkernels metadata, after checking each field's type (CheckpointError)."""
-    from . import resolve
+#: how the messages name the fields of safetensors metadata (``validate_config``'s ``fields``)
+METADATA_FIELDS = {"arch": "metadata field arch", "scale": "metadata field scale", "config": "metadata field config"}
 
+
+def _validate_info(info: Mapping[str, Any], path: object) -> None:
+    """Check the fields of srkernels safetensors metadata that ``validate_config`` does not see."""
     fv = info.get("format_version", 1)
     if not _is_int(fv) or fv < 1:
         raise CheckpointError(f"{path}: metadata field format_version must be a positive int, got {fv!r}")
     if fv > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {fv} is newer than this srkernels")
-    if not isinstance(info["arch"], str):
-        raise CheckpointError(f"{path}: metadata field arch must be a str, got {info['arch']!r}")
+
+
+def _check_options(arch: object, scale: object, config: object, path: object,
+                   fields: Mapping[str, str]) -> tuple[type[SRModel], dict[str, Any]]:
+    """(class, options implied by the name) after checking each field's type and range (CheckpointError)."""
+    from . import resolve
+
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: {fields['arch']} must be a str, got {arch!r}")
     try:
-        cls, implied = resolve(info["arch"])
+        cls, implied = resolve(arch)
     except ValueError as e:
-        raise CheckpointError(f"{path}: metadata field arch: {e}") from None
-    sc = info["scale"]
-    if not _is_int(sc):
-        raise CheckpointError(f"{path}: metadata field scale must be an int, got {sc!r}")
+        raise CheckpointError(f"{path}: {fields['arch']}: {e}") from None
+    if not _is_int(scale):
+        raise CheckpointError(f"{path}: {fields['scale']} must be an int, got {scale!r}")
     try:
-        check_scale(cls.arch, sc, cls.scales)
+        check_scale(cls.arch, scale, cls.scales)
     except ValueError as e:
-        raise CheckpointError(f"{path}: metadata field scale: {e}") from None
-    config = info["config"]
+        raise CheckpointError(f"{path}: {fields['scale']}: {e}") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: metadata field config must be a dict, got {type(config).__name__}")
+        raise CheckpointError(f"{path}: {fields['config']} must be a dict, got {type(config).__name__}")
     params = inspect.signature(cls.__init__).parameters
     accepted = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
     accepted -= {"self", "scale", "fused"}
     for k, v in config.items():
         if k not in accepted:
-            raise CheckpointError(f"{path}: metadata field config.{k} is not an option of {cls.__name__} "
+            raise CheckpointError(f"{path}: {fields['config']}.{k} is not an option of {cls.__name__} "
                                   f"(options: {', '.join(sorted(accepted))})")
         items = v if isinstance(v, list) else [v]
         for x in items:
             if not (x is None or isinstance(x, (bool, int, float, str))):
-                raise CheckpointError(f"{path}: metadata field config.{k} has a value of type "
+                raise CheckpointError(f"{path}: {fields['config']}.{k} has a value of type "
                                       f"{type(x).__name__}: {v!r}")
             if _is_int(x) and not -_MAX_INT <= x <= _MAX_INT:
-                raise CheckpointError(f"{path}: metadata field config.{k} = {v!r} is out of range")
+                raise CheckpointError(f"{path}: {fields['config']}.{k} = {v!r} is out of range")
     return cls, implied
 
 
 def _check_before_building(cls: type[SRModel], scale: int, kwargs: Mapping[str, Any], sd: Mapping[str, Tensor],
-                           path: object, max_params: int) -> None:
+                           path: object, max_params: int, config_field: str) -> None:
     """Compare the config with the tensors in the file and count the parameters, on the meta device."""
     inferred = infer_config(cls.arch, sd, scale)
     for k, v in inferred.items():
@@ -391,19 +398,51 @@ def _check_before_building(cls: type[SRModel], scale: int, kwargs: Mapping[str, 
             want = list(v) if isinstance(v, (list, tuple)) else v
             if have != want:
                 raise CheckpointError(
-                    f"{path}: metadata field config.{k} = {kwargs[k]!r} does not match the tensors in the file "
+                    f"{path}: {config_field}.{k} = {kwargs[k]!r} does not match the tensors in the file "
                     f"(they imply {v!r})")
     try:
         with torch.device("meta"):
             skeleton = cls(scale=scale, fused=False, **kwargs)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid metadata config: {e}") from None
+        raise CheckpointError(f"{path}: invalid {config_field}: {e}") from None
     n = sum(t.numel() for t in skeleton.state_dict().values())
     if n > max_params:
         shown = json.dumps(dict(kwargs), sort_keys=True, default=str)[:300]
-        raise CheckpointError(f"{path}: metadata config {shown} describes a model of {n:,} parameters, more than "
+        raise CheckpointError(f"{path}: {config_field} {shown} describes a model of {n:,} parameters, more than "
                               f"max_params={max_params:,} (pass a larger max_params if this is intended)")
     load_state_dict_strict(skeleton, sd, what=str(path), shapes_only=True)
+
+
+def validate_config(
+    arch: object,
+    scale: object,
+    config: object,
+    state_dict: object,
+    *,
+    path: object,
+    overrides: Mapping[str, Any] | None = None,
+    max_params: int = DEFAULT_MAX_PARAMS,
+    fields: Mapping[str, str] = METADATA_FIELDS,
+) -> tuple[type[SRModel], dict[str, Any]]:
+    """Check a model description read from an untrusted file before anything is built; returns
+    ``(cls, kwargs)`` to build with as ``cls(scale=scale, fused=..., **kwargs)``.
+
+    ``arch``/``scale``/``config`` (constructor options) are checked for type, against the constructor's keywords
+    and int ranges; ``state_dict`` must map str to tensors; then the options (plus ``overrides``) are compared
+    with the sizes the tensors imply, the parameter count of a model built on the ``meta`` device is checked
+    against ``max_params``, and every key and shape against that model. Any problem is one ``CheckpointError``
+    naming ``path`` and the field (``fields`` says how the messages name arch, scale and config)."""
+    cls, implied = _check_options(arch, scale, config, path, fields)
+    if not isinstance(state_dict, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()):
+        raise CheckpointError(f"{path}: the weights are not a dict of str -> tensor")
+    for k, v in implied.items():  # e.g. the alias rcan_bam implies bam=True
+        if k in config and config[k] != v:  # type: ignore[operator]
+            raise CheckpointError(f"{path}: {fields['config']}.{k} = {config[k]!r} contradicts "  # type: ignore[index]
+                                  f"{fields['arch']} {arch!r}, which implies {v!r}")
+    kwargs = {**implied, **config, **(overrides or {})}  # type: ignore[dict-item]
+    _check_before_building(cls, scale, kwargs, state_dict, path, max_params, fields["config"])  # type: ignore[arg-type]
+    return cls, kwargs
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -476,13 +515,14 @@ def load_pretrained(
     if info:
         if source not in ("auto", "srkernels"):
             raise ValueError(f"{path} was written by srkernels.save_pretrained; source={source!r} does not apply")
-        cls, implied = _validate_info(info, path)
+        _validate_info(info, path)
+        cls, implied = _check_options(info["arch"], info["scale"], info["config"], path, METADATA_FIELDS)
         if arch is not None and resolve(arch)[0] is not cls:
             raise ValueError(f"arch {arch!r} does not match the checkpoint's arch {info['arch']!r}")
         if scale is not None and scale != info["scale"]:
             raise ValueError(f"scale {scale} does not match the checkpoint's scale {info['scale']}")
-        kwargs = {**implied, **info["config"], **cfg}
-        _check_before_building(cls, info["scale"], kwargs, sd, path, max_params)
+        cls, kwargs = validate_config(info["arch"], info["scale"], info["config"], sd, path=path, overrides=cfg,
+                                      max_params=max_params)
         model = cls(scale=info["scale"], fused=fused, **kwargs)
         load_state_dict_strict(model, sd, what=str(path))
         return model.eval()

@@ -18,8 +18,21 @@ class UserError(Exception):
     """A problem with the command's input: printed as one line, exit status 2."""
 
 
+# what a command reports in one line (exit status 2) instead of a traceback: bad arguments and files
+# (ValueError, TypeError, including CheckpointError and ConfigError), files that cannot be read or written
+# (OSError), and what an input too large for the machine causes (MemoryError; RuntimeError is how torch
+# reports a failed allocation, and also its other refusals of an input)
+USER_ERRORS = (UserError, ValueError, TypeError, OSError, RuntimeError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (some messages list several problems, one per line)."""
+    msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).replace(":;", ":")
+    return f"{type(e).__name__}: {msg}" if isinstance(e, (MemoryError, RuntimeError)) or not msg else msg
+
+
 def _fail(prog: str, e: BaseException) -> int:
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
     return 2
 
 
@@ -73,7 +86,6 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
-    from .config import ConfigError
     from .trainer import train
 
     args = train_parser(prog).parse_args(argv)
@@ -84,7 +96,7 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
     try:
         res = train(args.config, overrides=args.overrides, output_dir=args.output_dir, resume=args.resume,
                     stop_after=args.stop_after, progress=not args.no_progress)
-    except (ConfigError, ValueError, FileNotFoundError, TypeError) as e:
+    except (*USER_ERRORS, FloatingPointError) as e:  # FloatingPointError: the loss diverged
         return _fail(prog, e)
     if int(os.environ.get("RANK", "0")) == 0:
         best = res.best.get("psnr")
@@ -190,7 +202,7 @@ def eval_main(argv: Sequence[str] | None = None, prog: str = "test.py", args: An
             if model.scale not in done_scales and not args.no_bicubic:
                 bicubic += evaluate_bicubic(specs, model.scale, y_coeffs=args.y_coeffs, quantize=args.quantize)
                 done_scales.add(model.scale)
-    except (UserError, ValueError, FileNotFoundError, TypeError) as e:
+    except USER_ERRORS as e:
         return _fail(prog, e)
     opts = [f"Y {args.y_coeffs}", "crop = scale", "uint8-quantised SR" if args.quantize else "float SR"]
     if args.self_ensemble:
@@ -362,7 +374,7 @@ def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upsca
         pairs = _plan(args, model.scale)
         up = Upscaler(model, tile=None if args.no_tile else args.tile, overlap=args.overlap,
                       ensemble=args.self_ensemble, dtype=DTYPES[args.dtype])
-    except (UserError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
+    except USER_ERRORS as e:
         return _fail(prog, e)
     from .._io import remove_stale_temp_files
 
@@ -386,9 +398,9 @@ def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upsca
                 bar = tqdm(total=total, desc=src.name, unit="tile", leave=False, file=sys.stderr)
             _upscale_file(up, src, dst, bar, args.overwrite)
             print(f"{src} -> {dst}")
-        except (UserError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # RuntimeError: e.g. OOM
+        except USER_ERRORS as e:  # one image failing (unreadable, too large) does not stop the others
             failures.append(src)
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         finally:
             if bar is not None:
                 bar.close()
@@ -411,9 +423,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels convert", args: Any = None) -> int:
-    from ..models.convert import CheckpointError
-    from .checkpoint import load_model
     from ..models import save_pretrained
+    from .checkpoint import load_model
 
     if args is None:
         p = argparse.ArgumentParser(prog=prog, description="Convert a checkpoint to srkernels safetensors")
@@ -427,7 +438,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels conve
             raise UserError(f"output exists: {out} (or its .json); pass --overwrite to replace")
         model = load_model(args.input, args.model, args.scale, source=args.source, fused=False)
         save_pretrained(model, out, overwrite=args.overwrite)
-    except (UserError, CheckpointError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
+    except USER_ERRORS as e:
         return _fail(prog, e)
     print(f"{args.input} -> {out} ({type(model).__name__} x{model.scale})")
     return 0

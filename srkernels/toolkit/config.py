@@ -121,6 +121,13 @@ def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
     out = []
     for o in overrides:
@@ -133,7 +140,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
         try:
             val = yaml.safe_load(v) if v.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {o!r}: value is not valid YAML: {e}") from None
+            raise ConfigError(f"override {o!r}: value is not valid YAML: {_yaml_problem(e)}") from None
         out.append((k, val))
     return out
 
@@ -145,7 +152,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -354,7 +354,15 @@ def train(
             run_cfg = _prepare_run_dir(cfg, run_dir, False, d)  # type: ignore[arg-type]
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
             raise ValueError(f"stop_after must be a positive int, got {stop_after!r}")
-        return _Trainer(run_cfg, run_dir, d, resume, stop_after, progress).run()
+        try:
+            trainer = _Trainer(run_cfg, run_dir, d, resume, stop_after, progress)
+        except BaseException:
+            # a fresh run that fails while setting up (a data folder not found, a bad model option) has done
+            # nothing yet: drop its config.yaml, so that the corrected command starts it without --resume
+            if not resume and d.main and not ckpt_io.list_checkpoints(run_dir):
+                (run_dir / "config.yaml").unlink(missing_ok=True)
+            raise
+        return trainer.run()
     finally:
         if d.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
