@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import atomic_write
+from .._validate import is_int as _is_int
 from ..reference.upsample import DIV2K_RGB_MEAN
 from ._common import SRModel, check_scale
 
@@ -333,10 +334,6 @@ def infer_config(arch: str, sd: Mapping[str, Tensor], scale: int | None = None) 
 
 DEFAULT_MAX_PARAMS = 200_000_000  # ~800 MB of float32; the largest published model here (RCAN) has ~16M
 _MAX_INT = 1 << 16  # no constructor option of these architectures is anywhere near this
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 #: how the messages name the fields of safetensors metadata (``validate_config``'s ``fields``)

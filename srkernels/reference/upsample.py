@@ -15,14 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._validate import positive_int as _positive_int
+
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DIV2K_RGB_STD = (1.0, 1.0, 1.0)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _odd_kernel(kernel_size: object) -> int:

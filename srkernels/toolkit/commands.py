@@ -36,24 +36,31 @@ def _fail(prog: str, e: BaseException) -> int:
     return 2
 
 
-def _positive(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if i <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return i
+def _int_arg(minimum: int, what: str):
+    """An argparse ``type``: an integer >= ``minimum`` (``what`` names it in the error)."""
+    def parse(v: str) -> int:
+        try:
+            i = int(v)
+        except ValueError:
+            i = None
+        if i is None or i < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+        return i
+
+    return parse
 
 
-def _nonneg(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
-    if i < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
-    return i
+_positive = _int_arg(1, "a positive integer")
+_nonneg = _int_arg(0, "an integer >= 0")
+
+
+def _parse(args: Any, argv: Sequence[str] | None, prog: str, add_arguments, description: str) -> Any:
+    """``args`` as parsed by ``srkernels <command>`` (cli.py), or ``argv`` parsed here (standalone scripts)."""
+    if args is not None:
+        return args
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(p)
+    return p.parse_args(argv)
 
 
 def _device(name: str) -> torch.device:
@@ -166,11 +173,8 @@ def eval_main(argv: Sequence[str] | None = None, prog: str = "test.py", args: An
     from .checkpoint import load_model
     from .evaluate import evaluate, evaluate_bicubic, markdown_table, resolve_dataset
 
-    if args is None:
-        p = argparse.ArgumentParser(prog=prog, description="Evaluate SR checkpoints: Markdown table of Y PSNR/SSIM "
-                                    "(crop = scale) per set and scale, with a bicubic column.")
-        add_eval_arguments(p)
-        args = p.parse_args(argv)
+    args = _parse(args, argv, prog, add_eval_arguments, "Evaluate SR checkpoints: Markdown table of Y PSNR/SSIM "
+                  "(crop = scale) per set and scale, with a bicubic column.")
     try:
         if not args.data and not args.sets:
             raise UserError("nothing to evaluate on: give --data DIR... and/or --root ROOT --sets SET...")
@@ -364,10 +368,7 @@ def _upscale_file(up, src: Path, dst: Path, bar, overwrite: bool) -> None:
 def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upscale", args: Any = None) -> int:
     from .inference import Upscaler
 
-    if args is None:
-        p = argparse.ArgumentParser(prog=prog, description="Upscale an image or a folder of images")
-        add_upscale_arguments(p)
-        args = p.parse_args(argv)
+    args = _parse(args, argv, prog, add_upscale_arguments, "Upscale an image or a folder of images")
     try:
         device = _device(args.device)
         model = _resolve_model(args).to(device)
@@ -426,10 +427,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels conve
     from ..models import save_pretrained
     from .checkpoint import load_model
 
-    if args is None:
-        p = argparse.ArgumentParser(prog=prog, description="Convert a checkpoint to srkernels safetensors")
-        add_convert_arguments(p)
-        args = p.parse_args(argv)
+    args = _parse(args, argv, prog, add_convert_arguments, "Convert a checkpoint to srkernels safetensors")
     try:
         out = Path(args.output)
         if out.suffix != ".safetensors":

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from .._validate import is_int as _is_int
+
 LOSSES = ("l1", "mse")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "step", "multistep")
@@ -185,10 +187,6 @@ def load_config(
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .._io import atomic_write
+from .._validate import int_at_least
 
 __all__ = [
     "imresize",
@@ -538,12 +539,6 @@ def find_lr_file(hr_path: str | os.PathLike, lr_dir: str | os.PathLike, scale: i
 _LR_RECIPE = "matlab-bicubic-uint8-v1"
 
 
-def _check_int(v, name: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
-
-
 class PairedImageFolder(torch.utils.data.Dataset):
     """(LR, HR) pairs from a folder of HR images; see the module docstring for the recipe.
 
@@ -576,9 +571,9 @@ class PairedImageFolder(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         y_only: bool = False,
     ) -> None:
-        self.scale = _check_int(scale, "scale", 1)
-        self.patch_size = None if patch_size is None else _check_int(patch_size, "patch_size", 1)
-        self.seed = _check_int(seed, "seed", 0)
+        self.scale = int_at_least("scale", scale, 1)
+        self.patch_size = None if patch_size is None else int_at_least("patch_size", patch_size, 1)
+        self.seed = int_at_least("seed", seed, 0)
         self.augment = bool(augment)
         self.y_only = bool(y_only)
         self.epoch = 0
@@ -607,7 +602,7 @@ class PairedImageFolder(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the random crops/transforms of this epoch (the sampler's shuffling is separate)."""
-        self.epoch = _check_int(epoch, "epoch", 0)
+        self.epoch = int_at_least("epoch", epoch, 0)
 
     # -- LR ------------------------------------------------------------------------------------------------
 
