@@ -48,7 +48,8 @@ def test_y_of_pure_colours(coeffs, table):
 
 
 def test_bt601_is_the_256_form_of_the_spec():
-    # spec 1.1: 16 + (65.481 R + 128.553 G + 24.966 B)/255 == 16 + (65.738 R + 129.057 G + 25.064 B)/256
+    # docs/architectures.md §1.1: 16 + (65.481 R + 128.553 G + 24.966 B)/255
+    #                          == 16 + (65.738 R + 129.057 G + 25.064 B)/256
     rgb = _rand_u8(3, 5, 7, seed=1).double()
     y256 = 16 + (65.738 * rgb[0] + 129.057 * rgb[1] + 25.064 * rgb[2]) / 256
     torch.testing.assert_close(rgb_to_y(rgb, data_range=255)[0], y256, rtol=0, atol=2e-3)

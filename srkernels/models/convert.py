@@ -1,4 +1,5 @@
-"""Checkpoint loading and saving: upstream files in, ``srkernels`` models out (spec §2-§6 for the layouts).
+"""Checkpoint loading and saving: upstream files in, ``srkernels`` models out (the layouts:
+docs/architectures.md §2-§6).
 
 ``load_pretrained(arch, path, scale, source="auto")`` reads, unwraps, renames, infers the architecture
 options the file implies (depth, width, BAM, RDCAB variant, U, ...), builds the model and loads it strictly.
@@ -48,7 +49,7 @@ ARCH_SOURCES: dict[str, tuple[str, ...]] = {
     "rdn": ("srkernels", "official", "yjn870"),
     "rdcab": ("srkernels", "heejowoo"),
 }
-# the RCAN MeanShift semantics each upstream was trained with (spec §4.7, §5.4, §7 items 1-3)
+# the RCAN MeanShift semantics each upstream was trained with (docs/architectures.md §4.7, §5.4, §7 items 1-3)
 _RCAN_MEANSHIFT = {
     "official": "official_255", "super_image": "rgb255_on_unit", "bam": "none", "lornatang": "unit",
     "basicsr": "unit",

@@ -46,8 +46,8 @@ class MeanShift(nn.Conv2d):
     """``y = x / std + sign * rgb_range * mean / std`` as a 1x1 conv, initialised as upstream.
 
     Upstream writes ``self.requires_grad = False``, which only sets a plain attribute: the weight and bias stay
-    trainable and the official trainers optimise them (spec §4.4). So they are ordinary parameters here and a
-    checkpoint's values, not these initial ones, are what a loaded model uses.
+    trainable and the official trainers optimise them (docs/architectures.md §4.4). So they are ordinary
+    parameters here and a checkpoint's values, not these initial ones, are what a loaded model uses.
     """
 
     def __init__(

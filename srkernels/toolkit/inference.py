@@ -1,7 +1,8 @@
 """Inference: any zoo model as an RGB [0, 1] -> RGB [0, 1] upscaler, with tiling, self-ensemble and chop.
 
-The models differ in what they eat (spec §1.4): SRCNN takes the Y channel of the *bicubic-upsampled* LR,
-SRDenseNet the Y of the LR, RCAN/RDN RGB on [0, 1] or [0, 255]. :class:`Upscaler` hides this:
+The models differ in what they eat (docs/architectures.md §1.4): SRCNN takes the Y channel of the
+*bicubic-upsampled* LR, SRDenseNet the Y of the LR, RCAN/RDN RGB on [0, 1] or [0, 255]. :class:`Upscaler`
+hides this:
 
 * ``y_only`` models (``in_channels == 1``) run on Y (BT.601, or the typo convention if asked); for an RGB
   result Cb/Cr are upsampled with MATLAB bicubic (``srkernels.toolkit.data.imresize``) and merged back.
