@@ -700,3 +700,16 @@ def test_a_run_that_fails_to_set_up_can_be_started_again(hr_dir, tmp_path):
         train(bad, output_dir=tmp_path / "run", progress=False)
     # the corrected command starts the run (before: "already holds a training run; pass --resume")
     assert train(tiny_cfg(hr_dir), output_dir=tmp_path / "run", progress=False).iteration == 3
+
+
+def test_training_checkpoint_field_types_are_checked(hr_dir, tmp_path):
+    from srkernels.models.convert import CheckpointError
+
+    path = _one_checkpoint(hr_dir, tmp_path)
+    ck = torch.load(path, weights_only=True)
+    ck["params"] = "not a state dict"
+    torch.save(ck, path)  # the newest (and only) checkpoint of the run
+    with pytest.raises(CheckpointError, match="field params"):
+        ckio.read_checkpoint_file(path)
+    with pytest.warns(UserWarning, match="skipping checkpoint.*field params"):
+        assert ckio.load_latest(tmp_path / "run") is None

@@ -119,7 +119,16 @@ def verify_integrity(path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {p} is corrupt: {bad} does not match its CRC-32")
 
 
+# the types of the fields a resume reads (an untrusted file could hold anything there)
+_STATE_FIELDS = {"config": dict, "iteration": int, "epoch": int, "step_in_epoch": int, "params": dict,
+                 "optimizer": dict, "rng": list}
+
+
 def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The training checkpoint at ``path``: CRC-checked, loaded with ``weights_only``, its fields' types
+    checked (a ``CheckpointError``, which is a ValueError, says what is wrong)."""
+    from ..models.convert import CheckpointError
+
     p = Path(path)
     verify_integrity(p)
     try:
@@ -128,8 +137,14 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{p} is not an srkernels training checkpoint")
-    if obj.get("version", 0) > VERSION:
+    version = obj.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{p}: field version must be an int, got {version!r}")
+    if version > VERSION:
         raise ValueError(f"{p}: checkpoint version {obj['version']} is newer than this srkernels")
+    for k, kind in _STATE_FIELDS.items():  # what resume reads; the model's own fields: model_from_checkpoint
+        if k in obj and (isinstance(obj[k], bool) or not isinstance(obj[k], kind)):
+            raise CheckpointError(f"{p}: field {k} must be a {kind.__name__}, got {type(obj.get(k)).__name__}")
     return obj
 
 

@@ -492,6 +492,9 @@ class _Trainer:
         if got is None:
             raise ValueError(f"cannot resume: no readable checkpoint in {ckpt_io.checkpoint_dir(self.run_dir)}")
         ck, path = got
+        missing = [k for k in ("params", "optimizer", "iteration", "epoch", "step_in_epoch", "rng") if k not in ck]
+        if missing:
+            raise ValueError(f"cannot resume from {path}: it has no {', '.join(missing)}")
         from ..models.convert import load_state_dict_strict
 
         load_state_dict_strict(self.model, ck["params"], what=str(path))
