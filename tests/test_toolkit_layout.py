@@ -8,6 +8,8 @@ import srkernels.toolkit
 ROOT = Path(srkernels.__file__).parent
 # the command line is the front door of both rooms; everything else below srkernels/ is the kernel library
 FRONT = {ROOT / "cli.py", ROOT / "__main__.py"}
+# the low-level modules both rooms share (they import nothing of srkernels): atomic writes, argument checks
+SHARED = {"_io", "_validate"}
 
 
 def _imports(path: Path):
@@ -42,8 +44,7 @@ def test_the_toolkit_imports_no_private_names():
         for mod, names in _imports(p):
             if mod.startswith("srkernels"):
                 bad += [f"{p.name}: from {mod} import {n}" for n in names if n.startswith("_")]
-                # srkernels._io is the neutral low-level module both rooms share
-                bad += [f"{p.name}: {mod}" for part in mod.split(".")[1:] if part.startswith("_") and part != "_io"]
+                bad += [f"{p.name}: {mod}" for part in mod.split(".")[1:] if part.startswith("_") and part not in SHARED]
     assert not bad, bad
 
 
