@@ -1,5 +1,5 @@
 """``srkernels`` command line: ``info`` (what was built), ``bench`` (reference vs fused, with a parity check),
-``upscale`` / ``eval`` / ``convert`` (``srkernels.engine.commands``)."""
+``upscale`` / ``eval`` / ``convert`` (``srkernels.toolkit.commands``)."""
 from __future__ import annotations
 
 import argparse
@@ -116,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     i = sub.add_parser("info", help="print build_info() as JSON")
     i.set_defaults(func=cmd_info)
-    _add_engine_commands(sub)
+    _add_toolkit_commands(sub)
     return p
 
 
-def _add_engine_commands(sub) -> None:
-    """``upscale``, ``eval`` and ``convert``: thin over ``srkernels.engine.commands``."""
-    from .engine import commands as C
+def _add_toolkit_commands(sub) -> None:
+    """``upscale``, ``eval`` and ``convert``: thin over ``srkernels.toolkit.commands``."""
+    from .toolkit import commands as C
 
     u = sub.add_parser("upscale", help="upscale an image or a folder (tiled; shipped model by default)")
     C.add_upscale_arguments(u)

@@ -11,10 +11,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from srkernels.cli import main as cli
-from srkernels.data import imresize, load_image
-from srkernels.engine import Upscaler, load_model
-from srkernels.engine.commands import shipped_weights
-from srkernels.metrics import psnr, ssim
+from srkernels.toolkit.data import imresize, load_image
+from srkernels.toolkit import Upscaler, load_model
+from srkernels.toolkit.commands import shipped_weights
+from srkernels.toolkit.metrics import psnr, ssim
 from srkernels.models import build
 
 ROOT = Path(__file__).resolve().parents[1]

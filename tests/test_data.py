@@ -1,4 +1,4 @@
-"""srkernels.data: image I/O, HR/LR pairing, PairedImageFolder (alignment, augmentation, seeding, caches)."""
+"""srkernels.toolkit.data: image I/O, HR/LR pairing, PairedImageFolder (alignment, augmentation, seeding, caches)."""
 import os
 import warnings
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-import srkernels.data as sd
-from srkernels.data import (
+import srkernels.toolkit.data as sd
+from srkernels.toolkit.data import (
     PairedImageFolder,
     dihedral,
     find_dataset_dirs,
@@ -18,7 +18,7 @@ from srkernels.data import (
     load_image,
     save_image,
 )
-from srkernels.metrics import rgb_to_y
+from srkernels.toolkit.metrics import rgb_to_y
 
 
 def _png(path, arr):

@@ -1,4 +1,4 @@
-"""srkernels.engine: config checks, the train loop (every model, AMP, EMA, schedules), exact resume after a
+"""srkernels.toolkit: config checks, the train loop (every model, AMP, EMA, schedules), exact resume after a
 stop or a SIGKILL, atomic checkpoints, evaluation and the inference pipeline (tiling, ensemble, chop, Y)."""
 import csv
 import os
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from srkernels.data import imresize
-from srkernels.engine import (
+from srkernels.toolkit.data import imresize
+from srkernels.toolkit import (
     ConfigError,
     Upscaler,
     evaluate,
@@ -25,9 +25,9 @@ from srkernels.engine import (
     train,
     ycbcr_to_rgb,
 )
-from srkernels.engine import checkpoint as ckio
-from srkernels.engine.inference import self_ensemble, tile_spans, tiled
-from srkernels.metrics import psnr, rgb_to_y
+from srkernels.toolkit import checkpoint as ckio
+from srkernels.toolkit.inference import self_ensemble, tile_spans, tiled
+from srkernels.toolkit.metrics import psnr, rgb_to_y
 from srkernels.models import build, chop
 
 
@@ -434,7 +434,7 @@ def test_evaluate_identity_srcnn_matches_bicubic(hr_dir):
         assert n1 == n2
         assert p1 == pytest.approx(p2, abs=0.05) and s1 == pytest.approx(s2, abs=2e-3)
     # and an independent recomputation of one image's bicubic PSNR
-    from srkernels.data import PairedImageFolder
+    from srkernels.toolkit.data import PairedImageFolder
 
     lr, hr = PairedImageFolder(hr_dir, 2)[0]
     ref = psnr(imresize(lr, 2).clamp(0, 1), hr, crop_border=2)
@@ -635,3 +635,81 @@ def test_logged_loss_after_resume_equals_the_uninterrupted_run(hr_dir, tmp_path)
     straight = strip(read_csv(tmp_path / "straight" / "train.csv"))
     assert [r["iteration"] for r in straight] == ["3", "6", "9"]
     assert straight == strip(read_csv(tmp_path / "split" / "train.csv"))
+
+
+# ---- untrusted training checkpoints loaded directly (issue 16 follow-ups) ---------------------------------
+
+
+def _one_checkpoint(hr_dir, tmp_path, key="rdn"):
+    train(tiny_cfg(hr_dir, key, train__iterations=2, train__ckpt_every=2), output_dir=tmp_path / "run",
+          progress=False)
+    ((_, path),) = ckio.list_checkpoints(tmp_path / "run")
+    return path
+
+
+def test_directly_loaded_training_checkpoint_is_crc_checked(hr_dir, tmp_path):
+    from srkernels.models.convert import CheckpointError
+
+    path = _one_checkpoint(hr_dir, tmp_path)
+    load_model(path, fused=False)  # intact: loads
+    _flip_byte_in_tensor(path)  # bit rot in a tensor: torch.load alone reads it without a word
+    with pytest.raises(CheckpointError, match="CRC"):
+        load_model(path, fused=False)
+
+
+@pytest.mark.parametrize("edit, field", [
+    # sizes the tensors do not have (30000 features would be a 32 GB model; nothing is allocated)
+    (lambda m: m["args"].update(num_features=30000), "config.model.args.num_features"),
+    (lambda m: m["args"].update(num_blocks=3), "config.model.args.num_blocks"),
+    (lambda m: m.update(args="notadict"), "config.model.args"),
+    (lambda m: m["args"].update(bogus=1), "config.model.args.bogus"),
+    (lambda m: m["args"].update(growth=[1, 2]), "config.model.args.growth"),
+    (lambda m: m.update(name=5), "config.model.name"),
+    (lambda m: m.update(name="nope"), "config.model.name"),
+    (lambda m: m.update(scale="2"), "config.model.scale"),
+    (lambda m: m.pop("args"), "config.model.args"),
+])
+def test_training_checkpoint_model_settings_are_validated(hr_dir, tmp_path, edit, field):
+    import re
+
+    from srkernels.models.convert import CheckpointError
+
+    ck = torch.load(_one_checkpoint(hr_dir, tmp_path), weights_only=True)
+    edit(ck["config"]["model"])
+    evil = tmp_path / "iter_00000099.pt"
+    torch.save(ck, evil)
+    with pytest.raises(CheckpointError, match=re.escape(field)):
+        load_model(evil, fused=False)
+
+
+def test_training_checkpoint_max_params(hr_dir, tmp_path):
+    from srkernels.models.convert import CheckpointError
+
+    path = _one_checkpoint(hr_dir, tmp_path)
+    with pytest.raises(CheckpointError, match="max_params"):
+        load_model(path, fused=False, max_params=100)
+    with pytest.raises(CheckpointError, match="max_params"):  # a run directory too
+        load_model(tmp_path / "run", fused=False, max_params=100)
+    assert load_model(path, fused=False) is not None
+
+
+def test_a_run_that_fails_to_set_up_can_be_started_again(hr_dir, tmp_path):
+    bad = tiny_cfg(hr_dir)
+    bad["data"]["train"] = {"hr_dir": str(tmp_path / "missing")}
+    with pytest.raises(ValueError, match="not a directory"):
+        train(bad, output_dir=tmp_path / "run", progress=False)
+    # the corrected command starts the run (before: "already holds a training run; pass --resume")
+    assert train(tiny_cfg(hr_dir), output_dir=tmp_path / "run", progress=False).iteration == 3
+
+
+def test_training_checkpoint_field_types_are_checked(hr_dir, tmp_path):
+    from srkernels.models.convert import CheckpointError
+
+    path = _one_checkpoint(hr_dir, tmp_path)
+    ck = torch.load(path, weights_only=True)
+    ck["params"] = "not a state dict"
+    torch.save(ck, path)  # the newest (and only) checkpoint of the run
+    with pytest.raises(CheckpointError, match="field params"):
+        ckio.read_checkpoint_file(path)
+    with pytest.warns(UserWarning, match="skipping checkpoint.*field params"):
+        assert ckio.load_latest(tmp_path / "run") is None

@@ -1,11 +1,11 @@
-"""srkernels.data.imresize: MATLAB bicubic, checked against a slow independent re-derivation and properties."""
+"""srkernels.toolkit.data.imresize: MATLAB bicubic, checked against a slow independent re-derivation and properties."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from srkernels.data import dihedral, imresize, modcrop, quantize_uint8, to_uint8
+from srkernels.toolkit.data import dihedral, imresize, modcrop, quantize_uint8, to_uint8
 
 SCALES = [1 / 2, 1 / 3, 1 / 4, 2, 3, 4]
 

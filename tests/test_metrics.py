@@ -1,4 +1,4 @@
-"""srkernels.metrics: hand-computed PSNR cases, Y coefficients, SSIM against scikit-image, edge cases."""
+"""srkernels.toolkit.metrics: hand-computed PSNR cases, Y coefficients, SSIM against scikit-image, edge cases."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from srkernels.metrics import psnr, rgb_to_y, ssim
+from srkernels.toolkit.metrics import psnr, rgb_to_y, ssim
 
 PEAK_DB = 20 * math.log10(255)  # PSNR of an error of exactly one level everywhere
 
@@ -48,7 +48,8 @@ def test_y_of_pure_colours(coeffs, table):
 
 
 def test_bt601_is_the_256_form_of_the_spec():
-    # spec 1.1: 16 + (65.481 R + 128.553 G + 24.966 B)/255 == 16 + (65.738 R + 129.057 G + 25.064 B)/256
+    # docs/architectures.md §1.1: 16 + (65.481 R + 128.553 G + 24.966 B)/255
+    #                          == 16 + (65.738 R + 129.057 G + 25.064 B)/256
     rgb = _rand_u8(3, 5, 7, seed=1).double()
     y256 = 16 + (65.738 * rgb[0] + 129.057 * rgb[1] + 25.064 * rgb[2]) / 256
     torch.testing.assert_close(rgb_to_y(rgb, data_range=255)[0], y256, rtol=0, atol=2e-3)

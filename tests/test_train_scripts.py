@@ -15,15 +15,16 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
-from srkernels.engine import checkpoint as ckio
-from srkernels.engine import load_config
-from srkernels.engine.commands import train_main
+from srkernels.toolkit import checkpoint as ckio
+from srkernels.toolkit import load_config
+from srkernels.toolkit.commands import train_main
 from srkernels.models import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "python" / "configs").glob("*.yaml"))
 
-# parameter counts of the published models (spec §2-§6; RCAN counts include the 24 MeanShift parameters)
+# parameter counts of the published models (docs/architectures.md §2-§6; RCAN counts include the 24 MeanShift
+# parameters)
 PUBLISHED_PARAMS = {
     "srcnn_x3": 57_281,
     "srdensenet_x4": 2_004_225,

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._validate import positive_int  # noqa: F401  (the models import it from here)
+
 
 def layer(fused: bool, name: str) -> type[nn.Module]:
     """The layer class ``name`` from ``srkernels.nn`` (fused) or ``srkernels.reference``.
@@ -35,12 +37,6 @@ def check_scale(arch: str, scale: object, allowed: tuple[int, ...] | None) -> in
     elif scale not in allowed:
         raise ValueError(f"scale {scale} is not supported by {arch}; supported: {', '.join(map(str, allowed))}")
     return scale
-
-
-def positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def conv(cin: int, cout: int, k: int = 3, bias: bool = True) -> nn.Conv2d:

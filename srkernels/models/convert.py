@@ -1,4 +1,5 @@
-"""Checkpoint loading and saving: upstream files in, ``srkernels`` models out (spec §2-§6 for the layouts).
+"""Checkpoint loading and saving: upstream files in, ``srkernels`` models out (the layouts:
+docs/architectures.md §2-§6).
 
 ``load_pretrained(arch, path, scale, source="auto")`` reads, unwraps, renames, infers the architecture
 options the file implies (depth, width, BAM, RDCAB variant, U, ...), builds the model and loads it strictly.
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_write
+from .._validate import is_int as _is_int
 from ..reference.upsample import DIV2K_RGB_MEAN
 from ._common import SRModel, check_scale
 
@@ -46,7 +49,7 @@ ARCH_SOURCES: dict[str, tuple[str, ...]] = {
     "rdn": ("srkernels", "official", "yjn870"),
     "rdcab": ("srkernels", "heejowoo"),
 }
-# the RCAN MeanShift semantics each upstream was trained with (spec §4.7, §5.4, §7 items 1-3)
+# the RCAN MeanShift semantics each upstream was trained with (docs/architectures.md §4.7, §5.4, §7 items 1-3)
 _RCAN_MEANSHIFT = {
     "official": "official_255", "super_image": "rgb255_on_unit", "bam": "none", "lornatang": "unit",
     "basicsr": "unit",
@@ -334,54 +337,57 @@ DEFAULT_MAX_PARAMS = 200_000_000  # ~800 MB of float32; the largest published mo
 _MAX_INT = 1 << 16  # no constructor option of these architectures is anywhere near this
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+#: how the messages name the fields of safetensors metadata (``validate_config``'s ``fields``)
+METADATA_FIELDS = {"arch": "metadata field arch", "scale": "metadata field scale", "config": "metadata field config"}
 
 
-def _validate_info(info: Mapping[str, Any], path: object) -> tuple[type[SRModel], dict[str, Any]]:
-    """(class, implied config) of srkernels metadata, after checking each field's type (CheckpointError)."""
-    from . import resolve
-
+def _validate_info(info: Mapping[str, Any], path: object) -> None:
+    """Check the fields of srkernels safetensors metadata that ``validate_config`` does not see."""
     fv = info.get("format_version", 1)
     if not _is_int(fv) or fv < 1:
         raise CheckpointError(f"{path}: metadata field format_version must be a positive int, got {fv!r}")
     if fv > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {fv} is newer than this srkernels")
-    if not isinstance(info["arch"], str):
-        raise CheckpointError(f"{path}: metadata field arch must be a str, got {info['arch']!r}")
+
+
+def _check_options(arch: object, scale: object, config: object, path: object,
+                   fields: Mapping[str, str]) -> tuple[type[SRModel], dict[str, Any]]:
+    """(class, options implied by the name) after checking each field's type and range (CheckpointError)."""
+    from . import resolve
+
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: {fields['arch']} must be a str, got {arch!r}")
     try:
-        cls, implied = resolve(info["arch"])
+        cls, implied = resolve(arch)
     except ValueError as e:
-        raise CheckpointError(f"{path}: metadata field arch: {e}") from None
-    sc = info["scale"]
-    if not _is_int(sc):
-        raise CheckpointError(f"{path}: metadata field scale must be an int, got {sc!r}")
+        raise CheckpointError(f"{path}: {fields['arch']}: {e}") from None
+    if not _is_int(scale):
+        raise CheckpointError(f"{path}: {fields['scale']} must be an int, got {scale!r}")
     try:
-        check_scale(cls.arch, sc, cls.scales)
+        check_scale(cls.arch, scale, cls.scales)
     except ValueError as e:
-        raise CheckpointError(f"{path}: metadata field scale: {e}") from None
-    config = info["config"]
+        raise CheckpointError(f"{path}: {fields['scale']}: {e}") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: metadata field config must be a dict, got {type(config).__name__}")
+        raise CheckpointError(f"{path}: {fields['config']} must be a dict, got {type(config).__name__}")
     params = inspect.signature(cls.__init__).parameters
     accepted = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
     accepted -= {"self", "scale", "fused"}
     for k, v in config.items():
         if k not in accepted:
-            raise CheckpointError(f"{path}: metadata field config.{k} is not an option of {cls.__name__} "
+            raise CheckpointError(f"{path}: {fields['config']}.{k} is not an option of {cls.__name__} "
                                   f"(options: {', '.join(sorted(accepted))})")
         items = v if isinstance(v, list) else [v]
         for x in items:
             if not (x is None or isinstance(x, (bool, int, float, str))):
-                raise CheckpointError(f"{path}: metadata field config.{k} has a value of type "
+                raise CheckpointError(f"{path}: {fields['config']}.{k} has a value of type "
                                       f"{type(x).__name__}: {v!r}")
             if _is_int(x) and not -_MAX_INT <= x <= _MAX_INT:
-                raise CheckpointError(f"{path}: metadata field config.{k} = {v!r} is out of range")
+                raise CheckpointError(f"{path}: {fields['config']}.{k} = {v!r} is out of range")
     return cls, implied
 
 
 def _check_before_building(cls: type[SRModel], scale: int, kwargs: Mapping[str, Any], sd: Mapping[str, Tensor],
-                           path: object, max_params: int) -> None:
+                           path: object, max_params: int, config_field: str) -> None:
     """Compare the config with the tensors in the file and count the parameters, on the meta device."""
     inferred = infer_config(cls.arch, sd, scale)
     for k, v in inferred.items():
@@ -390,19 +396,51 @@ def _check_before_building(cls: type[SRModel], scale: int, kwargs: Mapping[str, 
             want = list(v) if isinstance(v, (list, tuple)) else v
             if have != want:
                 raise CheckpointError(
-                    f"{path}: metadata field config.{k} = {kwargs[k]!r} does not match the tensors in the file "
+                    f"{path}: {config_field}.{k} = {kwargs[k]!r} does not match the tensors in the file "
                     f"(they imply {v!r})")
     try:
         with torch.device("meta"):
             skeleton = cls(scale=scale, fused=False, **kwargs)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid metadata config: {e}") from None
+        raise CheckpointError(f"{path}: invalid {config_field}: {e}") from None
     n = sum(t.numel() for t in skeleton.state_dict().values())
     if n > max_params:
         shown = json.dumps(dict(kwargs), sort_keys=True, default=str)[:300]
-        raise CheckpointError(f"{path}: metadata config {shown} describes a model of {n:,} parameters, more than "
+        raise CheckpointError(f"{path}: {config_field} {shown} describes a model of {n:,} parameters, more than "
                               f"max_params={max_params:,} (pass a larger max_params if this is intended)")
     load_state_dict_strict(skeleton, sd, what=str(path), shapes_only=True)
+
+
+def validate_config(
+    arch: object,
+    scale: object,
+    config: object,
+    state_dict: object,
+    *,
+    path: object,
+    overrides: Mapping[str, Any] | None = None,
+    max_params: int = DEFAULT_MAX_PARAMS,
+    fields: Mapping[str, str] = METADATA_FIELDS,
+) -> tuple[type[SRModel], dict[str, Any]]:
+    """Check a model description read from an untrusted file before anything is built; returns
+    ``(cls, kwargs)`` to build with as ``cls(scale=scale, fused=..., **kwargs)``.
+
+    ``arch``/``scale``/``config`` (constructor options) are checked for type, against the constructor's keywords
+    and int ranges; ``state_dict`` must map str to tensors; then the options (plus ``overrides``) are compared
+    with the sizes the tensors imply, the parameter count of a model built on the ``meta`` device is checked
+    against ``max_params``, and every key and shape against that model. Any problem is one ``CheckpointError``
+    naming ``path`` and the field (``fields`` says how the messages name arch, scale and config)."""
+    cls, implied = _check_options(arch, scale, config, path, fields)
+    if not isinstance(state_dict, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state_dict.items()):
+        raise CheckpointError(f"{path}: the weights are not a dict of str -> tensor")
+    for k, v in implied.items():  # e.g. the alias rcan_bam implies bam=True
+        if k in config and config[k] != v:  # type: ignore[operator]
+            raise CheckpointError(f"{path}: {fields['config']}.{k} = {config[k]!r} contradicts "  # type: ignore[index]
+                                  f"{fields['arch']} {arch!r}, which implies {v!r}")
+    kwargs = {**implied, **config, **(overrides or {})}  # type: ignore[dict-item]
+    _check_before_building(cls, scale, kwargs, state_dict, path, max_params, fields["config"])  # type: ignore[arg-type]
+    return cls, kwargs
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -475,13 +513,14 @@ def load_pretrained(
     if info:
         if source not in ("auto", "srkernels"):
             raise ValueError(f"{path} was written by srkernels.save_pretrained; source={source!r} does not apply")
-        cls, implied = _validate_info(info, path)
+        _validate_info(info, path)
+        cls, implied = _check_options(info["arch"], info["scale"], info["config"], path, METADATA_FIELDS)
         if arch is not None and resolve(arch)[0] is not cls:
             raise ValueError(f"arch {arch!r} does not match the checkpoint's arch {info['arch']!r}")
         if scale is not None and scale != info["scale"]:
             raise ValueError(f"scale {scale} does not match the checkpoint's scale {info['scale']}")
-        kwargs = {**implied, **info["config"], **cfg}
-        _check_before_building(cls, info["scale"], kwargs, sd, path, max_params)
+        cls, kwargs = validate_config(info["arch"], info["scale"], info["config"], sd, path=path, overrides=cfg,
+                                      max_params=max_params)
         model = cls(scale=info["scale"], fused=fused, **kwargs)
         load_state_dict_strict(model, sd, what=str(path))
         return model.eval()
@@ -531,35 +570,6 @@ def _is_our_sidecar(path: Path) -> bool:
     return isinstance(side, dict) and {"arch", "scale", "config"} <= side.keys()
 
 
-def _publish_bytes(data: bytes, dst: Path, overwrite: bool) -> None:
-    """Write ``data`` to a temp file beside ``dst`` (fsynced), then move it into place: ``os.replace`` with
-    ``overwrite``, else ``os.link`` (fails if ``dst`` appeared meanwhile). Readers never see a partial file."""
-    import secrets
-
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, dst)
-            return
-        try:
-            os.link(tmp, dst)
-        except FileExistsError:
-            raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it") from None
-        except OSError:  # no hard links on this filesystem
-            if dst.exists():
-                raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it") from None
-            os.replace(tmp, dst)
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``model``'s weights to ``path`` (.safetensors, config in its metadata) and ``<stem>.json`` beside it.
 
@@ -598,8 +608,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     text = json.dumps(info, sort_keys=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     data = save_bytes(tensors, metadata={"format": "pt", _META_KEY: text})
-    p.parent.mkdir(parents=True, exist_ok=True)
-    _publish_bytes(data, p, overwrite)
+    atomic_write(p, data, overwrite=overwrite)
     if write_side:
-        _publish_bytes((json.dumps(info, indent=2, sort_keys=True) + "\n").encode(), side, True)
+        atomic_write(side, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     return p

@@ -1,4 +1,4 @@
-"""RCAN (Zhang et al. 2018) and RCAN-BAM, keys of the official yulunzhang/RCAN model (spec §4, §5).
+"""RCAN (Zhang et al. 2018) and RCAN-BAM, keys of the official yulunzhang/RCAN model (docs/architectures.md §4, §5).
 
 sub_mean -> head.0 -> body (10 residual groups of 20 RCABs + conv, each group with its own skip; then conv at
 ``body.10`` and the long skip) -> tail (Upsampler, conv) -> add_mean. ``bam=True`` swaps every RCAB's channel
@@ -135,7 +135,8 @@ class RCAN(SRModel):
         return h
 
     def forward_chop(self, x: Tensor, shave: int = 10, min_size: int = 160000) -> Tensor:
-        """Official test-time ``--chop`` forward (spec §4.5): overlapping quadrants, stitched; see ``chop``."""
+        """Official test-time ``--chop`` forward (docs/architectures.md §4.5): overlapping quadrants, stitched;
+        see ``chop``."""
         return chop(self, x, self.scale, shave=shave, min_size=min_size)
 
 

@@ -1,4 +1,4 @@
-"""RDCAB-RecursiveSRNet (HEEJOWOO, IPIU 2021) and its Split and FD & IRB versions (spec §6.2-6.4).
+"""RDCAB-RecursiveSRNet (HEEJOWOO, IPIU 2021) and its Split and FD & IRB versions (docs/architectures.md §6.2-6.4).
 
 sfe1 -> sfe2 -> B recursive blocks (``recursive_SR.{i}``), each applying ONE shared block U times and returning
 its last output and the concat of all U outputs -> gff (1x1 G0*U*B->G0, 3x3) on the concat of every block's U

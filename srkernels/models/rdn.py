@@ -1,4 +1,4 @@
-"""RDN (Zhang et al. 2018), keys of EDSR-PyTorch ``rdn.py`` (spec §6.1).
+"""RDN (Zhang et al. 2018), keys of EDSR-PyTorch ``rdn.py`` (docs/architectures.md §6.1).
 
 SFENet1 -> SFENet2 -> D residual dense blocks (outputs all kept) -> GFF (1x1 D*G0->G0, 3x3) + SFENet1 output ->
 UPNet (shuffle stages and the reconstruction conv). Config A: D=20, C=6, G=32; B: D=16, C=8, G=64; G0=64.

@@ -1,4 +1,4 @@
-"""SRDenseNet "All" (Tong et al. 2017), keys of Lornatang/SRDenseNet-PyTorch (spec §3).
+"""SRDenseNet "All" (Tong et al. 2017), keys of Lornatang/SRDenseNet-PyTorch (docs/architectures.md §3).
 
 Input: Y of the LR image in [0, 1]. conv1 (+ReLU) -> 8 dense blocks whose outputs are concatenated new-first,
 cat(block_b(X), X), so all of them reach the 1x1 bottleneck (no activation) -> deconv stages (+ReLU) -> conv3.

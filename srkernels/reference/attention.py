@@ -1,7 +1,7 @@
 """Reference attention layers, as published (state_dict keys of the upstream modules).
 
 - ``ChannelAttention``: RCAN's CALayer (keys ``conv_du.0``, ``conv_du.2``); ``pool="avg+std"`` gives the
-  contrast-aware variant of the RDCAB Split / FD-IRB models (spec §6.3).
+  contrast-aware variant of the RDCAB Split / FD-IRB models (docs/architectures.md §6.3).
 - ``BalancedAttention``: BAM (ACAM x MSAM) as in super-image's BamBlock (keys ``ca.fc1``, ``ca.relu1``,
   ``ca.fc2``, ``sa.conv1``).
 - ``RCAB``: conv-ReLU-conv-attention + identity (keys ``body.0``, ``body.2``, ``body.3.*``).

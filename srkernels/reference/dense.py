@@ -2,7 +2,7 @@
 
 - ``ResidualDenseBlock``: RDN's RDB (keys ``convs.{c}.conv.0``, ``LFF``).
 - ``RDCAB``: RDCAB-RecursiveSRNet's residual dense channel-attention block (keys ``layers.{c}.conv``,
-  ``conv_du.{0,2}``, ``lff``); ``forward(x, residual)`` also adds the recursion's input (spec §6.2).
+  ``conv_du.{0,2}``, ``lff``); ``forward(x, residual)`` also adds the recursion's input (docs/architectures.md §6.2).
 - ``SRDenseBlock``: SRDenseNet's dense block (keys ``conv1`` .. ``conv{L}``), returns only the new features.
 - ``SplitBlock``: the Split version's distillation block (keys ``layer{k}.0``, ``lff``, ``conv_du``; §6.3).
 - ``FDIRB``: the FD & IRB version's feature-distillation block (keys ``layer{k}``, ``layer{k}_sub``, ``lff``,
@@ -130,7 +130,7 @@ class SRDenseBlock(nn.Module):
 
 
 class SplitBlock(nn.Module):
-    """RDCAB Split version block (``DRRDB``'s ``RDCAB``; spec §6.3).
+    """RDCAB Split version block (``DRRDB``'s ``RDCAB``; docs/architectures.md §6.3).
 
     layer_k (conv + ReLU, C out) sees cat(x, rem_1..rem_{k-1}); its output splits into d = C*rate distilled and
     C-d remaining channels (rem_L is unused). cat(distilled) -> 1x1 ``lff`` -> contrast-aware CA (mean + std
@@ -174,7 +174,7 @@ class SplitBlock(nn.Module):
 
 
 class FDIRB(nn.Module):
-    """RDCAB FD & IRB version block (``DRRDB``'s ``RDCAB``; spec §6.4).
+    """RDCAB FD & IRB version block (``DRRDB``'s ``RDCAB``; docs/architectures.md §6.4).
 
     Refine: l_0 = x, l_k = relu(layer_k(cat(x, l_1..l_{k-1})) + l_{k-1}) for k < L (C out); layer_L maps the
     full concat to S channels with no ReLU and no residual. Retain: 1x1 ``layer{k}_sub`` C->S for k < L, where

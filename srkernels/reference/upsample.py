@@ -15,14 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._validate import positive_int as _positive_int
+
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DIV2K_RGB_STD = (1.0, 1.0, 1.0)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _odd_kernel(kernel_size: object) -> int:
@@ -50,8 +46,8 @@ class MeanShift(nn.Conv2d):
     """``y = x / std + sign * rgb_range * mean / std`` as a 1x1 conv, initialised as upstream.
 
     Upstream writes ``self.requires_grad = False``, which only sets a plain attribute: the weight and bias stay
-    trainable and the official trainers optimise them (spec §4.4). So they are ordinary parameters here and a
-    checkpoint's values, not these initial ones, are what a loaded model uses.
+    trainable and the official trainers optimise them (docs/architectures.md §4.4). So they are ordinary
+    parameters here and a checkpoint's values, not these initial ones, are what a loaded model uses.
     """
 
     def __init__(

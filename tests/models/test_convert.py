@@ -1,7 +1,7 @@
 """Checkpoint converters: synthetic files in each upstream layout and container, round trips, bad files.
 
-Upstream files are made by renaming our own keys into the upstream names listed in the spec and saving them in
-the upstream container (raw state_dict, Lornatang ``.pth.tar`` dict, BasicSR ``params``/``params_ema``, ...).
+Upstream files are made by renaming our own keys into the upstream names listed in docs/architectures.md and
+saving them in the upstream container (raw state_dict, Lornatang ``.pth.tar`` dict, BasicSR ``params``/``params_ema``, ...).
 The optional peer test builds super-image's own ``RcanModel`` (skipped when super-image is not installed).
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def test_dataparallel_prefix_is_removed(tmp_path):
 
 def test_loaded_meanshift_values_come_from_the_file(tmp_path):
     src = build("rcan", 2, fused=False, **SMALL_RCAN)
-    with torch.no_grad():  # trained MeanShift drifts away from its init (spec §4.4)
+    with torch.no_grad():  # trained MeanShift drifts away from its init (docs/architectures.md §4.4)
         src.sub_mean.bias.add_(3.0)
         src.add_mean.weight.mul_(1.1)
     path = tmp_path / "drift.pt"

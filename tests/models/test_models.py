@@ -1,4 +1,4 @@
-"""Model zoo: parameter counts and keys against the spec tables, scale checks, forward semantics, fused parity.
+"""Model zoo: parameter counts and keys against docs/architectures.md, scale checks, forward semantics, fused parity.
 
 Counts and key lists are checked on the meta device (no memory, no init cost); forwards use tiny inputs and,
 except where a published configuration is the point, shrunken depths.
@@ -29,7 +29,7 @@ def shapes(m):
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
-# ------------------------------------------------------------------------------- counts (spec tables)
+# ------------------------------------------------------------------ counts (docs/architectures.md)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,8 @@ RDN_B = {2: 22_123_395, 3: 22_308_035, 4: 22_271_107}
 
 
 def rdn_param_formula(scale, d, c, g, g0=64, n_colors=3):
-    """Parameter count of the EDSR-PyTorch topology, from the layer list in the spec (independent of the code)."""
+    """Parameter count of the EDSR-PyTorch topology, from the layer list in docs/architectures.md §6.1
+    (independent of the code)."""
     conv = lambda cin, cout, k: cin * cout * k * k + cout  # noqa: E731
     total = conv(n_colors, g0, 3) + conv(g0, g0, 3)
     rdb = sum(conv(g0 + i * g, g, 3) for i in range(c)) + conv(g0 + c * g, g0, 1)

@@ -44,7 +44,8 @@ def test_fused_upsamplers_match_reference(layer, args, fmt):
 def test_fold_mean_shift_is_exact(meanshift, scale):
     torch.manual_seed(1)
     model = build("rcan", scale, fused=True, n_resgroups=1, n_resblocks=2, meanshift=meanshift).eval()
-    with torch.no_grad():  # trained MeanShifts drift (spec §4.4): fold a non-identity, non-diagonal one
+    # trained MeanShifts drift (docs/architectures.md §4.4): fold a non-identity, non-diagonal one
+    with torch.no_grad():
         for ms in (model.sub_mean, model.add_mean):
             ms.weight.add_(0.05 * torch.randn_like(ms.weight))
             ms.bias.add_(torch.randn_like(ms.bias))

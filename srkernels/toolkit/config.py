@@ -16,7 +16,7 @@ silently ignored setting::
 
 A dataset entry (``data.train``, each of ``data.val``) is one of
 ``{hr_dir, lr_dir?}`` (a folder of HR images; LR made on the fly with MATLAB bicubic when ``lr_dir`` is
-absent), ``{root, set, split?}`` (``srkernels.data.find_dataset_dirs``) or ``{skimage: [names]}`` (photographs
+absent), ``{root, set, split?}`` (``srkernels.toolkit.data.find_dataset_dirs``) or ``{skimage: [names]}`` (photographs
 bundled with scikit-image, see ``sample_data``), plus optional ``name``, ``limit`` (first N images) and
 ``cache_dir`` (where on-the-fly LR images are cached).
 
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from .._validate import is_int as _is_int
 
 LOSSES = ("l1", "mse")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -121,6 +123,13 @@ def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
     out = []
     for o in overrides:
@@ -133,7 +142,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
         try:
             val = yaml.safe_load(v) if v.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {o!r}: value is not valid YAML: {e}") from None
+            raise ConfigError(f"override {o!r}: value is not valid YAML: {_yaml_problem(e)}") from None
         out.append((k, val))
     return out
 
@@ -145,7 +154,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -178,10 +187,6 @@ def load_config(
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The training loop: config in, run directory out (see ``engine.config`` for the config, ``python/README.md``
+"""The training loop: config in, run directory out (see ``toolkit.config`` for the config, ``python/README.md``
 for the standard recipes).
 
 What a run does, per iteration: one batch of aligned LR/HR patches -> model (optionally under bf16/fp16
@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..data import PairedImageFolder, _atomic_write
+from .._io import atomic_write
+from ..models import save_pretrained
+from .data import PairedImageFolder
 from . import checkpoint as ckpt_io
 from .config import ConfigError, dump_yaml, load_config, read_yaml, resume_differences
 from .evaluate import DatasetSpec, evaluate, resolve_dataset
@@ -253,7 +255,7 @@ class _CsvLog:
         w = csv.DictWriter(buf, self.fields)
         w.writeheader()
         w.writerows(rows)
-        _atomic_write(self.path, lambda f: f.write(buf.getvalue().encode()))
+        atomic_write(self.path, buf.getvalue().encode())
 
     def write(self, row: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -274,13 +276,6 @@ def _tensorboard(run_dir: Path, enabled: bool):
     except Exception:  # tensorboard is optional; the CSV logs always exist
         return None
     return SummaryWriter(str(run_dir / "tb"))
-
-
-def _save_pretrained_atomic(model: nn.Module, path: Path, overwrite: bool = True) -> None:
-    """``save_pretrained`` (each file written atomically), replacing an earlier save unless not ``overwrite``."""
-    from ..models import save_pretrained
-
-    save_pretrained(model, path, overwrite=overwrite)
 
 
 def _resolve_train_data(cfg: Mapping[str, Any], run_dir: Path, scale: int, y_only: bool) -> PairedImageFolder:
@@ -309,7 +304,7 @@ def _prepare_run_dir(cfg: dict[str, Any], run_dir: Path, resume: bool, d: _Dist)
         )
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(saved, lambda f: f.write(dump_yaml(cfg).encode()))
+        atomic_write(saved, dump_yaml(cfg).encode())
     return cfg
 
 
@@ -359,7 +354,15 @@ def train(
             run_cfg = _prepare_run_dir(cfg, run_dir, False, d)  # type: ignore[arg-type]
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
             raise ValueError(f"stop_after must be a positive int, got {stop_after!r}")
-        return _Trainer(run_cfg, run_dir, d, resume, stop_after, progress).run()
+        try:
+            trainer = _Trainer(run_cfg, run_dir, d, resume, stop_after, progress)
+        except BaseException:
+            # a fresh run that fails while setting up (a data folder not found, a bad model option) has done
+            # nothing yet: drop its config.yaml, so that the corrected command starts it without --resume
+            if not resume and d.main and not ckpt_io.list_checkpoints(run_dir):
+                (run_dir / "config.yaml").unlink(missing_ok=True)
+            raise
+        return trainer.run()
     finally:
         if d.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -489,6 +492,9 @@ class _Trainer:
         if got is None:
             raise ValueError(f"cannot resume: no readable checkpoint in {ckpt_io.checkpoint_dir(self.run_dir)}")
         ck, path = got
+        missing = [k for k in ("params", "optimizer", "iteration", "epoch", "step_in_epoch", "rng") if k not in ck]
+        if missing:
+            raise ValueError(f"cannot resume from {path}: it has no {', '.join(missing)}")
         from ..models.convert import load_state_dict_strict
 
         load_state_dict_strict(self.model, ck["params"], what=str(path))
@@ -526,7 +532,7 @@ class _Trainer:
         lr = lr.to(self.device, non_blocking=True)
         hr = hr.to(self.device, non_blocking=True)
         if self.pre_upsample:
-            from ..data import imresize
+            from .data import imresize
 
             lr = imresize(lr, self.scale)
             if self.border:  # paper-style "valid" SRCNN: the ground truth loses the border the convs eat
@@ -579,7 +585,7 @@ class _Trainer:
         mean_psnr = sum(r.psnr for r in res) / len(res)
         if mean_psnr > self.best["psnr"]:
             self.best = {"psnr": mean_psnr, "iteration": self.iteration}
-            _save_pretrained_atomic(net, self.run_dir / "best.safetensors")
+            save_pretrained(net, self.run_dir / "best.safetensors", overwrite=True)
         return res
 
     # -- loop ----------------------------------------------------------------------------------------------
@@ -652,7 +658,7 @@ class _Trainer:
                         break
             if self.iteration >= total and self.d.main:
                 final = self.ema.model(self.model) if self.ema else self.model
-                _save_pretrained_atomic(final, self.run_dir / "model.safetensors")
+                save_pretrained(final, self.run_dir / "model.safetensors", overwrite=True)
         finally:
             if bar is not None:
                 bar.close()

@@ -59,7 +59,7 @@ def materialize(names: list[str] | tuple[str, ...], folder: str | os.PathLike) -
     pixels is kept, one with other content is an error rather than being overwritten). Returns ``folder``."""
     from PIL import Image
 
-    from ..data import _atomic_write
+    from .._io import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def materialize(names: list[str] | tuple[str, ...], folder: str | os.PathLike) -
             if old.shape == img.shape and np.array_equal(old, img):
                 continue
             raise ValueError(f"{path} exists with different content; refusing to overwrite it")
-        _atomic_write(path, lambda f, img=img: Image.fromarray(img).save(f, format="PNG"))
+        atomic_write(path, lambda f, img=img: Image.fromarray(img).save(f, format="PNG"))
     return folder
 
 

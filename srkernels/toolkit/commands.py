@@ -18,29 +18,49 @@ class UserError(Exception):
     """A problem with the command's input: printed as one line, exit status 2."""
 
 
+# what a command reports in one line (exit status 2) instead of a traceback: bad arguments and files
+# (ValueError, TypeError, including CheckpointError and ConfigError), files that cannot be read or written
+# (OSError), and what an input too large for the machine causes (MemoryError; RuntimeError is how torch
+# reports a failed allocation, and also its other refusals of an input)
+USER_ERRORS = (UserError, ValueError, TypeError, OSError, RuntimeError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (some messages list several problems, one per line)."""
+    msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).replace(":;", ":")
+    return f"{type(e).__name__}: {msg}" if isinstance(e, (MemoryError, RuntimeError)) or not msg else msg
+
+
 def _fail(prog: str, e: BaseException) -> int:
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
     return 2
 
 
-def _positive(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if i <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return i
+def _int_arg(minimum: int, what: str):
+    """An argparse ``type``: an integer >= ``minimum`` (``what`` names it in the error)."""
+    def parse(v: str) -> int:
+        try:
+            i = int(v)
+        except ValueError:
+            i = None
+        if i is None or i < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+        return i
+
+    return parse
 
 
-def _nonneg(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
-    if i < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
-    return i
+_positive = _int_arg(1, "a positive integer")
+_nonneg = _int_arg(0, "an integer >= 0")
+
+
+def _parse(args: Any, argv: Sequence[str] | None, prog: str, add_arguments, description: str) -> Any:
+    """``args`` as parsed by ``srkernels <command>`` (cli.py), or ``argv`` parsed here (standalone scripts)."""
+    if args is not None:
+        return args
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(p)
+    return p.parse_args(argv)
 
 
 def _device(name: str) -> torch.device:
@@ -73,7 +93,6 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
-    from .config import ConfigError
     from .trainer import train
 
     args = train_parser(prog).parse_args(argv)
@@ -84,7 +103,7 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
     try:
         res = train(args.config, overrides=args.overrides, output_dir=args.output_dir, resume=args.resume,
                     stop_after=args.stop_after, progress=not args.no_progress)
-    except (ConfigError, ValueError, FileNotFoundError, TypeError) as e:
+    except (*USER_ERRORS, FloatingPointError) as e:  # FloatingPointError: the loss diverged
         return _fail(prog, e)
     if int(os.environ.get("RANK", "0")) == 0:
         best = res.best.get("psnr")
@@ -108,7 +127,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="auto", help="upstream layout for load_pretrained (default: auto)")
     p.add_argument("--data", "-d", nargs="+", default=[], metavar="DIR",
                    help="folders of HR images (LR made with MATLAB bicubic), or skimage:NAME,NAME,...")
-    p.add_argument("--root", help="benchmark root for --sets (layouts of srkernels.data.folder_layouts)")
+    p.add_argument("--root", help="benchmark root for --sets (layouts of srkernels.toolkit.data.folder_layouts)")
     p.add_argument("--sets", nargs="+", default=[], metavar="SET", help="e.g. Set5 Set14 B100 Urban100 (with --root)")
     p.add_argument("--self-ensemble", action="store_true", help="x8 flip/transpose self-ensemble (RCAN+)")
     p.add_argument("--chop", action="store_true", help="official RCAN chop forward (10 px shave, 160000 px tiles)")
@@ -154,11 +173,8 @@ def eval_main(argv: Sequence[str] | None = None, prog: str = "test.py", args: An
     from .checkpoint import load_model
     from .evaluate import evaluate, evaluate_bicubic, markdown_table, resolve_dataset
 
-    if args is None:
-        p = argparse.ArgumentParser(prog=prog, description="Evaluate SR checkpoints: Markdown table of Y PSNR/SSIM "
-                                    "(crop = scale) per set and scale, with a bicubic column.")
-        add_eval_arguments(p)
-        args = p.parse_args(argv)
+    args = _parse(args, argv, prog, add_eval_arguments, "Evaluate SR checkpoints: Markdown table of Y PSNR/SSIM "
+                  "(crop = scale) per set and scale, with a bicubic column.")
     try:
         if not args.data and not args.sets:
             raise UserError("nothing to evaluate on: give --data DIR... and/or --root ROOT --sets SET...")
@@ -190,7 +206,7 @@ def eval_main(argv: Sequence[str] | None = None, prog: str = "test.py", args: An
             if model.scale not in done_scales and not args.no_bicubic:
                 bicubic += evaluate_bicubic(specs, model.scale, y_coeffs=args.y_coeffs, quantize=args.quantize)
                 done_scales.add(model.scale)
-    except (UserError, ValueError, FileNotFoundError, TypeError) as e:
+    except USER_ERRORS as e:
         return _fail(prog, e)
     opts = [f"Y {args.y_coeffs}", "crop = scale", "uint8-quantised SR" if args.quantize else "float SR"]
     if args.self_ensemble:
@@ -287,7 +303,7 @@ def _resolve_model(args) -> torch.nn.Module:
 
 
 def _plan(args, scale: int) -> list[tuple[Path, Path]]:
-    from ..data import IMAGE_EXTENSIONS
+    from .data import IMAGE_EXTENSIONS
 
     src = Path(args.input)
     if not src.exists():
@@ -331,33 +347,8 @@ def _plan(args, scale: int) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _publish(write, dst: Path, overwrite: bool) -> None:
-    """``write(tmp_path)`` into a temp file beside ``dst``, then move it into place: ``os.replace`` with
-    ``overwrite``, otherwise ``os.link``, which fails if ``dst`` appeared since the up-front check."""
-    from ..data import temp_path
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dst, dst.suffix)  # recognised (and removed once its writer is dead) by later runs
-    try:
-        write(tmp)
-        if overwrite:
-            os.replace(tmp, dst)
-            return
-        try:
-            os.link(tmp, dst)
-        except FileExistsError:
-            raise UserError(f"output exists: {dst}; pass --overwrite to replace") from None
-        except OSError:  # a filesystem without hard links: check again, then rename
-            if dst.exists():
-                raise UserError(f"output exists: {dst}; pass --overwrite to replace") from None
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _upscale_file(up, src: Path, dst: Path, bar, overwrite: bool) -> None:
-    from ..data import imresize, load_image, save_image, to_uint8
+    from .data import imresize, load_image, save_image, to_uint8
 
     img = load_image(src, mode=None)  # keeps grey / grey+alpha / RGB / RGBA
     c = img.shape[0]
@@ -368,25 +359,25 @@ def _upscale_file(up, src: Path, dst: Path, bar, overwrite: bool) -> None:
     if c in (2, 4):  # alpha is upsampled with bicubic, not by the network
         alpha = to_uint8(imresize(img[c - 1:c], up.scale).clamp(0, 1))
         out = torch.cat([out, alpha], 0)
-    _publish(lambda tmp: save_image(out, tmp), dst, overwrite)
+    try:  # atomic; without overwrite, a file that appeared since the up-front check is not replaced either
+        save_image(out, dst, overwrite=overwrite)
+    except FileExistsError:
+        raise UserError(f"output exists: {dst}; pass --overwrite to replace") from None
 
 
 def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upscale", args: Any = None) -> int:
     from .inference import Upscaler
 
-    if args is None:
-        p = argparse.ArgumentParser(prog=prog, description="Upscale an image or a folder of images")
-        add_upscale_arguments(p)
-        args = p.parse_args(argv)
+    args = _parse(args, argv, prog, add_upscale_arguments, "Upscale an image or a folder of images")
     try:
         device = _device(args.device)
         model = _resolve_model(args).to(device)
         pairs = _plan(args, model.scale)
         up = Upscaler(model, tile=None if args.no_tile else args.tile, overlap=args.overlap,
                       ensemble=args.self_ensemble, dtype=DTYPES[args.dtype])
-    except (UserError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
+    except USER_ERRORS as e:
         return _fail(prog, e)
-    from ..data import remove_stale_temp_files
+    from .._io import remove_stale_temp_files
 
     for folder in sorted({dst.parent for _, dst in pairs}):
         for p in remove_stale_temp_files(folder):  # left by an earlier run that was killed mid-write
@@ -408,9 +399,9 @@ def upscale_main(argv: Sequence[str] | None = None, prog: str = "srkernels upsca
                 bar = tqdm(total=total, desc=src.name, unit="tile", leave=False, file=sys.stderr)
             _upscale_file(up, src, dst, bar, args.overwrite)
             print(f"{src} -> {dst}")
-        except (UserError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # RuntimeError: e.g. OOM
+        except USER_ERRORS as e:  # one image failing (unreadable, too large) does not stop the others
             failures.append(src)
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         finally:
             if bar is not None:
                 bar.close()
@@ -433,14 +424,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels convert", args: Any = None) -> int:
-    from ..models.convert import CheckpointError
+    from ..models import save_pretrained
     from .checkpoint import load_model
-    from .trainer import _save_pretrained_atomic
 
-    if args is None:
-        p = argparse.ArgumentParser(prog=prog, description="Convert a checkpoint to srkernels safetensors")
-        add_convert_arguments(p)
-        args = p.parse_args(argv)
+    args = _parse(args, argv, prog, add_convert_arguments, "Convert a checkpoint to srkernels safetensors")
     try:
         out = Path(args.output)
         if out.suffix != ".safetensors":
@@ -448,8 +435,8 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "srkernels conve
         if not args.overwrite and (out.exists() or out.with_suffix(".json").exists()):
             raise UserError(f"output exists: {out} (or its .json); pass --overwrite to replace")
         model = load_model(args.input, args.model, args.scale, source=args.source, fused=False)
-        _save_pretrained_atomic(model, out, overwrite=args.overwrite)
-    except (UserError, CheckpointError, ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
+        save_pretrained(model, out, overwrite=args.overwrite)
+    except USER_ERRORS as e:
         return _fail(prog, e)
     print(f"{args.input} -> {out} ({type(model).__name__} x{model.scale})")
     return 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import _atomic_write
+from .._io import atomic_write
 
 FORMAT = "srkernels-train"
 VERSION = 1
@@ -65,25 +65,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temp file in the same directory + fsync + ``os.replace`` (data._atomic_write),
-    then an fsync of the directory so that the rename itself survives a crash."""
-    path = Path(path)
-    _atomic_write(path, lambda f: torch.save(obj, f))
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save`` through ``srkernels._io.atomic_write`` (temp file + fsync + ``os.replace``), then an fsync
+    of the directory so that the rename itself survives a crash."""
+    return atomic_write(path, lambda f: torch.save(obj, f), sync_dir=True)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -118,21 +102,33 @@ def save_checkpoint(state: Mapping[str, Any], run_dir: str | os.PathLike, iterat
 
 
 def verify_integrity(path: str | os.PathLike) -> None:
-    """Check every member of a torch zip checkpoint against its stored CRC-32 (a ValueError names the first
-    damaged one): ``torch.load`` itself does not, so a flipped bit in a tensor would load silently."""
+    """Check every member of a torch zip checkpoint against its stored CRC-32 (a ``CheckpointError``, which is a
+    ValueError, names the first damaged one): ``torch.load`` itself does not, so a flipped bit in a tensor would
+    load silently."""
     import zipfile
+
+    from ..models.convert import CheckpointError
 
     p = Path(path)
     try:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
-        raise ValueError(f"cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {e}") from e
     if bad is not None:
-        raise ValueError(f"checkpoint {p} is corrupt: {bad} does not match its CRC-32")
+        raise CheckpointError(f"checkpoint {p} is corrupt: {bad} does not match its CRC-32")
+
+
+# the types of the fields a resume reads (an untrusted file could hold anything there)
+_STATE_FIELDS = {"config": dict, "iteration": int, "epoch": int, "step_in_epoch": int, "params": dict,
+                 "optimizer": dict, "rng": list}
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The training checkpoint at ``path``: CRC-checked, loaded with ``weights_only``, its fields' types
+    checked (a ``CheckpointError``, which is a ValueError, says what is wrong)."""
+    from ..models.convert import CheckpointError
+
     p = Path(path)
     verify_integrity(p)
     try:
@@ -141,8 +137,14 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{p} is not an srkernels training checkpoint")
-    if obj.get("version", 0) > VERSION:
+    version = obj.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{p}: field version must be an int, got {version!r}")
+    if version > VERSION:
         raise ValueError(f"{p}: checkpoint version {obj['version']} is newer than this srkernels")
+    for k, kind in _STATE_FIELDS.items():  # what resume reads; the model's own fields: model_from_checkpoint
+        if k in obj and (isinstance(obj[k], bool) or not isinstance(obj[k], kind)):
+            raise CheckpointError(f"{p}: field {k} must be a {kind.__name__}, got {type(obj.get(k)).__name__}")
     return obj
 
 
@@ -166,15 +168,36 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
     return p.suffix == ".pt" and _NAME.fullmatch(p.name) is not None
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any], *, fused: bool = True, ema: bool = True) -> nn.Module:
-    """The model of a training checkpoint (EMA weights when present and ``ema``), in eval mode."""
-    from ..models import build
-    from ..models.convert import load_state_dict_strict
+# how CheckpointErrors name the fields of a training checkpoint that describe its model
+_MODEL_FIELDS = {"arch": "field config.model.name", "scale": "field config.model.scale",
+                 "config": "field config.model.args"}
 
-    m = ckpt["config"]["model"]
-    model = build(m["name"], m["scale"], fused=fused, **m["args"])
-    sd = ckpt["params_ema"] if ema and ckpt.get("params_ema") is not None else ckpt["params"]
-    load_state_dict_strict(model, sd, what="training checkpoint")
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], *, fused: bool = True, ema: bool = True, path: object = "",
+                          max_params: int | None = None) -> nn.Module:
+    """The model of a training checkpoint (EMA weights when present and ``ema``), in eval mode.
+
+    The file is untrusted like any weights file: its model description is checked as ``load_pretrained`` checks
+    safetensors metadata (``srkernels.models.convert.validate_config``: types, the constructor's options, the
+    tensors' sizes, ``max_params``) before anything is built; a problem is a ``CheckpointError`` naming it."""
+    from ..models.convert import DEFAULT_MAX_PARAMS, CheckpointError, load_state_dict_strict, validate_config
+
+    where = path or "training checkpoint"
+    cfg = ckpt.get("config")
+    m = cfg.get("model") if isinstance(cfg, Mapping) else None
+    if not isinstance(m, Mapping):
+        raise CheckpointError(f"{where}: field config.model must be a dict, got {type(m).__name__}")
+    for k in ("name", "scale", "args"):
+        if k not in m:
+            raise CheckpointError(f"{where}: field config.model.{k} is missing")
+    key = "params_ema" if ema and ckpt.get("params_ema") is not None else "params"
+    sd = ckpt.get(key)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{where}: field {key} must be a dict of tensors, got {type(sd).__name__}")
+    cls, kwargs = validate_config(m["name"], m["scale"], m["args"], sd, path=where, fields=_MODEL_FIELDS,
+                                  max_params=DEFAULT_MAX_PARAMS if max_params is None else max_params)
+    model = cls(scale=m["scale"], fused=fused, **kwargs)
+    load_state_dict_strict(model, sd, what=str(where))
     return model.eval()
 
 
@@ -185,11 +208,16 @@ def load_model(
     *,
     source: str = "auto",
     fused: bool = True,
+    max_params: int | None = None,
     **cfg: Any,
 ) -> nn.Module:
     """Any weights the library knows, as a model in eval mode: a training run directory (its newest good
     checkpoint), a training checkpoint ``iter_*.pt``, a ``save_pretrained`` safetensors file, or an
-    upstream checkpoint (``srkernels.models.load_pretrained``: needs ``model`` and ``scale``)."""
+    upstream checkpoint (``srkernels.models.load_pretrained``: needs ``model`` and ``scale``).
+
+    Every file is untrusted: a zip-format ``.pt`` is checked against its CRC-32s before ``torch.load`` (a
+    damaged file is a ``CheckpointError``, never loaded silently), and the model a file describes is checked
+    before it is built (``max_params``: see ``load_pretrained``)."""
     from ..models import load_pretrained, resolve
 
     if not isinstance(path, (str, os.PathLike)):
@@ -202,19 +230,24 @@ def load_model(
         got = load_latest(p)
         if got is None:
             raise ValueError(f"{p} is a directory without readable training checkpoints")
-        ckpt = got[0]
+        ckpt, where = got
     elif p.suffix == ".pt":
+        import zipfile
+
+        if zipfile.is_zipfile(p):  # what resume does: the CRCs first, torch.load does not check them
+            verify_integrity(p)
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception:
             obj = None  # not ours or unreadable: load_pretrained gives the precise error
         if isinstance(obj, dict) and obj.get("format") == FORMAT:
-            ckpt = obj
-    if ckpt is not None:
-        m = ckpt["config"]["model"]
-        if model is not None and resolve(model)[0] is not resolve(m["name"])[0]:
-            raise ValueError(f"--model {model!r} does not match the checkpoint's model {m['name']!r}")
-        if scale is not None and scale != m["scale"]:
-            raise ValueError(f"scale {scale} does not match the checkpoint's scale {m['scale']}")
-        return model_from_checkpoint(ckpt, fused=fused)
-    return load_pretrained(model, p, scale, source, fused=fused, **cfg)
+            ckpt, where = obj, p
+    limit = {} if max_params is None else {"max_params": max_params}
+    if ckpt is None:
+        return load_pretrained(model, p, scale, source, fused=fused, **limit, **cfg)
+    net = model_from_checkpoint(ckpt, fused=fused, path=where, max_params=max_params)
+    if model is not None and resolve(model)[0] is not type(net):
+        raise ValueError(f"--model {model!r} does not match the checkpoint's model {ckpt['config']['model']['name']!r}")
+    if scale is not None and scale != net.scale:
+        raise ValueError(f"scale {scale} does not match the checkpoint's scale {net.scale}")
+    return net

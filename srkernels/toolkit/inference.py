@@ -1,10 +1,11 @@
 """Inference: any zoo model as an RGB [0, 1] -> RGB [0, 1] upscaler, with tiling, self-ensemble and chop.
 
-The models differ in what they eat (spec §1.4): SRCNN takes the Y channel of the *bicubic-upsampled* LR,
-SRDenseNet the Y of the LR, RCAN/RDN RGB on [0, 1] or [0, 255]. :class:`Upscaler` hides this:
+The models differ in what they eat (docs/architectures.md §1.4): SRCNN takes the Y channel of the
+*bicubic-upsampled* LR, SRDenseNet the Y of the LR, RCAN/RDN RGB on [0, 1] or [0, 255]. :class:`Upscaler`
+hides this:
 
 * ``y_only`` models (``in_channels == 1``) run on Y (BT.601, or the typo convention if asked); for an RGB
-  result Cb/Cr are upsampled with MATLAB bicubic (``srkernels.data.imresize``) and merged back.
+  result Cb/Cr are upsampled with MATLAB bicubic (``srkernels.toolkit.data.imresize``) and merged back.
 * pre-upsampling models (SRCNN) get ``imresize(lr, scale)`` as input; with ``padding="valid"`` that input is
   edge-padded so the output still covers the whole image.
 * the input is multiplied by ``model.input_range`` (255 for official RCAN weights) and the output divided.
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import dihedral, imresize
-from ..metrics import Y_COEFFS
+from .data import dihedral, imresize
+from .metrics import Y_COEFFS
 
 __all__ = ["Upscaler", "rgb_to_ycbcr", "ycbcr_to_rgb", "tiled", "tile_spans", "self_ensemble"]
 
@@ -278,7 +279,7 @@ class Upscaler:
         if x.shape[1] != 3:
             raise ValueError(f"lr must be RGB [N, 3, H, W], got {x.shape[1]} channels")
         if out_dtype == torch.uint8:
-            from ..data import to_uint8
+            from .data import to_uint8
 
             convert = lambda t: to_uint8(t.cpu())  # noqa: E731
         elif out_dtype.is_floating_point:

@@ -1,6 +1,6 @@
 """PSNR and SSIM the way SR papers compute them (MATLAB ``Evaluate_PSNR_SSIM.m`` / BasicSR conventions).
 
-Convention of the library's tables (``engine`` evaluation, README numbers):
+Convention of the library's tables (``toolkit.evaluate``, README numbers):
 
 * Y channel of BT.601 "MATLAB rgb2ycbcr" (``coeffs="bt601"``: ``Y = 16 + (65.481 R + 128.553 G + 24.966 B)/255``
   with R, G, B in [0, 255]), kept in float (not rounded);

@@ -1,6 +1,6 @@
 """Evaluation: PSNR/SSIM of models (and of plain bicubic) on folders of images, and the Markdown table.
 
-Convention (``srkernels.metrics``): Y channel, ``crop_border = scale``, float SR clamped to [0, 1] (rounded
+Convention (``srkernels.toolkit.metrics``): Y channel, ``crop_border = scale``, float SR clamped to [0, 1] (rounded
 to uint8 levels with ``quantize=True``, as official RCAN), BT.601 Y (or the ``typo64738`` Y of yjn870 /
 HEEJOWOO / super-image). Y-only models (SRCNN, SRDenseNet) are measured on the Y they predict. The bicubic
 column is MATLAB ``imresize(lr, s)`` (float) measured the same way.
@@ -15,8 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data import PairedImageFolder, find_dataset_dirs, imresize
-from ..metrics import psnr, rgb_to_y, ssim
+from .data import PairedImageFolder, find_dataset_dirs, imresize
+from .metrics import psnr, rgb_to_y, ssim
 from .inference import Upscaler
 
 __all__ = ["DatasetSpec", "SetResult", "resolve_dataset", "evaluate", "evaluate_bicubic", "markdown_table"]
@@ -44,7 +44,7 @@ class SetResult:
 
 def resolve_dataset(entry: Mapping[str, Any] | str | os.PathLike, scale: int, *, cache_root: str | os.PathLike | None = None,
                     split: str = "valid") -> DatasetSpec:
-    """A config dataset entry (see ``engine.config``) or a plain HR folder path -> :class:`DatasetSpec`.
+    """A config dataset entry (see ``toolkit.config``) or a plain HR folder path -> :class:`DatasetSpec`.
     ``skimage:name1,name2`` (string) or ``{skimage: [...]}`` writes the bundled photographs to ``cache_root``."""
     from . import sample_data
 

@@ -39,7 +39,6 @@ import math
 import numbers
 import os
 import re
-import secrets
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,6 +46,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from .._io import atomic_write
+from .._validate import int_at_least
 
 __all__ = [
     "imresize",
@@ -354,74 +356,12 @@ def load_image(
     return arr.to(dtype) / 255.0
 
 
-# temp files of the atomic writers: ".<name>.<pid>.<8 hex>.tmp[<.ext>]" beside the target (the pid of the
-# writing process lets a later run recognise the leftovers of a killed writer: remove_stale_temp_files)
-_TMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?:\.[A-Za-z0-9]+)?")
-
-
-def temp_path(path: Path, suffix: str = "") -> Path:
-    """A fresh temp file name beside ``path`` that ``remove_stale_temp_files`` recognises."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a pid we wrote: leave the file alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):
-        return True
-    return True
-
-
-def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temp files our atomic writers left in ``directory`` when killed (``kill -9``, power loss):
-    those named by ``temp_path`` whose writing process (on this machine) no longer runs. Returns them."""
-    d = Path(directory)
-    removed: list[Path] = []
-    try:
-        entries = list(d.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        m = _TMP_RE.fullmatch(p.name)
-        if m is None or int(m.group("pid")) == os.getpid() or _pid_alive(int(m.group("pid"))):
-            continue
-        try:
-            if p.is_file() and not p.is_symlink():
-                p.unlink()
-                removed.append(p)
-        except OSError:
-            pass
-    return removed
-
-
-def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    """Write through a temporary file in the same directory, then os.replace: readers (and a crash) never
-    see a partial file. The temp file is created with the default permissions (umask), unlike mkstemp."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def save_image(img: Tensor, path: str | os.PathLike, *, data_range: float = 1.0, **pil_kwargs) -> None:
-    """Write a [C, H, W] (C = 1, 2 (grey+alpha), 3, 4), [1, C, H, W] or [H, W] tensor as an 8-bit image, atomically (temp
-    file + os.replace). Float images on [0, data_range] are rounded half away from zero and saturated, as
-    MATLAB's uint8 conversion; uint8 tensors are written as they are. Format from the file extension."""
+def save_image(img: Tensor, path: str | os.PathLike, *, data_range: float = 1.0, overwrite: bool = True,
+               **pil_kwargs) -> None:
+    """Write a [C, H, W] (C = 1, 2 (grey+alpha), 3, 4), [1, C, H, W] or [H, W] tensor as an 8-bit image, atomically
+    (``srkernels._io.atomic_write``; ``overwrite=False``: FileExistsError if ``path`` exists). Float images on
+    [0, data_range] are rounded half away from zero and saturated, as MATLAB's uint8 conversion; uint8 tensors
+    are written as they are. Format from the file extension."""
     from PIL import Image
 
     if not isinstance(img, Tensor):
@@ -444,7 +384,7 @@ def save_image(img: Tensor, path: str | os.PathLike, *, data_range: float = 1.0,
         t = to_uint8(t, data_range)
     arr = t.permute(1, 2, 0).contiguous().numpy()
     pil = Image.fromarray(arr[:, :, 0]) if arr.shape[2] == 1 else Image.fromarray(arr, "LA" if arr.shape[2] == 2 else None)
-    _atomic_write(path, lambda f: pil.save(f, format=fmt, **pil_kwargs))
+    atomic_write(path, lambda f: pil.save(f, format=fmt, **pil_kwargs), overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -599,12 +539,6 @@ def find_lr_file(hr_path: str | os.PathLike, lr_dir: str | os.PathLike, scale: i
 _LR_RECIPE = "matlab-bicubic-uint8-v1"
 
 
-def _check_int(v, name: str, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
-
-
 class PairedImageFolder(torch.utils.data.Dataset):
     """(LR, HR) pairs from a folder of HR images; see the module docstring for the recipe.
 
@@ -637,9 +571,9 @@ class PairedImageFolder(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         y_only: bool = False,
     ) -> None:
-        self.scale = _check_int(scale, "scale", 1)
-        self.patch_size = None if patch_size is None else _check_int(patch_size, "patch_size", 1)
-        self.seed = _check_int(seed, "seed", 0)
+        self.scale = int_at_least("scale", scale, 1)
+        self.patch_size = None if patch_size is None else int_at_least("patch_size", patch_size, 1)
+        self.seed = int_at_least("seed", seed, 0)
         self.augment = bool(augment)
         self.y_only = bool(y_only)
         self.epoch = 0
@@ -668,7 +602,7 @@ class PairedImageFolder(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the random crops/transforms of this epoch (the sampler's shuffling is separate)."""
-        self.epoch = _check_int(epoch, "epoch", 0)
+        self.epoch = int_at_least("epoch", epoch, 0)
 
     # -- LR ------------------------------------------------------------------------------------------------
 
@@ -701,7 +635,7 @@ class PairedImageFolder(torch.utils.data.Dataset):
             except (OSError, ValueError) as e:
                 warnings.warn(f"LR cache file {path} is unreadable ({e}); recomputing")
         lr = self._make_lr(hr)
-        _atomic_write(path, lambda f: np.save(f, lr, allow_pickle=False))
+        atomic_write(path, lambda f: np.save(f, lr, allow_pickle=False))
         return lr
 
     def _pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
