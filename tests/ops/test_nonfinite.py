@@ -75,10 +75,21 @@ CA_CASES = {  # (sample, channel, pixel) -> value, in x [2, 5, 4, 5]
 }
 
 
-@pytest.mark.parametrize("backend", cpu_backends("channel_attention"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("act", ["relu", "prelu"])
+def _ca_cases():
+    for backend in cpu_backends("channel_attention"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for fmt in ("contiguous", "channels_last"):
+                for act in ("relu", "prelu"):
+                    # Triton (interpreted: slow) on a subset: every case, both acts, and bf16 channels_last once
+                    if backend == "triton" and (dtype, fmt) not in ((torch.float32, "contiguous"),
+                                                                    (torch.bfloat16, "channels_last")):
+                        continue
+                    if backend == "triton" and dtype == torch.bfloat16 and act == "prelu":
+                        continue
+                    yield pytest.param(backend, dtype, fmt, act, id=f"{backend}-{str(dtype)[6:]}-{fmt}-{act}")
+
+
+@pytest.mark.parametrize("backend,dtype,fmt,act", list(_ca_cases()))
 @pytest.mark.parametrize("case", list(CA_CASES))
 def test_channel_attention_avg_std_nonfinite(backend, dtype, fmt, act, case):
     """A NaN or +-Inf in a channel makes its std NaN, so s = mean + std is NaN and every gate of that sample is
