@@ -18,6 +18,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
@@ -115,10 +116,12 @@ inline at::Tensor interior(const at::Tensor& m, const Geom& g, int64_t c0, int64
       .narrow(3, c0, n);
 }
 
-// 1 on interior pixel rows, 0 on border rows: [npix, 1] in acc dtype.
-inline at::Tensor interior_mask(const Geom& g, const at::TensorOptions& acc) {
-  at::Tensor m = at::zeros({g.npix, 1}, acc);
-  m.view({g.N, g.Hp, g.Wp, 1}).narrow(1, g.p, g.H).narrow(2, g.p, g.W).fill_(1);
+// true on border pixel rows, false on interior rows: [npix, 1] bool. Used with masked_fill_ (never a multiply:
+// a border row computed from a NaN or Inf neighbour is NaN or Inf, and NaN * 0 is NaN, which the next layer
+// would read as padding -- and the previous sample's bottom border is the next one's top).
+inline at::Tensor border_mask(const Geom& g, const at::TensorOptions& opts) {
+  at::Tensor m = at::ones({g.npix, 1}, opts.dtype(at::kBool));
+  m.view({g.N, g.Hp, g.Wp, 1}).narrow(1, g.p, g.H).narrow(2, g.p, g.W).fill_(false);
   return m;
 }
 
@@ -181,7 +184,8 @@ struct GateMlp {
     const at::Tensor dz = dg * g * (1 - g);
     const at::Tensor gw2 = at::mm(dz.t(), a);
     const at::Tensor gb2 = dz.sum(0);
-    const at::Tensor dh = at::mm(dz, w2) * (h > 0);
+    // ATen's relu backward, threshold_backward(grad, relu(h), 0): 0 where h <= 0, so a NaN h passes it
+    const at::Tensor dh = at::mm(dz, w2).masked_fill_(h <= 0, 0);
     const at::Tensor gw1 = at::mm(dh.t(), s);
     const at::Tensor gb1 = dh.sum(0);
     return {at::mm(dh, w1), gw1, gb1, gw2, gb2};
@@ -248,7 +252,7 @@ inline at::Tensor new_buffer(const at::Tensor& x, const Plan& pl, const Geom& g)
 }
 
 inline void layer_forward_generic(const at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w,
-                                  const at::Tensor& b, const at::Tensor& mask) {
+                                  const at::Tensor& b, const at::Tensor& border) {
   const auto acc = at::toOpMathType(buf.scalar_type());
   const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();  // [k, k, in_len, G]
   at::Tensor z = at::empty({g.npix, l.G}, buf.options().dtype(acc));
@@ -261,7 +265,7 @@ inline void layer_forward_generic(const at::Tensor& buf, const Geom& g, const La
   z.add_(b);
   if (l.res_start >= 0) z.add_(rows(buf, g, 0, l.res_start, l.G));
   if (l.relu) z.relu_();
-  z.mul_(mask);
+  z.masked_fill_(border, 0);
   rows(buf, g, 0, l.out_start, l.out_split).copy_(z.narrow(1, 0, l.out_split));
   if (l.G > l.out_split) {
     rows(buf, g, 0, l.out2_start, l.G - l.out_split).copy_(z.narrow(1, l.out_split, l.G - l.out_split));
@@ -291,6 +295,22 @@ inline at::Tensor gated_weight(const at::Tensor& fw, const at::Tensor& gv) {
   return fw.to(gv.scalar_type()).t().unsqueeze(0) * gv.unsqueeze(2);
 }
 
+
+// E[n] = dO[n]^T @ F3[n] ([N, Cout, K]): a sum over every pixel of a sample, accumulated *and returned* in acc
+// (in fp16 the sum overflows on large maps if rounded to the features' dtype; bf16 rounding of E would be
+// amplified by the cancellation in dg = sum_c E * fuse_w). dO is the acc copy of dOd.
+inline at::Tensor pixel_sum_acc(const at::Tensor& dO, const at::Tensor& dOd, const at::Tensor& F3,
+                                c10::ScalarType acc) {
+  if (F3.scalar_type() == acc) return at::bmm(dO.transpose(1, 2), F3);
+  if (F3.is_cuda()) return at::bmm(dOd.transpose(1, 2), F3, acc);  // cuBLAS: fp32 accumulation and output
+  // CPU has no out-dtype bmm: one sample at a time through an acc copy of its pixels (bounded temporary)
+  at::Tensor E = at::empty({F3.size(0), dO.size(2), F3.size(2)}, dO.options());
+  for (const auto n : c10::irange(F3.size(0))) {
+    at::Tensor En = E[n];
+    at::mm_out(En, dO[n].t(), F3[n].to(acc));
+  }
+  return E;
+}
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // grad_x, grad_weights, grad_biases, grad_fuse_weight, grad_fuse_bias, then the gate's four
@@ -337,9 +357,9 @@ inline Outputs forward_generic(const at::Tensor& x, at::TensorList weights,
   const Geom g(x.size(0), x.size(2), x.size(3), pl.p);
   const auto acc = at::toOpMathType(x.scalar_type());
   at::Tensor buf = new_buffer(x, pl, g);
-  const at::Tensor mask = interior_mask(g, x.options().dtype(acc));
+  const at::Tensor border = border_mask(g, x.options());
   for (const auto i : c10::irange(pl.layers.size())) {
-    layer_forward_generic(buf, g, pl.layers[i], weights[i], biases[i], mask);
+    layer_forward_generic(buf, g, pl.layers[i], weights[i], biases[i], border);
   }
   auto fusion = [&](const at::Tensor& gv) {
     const at::Tensor fw = *fuse_w;
@@ -378,7 +398,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
                 ": stats must be [N, 2, ", K, "], got ", stats.sizes());
     const at::Tensor s = stats.select(1, 0), gv = stats.select(1, 1);
     const at::Tensor F3 = buf.narrow(0, g.margin, g.npix).view({g.N, g.Hp * g.Wp, pl.T}).narrow(2, pl.fuse_start, K);
-    const at::Tensor E = at::bmm(dOd.view({g.N, g.Hp * g.Wp, Cout}).transpose(1, 2), F3).to(acc);  // [N, Cout, K]
+    const at::Tensor E = pixel_sum_acc(dO.view({g.N, g.Hp * g.Wp, Cout}), dOd.view({g.N, g.Hp * g.Wp, Cout}), F3, acc);
     gfw = (E * gv.unsqueeze(1)).sum(0).to(dt);
     const at::Tensor dg = (E * fw.to(acc).unsqueeze(0)).sum(1);  // [N, K]
     add_dF(gv);
@@ -430,7 +450,7 @@ inline Grads backward_generic(const at::Tensor& grad_out, const at::Tensor& buf,
     interior(gbuf, g, pl.fuse_start, pl.fuse_len).copy_(grad_out.permute({0, 2, 3, 1}));
     for (at::Tensor* t : {&gfw, &gfb, &ggw1, &ggb1, &ggw2, &ggb2}) *t = at::empty({0}, buf.options());
   }
-  const at::Tensor mask = interior_mask(g, aopt);
+  const at::Tensor border = border_mask(g, aopt);
   const int64_t L = int64_t(pl.layers.size());
   std::vector<at::Tensor> gws(L), gbs(L);
   for (int64_t i = L - 1; i >= 0; --i) {
@@ -438,8 +458,8 @@ inline Grads backward_generic(const at::Tensor& grad_out, const at::Tensor& buf,
     const at::Tensor& w = weights[i];
     const int64_t k = w.size(2);
     at::Tensor dZ = layer_output(gbuf, g, l).clone();
-    if (l.relu) dZ.mul_(layer_output(buf, g, l) > 0);
-    dZ.mul_(mask);
+    if (l.relu) dZ.masked_fill_(layer_output(buf, g, l) <= 0, 0);  // ATen's relu backward: NaN y passes dY
+    dZ.masked_fill_(border, 0);
     gbs[i] = dZ.sum(0).to(dt);
     if (l.res_start >= 0) rows(gbuf, g, 0, l.res_start, l.G).add_(dZ);
     const at::Tensor dZt = dZ.to(dt);

@@ -212,6 +212,18 @@ inline A max_nan(A a, A b) {
   return (a != a || a > b) ? a : b;
 }
 
+// max(v, 0) that keeps NaN (std::max(A(0), NaN) is 0): a NaN variance must stay NaN (docs/ops.md, NaN and Inf).
+template <typename A>
+inline A clamp0_keep_nan(A v) {
+  return v < A(0) ? A(0) : v;
+}
+
+// "x attains the channel max" for the argmax of torch.max: equality, and NaN matches a NaN max.
+template <typename A>
+inline Vectorized<A> attains(const Vectorized<A>& x, const Vectorized<A>& m) {
+  return (x == m) | ((x != x) & (m != m));
+}
+
 template <typename A>
 inline A sigmoid(A z) {
   return A(1) / (A(1) + std::exp(-z));
@@ -367,8 +379,10 @@ struct Mlp {
     for (int64_t c = 0; c < C; ++c) dz[c] = dg[c] * g[c] * (A(1) - g[c]);
     for (int64_t j = 0; j < Cr; ++j) {
       const A da = dot<A>(w2t.data() + j * C, dz, C);
+      // ATen's conventions at NaN: relu' is threshold_backward(grad, relu(h), 0) = (h <= 0 ? 0 : grad), so a
+      // NaN h passes the gradient; prelu' takes the slope branch (h > 0 is false).
       const bool pos = h[j] > A(0);
-      dh[j] = pos ? da : (slope.empty() ? A(0) : slope[j] * da);
+      dh[j] = slope.empty() ? (h[j] <= A(0) ? A(0) : da) : (pos ? da : slope[j] * da);
       dslope[j] = pos ? A(0) : da * h[j];
     }
     std::fill(ds, ds + C, A(0));

@@ -196,7 +196,7 @@ inline at::opmath_type<T> bwd1_row(const T* go, const T* x, int64_t n, const at:
     const AV xv = load_n<T>(x + o, cnt);
     const AV t = load_n<T>(go + o, cnt) * xv;
     s = at::vec::fmadd(t, aload_n<A>(sa + o, cnt), s);
-    const AV eq = xv == aload_n<A>(mx + o, cnt);
+    const AV eq = attains<A>(xv, aload_n<A>(mx + o, cnt));  // NaN max: the first NaN, as torch.max
     if constexpr (kFirst) {
       astore_n<A>(dsa + o, t * vca, cnt);
       astore_n<A>(am + o, AV::blendv(none, vc, eq), cnt);
@@ -281,7 +281,7 @@ inline void bwd1_pixels(const T* go, const T* x, int64_t np, int64_t C, const at
       const AV t = load_n<T>(go + o + c, cnt) * xv;
       astore_n<A>(pdca + c, at::vec::fmadd(t, vsa, aload_n<A>(pdca + c, cnt)), cnt);
       d = at::vec::fmadd(t, aload_n<A>(ca + c, cnt), d);
-      AV cand = AV::blendv(vbig, iota + AV(A(c)), xv == vmx);
+      AV cand = AV::blendv(vbig, iota + AV(A(c)), attains<A>(xv, vmx));
       if (cnt != W) cand = AV::set(vbig, cand, cnt);  // lanes past C are not channels
       idx = at::vec::minimum(idx, cand);
     });

@@ -108,7 +108,7 @@ inline void sqdev_row(const T* p, int64_t n, at::opmath_type<T> mean, at::opmath
     d1 += a;
   }
   dsum = hsum<A>(d0 + d1);
-  m2 = std::max(A(0), hsum<A>(q0 + q1) - dsum * dsum / A(n));
+  m2 = clamp0_keep_nan<A>(hsum<A>(q0 + q1) - dsum * dsum / A(n));
 }
 
 // out = x * g (+ r), rounded once.
@@ -179,7 +179,7 @@ inline void sqdev_pixels(const T* x, int64_t np, int64_t C, const at::opmath_typ
       astore_n<A>(dsum + c, aload_n<A>(dsum + c, cnt) + d, cnt);
     });
   }
-  for (int64_t c = 0; c < C; ++c) m2[c] = std::max(A(0), m2[c] - dsum[c] * dsum[c] / A(np));
+  for (int64_t c = 0; c < C; ++c) m2[c] = clamp0_keep_nan<A>(m2[c] - dsum[c] * dsum[c] / A(np));
 }
 
 template <typename T>
@@ -298,7 +298,9 @@ void pool_sample(const T* xn, const Chunking& ch, bool with_std, at::opmath_type
       corr += len * d;
     }
     mean[c] = pivot + delta;
-    stdv[c] = std::sqrt(std::max(A(0), m2 - corr * corr / A(HW)) / A(HW));
+    // A NaN or +-Inf in the channel makes m2 NaN (x - mean is NaN or Inf - Inf): std is NaN, as torch.std
+    // (docs/ops.md, NaN and Inf); the clamps on the way keep NaN.
+    stdv[c] = std::sqrt(clamp0_keep_nan<A>(m2 - corr * corr / A(HW)) / A(HW));
   }
 }
 
@@ -436,7 +438,7 @@ void ca_backward_sample(const T* gon, const T* xn, T* gxn, const Chunking& ch, c
   const A inv_hw = A(1) / A(HW);
   for (int64_t c = 0; c < C; ++c) {
     alpha[c] = ds[c] * inv_hw;
-    if constexpr (kStd) beta[c] = stdv[c] > A(0) ? ds[c] / (A(HW) * stdv[c]) : A(0);
+    if constexpr (kStd) beta[c] = stdv[c] == A(0) ? A(0) : ds[c] / (A(HW) * stdv[c]);  // NaN std -> NaN
   }
 
   ch.parallel(

@@ -22,8 +22,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 namespace srkernels::cpu {
@@ -123,12 +125,31 @@ constexpr bool pk_vnni() {
   return !std::is_same_v<T, float>;
 }
 
+constexpr int64_t kTileMin = 256, kTileMax = int64_t(1) << 24;
+
+// SRKERNELS_DENSE_TILE, a tuning knob (fp32 elements per tile), parsed strictly: a decimal integer in
+// [kTileMin, kTileMax], surrounding whitespace allowed; anything else is a ValueError naming the variable
+// (atoll read "abc" as 0, "1e3" as 1 and clamped both to 256 without a word).
+int64_t tile_elems_from_env() {
+  const char* e = std::getenv("SRKERNELS_DENSE_TILE");
+  if (e == nullptr) return kTileElems;
+  std::string v(e);
+  const auto ws = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!v.empty() && ws(v.back())) v.pop_back();
+  size_t b = 0;
+  while (b < v.size() && ws(v[b])) ++b;
+  v = v.substr(b);
+  bool ok = !v.empty() && v.size() <= 9;  // kTileMax has 8 digits: no overflow below
+  for (const char c : v) ok = ok && c >= '0' && c <= '9';
+  const int64_t n = ok ? std::stoll(v) : 0;
+  TORCH_CHECK_VALUE(ok && n >= kTileMin && n <= kTileMax, "SRKERNELS_DENSE_TILE must be an integer number of fp32 ",
+                    "elements in [", kTileMin, ", ", kTileMax, "], got \"", std::string(e), "\"");
+  return n;
+}
+
 // Pixels per row tile for an accumulator of `cols` (<= kNB) columns.
 int64_t tile_pixels(int64_t cols) {
-  static const int64_t elems = [] {
-    const char* e = std::getenv("SRKERNELS_DENSE_TILE");  // tuning knob (fp32 elements per tile)
-    return e != nullptr ? std::max<int64_t>(256, std::atoll(e)) : kTileElems;
-  }();
+  static const int64_t elems = tile_elems_from_env();  // a throw leaves it uninitialised: the next call re-checks
   return elems / std::min(kNB, cols);
 }
 
@@ -406,7 +427,7 @@ void fusion_forward_fast(const at::Tensor& buf, const Geom& g, const Plan& pl, c
 // column, since bf16 chunks are padded to an even length.
 inline int64_t dz_t_ld(const Geom& g) { return g.R + 2; }
 
-// dZ = dY * (Y > 0) (or dY) on interior pixels, 0 elsewhere, in T (the GEMM operand), both as [R, G] rows
+// dZ = dY * (Y > 0) (or dY; NaN Y passes dY, as ATen) on interior pixels, 0 elsewhere, in T (the GEMM operand), both as [R, G] rows
 // (input gradient) and transposed, [G, ldz] (weight gradient; each image row is transposed from L1 right after
 // it is written: a separate strided ATen copy of dZ^T cost more than the rest of this pass); the bias gradient
 // (fp32 partial sums per padded image row, added in row order) and the residual's gradient (added into gbuf)
@@ -456,13 +477,14 @@ at::Tensor layer_dz_fast(const at::Tensor& buf, at::Tensor& gbuf, const Geom& g,
           if (!straddle) {
             const int64_t col = c < split ? l.out_start + c : l.out2_start + c - split;
             v = FVec::loadu(gy + col, len);
-            if (l.relu) v = FVec::blendv(FVec(0.f), v, vload<T>(y + col, len) > FVec(0.f));
+            // ATen's relu backward, threshold_backward(dY, Y, 0): 0 where Y <= 0, so a NaN Y passes dY
+            if (l.relu) v = FVec::blendv(v, FVec(0.f), vload<T>(y + col, len) <= FVec(0.f));
           } else {
             alignas(64) float tmp[16];
             for (int64_t e = 0; e < len; ++e) {
               const int64_t col = c + e < split ? l.out_start + c + e : l.out2_start + c + e - split;
               const float yv = static_cast<float>(y[col]);
-              tmp[e] = (!l.relu || yv > 0.f) ? gy[col] : 0.f;
+              tmp[e] = (l.relu && yv <= 0.f) ? 0.f : gy[col];
             }
             v = FVec::loadu(tmp, len);
           }

@@ -460,7 +460,9 @@ __global__ void __launch_bounds__(kBlock) merge_partials_kernel(const acc_t* __r
     warp_welford(m, M, cnt);
     if (lane == 0) {
       out_a[n * out_stride + c] = m;
-      out_b[n * out_stride + c] = sqrt_acc((M > acc_t(0) ? M : acc_t(0)) / static_cast<acc_t>(HW));
+      // `M < 0 ? 0 : M` keeps NaN: a NaN or +-Inf in the channel makes M NaN, so std is NaN, as torch.std
+      // (docs/ops.md, NaN and Inf in "avg+std").
+      out_b[n * out_stride + c] = sqrt_acc((M < acc_t(0) ? acc_t(0) : M) / static_cast<acc_t>(HW));
     }
   } else {
     acc_t t = acc_t(0);
@@ -588,7 +590,7 @@ __global__ void __launch_bounds__(kBlock) mlp_bwd_kernel(
     acc_t b = acc_t(0);
     if (P == 2) {
       const acc_t sd = srow[C + c];
-      if (sd > acc_t(0)) b = ds / (hw * sd);
+      if (sd != acc_t(0)) b = ds / (hw * sd);  // 0 only where std == 0; a NaN std gives NaN
     }
     coef[2 * NC + n * C + c] = b;
   }

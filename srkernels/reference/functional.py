@@ -12,10 +12,12 @@ from torch import Tensor
 def _pool_std(x: Tensor) -> Tensor:
     # Population std over H, W. Its gradient at std == 0 is defined as 0 (sqrt' is infinite there), which is
     # what the fused kernels do; upstream's plain ``var ** 0.5`` would give NaN gradients for constant channels.
+    # Only var == 0 is special: a channel holding NaN or +-Inf has a NaN var, hence a NaN std, as torch.std
+    # (docs/ops.md, "NaN and Inf").
     mean = x.mean(dim=(2, 3), keepdim=True)
     var = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True)
-    pos = var > 0
-    return torch.where(pos, var, torch.ones_like(var)).sqrt() * pos
+    zero = var == 0
+    return torch.where(zero, torch.zeros_like(var), torch.where(zero, torch.ones_like(var), var).sqrt())
 
 
 def _fc(v: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

@@ -137,7 +137,8 @@ def mlp_backward(
     da = dz @ w2.to(acc)
     pos = h > 0
     if act_weight is None:
-        dh = torch.where(pos, da, torch.zeros_like(da))
+        # ATen's relu backward, threshold_backward(grad, relu(h), 0): 0 where h <= 0, so a NaN h passes da
+        dh = torch.where(h <= 0, torch.zeros_like(da), da)
         grad_aw = None
     else:
         sl = _slopes(act_weight, acc)

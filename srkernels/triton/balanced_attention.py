@@ -36,7 +36,10 @@ def _bam_stats_kernel(
         mc = offs_c < C
         mask = mc[:, None] & mp[None, :]
         x = tl.load(xbase + offs_c.to(tl.int64)[:, None] * sxc, mask=mask, other=float("-inf")).to(acc_ty)
-        mx = tl.maximum(mx, tl.max(x, axis=0))
+        # NaN-propagating, as torch.max (tl.max / tl.maximum may drop NaN): a NaN anywhere in the column wins
+        cmax = tl.max(x, axis=0)
+        has_nan = tl.max(tl.where(mask & (x != x), 1, 0), axis=0) > 0
+        mx = tl.where(has_nan | (mx != mx), float("nan"), tl.maximum(mx, cmax))
         tl.store(psum_ptr + obase + offs_c, tl.sum(tl.where(mask, x, 0.0), axis=1), mask=mc)
     tl.store(max_ptr + n * HW + offs_p, mx, mask=mp)
 
@@ -148,7 +151,8 @@ def _bam_bwd_reduce_kernel(
         prod = go * x
         tl.store(pdca_ptr + obase + offs_c, tl.sum(prod * sa[None, :], axis=1), mask=mc)
         dsa += tl.sum(prod * ca[:, None], axis=0)
-        hit = mask & (x == mx[None, :])
+        # the argmax of torch.max: the first channel equal to the max, or the first NaN when the max is NaN
+        hit = mask & ((x == mx[None, :]) | ((x != x) & (mx != mx)[None, :]))
         amax = tl.minimum(amax, tl.min(tl.where(hit, offs_c[:, None], C), axis=0))
     tl.store(dt_ptr + n * HW + offs_p, dsa * sa * (1.0 - sa), mask=mp)
     tl.store(amax_ptr + n * HW + offs_p, amax, mask=mp)

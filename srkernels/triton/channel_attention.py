@@ -223,9 +223,10 @@ def channel_attention_backward(
     rows = [g, ds / HW]
     if with_std:
         std = stats[:, 1]
-        pos = std > 0
-        # the std gradient is defined as 0 where std == 0 (as in the reference)
-        rows += [torch.where(pos, ds / (HW * torch.where(pos, std, torch.ones_like(std))), torch.zeros_like(std)), mean]
+        zero = std == 0
+        # the std gradient is defined as 0 where std == 0 (as in the reference); a NaN std gives NaN
+        rows += [torch.where(zero, torch.zeros_like(std), ds / (HW * torch.where(zero, torch.ones_like(std), std))),
+                 mean]
     coef = torch.stack(rows, 1).contiguous()
     grad_x = torch.empty_like(x)
     if x.numel() > 0:

@@ -353,7 +353,7 @@ def _dz_kernel(
         dz = tl.load(gbuf_ptr + row_off + col[None, :], mask=mask, other=0.0)
         if RELU:
             y = _acc(tl.load(buf_ptr + row_off + col[None, :], mask=mask, other=0.0), F64)
-            dz = tl.where(y > 0, dz, 0.0)
+            dz = tl.where(y <= 0, 0.0, dz)  # ATen's relu backward: a NaN y passes dz
         tl.store(dz_ptr + rows[:, None] * LDZ + offs_g[None, :], _cast(dz, dz_ptr, EMU_BF16), mask=mask)
         total += tl.sum(dz, axis=0)
         if HAS_RES:
