@@ -214,7 +214,7 @@ std::pair<int64_t, int64_t> pool_partials(const scalar_t* x, const scalar_t* go,
     pa = at::empty({N, S, C}, acc_opts);
     pb = two ? at::empty({N, S, C}, acc_opts) : pa;
     const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(std::min<int64_t>(N * C, kMaxGridY)));
-    ca_reduce_nchw_kernel<scalar_t, V, MODE><<<grid, kBlock, 0, stream>>>(
+    SRK_LAUNCH(grid, kBlock, 0, stream, ca_reduce_nchw_kernel<scalar_t, V, MODE>)(
         x, go, pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>(), N * C, C, HW, S, chunk_vecs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {S, chunk_vecs * V};
