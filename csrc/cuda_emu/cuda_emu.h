@@ -213,10 +213,16 @@ inline int warp_live(const State& s, int w, unsigned* live_mask) {
   return n;
 }
 
-// Release whatever barrier is complete. Exited threads do not hold a __syncthreads back (as on the GPU); a
-// full-mask shuffle needs every lane of the mask alive.
+// Release whatever barrier is complete. Strict: a __syncthreads must be reached by every thread of the block
+// (the CUDA guide leaves a barrier in non-uniform code undefined; recent GPUs let exited threads through, so a
+// kernel relying on that would pass there and fail here). A full-mask shuffle needs every lane of the mask.
 inline void release(State& s) {
   if (s.bar_arrived > 0 && s.bar_arrived == s.live) {
+    if (s.live < s.nthreads) {
+      s.fault = "__syncthreads (line " + std::to_string(s.bar_line) + ") not reached by " +
+                std::to_string(s.nthreads - s.live) + " threads that exited (non-uniform barrier)";
+      return;
+    }
     for (auto& f : s.fibers)
       if (f.wait == Wait::Block) f.wait = Wait::None;
     s.bar_arrived = 0;
