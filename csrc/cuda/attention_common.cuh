@@ -772,6 +772,17 @@ inline void forward_out(const at::Tensor& out, const at::Tensor& x_in, const at:
   if (!dst.is_same(out)) out.copy_(dst);
 }
 
+// t in layout fmt, moved to 16-byte aligned storage (one copy) when its shape allows the 16-byte vector path but
+// its data does not start aligned. Applied to every tensor a vectorised kernel reads, so the vector width, and
+// with it the reductions' summation order, depends only on (C, H, W, dtype), never on where a caller's buffer
+// starts (issue #14, fix 4; tests/cuda_emu/test_emulated_kernels.py::test_alignment_does_not_change_bits).
+inline at::Tensor vec_aligned(const at::Tensor& t, at::MemoryFormat fmt) {
+  if (!t.defined() || t.numel() == 0 || aligned16(t.data_ptr())) return t;
+  const int64_t VM = 16 / static_cast<int64_t>(t.element_size());
+  const bool shape_ok = fmt == at::MemoryFormat::ChannelsLast ? t.size(1) % VM == 0 : (t.size(2) * t.size(3)) % VM == 0;
+  return shape_ok ? t.clone(fmt) : t;
+}
+
 // The 16-byte vector path: the vectorised dimension (C in NHWC, H*W in NCHW) a multiple of VM elements and
 // every buffer 16-byte aligned (nullptr = an absent buffer).
 inline bool can_vectorize(bool nhwc, int64_t C, int64_t HW, int VM, std::initializer_list<const void*> ptrs) {

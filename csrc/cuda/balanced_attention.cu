@@ -492,8 +492,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at:
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  const at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  const at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   auto [mean, maxmap] = bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, mean, maxmap};
@@ -507,8 +508,9 @@ void balanced_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, c
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
     bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
   });
@@ -522,9 +524,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor go = same_layout(grad_out_in, x, fmt, "grad_out");
+  const at::Tensor go = vec_aligned(same_layout(grad_out_in, x, fmt, "grad_out"), fmt);
 
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, H = x.size(2), W = x.size(3), HW = H * W;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));

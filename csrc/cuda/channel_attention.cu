@@ -307,8 +307,9 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  const at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  const at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   at::Tensor stats = ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, stats};
@@ -324,8 +325,9 @@ void channel_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
     ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
   });
@@ -340,9 +342,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor go = same_layout(grad_out_in, x, fmt, "grad_out");
+  const at::Tensor go = vec_aligned(same_layout(grad_out_in, x, fmt, "grad_out"), fmt);
 
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, HW = x.size(2) * x.size(3);
   const int P = A.with_std ? 2 : 1;

@@ -585,7 +585,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_backward_cuda(
   at::Tensor x, go;
   if (has_x) {
     check_x(*x_opt, op);
-    x = native_layout(*x_opt, fmt);
+    x = native_layout(*x_opt, fmt);  // sets fmt
+    x = vec_aligned(x, fmt);  // its alignment must not pick the summation order
     TORCH_CHECK(x.sizes() == c10::IntArrayRef({d.N, d.Cin, d.H, d.W}), op, ": x must have shape [", d.N, ", ", d.Cin,
                 ", ", d.H, ", ", d.W, "] for this grad_out and r, got ", x.sizes());
     go = in_layout(grad_out_in, x, grad_out_in.sizes(), fmt, op, "grad_out");
