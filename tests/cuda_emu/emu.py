@@ -6,6 +6,7 @@ and a half on 2 cores, later ones only recompile what changed (ninja)."""
 from __future__ import annotations
 
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def load():
     from torch.utils.cpp_extension import load as _load
 
     os.environ.setdefault("MAX_JOBS", "2")
+    # cpp_extension runs `ninja` from PATH: the venv's (pip's ninja, a build dependency) when not activated
+    venv_bin = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(venv_bin, "ninja")) and venv_bin not in os.environ.get("PATH", "").split(":"):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     return _load(name="srk_cuda_emu", sources=[str(EMU / s) for s in SOURCES],
                  extra_include_paths=[str(EMU / "shadow"), str(EMU)], extra_cflags=CFLAGS,
                  build_directory=str(build_dir()), verbose=bool(os.environ.get("SRKERNELS_EMU_VERBOSE")))
