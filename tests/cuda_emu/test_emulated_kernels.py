@@ -405,3 +405,23 @@ def test_out_aliasing_and_format(emu, nhwc):
     o = fmt(torch.empty_like(plain), not nhwc)
     emu.balanced_attention_out(*bam_args(b), o)
     bitwise(o, plain, "bam out in the other format")
+
+
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+def test_float64(emu, nhwc):
+    """double (gradcheck's dtype): V = 2 on the vector path."""
+    d = torch.float64
+    a = ca_inputs(2, 8, 6, 8, 2, nhwc, d, prelu=True)
+    got = emu.channel_attention(*ca_args(a, "avg+std"))
+    close_all(got, torch.ops.srkernels.channel_attention(*ca_args(a, "avg+std")), d, "ca")
+    go = fmt(rnd(2, 8, 6, 8, seed=3, dtype=d), nhwc)
+    close_all(emu.channel_attention_backward(*ca_backward_args(go, a, got[1], "avg+std")),
+              torch.ops.srkernels.channel_attention_backward(*ca_backward_args(go, a, got[1], "avg+std")), d, "ca bwd")
+    b = bam_inputs(2, 8, 6, 8, 2, 3, nhwc, d)
+    got = emu.balanced_attention(*bam_args(b))
+    close_all(got, torch.ops.srkernels.balanced_attention(*bam_args(b)), d, "bam")
+    bb = (go, b["x"], got[1], got[2], b["w1"], b["prelu_w"], b["w2"], b["w_sa"])
+    close_all(emu.balanced_attention_backward(*bb), torch.ops.srkernels.balanced_attention_backward(*bb), d, "bam bwd")
+    x = fmt(rnd(2, 8, 6, 8, seed=4, dtype=d), nhwc)
+    pa = (fmt(rnd(2, 2, 12, 16, seed=5, dtype=d), nhwc), x, 2, rnd(8, seed=6, dtype=d), None, "relu")
+    close_all(emu.pixel_shuffle_backward(*pa), torch.ops.srkernels.pixel_shuffle_backward(*pa), d, "ps bwd")
