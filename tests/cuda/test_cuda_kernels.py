@@ -18,6 +18,7 @@ from ..ops.test_dense_block import _rel, make_pair
 pytestmark = needs_cuda
 CL = torch.channels_last
 OPS = torch.ops.srkernels
+DEV = "cuda"  # one name, so the test logic can be dry-run on CPU
 
 
 def cu(v):
@@ -26,7 +27,7 @@ def cu(v):
         return {k: cu(t) for k, t in v.items()}
     if isinstance(v, (tuple, list)):
         return type(v)(cu(t) for t in v)
-    return v.to("cuda") if isinstance(v, torch.Tensor) else v
+    return v.to(DEV) if isinstance(v, torch.Tensor) else v
 
 
 def cpu(v):
@@ -56,7 +57,7 @@ def test_channel_attention_cuda(shape, dtype, pool):
     a = ca_inputs(N, C, H, W, Cr, nhwc, dtype, prelu=pool == "avg+std")
     out, stats = OPS.channel_attention(*ca_args(cu(a), pool))
     want = OPS.channel_attention(*ca_args(a, pool))
-    assert out.is_cuda and out.is_contiguous(memory_format=CL if nhwc else torch.contiguous_format)
+    assert out.device.type == DEV and out.is_contiguous(memory_format=CL if nhwc else torch.contiguous_format)
     close_all((out, stats), want, dtype, "forward")
     assert_close(out.cpu(), ca_ref(a, pool), dtype, "forward vs reference")
     go = fmt(rnd(N, C, H, W, seed=11, dtype=dtype), nhwc)
@@ -93,7 +94,7 @@ def test_pixel_shuffle_cuda(shape, dtype, act):
     go = fmt(rnd(N, C, H * r, W * r, seed=4, dtype=dtype), nhwc)
     bargs = (go, x, r, bias, aw, act)
     close_all(OPS.pixel_shuffle_backward(*cu(bargs)), OPS.pixel_shuffle_backward(*bargs), dtype, "backward")
-    close_all([OPS.pixel_unshuffle(cu(x), r)], [OPS.pixel_unshuffle(x, r)], dtype, "unshuffle")
+    close_all([OPS.pixel_unshuffle(cu(go), r)], [OPS.pixel_unshuffle(go, r)], dtype, "unshuffle")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_out_variants_cuda(op, dtype, nhwc):
     out_op(*args(r), r)  # out == residual
     bitwise(r, plain, "out == residual")
     # a misaligned CUDA out: one element into a larger buffer, same strides
-    base = torch.empty(plain.numel() + 16, dtype=dtype, device="cuda")
+    base = torch.empty(plain.numel() + 16, dtype=dtype, device=DEV)
     o = base[1:].as_strided(plain.shape, plain.stride())
     assert o.data_ptr() % 16 != 0
     out_op(*args(res), o)
@@ -132,7 +133,7 @@ def test_out_variants_cuda(op, dtype, nhwc):
     out_op(*args(res), o)
     bitwise(o, plain, "out in the other memory format")
     # a misaligned residual must not change the bits either (issue #14 fix 4)
-    rbase = torch.empty(res.numel() + 16, dtype=dtype, device="cuda")
+    rbase = torch.empty(res.numel() + 16, dtype=dtype, device=DEV)
     rm = rbase[1:].as_strided(res.shape, res.stride())
     rm.copy_(res)
     got = getattr(OPS, op)(*args(rm))
@@ -204,10 +205,10 @@ def test_index_past_2_31_cuda():
     need = 4 * N * C * H * W * 2 + (1 << 30)
     if _free_gpu_bytes() < need:
         pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(N, C, H, W, device="cuda", dtype=torch.float16, generator=g)
-    w1 = torch.randn(4, C, device="cuda", dtype=torch.float16, generator=g) * 0.1
-    w2 = torch.randn(C, 4, device="cuda", dtype=torch.float16, generator=g) * 0.1
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(N, C, H, W, device=DEV, dtype=torch.float16, generator=g)
+    w1 = torch.randn(4, C, device=DEV, dtype=torch.float16, generator=g) * 0.1
+    w2 = torch.randn(C, 4, device=DEV, dtype=torch.float16, generator=g) * 0.1
     out, stats = OPS.channel_attention(x, w1, None, w2, None, None, None, "avg")
     mean = torch.stack([x[0, c].float().mean() for c in range(C)])
     assert_close(stats[0, 0].cpu(), mean.cpu(), torch.float16, "pooled mean")
@@ -251,13 +252,13 @@ def test_avg_std_edge_values_cuda(dtype, nhwc):
 def test_dense_block_cuda(flavour, dtype, fmt_):
     """N = 2; rdb has the residual, rdcab the gated fusion; against float64 autograd of the reference."""
     ref, fused, extra = make_pair(flavour, dtype)
-    fused = fused.cuda()
+    fused = fused.to(DEV)
     N, H, W = 2, 6, 5
     C = ref.channels
     xs = [rnd(N, C, H, W, seed=0, dtype=torch.float64)] + ([rnd(N, C, H, W, seed=7, dtype=torch.float64)]
                                                             if extra else [])
     mf = CL if fmt_ == "channels_last" else torch.contiguous_format
-    fin = [x.to(dtype).to("cuda").contiguous(memory_format=mf).requires_grad_(True) for x in xs]
+    fin = [x.to(DEV, dtype).contiguous(memory_format=mf).requires_grad_(True) for x in xs]
     rin = [x.detach().double().cpu().requires_grad_(True) for x in fin]
     out = fused(*fin)
     expected = ref(*rin)
@@ -265,7 +266,7 @@ def test_dense_block_cuda(flavour, dtype, fmt_):
         assert out.is_contiguous(memory_format=CL)
     assert_close(out.detach().cpu(), expected.detach(), dtype, "forward")
     gout = rnd(*expected.shape, seed=1, dtype=torch.float64)
-    out.backward(gout.to(dtype).cuda())
+    out.backward(gout.to(DEV, dtype))
     expected.backward(gout)
     pairs = [(f"grad input {i}", a.grad, b.grad) for i, (a, b) in enumerate(zip(fin, rin))]
     pairs += [(f"grad {n}", p.grad, q.grad) for (n, p), q in zip(fused.named_parameters(), ref.parameters())]
@@ -286,8 +287,8 @@ def test_dense_block_cuda_deterministic(flavour):
         runs = []
         for _ in range(2):
             _, fused, extra = make_pair(flavour, torch.float32)
-            fused = fused.cuda()
-            xs = [rnd(2, 8, 6, 5, seed=s).cuda().requires_grad_(True) for s in ([0, 7] if extra else [0])]
+            fused = fused.to(DEV)
+            xs = [rnd(2, 8, 6, 5, seed=s).to(DEV).requires_grad_(True) for s in ([0, 7] if extra else [0])]
             out = fused(*xs)
             out.backward(torch.ones_like(out))
             runs.append([out.detach(), *[x.grad for x in xs], *[p.grad for p in fused.parameters()]])
