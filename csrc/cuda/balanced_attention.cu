@@ -465,7 +465,8 @@ std::pair<at::Tensor, at::Tensor> bam_forward(const at::Tensor& x, bool nhwc, co
                                                  pmax.data_ptr<acc_t>(), nullptr, g, N, static_cast<int>(C), HW,
                                                  stream);
         if (g.CT > 1) {
-          SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, max_merge_kernel<acc_t>)(pmax.data_ptr<acc_t>(), g.CT, N, HW, mm);
+          SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, max_merge_kernel<acc_t>)(pmax.data_ptr<acc_t>(), g.CT, N,
+                                                                                      HW, mm);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
@@ -594,8 +595,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
       const int KK = A.K * A.K;
       at::Tensor wsa_part = at::empty({KK, nch}, acc_opts);
       const dim3 wgrid(static_cast<unsigned>(nch), static_cast<unsigned>(A.K * ((A.K + kJG - 1) / kJG)));
-      SRK_LAUNCH(wgrid, kBlock, 0, stream, wsa_partial_kernel<acc_t>)(dt.data_ptr<acc_t>(), maxmap.data_ptr<acc_t>(), A.K, N,
-                                                              H, W, nch, wsa_part.data_ptr<acc_t>());
+      SRK_LAUNCH(wgrid, kBlock, 0, stream, wsa_partial_kernel<acc_t>)(
+          dt.data_ptr<acc_t>(), maxmap.data_ptr<acc_t>(), A.K, N, H, W, nch, wsa_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       // Channel branch: MLP backward from dca (pool "avg", PReLU, no biases).
