@@ -91,8 +91,9 @@ struct KernelFault : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Schedules. Threads within a block: 0 = lowest runnable thread first, 1 = highest first, s >= 2 = a random
-// runnable thread at every switch (seed s). Blocks: 0 = in order, 1 = reverse, s >= 2 = shuffled (seed s).
+// Schedules. Threads within a block: 0 / 1 = round robin ascending / descending, 2 / 3 = greedy: always the
+// lowest / highest runnable thread, s >= 4 = a random runnable thread at every switch (seed s).
+// Blocks: 0 = in order, 1 = reverse, s >= 2 = shuffled (seed s).
 struct Schedule {
   int threads = 0;
   int blocks = 0;
@@ -248,9 +249,19 @@ inline int pick(State& s, int last) {
   const int n = s.nthreads;
   const int pol = s.sched.threads;
   if (pol == 0 || pol == 1) {
-    // Keep running the same thread order: the next runnable after `last` (lowest first / highest first).
+    // Round robin: the next runnable after `last`, ascending / descending (no thread gets more than one
+    // synchronisation step ahead of the others).
     for (int k = 0; k < n; ++k) {
       const int t = pol == 0 ? (last + 1 + k) % n : ((last - 1 - k) % n + n) % n;
+      if (s.fibers[t].wait == Wait::None) return t;
+    }
+    return -1;
+  }
+  if (pol == 2 || pol == 3) {
+    // Greedy: always the lowest / highest runnable thread, so one warp runs as far ahead of the others as the
+    // barriers allow (catches a missing barrier before shared memory is reused).
+    for (int k = 0; k < n; ++k) {
+      const int t = pol == 2 ? k : n - 1 - k;
       if (s.fibers[t].wait == Wait::None) return t;
     }
     return -1;

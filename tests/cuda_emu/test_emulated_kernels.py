@@ -315,7 +315,7 @@ def test_branches_reached(emu):
 # ---------------------------------------------------------------------------------------------------------
 # Schedules: every kernel's result is independent of the order threads and blocks run in.
 
-SCHEDULES = [(1, 1), (2, 2), (7, 5)]
+SCHEDULES = [(1, 1), (2, 2), (3, 0), (7, 5)]  # (threads, blocks): see cuda_emu.h Schedule
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=[f"t{t}-b{b}" for t, b in SCHEDULES])

@@ -27,7 +27,7 @@ def rotate(emu, barrier, sched, blocks=2, threads=64):
 
 
 def test_barrier_orders_shared_memory(emu):
-    for sched in [(0, 0), (1, 1), (2, 0), (3, 2)]:
+    for sched in [(0, 0), (1, 1), (2, 0), (3, 2), (4, 3)]:
         assert rotate(emu, True, sched), sched
 
 
@@ -35,7 +35,7 @@ def test_missing_barrier_shows_up(emu):
     """Without the __syncthreads between the shared-memory write and the read of a neighbour's slot, the
     result is wrong under some schedule (the emulator poisons shared memory and runs threads in several
     orders): a race of this kind in a real kernel would fail test_schedule_independent or the parity tests."""
-    results = [rotate(emu, False, s) for s in [(0, 0), (1, 0), (2, 0), (5, 0)]]
+    results = [rotate(emu, False, s) for s in [(0, 0), (1, 0), (2, 0), (3, 0), (5, 0)]]
     assert not all(results), results
 
 
