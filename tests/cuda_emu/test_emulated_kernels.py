@@ -10,7 +10,7 @@ import torch
 import srkernels  # noqa: F401  (registers torch.ops.srkernels)
 from srkernels.reference import functional as RF
 
-from ..conftest import TOL, assert_close
+from ..conftest import assert_close
 from .emu import load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
