@@ -1,6 +1,6 @@
 """Dense blocks: torch.cat reference modules vs the fused one-buffer ``dense_block`` op.
 
-    python benchmarks/bench_dense_block.py [--quick] [--cpu-time] [--case rdb|srdensenet-x4]
+    python benchmarks/bench_dense_block.py [--quick] [--cpu-time] [--cuda] [--case rdb|srdensenet-x4]
         # table, JSON line; the README table is updated by full runs (all cases, no --quick)
     pytest benchmarks/bench_dense_block.py --benchmark-group-by=group
 
@@ -118,12 +118,15 @@ CASES = {
 }
 
 
+DEVICE = "cpu"  # --cuda: "cuda" (scripts/gpu_check.sh)
+
+
 def make(case: str, variant: str, dtype, shape):
     build = CASES[case][0]
     fmt = torch.channels_last if variant.endswith("-cl") else torch.contiguous_format
-    m = build(variant.startswith("fused"), dtype, fmt)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype).contiguous(memory_format=fmt)
-    return m, x
+    m = build(variant.startswith("fused"), dtype, fmt).to(DEVICE)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    return m, x.contiguous(memory_format=fmt)
 
 
 def infer_fn(m, x):
@@ -180,7 +183,7 @@ def run_case(case: str, dtype, *, cpu_time: bool, rounds: int, quick: bool) -> l
         if cpu_time:
             times = cpu_time_ms(fns, rounds)
         else:
-            tim = harness.interleaved(fns, rounds=rounds)
+            tim = harness.interleaved(fns, device=DEVICE, rounds=rounds)
             times = {v: (tim[v].min, tim[v].median) for v in VARIANTS}
         for v in VARIANTS:
             row = {"case": f"{case} {mode} {list(shape)} {str(dtype)[6:]}", "variant": v,
@@ -189,7 +192,7 @@ def run_case(case: str, dtype, *, cpu_time: bool, rounds: int, quick: bool) -> l
                    "speedup_vs_reference_cl": round(times["reference-cl"][0] / times[v][0], 3)}
             if mode == "training step":
                 row["saved_MB"] = round(saved_bytes(*built[v]) / 2**20, 2)
-                growth = peak_rss_growth(fns[v])
+                growth = peak_rss_growth(fns[v]) if DEVICE == "cpu" else None
                 row["peak_rss_growth_MB"] = None if growth is None else round(growth / 2**20, 1)
             rows.append(row)
     return rows
@@ -215,8 +218,15 @@ def test_dense_block(benchmark, case, shape, mode, variant):
 
 
 def main() -> None:
+    global DEVICE
     quick = "--quick" in sys.argv
     cpu_time = "--cpu-time" in sys.argv
+    if "--cuda" in sys.argv:
+        if not torch.cuda.is_available():
+            raise SystemExit("--cuda: no CUDA GPU here")
+        if cpu_time:
+            raise SystemExit("--cpu-time measures CPU threads; it has no meaning with --cuda")
+        DEVICE = "cuda"
     if cpu_time:
         torch.set_num_threads(1)
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
@@ -235,8 +245,8 @@ def main() -> None:
     bm = bytes_model()
     r = bm["rdb"]
     timing = "thread CPU time, 1 thread" if cpu_time else f"wall clock, {torch.get_num_threads()} threads, interleaved"
-    path = harness.record(BENCH, rows, {"device": "cpu", "timing": timing, "bytes_model": bm})
-    if not quick and only is None:
+    path = harness.record(BENCH, rows, {"device": DEVICE, "timing": timing, "bytes_model": bm})
+    if not quick and only is None and DEVICE == "cpu":
         harness.update_readme(
             f"{BENCH}-cpu", f"Timing: {timing}; commit `{harness.git_sha()}`; "
             f"{harness.describe_machine().get('cpu', 'cpu')}. Bytes model (RDB, channel passes per pixel, eager vs "

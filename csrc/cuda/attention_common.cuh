@@ -34,15 +34,31 @@
 #include <type_traits>
 #include <utility>
 
+// Hooks for the CPU emulator of these sources (csrc/cuda_emu/cuda_emu.h, docs/cuda_emulation.md), which
+// predefines them; under nvcc they mean exactly what the code meant before.
+#ifndef SRK_LAUNCH
+// SRK_LAUNCH(grid, block, smem, stream, kernel)(args...) == kernel<<<grid, block, smem, stream>>>(args...)
+#define SRK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+#ifndef SRK_ON_DEVICE
+#define SRK_ON_DEVICE(t) (t).is_cuda()
+#endif
+#ifndef SRK_CHECK_ALIGNED
+#define SRK_CHECK_ALIGNED(p, n) ((void)0)
+#endif
+#ifndef SRK_HOST_LIMIT
+#define SRK_HOST_LIMIT(type, name, value) constexpr type name = value
+#endif
+
 namespace srk {
 // Anonymous namespace: each .cu gets its own internal-linkage copy of these templates and kernels, so two
 // translation units never share (and race to register) one host stub.
 namespace {
 
 constexpr int kBlock = 256;              // threads per block of every streaming kernel
-constexpr int64_t kMaxGridY = 65535;     // hardware limit of gridDim.y (kernels loop over the rest)
+SRK_HOST_LIMIT(int64_t, kMaxGridY, 65535);  // hardware limit of gridDim.y (kernels loop over the rest)
 constexpr int64_t kMaxGridX = 0x7fffffff;
-constexpr int kChunksPerSample = 1024;   // reduction blocks per sample we aim for (fills an H100 at N == 1)
+SRK_HOST_LIMIT(int, kChunksPerSample, 1024);  // reduction blocks per sample we aim for (fills an H100 at N == 1)
 constexpr int kMinIters = 4;             // loads per thread per reduction block, at least
 constexpr int kEwIters = 4;              // vectors per thread in the elementwise kernels
 
@@ -57,10 +73,12 @@ struct alignas(sizeof(T) * V) Vec {
 // 128-bit (or narrower) load/store; the host only picks V > 1 when every pointer and offset is aligned.
 template <int V, typename T>
 __device__ __forceinline__ Vec<T, V> vload(const T* p) {
+  SRK_CHECK_ALIGNED(p, sizeof(Vec<T, V>));
   return *reinterpret_cast<const Vec<T, V>*>(p);
 }
 template <int V, typename T>
 __device__ __forceinline__ void vstore(T* p, const Vec<T, V>& v) {
+  SRK_CHECK_ALIGNED(p, sizeof(Vec<T, V>));
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 
@@ -690,7 +708,7 @@ inline at::Tensor small_weight(const at::Tensor& w, const at::Tensor& x, std::in
 }
 
 inline void check_x(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(SRK_ON_DEVICE(x), op, ": x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
@@ -756,6 +774,17 @@ inline void forward_out(const at::Tensor& out, const at::Tensor& x_in, const at:
   if (!dst.is_same(out)) out.copy_(dst);
 }
 
+// t in layout fmt, moved to 16-byte aligned storage (one copy) when its shape allows the 16-byte vector path but
+// its data does not start aligned. Applied to every tensor a vectorised kernel reads, so the vector width, and
+// with it the reductions' summation order, depends only on (C, H, W, dtype), never on where a caller's buffer
+// starts (issue #14, fix 4; tests/cuda_emu/test_emulated_kernels.py::test_alignment_does_not_change_bits).
+inline at::Tensor vec_aligned(const at::Tensor& t, at::MemoryFormat fmt) {
+  if (!t.defined() || t.numel() == 0 || aligned16(t.data_ptr())) return t;
+  const int64_t VM = 16 / static_cast<int64_t>(t.element_size());
+  const bool shape_ok = fmt == at::MemoryFormat::ChannelsLast ? t.size(1) % VM == 0 : (t.size(2) * t.size(3)) % VM == 0;
+  return shape_ok ? t.clone(fmt) : t;
+}
+
 // The 16-byte vector path: the vectorised dimension (C in NHWC, H*W in NCHW) a multiple of VM elements and
 // every buffer 16-byte aligned (nullptr = an absent buffer).
 inline bool can_vectorize(bool nhwc, int64_t C, int64_t HW, int VM, std::initializer_list<const void*> ptrs) {
@@ -785,13 +814,13 @@ inline void launch_ew(const Op& op, bool nhwc, int64_t N, int C, int64_t HW, cud
     const int64_t gx = (nvec + kEwIters * kBlock - 1) / (kEwIters * kBlock);
     TORCH_CHECK(gx <= kMaxGridX, "srkernels: tensor too large");
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(N * C, kMaxGridY)));
-    ew_nchw_kernel<V, Op><<<grid, kBlock, 0, stream>>>(op, N * C, C, HW);
+    SRK_LAUNCH(grid, kBlock, 0, stream, ew_nchw_kernel<V, Op>)(op, N * C, C, HW);
   } else {
     const NhwcGeom g = nhwc_geom(C, HW, V, 8, 0);
     const int64_t gx = g.S * g.CT;
     TORCH_CHECK(gx <= kMaxGridX, "srkernels: tensor too large");
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
-    ew_nhwc_kernel<V, Op><<<grid, kBlock, 0, stream>>>(op, N, C, HW, g.log2TC, g.CT, g.ppc);
+    SRK_LAUNCH(grid, kBlock, 0, stream, ew_nhwc_kernel<V, Op>)(op, N, C, HW, g.log2TC, g.CT, g.ppc);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -808,7 +837,7 @@ inline NhwcGeom launch_reduce_nhwc(const scalar_t* x, const scalar_t* go, const 
   TORCH_CHECK(gx <= kMaxGridX, "srkernels: tensor too large");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
   const size_t smem = reduce_nhwc_smem<acc_t>(MODE, V);
-  reduce_nhwc_kernel<scalar_t, V, MODE><<<grid, kBlock, smem, stream>>>(
+  SRK_LAUNCH(grid, kBlock, smem, stream, reduce_nhwc_kernel<scalar_t, V, MODE>)(
       x, go, ca, sa, mref, part_a, part_b, pix_a, pix_b, N, C, HW, g.log2TC, g.CT, g.S, g.ppc, g.iters);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return g;
@@ -820,7 +849,7 @@ inline void launch_merge(const acc_t* pa, const acc_t* pb, int64_t N, int C, int
                          cudaStream_t stream) {
   const int64_t blocks = (N * C * 32 + kBlock - 1) / kBlock;
   TORCH_CHECK(blocks <= kMaxGridX, "srkernels: too many channels");
-  merge_partials_kernel<acc_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+  SRK_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, merge_partials_kernel<acc_t>)(
       pa, pb, N, C, S, chunk_len, HW, welford, divisor, out_a, out_b, out_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -864,7 +893,7 @@ void launch_mlp_fwd(const MlpWeights<scalar_t>& W, const at::opmath_type<scalar_
                     const at::TensorOptions& acc_opts, at::opmath_type<scalar_t>* g, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor hb = at::empty({N, W.Cr}, acc_opts), ab = at::empty({N, W.Cr}, acc_opts);
-  mlp_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream>>>(
+  SRK_LAUNCH(static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream, mlp_fwd_kernel<scalar_t>)(
       W, stats, P, hb.data_ptr<acc_t>(), ab.data_ptr<acc_t>(), g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -880,7 +909,7 @@ void launch_mlp_bwd(const MlpWeights<scalar_t>& W, const at::opmath_type<scalar_
                     cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = W.C, Cr = W.Cr;
-  mlp_bwd_kernel<scalar_t><<<static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream>>>(
+  SRK_LAUNCH(static_cast<unsigned>(N), mlp_threads(W.C, W.Cr), 0, stream, mlp_bwd_kernel<scalar_t>)(
       W, stats, P, dg, HW, N * C, T.h.data_ptr<acc_t>(), T.a.data_ptr<acc_t>(), T.s.data_ptr<acc_t>(),
       T.dz.data_ptr<acc_t>(), T.dh.data_ptr<acc_t>(), T.pa.data_ptr<acc_t>(), T.coef.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -889,7 +918,7 @@ void launch_mlp_bwd(const MlpWeights<scalar_t>& W, const at::opmath_type<scalar_
   // one thread's ordered sum, so the grid does not change any value.
   const int64_t total = 2 * C * Cr + (gb1 ? Cr : 0) + (gb2 ? C : 0) + (gslope ? Cr : 0) + (gwsa ? KK : 0);
   const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>((total + kBlock - 1) / kBlock, 1, 4096));
-  weight_grad_kernel<scalar_t><<<blocks, kBlock, 0, stream>>>(
+  SRK_LAUNCH(blocks, kBlock, 0, stream, weight_grad_kernel<scalar_t>)(
       N, W.C, W.Cr, T.s.data_ptr<acc_t>(), T.dz.data_ptr<acc_t>(), T.a.data_ptr<acc_t>(), T.dh.data_ptr<acc_t>(),
       T.pa.data_ptr<acc_t>(), gw1, gb1, gw2, gb2, gslope, wsa_part, KK, nchunks, gwsa);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -403,7 +403,7 @@ void attention_maps(const BamArgs& A, const at::Tensor& mean, const at::Tensor& 
   ca = at::empty({N, A.C}, acc_opts);
   sa = at::empty({N, H * W}, acc_opts);
   launch_mlp_fwd<scalar_t>(bam_mlp<scalar_t>(A), mean.data_ptr<acc_t>(), 1, N, acc_opts, ca.data_ptr<acc_t>(), stream);
-  kxk_map_kernel<scalar_t, false><<<flat_blocks(N * H * W), kBlock, 0, stream>>>(
+  SRK_LAUNCH(flat_blocks(N * H * W), kBlock, 0, stream, kxk_map_kernel<scalar_t, false>)(
       maxmap.data_ptr<acc_t>(), A.wsa.data_ptr<scalar_t>(), A.K, N, H, W, sa.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -424,7 +424,7 @@ int64_t launch_bam_reduce_nchw(const scalar_t* x, const scalar_t* go, const at::
   TORCH_CHECK(S <= kMaxGridX, op, ": tensor too large");
   pa = at::empty({N, S, C}, acc_opts);
   const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(std::min<int64_t>(N, kMaxGridY)));
-  bam_reduce_nchw_kernel<scalar_t, V, BWD><<<grid, nchw_bam_threads(C), 0, stream>>>(
+  SRK_LAUNCH(grid, nchw_bam_threads(C), 0, stream, bam_reduce_nchw_kernel<scalar_t, V, BWD>)(
       x, go, ca, sa, mref, pa.data_ptr<acc_t>(), pix_a, pix_b, N, static_cast<int>(C), HW, S);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return S;
@@ -465,7 +465,8 @@ std::pair<at::Tensor, at::Tensor> bam_forward(const at::Tensor& x, bool nhwc, co
                                                  pmax.data_ptr<acc_t>(), nullptr, g, N, static_cast<int>(C), HW,
                                                  stream);
         if (g.CT > 1) {
-          max_merge_kernel<acc_t><<<flat_blocks(N * HW), kBlock, 0, stream>>>(pmax.data_ptr<acc_t>(), g.CT, N, HW, mm);
+          SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, max_merge_kernel<acc_t>)(pmax.data_ptr<acc_t>(), g.CT, N,
+                                                                                      HW, mm);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
@@ -492,8 +493,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at:
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  const at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  const at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   auto [mean, maxmap] = bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, mean, maxmap};
@@ -507,8 +509,9 @@ void balanced_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, c
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
     bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
   });
@@ -522,9 +525,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor go = same_layout(grad_out_in, x, fmt, "grad_out");
+  const at::Tensor go = vec_aligned(same_layout(grad_out_in, x, fmt, "grad_out"), fmt);
 
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, H = x.size(2), W = x.size(3), HW = H * W;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
@@ -578,12 +582,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 
       // Spatial branch: dt, argmax, dmax, grad_w_sa partials.
       at::Tensor dt = at::empty({N, HW}, acc_opts), am = at::empty({N, HW}, acc_opts.dtype(at::kInt));
-      pixel_finalize_kernel<acc_t><<<flat_blocks(N * HW), kBlock, 0, stream>>>(
+      SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, pixel_finalize_kernel<acc_t>)(
           pdsa.data_ptr<acc_t>(), pam.data_ptr<int>(), sa.data_ptr<acc_t>(), CT, N, HW, dt.data_ptr<acc_t>(),
           am.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor dmax = at::empty({N, HW}, acc_opts);
-      kxk_map_kernel<scalar_t, true><<<flat_blocks(N * HW), kBlock, 0, stream>>>(
+      SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, kxk_map_kernel<scalar_t, true>)(
           dt.data_ptr<acc_t>(), A.wsa.data_ptr<scalar_t>(), A.K, N, H, W, dmax.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t nch = (N * HW + kSaPix - 1) / kSaPix;
@@ -591,8 +595,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
       const int KK = A.K * A.K;
       at::Tensor wsa_part = at::empty({KK, nch}, acc_opts);
       const dim3 wgrid(static_cast<unsigned>(nch), static_cast<unsigned>(A.K * ((A.K + kJG - 1) / kJG)));
-      wsa_partial_kernel<acc_t><<<wgrid, kBlock, 0, stream>>>(dt.data_ptr<acc_t>(), maxmap.data_ptr<acc_t>(), A.K, N,
-                                                              H, W, nch, wsa_part.data_ptr<acc_t>());
+      SRK_LAUNCH(wgrid, kBlock, 0, stream, wsa_partial_kernel<acc_t>)(
+          dt.data_ptr<acc_t>(), maxmap.data_ptr<acc_t>(), A.K, N, H, W, nch, wsa_part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       // Channel branch: MLP backward from dca (pool "avg", PReLU, no biases).

@@ -214,7 +214,7 @@ std::pair<int64_t, int64_t> pool_partials(const scalar_t* x, const scalar_t* go,
     pa = at::empty({N, S, C}, acc_opts);
     pb = two ? at::empty({N, S, C}, acc_opts) : pa;
     const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(std::min<int64_t>(N * C, kMaxGridY)));
-    ca_reduce_nchw_kernel<scalar_t, V, MODE><<<grid, kBlock, 0, stream>>>(
+    SRK_LAUNCH(grid, kBlock, 0, stream, ca_reduce_nchw_kernel<scalar_t, V, MODE>)(
         x, go, pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>(), N * C, C, HW, S, chunk_vecs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {S, chunk_vecs * V};
@@ -307,8 +307,9 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  const at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  const at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
   at::Tensor stats = ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
   return {out, stats};
@@ -324,8 +325,9 @@ void channel_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
-  at::Tensor res = optional_residual(residual, x, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
+  at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
   forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
     ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
   });
@@ -340,9 +342,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
   at::MemoryFormat fmt;
-  const at::Tensor x = native_layout(x_in, fmt);
+  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
+  const at::Tensor x = vec_aligned(x_nat, fmt);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor go = same_layout(grad_out_in, x, fmt, "grad_out");
+  const at::Tensor go = vec_aligned(same_layout(grad_out_in, x, fmt, "grad_out"), fmt);
 
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, HW = x.size(2) * x.size(3);
   const int P = A.with_std ? 2 : 1;

@@ -499,7 +499,7 @@ void ps_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& bi
         a.part_b = want_b ? pb.data_ptr<acc_t>() : nullptr;
         a.part_s = want_s ? ps.data_ptr<acc_t>() : nullptr;
         const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(std::min<int64_t>(d.N * d.Cin, kMaxGridY)));
-        ps_bwd_nchw_kernel<scalar_t, V><<<grid, kBlock, 0, stream>>>(a, S, chunk_vecs);
+        SRK_LAUNCH(grid, kBlock, 0, stream, ps_bwd_nchw_kernel<scalar_t, V>)(a, S, chunk_vecs);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         const bool reduce = want_b || want_s;
@@ -514,14 +514,14 @@ void ps_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& bi
         TORCH_CHECK(gxn <= kMaxGridX, op, ": tensor too large");
         const dim3 grid(static_cast<unsigned>(gxn), static_cast<unsigned>(std::min<int64_t>(d.N, kMaxGridY)));
         const size_t smem = reduce ? 2 * static_cast<size_t>(kBlock) * V * sizeof(acc_t) : 0;
-        ps_bwd_nhwc_kernel<scalar_t, V><<<grid, kBlock, smem, stream>>>(a, g.log2TC, g.CT, g.S, g.ppc);
+        SRK_LAUNCH(grid, kBlock, smem, stream, ps_bwd_nhwc_kernel<scalar_t, V>)(a, g.log2TC, g.CT, g.S, g.ppc);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
     if (want_b || want_s) {
       const int64_t warps = (want_b ? d.Cin : 0) + (want_s ? d.C : 0);
       const int64_t blocks = (warps * 32 + kBlock - 1) / kBlock;
-      ps_grad_merge_kernel<scalar_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+      SRK_LAUNCH(static_cast<unsigned>(blocks), kBlock, 0, stream, ps_grad_merge_kernel<scalar_t>)(
           want_b ? pb.data_ptr<acc_t>() : nullptr, want_s ? ps.data_ptr<acc_t>() : nullptr, d.N * S, d.Cin, d.C,
           d.rr, want_b ? gbias.data_ptr<scalar_t>() : nullptr, want_s ? gslope.data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -585,7 +585,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_backward_cuda(
   at::Tensor x, go;
   if (has_x) {
     check_x(*x_opt, op);
-    x = native_layout(*x_opt, fmt);
+    x = native_layout(*x_opt, fmt);  // sets fmt
+    x = vec_aligned(x, fmt);  // its alignment must not pick the summation order
     TORCH_CHECK(x.sizes() == c10::IntArrayRef({d.N, d.Cin, d.H, d.W}), op, ": x must have shape [", d.N, ", ", d.Cin,
                 ", ", d.H, ", ", d.W, "] for this grad_out and r, got ", x.sizes());
     go = in_layout(grad_out_in, x, grad_out_in.sizes(), fmt, op, "grad_out");

@@ -1,0 +1,3 @@
+// Emulator stand-in: no device to guard (csrc/cuda_emu/cuda_emu.h).
+#pragma once
+#include "../../../cuda_emu.h"
