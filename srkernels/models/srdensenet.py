@@ -174,19 +174,28 @@ class SRDenseNet(SRModel):
     def _forward_fused(self, x: Tensor) -> Tensor:
         from .. import ops
 
+        from ..nn.dense import _inference_cache
+        from ..ops.dense_block import cpu_layout
+
         f, g, nl, nb = self._dims
-        weights, biases = [], []
+        convs, biases = [], []
         for b in range(1, nb + 1):
             block = getattr(self, f"dcb{b}")[0]
             for k in range(1, nl + 1):
                 c = getattr(block, f"conv{k}")
-                w = c.weight
-                if k == 1 and b > 1:
-                    w = w.index_select(1, getattr(self, f"_perm{b}"))
-                weights.append(w)
+                convs.append((b, k, c))
                 biases.append(c.bias)
+
+        def permuted():
+            ws = [c.weight.index_select(1, getattr(self, f"_perm{b}")) if k == 1 and b > 1 else c.weight
+                  for b, k, c in convs]
+            return ws, self.conv2.weight.index_select(1, getattr(self, f"_perm{nb + 1}"))
+
+        # CPU inference: the permuted weights, in the kernel's layout, built once (ops.dense_block.cpu_layout)
+        params = [c.weight for _, _, c in convs] + [self.conv2.weight]
+        packed = _inference_cache(self, x, params, lambda: cpu_layout(*permuted()))
+        weights, fuse_w = permuted() if packed is None else packed
         plan = network_plan(f, g, nl, nb, weights[0].shape[-1])
-        fuse_w = self.conv2.weight.index_select(1, getattr(self, f"_perm{nb + 1}"))
         # channels_last: the op copies x0 into its buffer and writes its output without a transpose, and the
         # tail reads that output as a [pixels, channels] matrix
         from ..nn.conv import conv2d
