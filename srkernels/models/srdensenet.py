@@ -165,7 +165,7 @@ class SRDenseNet(SRModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.fused:
-            return self._forward_fused(x)
+            return self.output_like(self._forward_fused(x), x)
         out = self.conv1(x)
         for b in range(1, self.num_blocks + 1):
             out = torch.cat((getattr(self, f"dcb{b}")(out), out), 1)

@@ -350,8 +350,9 @@ def test_fused_models_reorder_no_weight_after_warmup():
 def test_fused_model_keeps_one_layout(key):
     """One layout from head to tail: after warm-up a fused RCAN (+BAM) / SRCNN forward on a channels_last input
     copies no tensor at all (no NCHW <-> channels_last conversion between layers), and on an NCHW input only
-    the input itself, once, at the entry. (RDN / RDCAB / SRDenseNet are not listed: ``ops.dense_block``
-    repacks its weights on every call, a copy this test would count.)"""
+    the input itself, once, at the entry, and the few-channel output back to NCHW at the exit: the output has
+    the input's memory format, as eager PyTorch's. (RDN / RDCAB / SRDenseNet are not listed: they ``torch.cat``
+    block outputs, as the reference does.)"""
     from torch.profiler import ProfilerActivity, profile
 
     from srkernels.models import build
@@ -360,7 +361,7 @@ def test_fused_model_keeps_one_layout(key):
     torch.manual_seed(0)
     m = build(name, scale, fused=True, **cfg).eval()
     x = torch.rand(1, m.in_channels, 12, 10)
-    for fmt, allowed in ((torch.channels_last, 0), (torch.contiguous_format, 1)):
+    for fmt, allowed in ((torch.channels_last, 0), (torch.contiguous_format, 2)):
         xf = x.contiguous(memory_format=fmt)
         with torch.no_grad():
             m(xf), m(xf)
@@ -368,4 +369,4 @@ def test_fused_model_keeps_one_layout(key):
                 y = m(xf)
         copies = [e for e in prof.events() if e.name == "aten::copy_"]
         assert len(copies) <= allowed, f"{key} {fmt}: {len(copies)} copies (allowed {allowed})"
-        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert y.is_contiguous(memory_format=fmt)
