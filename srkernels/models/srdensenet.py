@@ -202,7 +202,20 @@ class SRDenseNet(SRModel):
 
         x0 = conv2d(self.conv1[0], x, "relu").contiguous(memory_format=torch.channels_last)
         y = ops.dense_block(x0, weights, biases, plan, fuse_weight=fuse_w, fuse_bias=self.conv2.bias)
+        if packed is not None:  # CPU inference
+            return self._tail_onednn(y)
         return self._tail_fused(y)
+
+    def _tail_onednn(self, y: Tensor) -> Tensor:
+        """CPU inference tail: each deconv stage one prepacked oneDNN deconvolution with its ReLU as post-op, then
+        conv3 prepacked: 1.6x faster than the GEMM tail (``_tail_fused``, built for the training step) at LR 32-48
+        (1 thread, CPU time). The dense part stays one ``ops.dense_block`` call: with this tail it measured 1.05-1.1x
+        faster than the same network as upstream's concatenations with prepacked oneDNN convs."""
+        from ..nn.conv import conv2d, conv_transpose2d
+
+        for st in self.upsampling:
+            y = conv_transpose2d(st.upsample_block[0], y, "relu")
+        return conv2d(self.conv3, y)
 
     def _tail_fused(self, y: Tensor) -> Tensor:
         """deconv stages (+ReLU) and conv3, same maths as ``conv3(upsampling(y))``.

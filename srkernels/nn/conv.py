@@ -72,6 +72,46 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return packed
 
 
+def _packed_transpose_weight(deconv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
+    """``_packed_weight`` for a transposed conv (oneDNN deconvolution), same cache rules."""
+    w = deconv.weight
+    key = (w._version, w.dtype, w.data_ptr())
+    cached = getattr(deconv, "_srk_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, OrderedDict())
+        deconv._srk_packed = cached
+    packs = cached[1]
+    shape = tuple(x.shape)
+    packed = packs.get(shape)
+    if packed is None:
+        packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+            w.detach(), list(deconv.padding), list(deconv.output_padding), list(deconv.stride),
+            list(deconv.dilation), deconv.groups, list(shape))
+        packs[shape] = packed
+        if len(packs) > _PACK_CACHE_SIZE:
+            packs.popitem(last=False)
+    else:
+        packs.move_to_end(shape)
+    return packed
+
+
+def conv_transpose2d(deconv: nn.ConvTranspose2d, x: Tensor, activation: str | None = None) -> Tensor:
+    """``act(deconv(x))`` for an ``nn.ConvTranspose2d``: one prepacked oneDNN deconvolution with the activation
+    as post-op in CPU inference (what Inductor's freezing pass emits), eager ops otherwise."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (not torch.compiler.is_compiling() and _onednn_ok(deconv, x, None)
+            and isinstance(deconv.output_padding, tuple)):
+        w = _packed_transpose_weight(deconv, x)
+        b = deconv.bias.detach() if deconv.bias is not None else None
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, w, b, list(deconv.padding), list(deconv.output_padding), list(deconv.stride), list(deconv.dilation),
+            deconv.groups, activation or "none", [None], "")
+    y = F.conv_transpose2d(x, deconv.weight, deconv.bias, deconv.stride, deconv.padding, deconv.output_padding,
+                           deconv.groups, deconv.dilation)
+    return F.relu(y) if activation == "relu" else y
+
+
 def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: Tensor | None = None, *,
            with_bias: bool = True) -> Tensor:
     """``act(conv(x)) (+ residual)`` for any ``nn.Conv2d``, as one oneDNN call where possible.

@@ -370,3 +370,23 @@ def test_fused_model_keeps_one_layout(key):
         copies = [e for e in prof.events() if e.name == "aten::copy_"]
         assert len(copies) <= allowed, f"{key} {fmt}: {len(copies)} copies (allowed {allowed})"
         assert y.is_contiguous(memory_format=fmt)
+
+
+@needs_onednn
+@pytest.mark.parametrize("stride,kernel,pad,out_pad", [(2, 2, 0, 0), (3, 3, 0, 0), (2, 4, 1, 0), (2, 3, 1, 1)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_conv_transpose2d_matches_eager(stride, kernel, pad, out_pad, activation):
+    """``nn.conv_transpose2d`` (SRDenseNet's inference tail): prepacked oneDNN deconvolution + ReLU post-op equals
+    the eager ops, for NCHW and channels_last input, and again after the weight changes (cache dropped)."""
+    torch.manual_seed(0)
+    d = torch.nn.ConvTranspose2d(8, 6, kernel, stride, pad, output_padding=out_pad).eval()
+    x = torch.randn(2, 8, 5, 7)
+    for _ in range(2):
+        want = F.conv_transpose2d(x, d.weight, d.bias, stride, pad, out_pad)
+        want = F.relu(want) if activation else want
+        for xf in (x, x.contiguous(memory_format=torch.channels_last)):
+            with torch.no_grad():
+                got = conv_mod.conv_transpose2d(d, xf, activation)
+            assert_close(got, want, torch.float32, "conv_transpose2d")
+        with torch.no_grad():
+            d.weight.mul_(-0.5)
