@@ -21,6 +21,35 @@ _MKLDNN = torch.backends.mkldnn.is_available()
 _PACK_CACHE_SIZE = 4
 
 
+class PackCache:
+    """Holds derived weights (oneDNN-packed, relaid) on a module: ``key`` says which weights they came from,
+    ``data`` what was built. A module copy or pickle gets an empty cache (packed oneDNN tensors have no storage
+    to copy, and a copy rebuilds on first use anyway)."""
+
+    __slots__ = ("key", "data")
+
+    def __init__(self, key=None, data=None) -> None:
+        self.key, self.data = key, data
+
+    def __deepcopy__(self, memo) -> "PackCache":
+        return PackCache()
+
+    def __copy__(self) -> "PackCache":
+        return PackCache()
+
+    def __reduce__(self):
+        return (PackCache, ())
+
+
+def _module_cache(m: nn.Module, attr: str, key, build):
+    """``build()`` cached on ``m`` under ``attr`` while ``key`` stays the same."""
+    c = m.__dict__.get(attr)
+    if c is None or c.key != key:
+        c = PackCache(key, build())
+        m.__dict__[attr] = c
+    return c.data
+
+
 @functools.cache
 def _onednn_bf16() -> bool:
     """Whether oneDNN runs bf16 convolutions here: AVX-512 (bw, vl, dq) or AVX-NE-CONVERT, as capped by
@@ -53,12 +82,7 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
     ``_convolution_pointwise`` always runs a packed weight channels-last, and packing with ``input_size``
     assumes the same, so the input's memory format needs no key of its own."""
     w = conv.weight
-    key = (w._version, w.dtype, w.data_ptr())
-    cached = getattr(conv, "_srk_packed", None)
-    if cached is None or cached[0] != key:
-        cached = (key, OrderedDict())
-        conv._srk_packed = cached
-    packs = cached[1]
+    packs = _module_cache(conv, "_srk_packed", (w._version, w.dtype, w.data_ptr()), OrderedDict)
     shape = tuple(x.shape)
     packed = packs.get(shape)
     if packed is None:
@@ -75,12 +99,7 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
 def _packed_transpose_weight(deconv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
     """``_packed_weight`` for a transposed conv (oneDNN deconvolution), same cache rules."""
     w = deconv.weight
-    key = (w._version, w.dtype, w.data_ptr())
-    cached = getattr(deconv, "_srk_packed", None)
-    if cached is None or cached[0] != key:
-        cached = (key, OrderedDict())
-        deconv._srk_packed = cached
-    packs = cached[1]
+    packs = _module_cache(deconv, "_srk_packed", (w._version, w.dtype, w.data_ptr()), OrderedDict)
     shape = tuple(x.shape)
     packed = packs.get(shape)
     if packed is None:

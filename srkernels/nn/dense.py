@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import ops
 from ..ops.dense_block import cpu_layout, fdirb_plan, rdb_plan, split_plan, srdense_plan
 from ..reference import dense as R
+from .conv import _module_cache
 
 
 def _bias(conv) -> Tensor | None:
@@ -26,11 +27,7 @@ def _inference_cache(module, x: Tensor, params: list[Tensor], build):
             or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
         return None
     key = tuple((p._version, p.dtype, p.device, p.data_ptr(), tuple(p.shape)) for p in params)
-    cached = module.__dict__.get("_srk_dense_cache")
-    if cached is None or cached[0] != key:
-        cached = (key, build())
-        module.__dict__["_srk_dense_cache"] = cached
-    return cached[1]
+    return _module_cache(module, "_srk_dense_cache", key, build)
 
 
 def _dense_weights(module, x: Tensor, weights: list[Tensor], fuse_weight: Tensor | None = None,

@@ -119,3 +119,31 @@ def test_cpu_layout_keeps_values_and_shapes():
     for w, p in zip(ws, pws):
         assert p.shape == w.shape and torch.equal(p, w) and p.permute(2, 3, 1, 0).is_contiguous()
     assert pfw.shape == (8, 16) and torch.equal(pfw, fw.flatten(1)) and pfw.t().is_contiguous()
+
+
+@pytest.mark.parametrize("name, cfg", [("rcan", dict(n_resgroups=1, n_resblocks=1, n_feats=16, reduction=4)),
+                                       ("rdn", dict(num_features=16, num_blocks=2, num_layers=2, growth=8)),
+                                       ("srdensenet", dict(num_features=16, num_blocks=2, num_layers=2, growth=8,
+                                                           bottleneck=16))])
+def test_used_model_can_be_copied_and_pickled(name, cfg):
+    """After inference filled the caches (oneDNN-packed weights have no storage), ``copy.deepcopy`` and
+    ``pickle`` of the model work, and the copy computes the same output (it rebuilds its own caches)."""
+    import copy
+    import io
+    import warnings
+
+    from srkernels.models import build
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = build(name, 2, fused=True, **cfg).eval()
+    x = torch.rand(1, m.in_channels, 8, 8) * m.input_range
+    with torch.no_grad():
+        y = m(x)
+        c = copy.deepcopy(m)
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        p = torch.load(buf, weights_only=False)
+        assert torch.equal(c(x), y) and torch.equal(p(x), y)
