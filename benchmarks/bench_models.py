@@ -3,8 +3,19 @@ ONNX Runtime on the reference exported with torch.onnx.export. Every architectur
 (``srkernels.models.build(name, scale)``), interleaved in one process.
 
     python benchmarks/bench_models.py [--models rcan,rdn] [--sizes 32,48] [--large] [--scale 4] [--rounds 5]
-                                      [--threads N] [--onnx] [--train | --train-only] [--no-record]
+                                      [--threads N] [--clock wall|cpu] [--onnx] [--openvino] [--compile]
+                                      [--bf16] [--upscale] [--plot PATH] [--train | --train-only] [--no-record]
     python benchmarks/bench_models.py --models rcan --sizes 32 --rounds 3     # quick
+
+``--clock cpu`` (needs ``--threads 1``) times each call by the process's CPU time instead of the wall clock: on
+a shared machine a time-sliced call then does not count the time other processes ran (cache sharing still
+counts). ``--onnx`` / ``--openvino``: ONNX Runtime / OpenVINO (f32 precision hint) on the reference exported with
+``torch.onnx.export``; ``--compile``: ``torch.compile`` (Inductor, freezing on) of the reference and of the
+fused model; their warm-up (export/compile + first call) is recorded per row. ``--bf16``: the fused model in
+bfloat16 where oneDNN runs bf16 natively (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), plus the Y-PSNR of
+its output against fp32's on scikit-image's bundled photographs. ``--upscale``: RCAN x4 480x270 -> 1920x1080
+through the tiled ``Upscaler`` path (tile 256, overlap 16), reference vs fused. A plot (ms against LR size, one
+line per variant, per model) is written with matplotlib when more than one size ran.
 
 GFLOP counts conv MACs (forward hooks on the reference's Conv2d / ConvTranspose2d modules, 2 FLOP per MAC); the
 attention MLPs and elementwise work are left out. "% roofline" compares a variant's GFLOP/s with the best rate of
@@ -17,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -30,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import srkernels  # noqa: E402
-from srkernels.benchmark import describe_machine, interleaved, saved_bytes  # noqa: E402
+from srkernels.benchmark import Timing, describe_machine, interleaved, saved_bytes  # noqa: E402
 from srkernels.models import build  # noqa: E402
 
 BENCH = "models"
@@ -79,7 +92,7 @@ def conv_roofline(lr: int, rounds: int) -> tuple[float, dict]:
     conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
     flop = 2 * lr * lr * 64 * 64 * 9
     with torch.no_grad():
-        t = interleaved({
+        t = timed({
             "eager NCHW": lambda: conv(x),
             "eager channels_last": lambda: conv_cl(xcl),
             "srkernels conv2d": lambda: srkernels.nn.conv2d(conv, xcl),
@@ -88,24 +101,78 @@ def conv_roofline(lr: int, rounds: int) -> tuple[float, dict]:
     return max(rates.values()), rates
 
 
-def onnx_session(model: nn.Module, x: torch.Tensor, threads: int):
-    """An ONNX Runtime session of ``model`` exported at ``x``'s shape, or (None, reason)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        return None, f"onnxruntime not installed ({e})"
+CLOCK = "wall"  # set by --clock
+
+
+def timed(fns: dict, rounds: int, warmup: int = 2) -> dict[str, Timing]:
+    """``interleaved`` on the wall clock, or (``--clock cpu``) the process CPU time of each call, variants
+    interleaved the same way (order alternating per round)."""
+    if CLOCK == "wall":
+        return interleaved(fns, rounds=rounds, warmup=warmup)
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    out = {k: Timing(k) for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            t = time.process_time()
+            fns[k]()
+            out[k].times_ms.append((time.process_time() - t) * 1e3)
+    return out
+
+
+def export_onnx(model: nn.Module, x: torch.Tensor):
+    """``model`` exported with ``torch.onnx.export`` at ``x``'s shape: (path, seconds) or (None, reason)."""
     path = Path(tempfile.mkdtemp()) / "model.onnx"
+    t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
     except Exception as e:  # noqa: BLE001 - any export failure is reported, not fatal
         return None, f"export failed: {type(e).__name__}: {str(e)[:200]}"
+    return path, time.perf_counter() - t0
+
+
+def onnx_session(path: Path, threads: int):
+    """An ONNX Runtime session of the exported model, or (None, reason)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return None, f"onnxruntime not installed ({e})"
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return sess, None
+
+
+def openvino_model(path: Path, threads: int):
+    """The exported model compiled by OpenVINO for CPU in f32 (``INFERENCE_PRECISION_HINT``: no silent bf16 on
+    CPUs that have it), or (None, reason)."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        return None, f"openvino not installed ({e})"
+    core = ov.Core()
+    return core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+                                                  "PERFORMANCE_HINT": "LATENCY"}), None
+
+
+def compiled(model: nn.Module):
+    """``torch.compile`` of ``model`` with Inductor's freezing (weights folded as constants, oneDNN prepacked
+    convs): what a user would try first."""
+    import torch._inductor.config as icfg
+
+    icfg.freezing = True
+    return torch.compile(model)
+
+
+def first_call(fn) -> float:
+    """Seconds of the first call (compile / warm-up)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,7 +191,8 @@ def model_pair(key: str, scale: int, *, train: bool):
     return ref, fused
 
 
-def bench_inference(names, sizes, scale, rounds, threads, use_onnx) -> list[dict]:
+def bench_inference(names, sizes, scale, rounds, threads, opts) -> list[dict]:
+    use_onnx = opts.onnx or opts.openvino
     rows = []
     for lr in sizes:
         roof, roof_rates = conv_roofline(lr, rounds)
@@ -141,19 +209,49 @@ def bench_inference(names, sizes, scale, rounds, threads, use_onnx) -> list[dict
                 "reference channels_last": lambda: ref_cl(xcl),
                 "fused": lambda: fused(x),
             }
-            notes = {}
+            notes, warm = {}, {}
             with torch.no_grad():
                 y_ref = ref(x)
                 notes["fused"] = f"rel err {rel_err(fused(x), y_ref):.1e}"
+                if opts.compile:
+                    for v, m in (("compile(reference)", ref), ("compile(fused)", fused)):
+                        torch._dynamo.reset()
+                        cm = compiled(copy.deepcopy(m))
+                        try:
+                            warm[v] = first_call(lambda: cm(x))
+                        except Exception as e:  # noqa: BLE001 - reported, not fatal
+                            print(f"  {key} LR {lr}: no {v} row: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                            continue
+                        variants[v] = (lambda cm: lambda: cm(x))(cm)
+                        notes[v] = f"rel err {rel_err(cm(x), y_ref):.1e}"
                 if use_onnx:
-                    sess, why = onnx_session(ref, x, threads)
-                    if sess is None:
-                        print(f"  {key} LR {lr}: no ONNX Runtime row: {why}", flush=True)
-                    else:
-                        xn = x.numpy()
-                        variants["onnxruntime"] = lambda: sess.run(None, {"x": xn})
-                        notes["onnxruntime"] = f"rel err {rel_err(torch.from_numpy(sess.run(None, {'x': xn})[0]), y_ref):.1e}"
-                t = interleaved(variants, rounds=rounds)
+                    path, export_s = export_onnx(ref, x)
+                    if path is None:
+                        print(f"  {key} LR {lr}: no ONNX Runtime / OpenVINO rows: {export_s}", flush=True)
+                    xn = x.numpy()
+                    if path is not None and opts.onnx:
+                        sess, why = onnx_session(path, threads)
+                        if sess is None:
+                            print(f"  {key} LR {lr}: no ONNX Runtime row: {why}", flush=True)
+                        else:
+                            warm["onnxruntime"] = export_s + first_call(lambda: sess.run(None, {"x": xn}))
+                            variants["onnxruntime"] = lambda: sess.run(None, {"x": xn})
+                            notes["onnxruntime"] = f"rel err {rel_err(torch.from_numpy(sess.run(None, {'x': xn})[0]), y_ref):.1e}"
+                    if path is not None and opts.openvino:
+                        t0 = time.perf_counter()
+                        ovm, why = openvino_model(path, threads)
+                        if ovm is None:
+                            print(f"  {key} LR {lr}: no OpenVINO row: {why}", flush=True)
+                        else:
+                            warm["openvino"] = export_s + time.perf_counter() - t0 + first_call(lambda: ovm(xn))
+                            variants["openvino"] = lambda: ovm(xn)
+                            notes["openvino"] = f"rel err {rel_err(torch.from_numpy(ovm(xn)[0]), y_ref):.1e}"
+                if opts.bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                    fb = copy.deepcopy(fused).to(torch.bfloat16)
+                    xb = x.to(torch.bfloat16)
+                    variants["fused bf16"] = lambda: fb(xb)
+                    notes["fused bf16"] = f"rel err {rel_err(fb(xb).float(), y_ref):.1e}"
+                t = timed(variants, rounds=rounds)
             base = t["reference"]
             case = f"{key} x{scale} LR{lr}"
             for v, tim in t.items():
@@ -166,12 +264,133 @@ def bench_inference(names, sizes, scale, rounds, threads, use_onnx) -> list[dict
                     "speedup_min": round(base.min / tim.min, 3), "speedup_median": round(base.median / tim.median, 3),
                     "baseline": "reference", "note": notes.get(v, ""),
                 }
+                if v in warm:  # first-call seconds beyond a steady call (export / compile + first run)
+                    row["warmup_s"] = round(warm[v] - tim.median * 1e-3, 2)
+                    row["note"] = (row["note"] + f"; warm-up {row['warmup_s']:.1f} s").lstrip("; ")
                 # fused against the faster eager reference (NCHW or channels_last), by min
                 best_ref = min(t["reference"].min, t["reference channels_last"].min)
                 row["flag"] = "FUSED SLOWER" if v == "fused" and tim.min > best_ref else ""
                 rows.append(row)
             print(f"  {case}: " + ", ".join(f"{v} {tim.min:.1f} ms" for v, tim in t.items()), flush=True)
     return rows
+
+
+def y_psnr(a: torch.Tensor, b: torch.Tensor, border: int) -> float:
+    """PSNR of the BT.601 luma (Y, 16-235) of two RGB images on [0, 1], ``border`` pixels shaved (the SR
+    convention)."""
+    wts = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float64).view(1, 3, 1, 1) / 255.0
+    ya = (a.double().clamp(0, 1) * wts).sum(1) + 16 / 255
+    yb = (b.double().clamp(0, 1) * wts).sum(1) + 16 / 255
+    if border:
+        ya, yb = ya[..., border:-border, border:-border], yb[..., border:-border, border:-border]
+    return 10 * math.log10(1.0 / ((ya - yb) ** 2).mean().item())
+
+
+def bench_bf16_quality(names, scale) -> list[dict]:
+    """Y-PSNR of the fused model's fp32 and bf16 outputs against the HR photograph (scikit-image's bundled
+    astronaut, chelsea, coffee; 192x192 centre crops, LR by bicubic antialiased downscaling), and of bf16
+    against fp32. The weights are the benchmark's (seeded random init, no pretrained file here): the two
+    PSNRs against HR say little about SR quality, their difference is what bf16 costs."""
+    try:
+        from skimage import data
+    except ImportError as e:
+        print(f"bf16 quality: scikit-image not installed ({e})")
+        return []
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("bf16 quality: no native bf16 on this CPU (oneDNN refuses it): bf16 runs the eager fallback; skipped")
+        return []
+    photos = {n: getattr(data, n)() for n in ("astronaut", "chelsea", "coffee")}
+    rows = []
+    for key in names:
+        _, fused = model_pair(key, scale, train=False)
+        fb = copy.deepcopy(fused).to(torch.bfloat16)
+        for pname, img in photos.items():
+            hr = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
+            h, w = hr.shape[-2:]
+            side = 192
+            hr = hr[..., (h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
+            lr = F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+            if fused.in_channels == 1:  # Y-channel models: feed Y, compare Y
+                wts = torch.tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1) / 255.0
+                lr = (lr.clamp(0, 1) * wts).sum(1, keepdim=True) + 16 / 255
+                hr_in = (hr * wts).sum(1, keepdim=True) + 16 / 255
+            else:
+                hr_in = hr
+            x = lr.clamp(0, 1) * fused.input_range
+            with torch.no_grad():
+                y32 = fused(x) / fused.input_range
+                if y32.shape[-2:] != hr.shape[-2:]:  # a model on bicubic-upscaled input (SRCNN)
+                    x = F.interpolate(x, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+                    y32 = fused(x) / fused.input_range
+                y16 = fb(x.to(torch.bfloat16)).float() / fused.input_range
+            if fused.in_channels == 1:
+                p32 = 10 * math.log10(1 / ((y32.clamp(0, 1) - hr_in)[..., scale:-scale, scale:-scale] ** 2).mean().item())
+                p16 = 10 * math.log10(1 / ((y16.clamp(0, 1) - hr_in)[..., scale:-scale, scale:-scale] ** 2).mean().item())
+                pb = 10 * math.log10(1 / ((y16.clamp(0, 1) - y32.clamp(0, 1)) ** 2).mean().clamp_min(1e-20).item())
+            else:
+                p32, p16, pb = y_psnr(y32, hr_in, scale), y_psnr(y16, hr_in, scale), y_psnr(y16, y32, scale)
+            rows.append({"case": f"{key} x{scale} {pname}", "model": key, "photo": pname, "psnr_fp32": round(p32, 3),
+                         "psnr_bf16": round(p16, 3), "delta_db": round(p16 - p32, 3), "psnr_bf16_vs_fp32": round(pb, 2),
+                         "flag": "" if abs(p16 - p32) <= 0.02 else "DELTA > 0.02 dB"})
+            print(f"  bf16 {key} {pname}: Y-PSNR fp32 {p32:.3f} dB, bf16 {p16:.3f} dB (delta {p16 - p32:+.3f}), "
+                  f"bf16 vs fp32 {pb:.1f} dB", flush=True)
+    return rows
+
+
+def bench_upscale(rounds, threads) -> list[dict]:
+    """RCAN x4 on a 480x270 RGB image -> 1920x1080 through ``srkernels.engine.inference.Upscaler`` (tile 256,
+    overlap 16: what ``srkernels upscale`` runs), reference vs fused."""
+    from srkernels.engine.inference import Upscaler
+
+    ref, fused = model_pair("rcan", 4, train=False)
+    lr = torch.rand(1, 3, 270, 480)
+    ups = {"reference": Upscaler(ref, tile=256, overlap=16), "fused": Upscaler(fused, tile=256, overlap=16)}
+    with torch.no_grad():
+        outs = {k: u(lr) for k, u in ups.items()}
+        t = timed({k: (lambda u: lambda: u(lr))(u) for k, u in ups.items()}, rounds=rounds, warmup=0)
+    err = rel_err(outs["fused"], outs["reference"])
+    rows = []
+    for v, tim in t.items():
+        rows.append({"case": "rcan x4 upscale 480x270->1920x1080 (tile 256)", "model": "rcan", "scale": 4, "lr": 270,
+                     "variant": v, "ms_min": round(tim.min, 1), "ms_median": round(tim.median, 1),
+                     "speedup_min": round(t["reference"].min / tim.min, 3),
+                     "note": f"rel err {err:.1e}" if v == "fused" else "", "out_shape": list(outs[v].shape),
+                     "flag": "FUSED SLOWER" if v == "fused" and tim.min > t["reference"].min else ""})
+    print("  upscale 480x270 -> 1920x1080: " + ", ".join(f"{v} {tim.min / 1e3:.1f} s" for v, tim in t.items()))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """ms (min) against LR size, one line per variant, one panel per model; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"no plot: matplotlib not installed ({e})")
+        return None
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cols = min(4, len(models))
+    nrows = math.ceil(len(models) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, m in zip(axes.flat, models):
+        mine = [r for r in rows if r["model"] == m]
+        for v in dict.fromkeys(r["variant"] for r in mine):
+            pts = sorted((r["lr"], r["ms_min"]) for r in mine if r["variant"] == v)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+        ax.set_title(m)
+        ax.set_xlabel("LR size (px, square)")
+        ax.set_ylabel("ms (min)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def bench_training(names, lr, scale, rounds) -> list[dict]:
@@ -187,7 +406,7 @@ def bench_training(names, lr, scale, rounds) -> list[dict]:
                 m(x).abs().mean().backward()
             return run
 
-        t = interleaved({"reference": step(ref), "fused": step(fused)}, rounds=rounds, warmup=1)
+        t = timed({"reference": step(ref), "fused": step(fused)}, rounds=rounds, warmup=1)
         saved = {"reference": saved_bytes(ref, x), "fused": saved_bytes(fused, x)}
         base = t["reference"]
         for v, tim in t.items():
@@ -228,6 +447,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--onnx", action="store_true", help="add an ONNX Runtime row (needs onnxruntime)")
+    ap.add_argument("--openvino", action="store_true", help="add an OpenVINO row (needs openvino)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile rows (reference, fused; slow warm-up)")
+    ap.add_argument("--bf16", action="store_true", help="fused bf16 rows + Y-PSNR vs fp32 (native bf16 CPUs)")
+    ap.add_argument("--upscale", action="store_true", help="RCAN x4 480x270 -> 1920x1080 tiled upscale row")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall clock, or process CPU time per call (needs --threads 1; robust on a shared machine)")
+    ap.add_argument("--plot", default=str(harness.RESULTS / "models.png"), help="plot path (PNG)")
     ap.add_argument("--train", action="store_true", help="also a training-step table (batch 2, first size)")
     ap.add_argument("--train-only", action="store_true", help="only the training-step table")
     ap.add_argument("--no-record", action="store_true", help="do not append to results/models.jsonl")
@@ -240,13 +466,24 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    global CLOCK
+    if args.clock == "cpu" and threads != 1:
+        ap.error("--clock cpu needs --threads 1 (CPU time of several threads is not latency)")
+    CLOCK = args.clock
     machine = describe_machine()
     cap = srkernels.build_info().get("cpu_capability", srkernels.build_info().get("cpu_isa"))
     print(f"{machine.get('cpu', '?')}; srkernels cpu_capability {cap}; torch {machine['cpu_capability']}; "
           f"{threads} threads", flush=True)
-    rows = [] if args.train_only else bench_inference(names, sizes, args.scale, args.rounds, threads, args.onnx)
+    print(f"clock: {CLOCK}; bf16 native: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}", flush=True)
+    rows = [] if args.train_only else bench_inference(names, sizes, args.scale, args.rounds, threads, args)
     if rows:
         print(table(rows))
+        if len(sizes) > 1:
+            png = plot(rows, Path(args.plot))
+            if png:
+                print(f"plot: {png}")
+    quality = bench_bf16_quality(names, args.scale) if args.bf16 and not args.train_only else []
+    up_rows = bench_upscale(max(1, args.rounds // 3), threads) if args.upscale and not args.train_only else []
     slower = [r["case"] for r in rows if r["flag"]]
     if slower:
         print(f"FLAGGED: fused slower than the faster eager reference in {', '.join(slower)}")
@@ -255,9 +492,10 @@ def main(argv=None) -> None:
         train_rows = bench_training(names, sizes[0], args.scale, args.rounds)
         print(train_table(train_rows))
     if not args.no_record:
-        path = harness.record(BENCH, rows + train_rows, {
+        path = harness.record(BENCH, rows + train_rows + up_rows + quality, {
             "device": "cpu", "dtype": "float32", "threads": threads, "cpu": machine.get("cpu"),
-            "cpu_capability": cap, "args": vars(args)})
+            "cpu_capability": cap, "clock": CLOCK, "bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            "args": vars(args)})
         print(f"appended to {path}")
         if rows and set(names) == set(MODELS):
             harness.update_readme(BENCH, readme_text(rows, train_rows, machine, cap, threads, args))

@@ -58,7 +58,9 @@ def _model_cases(names, size, dtype, device):
         yield f"{label} ({params / 1e6:.2f}M)", (lambda m=ref, x=x: m(x)), (lambda m=fused, x=x: m(x))
 
 
-def _run_cases(cases, dtype, device, rounds, tol) -> bool:
+def _run_cases(cases, dtype, device, rounds, tol, slower: list | None = None) -> bool:
+    """Time and check each case; the names of cases where fused is slower than the reference (by min and by
+    median: a one-sided noise spike does not flag) are appended to ``slower``."""
     from .benchmark import interleaved
 
     ok = True
@@ -68,8 +70,12 @@ def _run_cases(cases, dtype, device, rounds, tol) -> bool:
         good = diff <= tol * max(1.0, a.abs().max().item())
         ok &= good
         t = interleaved({"ref": ref, "fused": fused}, device=device, rounds=rounds, warmup=1, min_round_ms=1.0)
+        slow = t["fused"].min > t["ref"].min and t["fused"].median > t["ref"].median
+        if slow and slower is not None:
+            slower.append(name)
         print(f"{name:34s} {t['ref'].min:8.2f}/{t['ref'].median:<9.2f} {t['fused'].min:8.2f}/{t['fused'].median:<9.2f}"
-              f" {t['ref'].median / t['fused'].median:7.2f}x {diff:11.2e}{'' if good else '  MISMATCH'}")
+              f" {t['ref'].median / t['fused'].median:7.2f}x {diff:11.2e}{'' if good else '  MISMATCH'}"
+              f"{'  FUSED SLOWER' if slow else ''}")
     return ok
 
 
@@ -84,15 +90,22 @@ def cmd_bench(args) -> int:
     tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
     header = f"{'case':34s} {'ref ms min/med':>18s} {'fused ms min/med':>18s} {'speed-up':>8s} {'max |diff|':>11s}"
     print(f"srkernels bench on {device}, {args.dtype}, {args.rounds} interleaved rounds; speed-up by median")
+    slower: list[str] = []
     with torch.no_grad():
         print(f"\nops at {list(shape)}\n{header}")
         ops_cases = [(n, r, f) for n, (r, f) in _attention_cases(shape, dtype, device).items()]
-        ok = _run_cases(ops_cases, dtype, device, args.rounds, tol)
+        ok = _run_cases(ops_cases, dtype, device, args.rounds, tol, slower)
         if args.models != "none":
             names = None if args.models == "all" else set(args.models.split(","))
             print(f"\nmodels, one {args.size}x{args.size} LR image\n{header}")
-            ok &= _run_cases(_model_cases(names, args.size, dtype, device), dtype, device, max(3, args.rounds // 2), tol)
-    print("\nparity: OK" if ok else "\nparity: FAILED")
+            ok &= _run_cases(_model_cases(names, args.size, dtype, device), dtype, device, max(3, args.rounds // 2), tol,
+                             slower)
+    if slower:
+        print(f"\nFLAGGED: fused slower than the reference (by min and median) in {len(slower)} case(s): "
+              f"{', '.join(slower)}")
+    else:
+        print("\nfused at least as fast as the reference in every case (by min or median)")
+    print("parity: OK" if ok else "parity: FAILED")
     return 0 if ok else 1
 
 

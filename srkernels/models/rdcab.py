@@ -155,7 +155,7 @@ class RDCABRecursiveSRNet(SRModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.fused:
-            return self._forward_fused(x)
+            return self.output_like(self._forward_fused(x), x)
         sfe1, cat = self.features(x)
         h = self.gff(cat) + sfe1
         if self.variant == "ipiu":

@@ -56,7 +56,7 @@ class RDN(SRModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.fused:
-            return self._forward_fused(x)
+            return self.output_like(self._forward_fused(x), x)
         f1 = self.SFENet1(x)
         h = self.SFENet2(f1)
         outs = []

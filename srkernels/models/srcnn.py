@@ -74,5 +74,5 @@ class SRCNN(SRModel):
             from ..nn.conv import apply_conv
 
             h = apply_conv(self.map[0], apply_conv(self.features[0], x, "relu"), "relu")
-            return apply_conv(self.reconstruction, h)
+            return self.output_like(apply_conv(self.reconstruction, h), x)
         return self.reconstruction(self.map(self.features(x)))

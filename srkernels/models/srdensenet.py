@@ -165,7 +165,7 @@ class SRDenseNet(SRModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.fused:
-            return self._forward_fused(x)
+            return self.output_like(self._forward_fused(x), x)
         out = self.conv1(x)
         for b in range(1, self.num_blocks + 1):
             out = torch.cat((getattr(self, f"dcb{b}")(out), out), 1)
@@ -174,26 +174,48 @@ class SRDenseNet(SRModel):
     def _forward_fused(self, x: Tensor) -> Tensor:
         from .. import ops
 
+        from ..nn.dense import _inference_cache
+        from ..ops.dense_block import cpu_layout
+
         f, g, nl, nb = self._dims
-        weights, biases = [], []
+        convs, biases = [], []
         for b in range(1, nb + 1):
             block = getattr(self, f"dcb{b}")[0]
             for k in range(1, nl + 1):
                 c = getattr(block, f"conv{k}")
-                w = c.weight
-                if k == 1 and b > 1:
-                    w = w.index_select(1, getattr(self, f"_perm{b}"))
-                weights.append(w)
+                convs.append((b, k, c))
                 biases.append(c.bias)
+
+        def permuted():
+            ws = [c.weight.index_select(1, getattr(self, f"_perm{b}")) if k == 1 and b > 1 else c.weight
+                  for b, k, c in convs]
+            return ws, self.conv2.weight.index_select(1, getattr(self, f"_perm{nb + 1}"))
+
+        # CPU inference: the permuted weights, in the kernel's layout, built once (ops.dense_block.cpu_layout)
+        params = [c.weight for _, _, c in convs] + [self.conv2.weight]
+        packed = _inference_cache(self, x, params, lambda: cpu_layout(*permuted()))
+        weights, fuse_w = permuted() if packed is None else packed
         plan = network_plan(f, g, nl, nb, weights[0].shape[-1])
-        fuse_w = self.conv2.weight.index_select(1, getattr(self, f"_perm{nb + 1}"))
         # channels_last: the op copies x0 into its buffer and writes its output without a transpose, and the
         # tail reads that output as a [pixels, channels] matrix
         from ..nn.conv import conv2d
 
         x0 = conv2d(self.conv1[0], x, "relu").contiguous(memory_format=torch.channels_last)
         y = ops.dense_block(x0, weights, biases, plan, fuse_weight=fuse_w, fuse_bias=self.conv2.bias)
+        if packed is not None:  # CPU inference
+            return self._tail_onednn(y)
         return self._tail_fused(y)
+
+    def _tail_onednn(self, y: Tensor) -> Tensor:
+        """CPU inference tail: each deconv stage one prepacked oneDNN deconvolution with its ReLU as post-op, then
+        conv3 prepacked: 1.6x faster than the GEMM tail (``_tail_fused``, built for the training step) at LR 32-48
+        (1 thread, CPU time). The dense part stays one ``ops.dense_block`` call: with this tail it measured 1.05-1.1x
+        faster than the same network as upstream's concatenations with prepacked oneDNN convs."""
+        from ..nn.conv import conv2d, conv_transpose2d
+
+        for st in self.upsampling:
+            y = conv_transpose2d(st.upsample_block[0], y, "relu")
+        return conv2d(self.conv3, y)
 
     def _tail_fused(self, y: Tensor) -> Tensor:
         """deconv stages (+ReLU) and conv3, same maths as ``conv3(upsampling(y))``.

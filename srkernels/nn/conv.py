@@ -21,6 +21,35 @@ _MKLDNN = torch.backends.mkldnn.is_available()
 _PACK_CACHE_SIZE = 4
 
 
+class PackCache:
+    """Holds derived weights (oneDNN-packed, relaid) on a module: ``key`` says which weights they came from,
+    ``data`` what was built. A module copy or pickle gets an empty cache (packed oneDNN tensors have no storage
+    to copy, and a copy rebuilds on first use anyway)."""
+
+    __slots__ = ("key", "data")
+
+    def __init__(self, key=None, data=None) -> None:
+        self.key, self.data = key, data
+
+    def __deepcopy__(self, memo) -> "PackCache":
+        return PackCache()
+
+    def __copy__(self) -> "PackCache":
+        return PackCache()
+
+    def __reduce__(self):
+        return (PackCache, ())
+
+
+def _module_cache(m: nn.Module, attr: str, key, build):
+    """``build()`` cached on ``m`` under ``attr`` while ``key`` stays the same."""
+    c = m.__dict__.get(attr)
+    if c is None or c.key != key:
+        c = PackCache(key, build())
+        m.__dict__[attr] = c
+    return c.data
+
+
 @functools.cache
 def _onednn_bf16() -> bool:
     """Whether oneDNN runs bf16 convolutions here: AVX-512 (bw, vl, dq) or AVX-NE-CONVERT, as capped by
@@ -53,12 +82,7 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
     ``_convolution_pointwise`` always runs a packed weight channels-last, and packing with ``input_size``
     assumes the same, so the input's memory format needs no key of its own."""
     w = conv.weight
-    key = (w._version, w.dtype, w.data_ptr())
-    cached = getattr(conv, "_srk_packed", None)
-    if cached is None or cached[0] != key:
-        cached = (key, OrderedDict())
-        conv._srk_packed = cached
-    packs = cached[1]
+    packs = _module_cache(conv, "_srk_packed", (w._version, w.dtype, w.data_ptr()), OrderedDict)
     shape = tuple(x.shape)
     packed = packs.get(shape)
     if packed is None:
@@ -70,6 +94,41 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
     else:
         packs.move_to_end(shape)
     return packed
+
+
+def _packed_transpose_weight(deconv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
+    """``_packed_weight`` for a transposed conv (oneDNN deconvolution), same cache rules."""
+    w = deconv.weight
+    packs = _module_cache(deconv, "_srk_packed", (w._version, w.dtype, w.data_ptr()), OrderedDict)
+    shape = tuple(x.shape)
+    packed = packs.get(shape)
+    if packed is None:
+        packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+            w.detach(), list(deconv.padding), list(deconv.output_padding), list(deconv.stride),
+            list(deconv.dilation), deconv.groups, list(shape))
+        packs[shape] = packed
+        if len(packs) > _PACK_CACHE_SIZE:
+            packs.popitem(last=False)
+    else:
+        packs.move_to_end(shape)
+    return packed
+
+
+def conv_transpose2d(deconv: nn.ConvTranspose2d, x: Tensor, activation: str | None = None) -> Tensor:
+    """``act(deconv(x))`` for an ``nn.ConvTranspose2d``: one prepacked oneDNN deconvolution with the activation
+    as post-op in CPU inference (what Inductor's freezing pass emits), eager ops otherwise."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (not torch.compiler.is_compiling() and _onednn_ok(deconv, x, None)
+            and isinstance(deconv.output_padding, tuple)):
+        w = _packed_transpose_weight(deconv, x)
+        b = deconv.bias.detach() if deconv.bias is not None else None
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, w, b, list(deconv.padding), list(deconv.output_padding), list(deconv.stride), list(deconv.dilation),
+            deconv.groups, activation or "none", [None], "")
+    y = F.conv_transpose2d(x, deconv.weight, deconv.bias, deconv.stride, deconv.padding, deconv.output_padding,
+                           deconv.groups, deconv.dilation)
+    return F.relu(y) if activation == "relu" else y
 
 
 def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: Tensor | None = None, *,

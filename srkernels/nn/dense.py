@@ -8,12 +8,36 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops.dense_block import fdirb_plan, rdb_plan, split_plan, srdense_plan
+from ..ops.dense_block import cpu_layout, fdirb_plan, rdb_plan, split_plan, srdense_plan
 from ..reference import dense as R
+from .conv import _module_cache
 
 
 def _bias(conv) -> Tensor | None:
     return conv.bias
+
+
+def _inference_cache(module, x: Tensor, params: list[Tensor], build):
+    """``build()`` cached on ``module`` for CPU inference: the weights in the kernel's own layout
+    (``ops.dense_block.cpu_layout``), so no call copies them again. Rebuilt when any of ``params`` changes
+    (version, dtype, device, storage, shape); ``None`` (use the parameters) when a gradient is wanted for
+    them, off CPU, for dtypes the packing kernel does not take (float64/float16 run generic convs, which may
+    sum in another order for another weight layout) and under torch.compile."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
+        return None
+    key = tuple((p._version, p.dtype, p.device, p.data_ptr(), tuple(p.shape)) for p in params)
+    return _module_cache(module, "_srk_dense_cache", key, build)
+
+
+def _dense_weights(module, x: Tensor, weights: list[Tensor], fuse_weight: Tensor | None = None,
+                   extra: list[Tensor] = ()) -> tuple[list[Tensor], Tensor | None]:
+    """``weights`` and ``fuse_weight`` as ``ops.dense_block`` should get them: cached in the kernel's layout in
+    CPU inference, the parameters themselves otherwise. ``extra``: further parameters ``fuse_weight`` is
+    computed from (FD-IRB's folded fusion)."""
+    params = [*weights, *([fuse_weight] if fuse_weight is not None else []), *extra]
+    packed = _inference_cache(module, x, params, lambda: cpu_layout(weights, fuse_weight))
+    return (weights, fuse_weight) if packed is None else packed
 
 
 def _gate(conv_du) -> tuple:
@@ -28,8 +52,9 @@ class ResidualDenseBlock(R.ResidualDenseBlock):
         convs = [m.conv[0] for m in self.convs]
         c0 = convs[0]
         plan = rdb_plan(c0.in_channels, c0.out_channels, len(convs), c0.kernel_size[0])
-        return ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan,
-                               fuse_weight=self.LFF.weight, fuse_bias=self.LFF.bias, residual=x)
+        ws, fw = _dense_weights(self, x, [c.weight for c in convs], self.LFF.weight)
+        return ops.dense_block(x, ws, [_bias(c) for c in convs], plan, fuse_weight=fw, fuse_bias=self.LFF.bias,
+                               residual=x)
 
 
 class RDCAB(R.RDCAB):
@@ -41,9 +66,9 @@ class RDCAB(R.RDCAB):
         c0 = convs[0]
         plan = rdb_plan(c0.in_channels, c0.out_channels, len(convs), c0.kernel_size[0])
         res = x if residual is None else x + residual
-        return ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan,
-                               fuse_weight=self.lff.weight, fuse_bias=self.lff.bias, gate=_gate(self.conv_du),
-                               residual=res)
+        ws, fw = _dense_weights(self, x, [c.weight for c in convs], self.lff.weight)
+        return ops.dense_block(x, ws, [_bias(c) for c in convs], plan, fuse_weight=fw, fuse_bias=self.lff.bias,
+                               gate=_gate(self.conv_du), residual=res)
 
 
 class SRDenseBlock(R.SRDenseBlock):
@@ -54,7 +79,8 @@ class SRDenseBlock(R.SRDenseBlock):
         convs = [getattr(self, f"conv{i}") for i in range(1, self.num_layers + 1)]
         c0 = convs[0]
         plan = srdense_plan(c0.in_channels, c0.out_channels, self.num_layers, c0.kernel_size[0])
-        return ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan)
+        ws, _ = _dense_weights(self, x, [c.weight for c in convs])
+        return ops.dense_block(x, ws, [_bias(c) for c in convs], plan)
 
 
 class SplitBlock(R.SplitBlock):
@@ -70,7 +96,8 @@ class SplitBlock(R.SplitBlock):
         ws[-1] = ws[-1][:d]
         bs[-1] = None if bs[-1] is None else bs[-1][:d]
         plan = split_plan(convs[0].in_channels, L, d, convs[0].kernel_size[0])
-        y = ops.dense_block(x, ws, bs, plan, fuse_weight=self.lff.weight, fuse_bias=self.lff.bias)
+        ws, fw = _dense_weights(self, x, ws, self.lff.weight)
+        y = ops.dense_block(x, ws, bs, plan, fuse_weight=fw, fuse_bias=self.lff.bias)
         fc1, b1, fc2, b2 = _gate(self.conv_du)
         return ops.channel_attention(y, fc1, b1, fc2, b2, residual=x, pool="avg+std")
 
@@ -106,8 +133,20 @@ class FDIRB(R.FDIRB):
         L = self.num_layers
         convs = [getattr(self, f"layer{i}") for i in range(1, L + 1)]
         plan = fdirb_plan(convs[0].in_channels, L, convs[-1].out_channels, convs[0].kernel_size[0])
-        fw, fb = self._fused_fusion()
-        y = ops.dense_block(x, [c.weight for c in convs], [_bias(c) for c in convs], plan, fuse_weight=fw,
-                            fuse_bias=fb)
+        ws = [c.weight for c in convs]
+        params = [*ws, self.lff.weight, *(p for k in range(1, L) for p in getattr(self, f"layer{k}_sub").parameters()),
+                  *([self.lff.bias] if self.lff.bias is not None else [])]
+
+        def build():  # the folded fusion too: two small matmuls per layer, per call otherwise
+            fw, fb = self._fused_fusion()
+            pws, pfw = cpu_layout(ws, fw)
+            return pws, pfw, None if fb is None else fb.detach()
+
+        packed = _inference_cache(self, x, params, build)
+        if packed is None:
+            fw, fb = self._fused_fusion()
+        else:
+            ws, fw, fb = packed
+        y = ops.dense_block(x, ws, [_bias(c) for c in convs], plan, fuse_weight=fw, fuse_bias=fb)
         fc1, b1, fc2, b2 = _gate(self.conv_du)
         return ops.channel_attention(y, fc1, b1, fc2, b2, residual=x, pool="avg+std")

@@ -299,6 +299,18 @@ def dense_block(
     )[0]
 
 
+def cpu_layout(weights, fuse_weight: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """The same values as ``weights`` ([G, C, k, k]) and ``fuse_weight`` ([Cout, K(, 1, 1)]), stored in the
+    order the CPU kernel packs from (tap-major [k, k, C, G] and [K, Cout]; csrc/cpu/dense_block.cpp
+    ``layer_forward_fast`` / ``fusion_forward_fast``), so its ``permute(..).contiguous()`` is a no-op instead of
+    a copy of every weight on every call. Detached: for inference caches (``srkernels.nn.dense``)."""
+    ws = [w.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1) for w in weights]
+    fw = None
+    if fuse_weight is not None:
+        fw = fuse_weight.detach().reshape(fuse_weight.shape[0], -1).t().contiguous().t()
+    return ws, fw
+
+
 def reference(x, weights, biases, plan: DensePlan, *, fuse_weight=None, fuse_bias=None, gate=None,
               residual=None) -> Tensor:
     """The plan in plain PyTorch (``torch.cat`` of the pieces each layer reads); autograd differentiates it."""

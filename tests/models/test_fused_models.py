@@ -101,6 +101,25 @@ def test_channels_last_input(name):
         close(fused(x), ref(x.contiguous()), "output")
 
 
+@pytest.mark.parametrize("name, cfg", [
+    ("srcnn", {}), ("srdensenet", {}), ("rcan", {}), ("rcan", dict(bam=True)), ("rdn", {}), ("rdcab", {}),
+    ("rdcab", dict(variant="split")), ("rdcab", dict(variant="fd_irb")),
+], ids=str)
+def test_output_memory_format_follows_the_input(name, cfg):
+    """The fused output has the memory format the reference returns for the same input (its CPU inference runs
+    channels_last inside): NCHW in -> NCHW out, channels_last in -> channels_last out; same in training."""
+    ref, fused = pair(name, 3 if name == "srcnn" else 4 if cfg.get("variant") == "split" else 2, cfg)
+    x = model_input(ref, n=1, h=8, w=7)
+    for train in (False, True):
+        ref.train(train), fused.train(train)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xf = x.contiguous(memory_format=fmt)
+            with torch.set_grad_enabled(train):
+                want, got = ref(xf), fused(xf)
+            for f in (torch.contiguous_format, torch.channels_last):
+                assert got.is_contiguous(memory_format=f) == want.is_contiguous(memory_format=f), (train, fmt, f)
+
+
 @pytest.mark.parametrize("name, scale, cfg", [
     ("srcnn", 3, {}), ("srdensenet", 2, {}), ("rcan", 2, {}), ("rcan", 3, dict(bam=True)), ("rdn", 2, {}),
     ("rdcab", 2, {}), ("rdcab", 2, dict(variant="fd_irb")),
