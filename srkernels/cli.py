@@ -150,7 +150,13 @@ def _add_toolkit_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a crash: one line, the shell's status for SIGINT. Outputs are
+        # published atomically and training resumes from its last checkpoint, so nothing half-written remains.
+        print("srkernels: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -103,3 +103,31 @@ def test_user_errors_are_one_line(files, capsys, case):
     assert lines[0].split(": error: ", 1)[0] in ("train.py", "srkernels upscale", "srkernels eval",
                                                  "srkernels convert"), err
     assert needle in lines[0], err
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during a command: one line and exit status 130, no traceback."""
+    import srkernels.cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "cmd_info", interrupted)
+    assert cli(["info"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "srkernels: interrupted"
+
+
+def test_ctrl_c_during_training_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import srkernels.toolkit.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: srcnn\n")
+    assert train_main([str(cfg)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("interrupted; run it again with --resume to continue from the last checkpoint"), err
+    assert "\n" not in err

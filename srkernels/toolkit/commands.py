@@ -105,6 +105,10 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int
                     stop_after=args.stop_after, progress=not args.no_progress)
     except (*USER_ERRORS, FloatingPointError) as e:  # FloatingPointError: the loss diverged
         return _fail(prog, e)
+    except KeyboardInterrupt:  # checkpoints are published atomically: the last one is whole
+        print(f"{prog}: interrupted; run it again with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         best = res.best.get("psnr")
         msg = f"{res.run_dir}: iteration {res.iteration}"
