@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops.dense_block import fdirb_plan, rdb_plan, split_plan, srdense_plan
+from ..dense_plan import fdirb_plan, rdb_plan, split_plan, srdense_plan
 from ..reference import dense as R
 
 

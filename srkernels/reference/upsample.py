@@ -15,14 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._util import conv as _conv
+from .._util import positive_int as _positive_int
+
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DIV2K_RGB_STD = (1.0, 1.0, 1.0)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _odd_kernel(kernel_size: object) -> int:
@@ -30,10 +27,6 @@ def _odd_kernel(kernel_size: object) -> int:
     if k % 2 != 1:
         raise ValueError(f"kernel_size must be odd (same padding), got {k}")
     return k
-
-
-def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
 
 
 def shuffle_stages(scale: object) -> list[int]:
