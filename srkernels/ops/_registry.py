@@ -130,8 +130,12 @@ def load_triton() -> bool:
     for spec in specs:
         module = importlib.import_module(f"srkernels.triton.{spec.module}")
         for op, schema in spec.schemas.items():
-            custom = torch.library.triton_op(f"srkernels_triton::{op}", getattr(module, op),
-                                             mutates_args=_mutated(schema), schema=schema)
+            fn = getattr(module, op, None)
+            if fn is None:
+                raise LookupError(f"srkernels/triton/{spec.module}.py has no function {op} (SPEC of "
+                                  f"srkernels/ops/{spec.module}.py declares it with backend 'triton')")
+            custom = torch.library.triton_op(f"srkernels_triton::{op}", fn, mutates_args=_mutated(schema),
+                                             schema=schema)
             _common.finish_registration(custom, spec.fake(op))
         _register_autograd("srkernels_triton", spec, lib)
     return True
