@@ -32,7 +32,9 @@ class OpSpec:
     the registry needs to register each of them.
 
     - ``schemas``: dispatcher op name -> schema without the name, ``"(Tensor x, ...) -> Tensor"``; by
-      convention ``<op>_backward`` is the backward and ``<op>_out`` the inference variant writing ``out``.
+      convention ``<op>_backward`` is the backward.
+    - ``out``: the op has the inference variant ``<op>_out(<op's arguments>, Tensor(a!) out) -> ()`` (its schema
+      is derived, and needs no fake: docs/ops.md "Common rules").
     - ``fakes``: op name -> fake (shape-only) kernel; ops returning ``()`` need none.
     - ``autograd``: op name -> ``(setup_context, backward)``, ``backward(ns, ctx, *grads)`` where ``ns`` is
       the namespace the op was called in (``torch.ops.srkernels`` or ``torch.ops.srkernels_triton``).
@@ -46,12 +48,18 @@ class OpSpec:
     fakes: dict[str, Callable]
     autograd: dict[str, tuple[Callable, Callable]]
     reference: Callable
+    out: bool = False
     backends: tuple[str, ...] = BACKENDS
     module: str = field(default="", compare=False)  # set by discovery: the ops module (= triton module) name
 
+    def __post_init__(self) -> None:
+        if self.out:
+            forward = self.schemas[self.name]
+            self.schemas[f"{self.name}_out"] = forward[:forward.rindex(") ->")] + ", Tensor(a!) out) -> ()"
+
     @property
     def has_out(self) -> bool:
-        return f"{self.name}_out" in self.schemas
+        return self.out
 
     @property
     def public(self) -> tuple[str, ...]:

@@ -82,16 +82,16 @@ def _backward(ns, ctx, grad_out, _grad_mean, _grad_max):
     return gx, gw1, gp, gw2, gsa, (grad_out if ctx.has_residual else None)
 
 
-_ARGS = "Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual"
 SPEC = OpSpec(
     name=OP,
     schemas={
-        OP: f"({_ARGS}) -> (Tensor, Tensor, Tensor)",
+        OP: "(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
+            "-> (Tensor, Tensor, Tensor)",
         f"{OP}_backward": "(Tensor grad_out, Tensor x, Tensor mean, Tensor maxmap, Tensor w1, Tensor prelu_w, "
                           "Tensor w2, Tensor w_sa) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        f"{OP}_out": f"({_ARGS}, Tensor(a!) out) -> ()",
     },
     fakes={OP: _fake, f"{OP}_backward": _fake_backward},
+    out=True,
     autograd={OP: (_setup_context, _backward)},
     reference=RF.balanced_attention,
 )

@@ -109,17 +109,16 @@ def _backward(ns, ctx, grad_out, _grad_stats):
     )
 
 
-_ARGS = "Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, str pool"
 SPEC = OpSpec(
     name=OP,
     schemas={
-        OP: f"({_ARGS}) -> (Tensor, Tensor)",
+        OP: "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, "
+            "str pool) -> (Tensor, Tensor)",
         f"{OP}_backward": "(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
                           "Tensor? act_weight, str pool) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-        # inference into a caller-owned buffer (no autograd): out has x's shape, dtype and device
-        f"{OP}_out": f"({_ARGS}, Tensor(a!) out) -> ()",
     },
     fakes={OP: _fake, f"{OP}_backward": _fake_backward},
+    out=True,
     autograd={OP: (_setup_context, _backward)},
     reference=RF.channel_attention,
 )

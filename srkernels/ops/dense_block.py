@@ -4,8 +4,9 @@ run from ONE feature buffer, without ``torch.cat``.
 The buffer holds every feature map of the block side by side along the channel axis: the block input is
 written once, each layer's conv reads a channel range of the buffer in place and writes its bias +
 activation output straight into its own slice, and a final 1x1 fusion conv (optionally gated by channel
-attention, plus a residual) reads another channel range. A ``DensePlan`` says which ranges; the builders
-in ``srkernels/dense_plan.py`` (``rdb_plan``, ``srdense_plan``, ``split_plan``, ``fdirb_plan``) make the plans of the published blocks.
+attention, plus a residual) reads another channel range. A ``DensePlan`` says which ranges; the builders in
+``srkernels/dense_plan.py`` (``rdb_plan``, ``srdense_plan``, ``split_plan``, ``fdirb_plan``) make the plans of the
+published blocks.
 
 Backward saves only that buffer (its slices are the post-activation outputs, so ReLU masks are recomputed from
 them), so the activation memory of a block is linear in its depth instead of quadratic. Gradients of all

@@ -127,17 +127,16 @@ def _unshuffle_backward(ns, ctx, grad):
     return ns.pixel_shuffle(grad, ctx.r, None, None, "none", None), None
 
 
-_ARGS = "Tensor x, int r, Tensor? bias, Tensor? act_weight, str act, Tensor? residual"
 SPEC = OpSpec(
     name=OP,
     schemas={
-        OP: f"({_ARGS}) -> Tensor",
+        OP: "(Tensor x, int r, Tensor? bias, Tensor? act_weight, str act, Tensor? residual) -> Tensor",
         f"{OP}_backward": "(Tensor grad_out, Tensor? x, int r, Tensor? bias, Tensor? act_weight, str act) "
                           "-> (Tensor, Tensor, Tensor)",
-        f"{OP}_out": f"({_ARGS}, Tensor(a!) out) -> ()",
         "pixel_unshuffle": "(Tensor x, int r) -> Tensor",
     },
     fakes={OP: _fake, f"{OP}_backward": _fake_backward, "pixel_unshuffle": _fake_unshuffle},
+    out=True,
     autograd={OP: (_setup_context, _backward), "pixel_unshuffle": (_unshuffle_setup, _unshuffle_backward)},
     reference=RF.pixel_shuffle,
 )
