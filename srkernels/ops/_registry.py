@@ -115,7 +115,11 @@ def register_compiled() -> None:
     """Define ``torch.ops.srkernels`` (when _C is loaded) with fakes and autograd. Called once, at import."""
     if _backend._C is None or "srkernels" in _libs:
         return
-    lib = _libs["srkernels"] = torch.library.Library("srkernels", "DEF")
+    try:
+        lib = _libs["srkernels"] = torch.library.Library("srkernels", "DEF")
+    except RuntimeError as e:  # a _C built before the schemas moved here still defines them (TORCH_LIBRARY)
+        raise ImportError(f"srkernels: the compiled extension srkernels._C is older than these Python sources (it "
+                          f"defines the op schemas itself). {_backend.REBUILD_HINT}") from e
     for spec in SPECS.values():
         for op, schema in spec.schemas.items():
             lib.define(op + schema)
