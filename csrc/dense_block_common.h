@@ -2,9 +2,9 @@
 // implementation made of ATen GEMMs on views of the buffer (the CUDA kernel, and the CPU kernel for dtypes
 // or shapes its micro-kernel path does not take). Contract: srkernels/ops/dense_block.py.
 //
-// Buffer: a [R, T] matrix, one row per padded pixel (every sample framed by a zero border of p = k // 2
-// pixels, plus p*Wp + p zero rows before and after), one column per channel. A conv tap (dy, dx) of a
-// channel range is then the same row-strided matrix shifted by dy*Wp + dx rows, so a kxk conv is k*k GEMMs
+// Buffer: the [R, T] matrix of srkernels/dense_plan.py (one row per padded pixel, one column per channel;
+// Geom below computes its rows). A conv tap (dy, dx) of a channel range is the same row-strided matrix
+// shifted by dy*Wp + dx rows, so a kxk conv is k*k GEMMs
 // on views and the concat never exists. Rows of border pixels are computed and zeroed (they are the padding
 // the next layer reads).
 #pragma once

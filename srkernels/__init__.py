@@ -24,6 +24,7 @@ def build_info() -> dict:
     """What this installation can run: versions, compiled CPU capabilities and the one chosen for this process
     (``SRKERNELS_CPU_CAPABILITY`` forces a lower one), CUDA archs, Triton, per-op backends."""
     native = _backend._C.build_info() if _backend._C is not None else {}
+    ops.load_triton()  # the Triton ops are registered on first use; list them anyway
     try:
         import triton
 
@@ -48,7 +49,7 @@ def build_info() -> dict:
         "triton": triton_version,
         "triton_interpret": _backend.triton_interpret(),
         "ops": {
-            op: {dev: _backend.available(op, dev) for dev in ("cpu", "cuda")} for op in _backend.OPS
+            op: {dev: _backend.available(op, dev) for dev in ("cpu", "cuda")} for op in ops.OPS
         },
     }
 

@@ -19,11 +19,12 @@ import warnings
 
 import torch
 
+from ._util import triton_interpret
+
 BACKENDS = ("compiled", "triton", "reference")
-OPS = ("channel_attention", "balanced_attention", "pixel_shuffle", "dense_block")
 # Without a GPU here, neither CUDA backend has been timed against the other; compiled comes first because
-# it has no JIT warm-up. Change per op when a GPU benchmark says otherwise.
-CUDA_PREFERENCE = {op: ("compiled", "triton") for op in OPS}
+# it has no JIT warm-up. Add an op (srkernels.ops.OPS names them) when a GPU benchmark says otherwise.
+CUDA_PREFERENCE: dict[str, tuple[str, str]] = {}
 
 REBUILD_HINT = ("Rebuild it against this torch, in the srkernels source tree: "
                 "pip install --no-build-isolation --force-reinstall --no-deps .  (or: bash scripts/setup.sh)")
@@ -116,30 +117,6 @@ _C, _C_ERROR = _load_native()
 
 _local = threading.local()
 _warned: set[str] = set()
-# Called once after the Triton ops are registered (srkernels.ops adds their autograd registration here).
-TRITON_HOOKS: list = []
-_triton_state: dict = {}
-
-
-def _triton_module():
-    """srkernels.triton if triton is importable (it registers torch.ops.srkernels_triton.*), else None."""
-    if "module" not in _triton_state:
-        try:
-            mod = importlib.import_module("srkernels.triton")
-            mod = mod if mod.load() else None
-        except ImportError:
-            mod = None
-        _triton_state["module"] = mod
-        if mod is not None:
-            for hook in TRITON_HOOKS:
-                hook()
-    return _triton_state["module"]
-
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.cache  # fixed once _C is loaded; the dispatcher lookup costs ~25 us per call beside a large kernel
 def has_compiled(op: str, device_type: str) -> bool:
     if _C is None:
@@ -156,7 +133,8 @@ def has_triton(op: str, device_type: str) -> bool:
         return False
     if device_type not in ("cpu", "cuda"):
         return False
-    return _triton_module() is not None and hasattr(torch.ops.srkernels_triton, op)
+    # registered by srkernels.ops.load_triton(), which the ops call before choosing
+    return hasattr(torch.ops.srkernels_triton, op)
 
 
 def available(op: str, device_type: str) -> list[str]:

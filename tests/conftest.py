@@ -29,6 +29,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def cpu_backends(op: str) -> list[str]:
     """Fused backends that can run ``op`` on CPU tensors here (compiled, and triton in interpreter mode)."""
+    if _backend.triton_interpret():
+        srkernels.ops.load_triton()  # registered on the first op call otherwise
     return [b for b in _backend.available(op, "cpu") if b != "reference"]
 
 

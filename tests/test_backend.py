@@ -9,7 +9,7 @@ def test_build_info_reports_backends():
     info = srkernels.build_info()
     for key in ("version", "torch", "compiled", "cpu_capabilities", "cpu_capability", "cuda", "cuda_archs", "triton", "ops"):
         assert key in info
-    for op in _backend.OPS:
+    for op in ops.OPS:
         assert info["ops"][op]["cpu"][-1] == "reference"
 
 

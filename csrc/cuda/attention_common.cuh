@@ -50,7 +50,7 @@
 #define SRK_HOST_LIMIT(type, name, value) constexpr type name = value
 #endif
 
-namespace srk {
+namespace srkernels::cuda {
 // Anonymous namespace: each .cu gets its own internal-linkage copy of these templates and kernels, so two
 // translation units never share (and race to register) one host stub.
 namespace {
@@ -925,4 +925,4 @@ void launch_mlp_bwd(const MlpWeights<scalar_t>& W, const at::opmath_type<scalar_
 }
 
 }  // namespace
-}  // namespace srk
+}  // namespace srkernels::cuda

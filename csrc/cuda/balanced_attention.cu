@@ -23,7 +23,7 @@
 
 #include <tuple>
 
-namespace srk {
+namespace srkernels::cuda {
 namespace {
 
 constexpr int kPPT = 8;               // pixels per lane in bam_reduce_nchw_kernel
@@ -621,10 +621,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 }
 
 }  // namespace
-}  // namespace srk
+}  // namespace srkernels::cuda
 
 TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
-  m.impl("balanced_attention", &srk::balanced_attention_cuda);
-  m.impl("balanced_attention_backward", &srk::balanced_attention_backward_cuda);
-  m.impl("balanced_attention_out", &srk::balanced_attention_out_cuda);
+  m.impl("balanced_attention", &srkernels::cuda::balanced_attention_cuda);
+  m.impl("balanced_attention_backward", &srkernels::cuda::balanced_attention_backward_cuda);
+  m.impl("balanced_attention_out", &srkernels::cuda::balanced_attention_out_cuda);
 }

@@ -23,7 +23,7 @@
 #include <string_view>
 #include <tuple>
 
-namespace srk {
+namespace srkernels::cuda {
 namespace {
 
 // NCHW pooling: block (plane = n*C + c, chunk s) reduces chunk_vecs vectors of one contiguous plane.
@@ -391,10 +391,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-}  // namespace srk
+}  // namespace srkernels::cuda
 
 TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
-  m.impl("channel_attention", &srk::channel_attention_cuda);
-  m.impl("channel_attention_backward", &srk::channel_attention_backward_cuda);
-  m.impl("channel_attention_out", &srk::channel_attention_out_cuda);
+  m.impl("channel_attention", &srkernels::cuda::channel_attention_cuda);
+  m.impl("channel_attention_backward", &srkernels::cuda::channel_attention_backward_cuda);
+  m.impl("channel_attention_out", &srkernels::cuda::channel_attention_out_cuda);
 }

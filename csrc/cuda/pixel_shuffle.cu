@@ -33,7 +33,7 @@
 #include <string_view>
 #include <tuple>
 
-namespace srk {
+namespace srkernels::cuda {
 namespace {
 
 enum PsAct : int { kActNone = 0, kActRelu = 1, kActPrelu = 2 };
@@ -628,11 +628,11 @@ at::Tensor pixel_unshuffle_cuda(const at::Tensor& x_in, int64_t r) {
 }
 
 }  // namespace
-}  // namespace srk
+}  // namespace srkernels::cuda
 
 TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
-  m.impl("pixel_shuffle", &srk::pixel_shuffle_cuda);
-  m.impl("pixel_shuffle_backward", &srk::pixel_shuffle_backward_cuda);
-  m.impl("pixel_shuffle_out", &srk::pixel_shuffle_out_cuda);
-  m.impl("pixel_unshuffle", &srk::pixel_unshuffle_cuda);
+  m.impl("pixel_shuffle", &srkernels::cuda::pixel_shuffle_cuda);
+  m.impl("pixel_shuffle_backward", &srkernels::cuda::pixel_shuffle_backward_cuda);
+  m.impl("pixel_shuffle_out", &srkernels::cuda::pixel_shuffle_out_cuda);
+  m.impl("pixel_unshuffle", &srkernels::cuda::pixel_unshuffle_cuda);
 }

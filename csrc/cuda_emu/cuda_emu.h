@@ -503,10 +503,10 @@ inline CUDAStreamEmu getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
 
 // Dynamic shared memory: the kernels' `extern __shared__ ... smem_raw[]` names this buffer (one per OS thread,
 // poisoned with 0xff at every block start).
-namespace srk {
+namespace srkernels::cuda {
 namespace {
 thread_local __attribute__((aligned(16))) unsigned char smem_raw[srk_emu::kMaxDynSmem];
 [[maybe_unused]] const bool srk_emu_smem_registered =
     (srk_emu::smem_getters().push_back(+[]() -> unsigned char* { return smem_raw; }), true);
 }  // namespace
-}  // namespace srk
+}  // namespace srkernels::cuda

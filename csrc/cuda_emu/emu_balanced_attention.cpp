@@ -8,18 +8,18 @@
 namespace srk_emu_api {
 std::tuple<T, T, T> balanced_attention(const T& x, const T& w1, const T& prelu_w, const T& w2, const T& w_sa,
                                        const OT& residual) {
-  return srk::balanced_attention_cuda(x, w1, prelu_w, w2, w_sa, residual);
+  return srkernels::cuda::balanced_attention_cuda(x, w1, prelu_w, w2, w_sa, residual);
 }
 std::tuple<T, T, T, T, T> balanced_attention_backward(const T& go, const T& x, const T& mean, const T& maxmap,
                                                       const T& w1, const T& prelu_w, const T& w2, const T& w_sa) {
-  return srk::balanced_attention_backward_cuda(go, x, mean, maxmap, w1, prelu_w, w2, w_sa);
+  return srkernels::cuda::balanced_attention_backward_cuda(go, x, mean, maxmap, w1, prelu_w, w2, w_sa);
 }
 void balanced_attention_out(const T& x, const T& w1, const T& prelu_w, const T& w2, const T& w_sa, const OT& residual,
                             const T& out) {
-  srk::balanced_attention_out_cuda(x, w1, prelu_w, w2, w_sa, residual, out);
+  srkernels::cuda::balanced_attention_out_cuda(x, w1, prelu_w, w2, w_sa, residual, out);
 }
 void set_limits_balanced_attention(int64_t max_grid_y, int chunks_per_sample) {
-  srk::kMaxGridY = max_grid_y;
-  srk::kChunksPerSample = chunks_per_sample;
+  srkernels::cuda::kMaxGridY = max_grid_y;
+  srkernels::cuda::kChunksPerSample = chunks_per_sample;
 }
 }  // namespace srk_emu_api

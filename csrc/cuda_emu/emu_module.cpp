@@ -5,8 +5,8 @@
 // After cuda_emu.h: its keyword macros must not reach pybind/torch headers.
 #include "api.h"
 
-// In namespace srk: the emulator's dynamic shared memory buffer for this file lives there (cuda_emu.h).
-namespace srk {
+// In namespace srkernels::cuda: the emulator's dynamic shared memory buffer for this file lives there (cuda_emu.h).
+namespace srkernels::cuda {
 namespace {
 
 // Self-test kernels: they show that the harness can fail (tests/cuda_emu/test_harness.py).
@@ -40,7 +40,7 @@ __global__ void segment_sum_kernel(const float* in, float* out, int width) {
 }
 
 }  // namespace
-}  // namespace srk
+}  // namespace srkernels::cuda
 
 namespace {
 
@@ -52,13 +52,13 @@ void self_test(const std::string& which, const at::Tensor& in, const at::Tensor&
   float* o = out.data_ptr<float>();
   const float* i = in.data_ptr<float>();
   if (which == "rotate") {
-    SRK_LAUNCH(grid, block, threads * sizeof(float), nullptr, srk::rotate_kernel)(i, o, arg != 0);
+    SRK_LAUNCH(grid, block, threads * sizeof(float), nullptr, srkernels::cuda::rotate_kernel)(i, o, arg != 0);
   } else if (which == "divergent_barrier") {
-    SRK_LAUNCH(grid, block, 0, nullptr, srk::divergent_barrier_kernel)(o);
+    SRK_LAUNCH(grid, block, 0, nullptr, srkernels::cuda::divergent_barrier_kernel)(o);
   } else if (which == "exited_lane_shuffle") {
-    SRK_LAUNCH(grid, block, 0, nullptr, srk::exited_lane_shuffle_kernel)(o);
+    SRK_LAUNCH(grid, block, 0, nullptr, srkernels::cuda::exited_lane_shuffle_kernel)(o);
   } else if (which == "segment_sum") {
-    SRK_LAUNCH(grid, block, 0, nullptr, srk::segment_sum_kernel)(i, o, static_cast<int>(arg));
+    SRK_LAUNCH(grid, block, 0, nullptr, srkernels::cuda::segment_sum_kernel)(i, o, static_cast<int>(arg));
   } else {
     TORCH_CHECK(false, "self_test: unknown kernel ", which);
   }

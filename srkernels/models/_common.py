@@ -8,24 +8,24 @@ import torch
 import torch._prims_common
 from torch import Tensor, nn
 
-from .._validate import positive_int  # noqa: F401  (the models import it from here)
+from .._util import conv  # noqa: F401  (re-exported to the model modules)
+from .._validate import positive_int  # noqa: F401  (re-exported to the model modules)
 
 
 def layer(fused: bool, name: str) -> type[nn.Module]:
     """The layer class ``name`` from ``srkernels.nn`` (fused) or ``srkernels.reference``.
 
-    Both namespaces expose the same names and constructors. ``srkernels.nn`` is imported only when asked for,
-    and a layer it has no twin for yet falls back to the reference class (identical keys and maths).
+    Both namespaces expose the same names and constructors. ``srkernels.nn`` is imported only when asked for;
+    a layer without a fused twin is an error (a silent fallback would hide the missing twin under fused=True).
     """
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
-    from .. import reference
-
-    if fused:
-        cls = getattr(importlib.import_module("srkernels.nn"), name, None)
-        if cls is not None:
-            return cls
-    return getattr(reference, name)
+    module = importlib.import_module("srkernels.nn" if fused else "srkernels.reference")
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise LookupError(f"{module.__name__} has no layer {name!r}" + (
+            " (a fused model needs a fused twin of every reference layer it uses)" if fused else ""))
+    return cls
 
 
 def check_scale(arch: str, scale: object, allowed: tuple[int, ...] | None) -> int:
@@ -38,10 +38,6 @@ def check_scale(arch: str, scale: object, allowed: tuple[int, ...] | None) -> in
     elif scale not in allowed:
         raise ValueError(f"scale {scale} is not supported by {arch}; supported: {', '.join(map(str, allowed))}")
     return scale
-
-
-def conv(cin: int, cout: int, k: int = 3, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
 
 
 class SRModel(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.dense_block import DenseLayer, DensePlan, cached_plan
+from ..dense_plan import DenseLayer, DensePlan, cached_plan
 from ._common import SRModel, conv, layer, positive_int
 
 @cached_plan

@@ -14,20 +14,12 @@ from .dense import FDIRB, RDCAB, ResidualDenseBlock, SplitBlock, SRDenseBlock
 from .upsample import (MeanPaddedConv2d, MeanShift, PixelShuffleUpsampler, Upsampler, UPNet, fold_mean_shift, icnr_,
                        icnr_upsampler_)
 
-# reference class -> fused twin (a subclass with the same state, so swapping the class is exact)
+# reference class -> fused twin (a subclass of the same name with the same state, so swapping the class is
+# exact), derived from the exports of srkernels.reference: a new layer pair needs no entry here
 FUSED: dict[type, type] = {
-    _R.ChannelAttention: ChannelAttention,
-    _R.BalancedAttention: BalancedAttention,
-    _R.RCAB: RCAB,
-    _R.Upsampler: Upsampler,
-    _R.UPNet: UPNet,
-    _R.PixelShuffleUpsampler: PixelShuffleUpsampler,
-    _R.MeanShift: MeanShift,
-    _R.ResidualDenseBlock: ResidualDenseBlock,
-    _R.RDCAB: RDCAB,
-    _R.SRDenseBlock: SRDenseBlock,
-    _R.SplitBlock: SplitBlock,
-    _R.FDIRB: FDIRB,
+    getattr(_R, name): globals()[name] for name in _R.__all__
+    if isinstance(getattr(_R, name), type) and isinstance(globals().get(name), type)
+    and issubclass(globals()[name], getattr(_R, name)) and globals()[name] is not getattr(_R, name)
 }
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops.dense_block import cpu_layout, fdirb_plan, rdb_plan, split_plan, srdense_plan
+from ..dense_plan import fdirb_plan, rdb_plan, split_plan, srdense_plan
+from ..ops.dense_block import cpu_layout
 from ..reference import dense as R
 from .conv import _module_cache
 

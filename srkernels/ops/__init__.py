@@ -1,30 +1,18 @@
-"""Public functional API: one module per fused op. Each validates its arguments, picks a backend
-(``srkernels._backend``) and calls ``torch.ops.srkernels.<op>``, the Triton op or the reference."""
-import torch
+"""Public functional API: one module per fused op (``srkernels/ops/<op>.py``, found by ``_registry``). Each
+validates its arguments, picks a backend (``srkernels._backend``) and calls ``torch.ops.srkernels.<op>``, the
+Triton op or the reference; its ``SPEC`` declares the op once for every backend."""
+import importlib
 
-from .. import _backend
-from . import balanced_attention as _ba
-from . import channel_attention as _ca
-from . import dense_block as _db
-from . import pixel_shuffle as _ps
-from .balanced_attention import balanced_attention
-from .channel_attention import channel_attention
-from .dense_block import dense_block
-from .pixel_shuffle import pixel_shuffle, pixel_unshuffle
+from . import _registry
 
-_MODULES = (_ca, _ba, _ps, _db)
+_registry.SPECS.update(_registry.discover())
+_registry.register_compiled()
 
-
-def _register(namespace: str, fake: bool) -> None:
-    ns = getattr(torch.ops, namespace)
-    for m in _MODULES:
-        if hasattr(ns, m.OP):  # a backend may not provide every op yet
-            m.register(namespace, fake=fake)
-
-
-if _backend._C is not None:
-    _register("srkernels", fake=True)
-# triton_op derives fake kernels from its body; only autograd is ours to add, once Triton is loaded.
-_backend.TRITON_HOOKS.append(lambda: _register("srkernels_triton", fake=False))
-
-__all__ = ["channel_attention", "balanced_attention", "pixel_shuffle", "pixel_unshuffle", "dense_block"]
+SPECS = _registry.SPECS
+OPS = tuple(SPECS)  # the op families, each the key of its backend choice
+load_triton = _registry.load_triton
+__all__ = [name for spec in SPECS.values() for name in spec.public]
+for _spec in SPECS.values():
+    for _name in _spec.public:
+        globals()[_name] = getattr(importlib.import_module(f"{__name__}.{_spec.module}"), _name)
+del _spec, _name

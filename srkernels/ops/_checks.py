@@ -72,10 +72,6 @@ def empty_out(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=suggest_memory_format(x))
 
 
-def acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _span(t: Tensor) -> tuple[int, int] | None:
     """The byte range ``[lo, hi)`` that ``t``'s elements can touch, or None (no elements, or no real memory:
     meta / fake tensors while tracing)."""

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
+from ._registry import choose  # noqa: F401  (the backend choice of every op)
 
 
 def run(backend: str, op: str, args: tuple, reference: Callable[[], Tensor], out: Tensor | None = None,
@@ -31,14 +32,3 @@ def run(backend: str, op: str, args: tuple, reference: Callable[[], Tensor], out
     result = _backend.op_handle(backend, op)(*args)
     return result[0] if saves else result
 
-
-def register(namespace: str, op: str, fake: bool, fakes: dict[str, Callable], make_backward: Callable,
-             setup_context: Callable) -> None:
-    """Fake kernels (for ops defined in C++: ``fakes`` maps a name suffix, "" for the op itself, to its fake)
-    and autograd for ``namespace::op``, whose backward ``make_backward(namespace::op_backward)`` returns."""
-    qual = f"{namespace}::{op}"
-    if fake:
-        for suffix, fn in fakes.items():
-            torch.library.register_fake(qual + suffix)(fn)
-    backward_op = getattr(getattr(torch.ops, namespace), f"{op}_backward")
-    torch.library.register_autograd(qual, make_backward(backward_op), setup_context=setup_context)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ..reference import functional as RF
 from . import _checks, _dispatch
+from .._util import acc_dtype
+from ._registry import OpSpec
 
 OP = "balanced_attention"
 
@@ -47,7 +48,7 @@ def balanced_attention(
     w_sa = _checks.like("w_sa", w_sa, x, ((K, K), (1, 1, K, K))).reshape(K, K)
     residual = _checks.residual(residual, x)
     args = (x, w1, prelu_w, w2, w_sa, residual)
-    backend = _backend.choose(OP, x.device.type)
+    backend = _dispatch.choose(OP, x.device.type)
     return _dispatch.run(
         backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True,
         names=("x", "w1", "prelu_w", "w2", "w_sa", "residual"),
@@ -55,18 +56,18 @@ def balanced_attention(
 
 
 def _fake(x, w1, prelu_w, w2, w_sa, residual):
+    torch._check(w_sa.dim() == 2 and w_sa.shape[0] == w_sa.shape[1] and w_sa.shape[0] % 2 == 1,
+                 lambda: f"{OP}: w_sa must be an odd square (K, K) kernel, got shape {list(w_sa.shape)}")
     N, C, H, W = x.shape
-    acc = _checks.acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     return _checks.empty_out(x), x.new_empty((N, C), dtype=acc), x.new_empty((N, H, W), dtype=acc)
 
 
 def _fake_backward(grad_out, x, mean, maxmap, w1, prelu_w, w2, w_sa):
-    return (_checks.empty_out(x), torch.empty_like(w1), torch.empty_like(prelu_w), torch.empty_like(w2),
-            torch.empty_like(w_sa))
+    def grad_like(t):  # weight gradients come out contiguous
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
 
-
-def _fake_out(x, w1, prelu_w, w2, w_sa, residual, out):
-    return None
+    return _checks.empty_out(x), grad_like(w1), grad_like(prelu_w), grad_like(w2), grad_like(w_sa)
 
 
 def _setup_context(ctx, inputs, output):
@@ -76,15 +77,21 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad_out, _grad_mean, _grad_max):
-        gx, gw1, gp, gw2, gsa = backward_op(grad_out, *ctx.saved_tensors)
-        return gx, gw1, gp, gw2, gsa, (grad_out if ctx.has_residual else None)
-
-    return backward
+def _backward(ns, ctx, grad_out, _grad_mean, _grad_max):
+    gx, gw1, gp, gw2, gsa = ns.balanced_attention_backward(grad_out, *ctx.saved_tensors)
+    return gx, gw1, gp, gw2, gsa, (grad_out if ctx.has_residual else None)
 
 
-def register(namespace: str, fake: bool) -> None:
-    """Fake kernels (for ops defined in C++) and autograd for ``namespace::balanced_attention``."""
-    _dispatch.register(namespace, OP, fake, {"": _fake, "_backward": _fake_backward, "_out": _fake_out},
-                       _make_backward, _setup_context)
+SPEC = OpSpec(
+    name=OP,
+    schemas={
+        OP: "(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
+            "-> (Tensor, Tensor, Tensor)",
+        f"{OP}_backward": "(Tensor grad_out, Tensor x, Tensor mean, Tensor maxmap, Tensor w1, Tensor prelu_w, "
+                          "Tensor w2, Tensor w_sa) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    },
+    fakes={OP: _fake, f"{OP}_backward": _fake_backward},
+    out=True,
+    autograd={OP: (_setup_context, _backward)},
+    reference=RF.balanced_attention,
+)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ..reference import functional as RF
 from . import _checks, _dispatch
+from .._util import acc_dtype
+from ._registry import OpSpec
 
 OP = "channel_attention"
 ACTS = ("relu", "prelu")
@@ -60,7 +61,7 @@ def channel_attention(
         raise ValueError("act_weight is only used with act='prelu'")
     residual = _checks.residual(residual, x)
     args = (x, w1, b1, w2, b2, residual, act_weight, pool)
-    backend = _backend.choose(OP, x.device.type)
+    backend = _dispatch.choose(OP, x.device.type)
     return _dispatch.run(
         backend, OP, args,
         lambda: RF.channel_attention(x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool),
@@ -68,23 +69,20 @@ def channel_attention(
     )
 
 
-# ---- registration of the compiled op (the Triton op registers its own, same functions) --------------
+# ---- the spec: schemas, fakes and autograd of every backend (srkernels/ops/_registry.py registers them) ----
 
 
 def _fake(x, w1, b1, w2, b2, residual, act_weight, pool):
-    stats = x.new_empty((x.shape[0], 2 if pool == "avg+std" else 1, x.shape[1]), dtype=_checks.acc_dtype(x))
+    torch._check(pool in POOLS, lambda: f"{OP}: pool must be one of {POOLS}, got {pool!r}")
+    stats = x.new_empty((x.shape[0], 2 if pool == "avg+std" else 1, x.shape[1]), dtype=acc_dtype(x.dtype))
     return _checks.empty_out(x), stats
 
 
 def _fake_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight, pool):
-    def grad_like(t):
-        return torch.empty_like(t) if t is not None else x.new_empty((0,))
+    def grad_like(t):  # weight gradients come out contiguous
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty((0,))
 
     return _checks.empty_out(x), grad_like(w1), grad_like(b1), grad_like(w2), grad_like(b2), grad_like(act_weight)
-
-
-def _fake_out(x, w1, b1, w2, b2, residual, act_weight, pool, out):
-    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,25 +93,32 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad_out, _grad_stats):
-        x, stats, w1, b1, w2, b2, act_weight = ctx.saved_tensors
-        gx, gw1, gb1, gw2, gb2, gact = backward_op(grad_out, x, stats, w1, b1, w2, b2, act_weight, ctx.pool)
-        return (
-            gx,
-            gw1,
-            gb1 if b1 is not None else None,
-            gw2,
-            gb2 if b2 is not None else None,
-            grad_out if ctx.has_residual else None,
-            gact if act_weight is not None else None,
-            None,
-        )
-
-    return backward
+def _backward(ns, ctx, grad_out, _grad_stats):
+    x, stats, w1, b1, w2, b2, act_weight = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2, gact = ns.channel_attention_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight,
+                                                               ctx.pool)
+    return (
+        gx,
+        gw1,
+        gb1 if b1 is not None else None,
+        gw2,
+        gb2 if b2 is not None else None,
+        grad_out if ctx.has_residual else None,
+        gact if act_weight is not None else None,
+        None,
+    )
 
 
-def register(namespace: str, fake: bool) -> None:
-    """Fake kernels (for ops defined in C++) and autograd for ``namespace::channel_attention``."""
-    _dispatch.register(namespace, OP, fake, {"": _fake, "_backward": _fake_backward, "_out": _fake_out},
-                       _make_backward, _setup_context)
+SPEC = OpSpec(
+    name=OP,
+    schemas={
+        OP: "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, "
+            "str pool) -> (Tensor, Tensor)",
+        f"{OP}_backward": "(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+                          "Tensor? act_weight, str pool) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    },
+    fakes={OP: _fake, f"{OP}_backward": _fake_backward},
+    out=True,
+    autograd={OP: (_setup_context, _backward)},
+    reference=RF.channel_attention,
+)

@@ -8,18 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ..reference import functional as RF
+from .._validate import positive_int
 from . import _checks, _dispatch
+from ._registry import OpSpec
 
 OP = "pixel_shuffle"
 ACTS = ("none", "relu", "prelu")
-
-
-def _factor(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    return r
 
 
 def pixel_shuffle(
@@ -46,7 +41,7 @@ def pixel_shuffle(
     Returns ``[N, C, H*r, W*r]`` in ``x``'s memory format (or ``out``).
     """
     _checks.feature_map("x", x)
-    r = _factor(r)
+    r = positive_int("r", r)
     N, Cin, H, W = x.shape
     if Cin % (r * r):
         raise ValueError(f"x has {Cin} channels, not a multiple of r*r = {r * r}")
@@ -63,7 +58,7 @@ def pixel_shuffle(
     if residual is not None:
         _checks.like("residual", residual, x, ((N, C, H * r, W * r),))
     args = (x, r, bias, act_weight, act, residual)
-    backend = _backend.choose(OP, x.device.type)
+    backend = _dispatch.choose(OP, x.device.type)
     return _dispatch.run(
         backend, OP, args,
         lambda: RF.pixel_shuffle(x, r, bias=bias, act=act, act_weight=act_weight, residual=residual),
@@ -75,16 +70,14 @@ def pixel_unshuffle(x: Tensor, r: int) -> Tensor:
     """Inverse of :func:`pixel_shuffle`'s rearrangement (``F.pixel_unshuffle``): ``[N, C, H*r, W*r]`` ->
     ``[N, C*r*r, H, W]``, in ``x``'s memory format."""
     _checks.feature_map("x", x)
-    r = _factor(r)
+    r = positive_int("r", r)
     if x.shape[2] % r or x.shape[3] % r:
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} is not divisible by r = {r}")
-    backend = _backend.choose(OP, x.device.type)
-    if backend == "reference":
-        return RF.pixel_unshuffle(x, r)
-    return _backend.op_handle(backend, "pixel_unshuffle")(x, r)
+    backend = _dispatch.choose(OP, x.device.type)
+    return _dispatch.run(backend, "pixel_unshuffle", (x, r), lambda: RF.pixel_unshuffle(x, r))
 
 
-# ---- registration -----------------------------------------------------------------------------------
+# ---- the spec: schemas, fakes and autograd of every backend (srkernels/ops/_registry.py registers them) ----
 
 
 def _shape_out(x, r):
@@ -93,6 +86,7 @@ def _shape_out(x, r):
 
 
 def _fake(x, r, bias, act_weight, act, residual):
+    torch._check(act in ACTS, lambda: f"{OP}: act must be one of {ACTS}, got {act!r}")
     return x.new_empty(_shape_out(x, r)).contiguous(memory_format=_checks.suggest_memory_format(x))
 
 
@@ -102,12 +96,8 @@ def _fake_backward(grad_out, x, r, bias, act_weight, act):
     gx = grad_out.new_empty((N, C * r * r, Hr // r, Wr // r)).contiguous(
         memory_format=_checks.suggest_memory_format(ref))
     empty = grad_out.new_empty((0,))
-    return gx, torch.empty_like(bias) if bias is not None else empty, (
-        torch.empty_like(act_weight) if act == "prelu" else empty)
-
-
-def _fake_out(x, r, bias, act_weight, act, residual, out):
-    return None
+    return gx, bias.new_empty(bias.shape) if bias is not None else empty, (
+        act_weight.new_empty(act_weight.shape) if act == "prelu" else empty)
 
 
 def _fake_unshuffle(x, r):
@@ -122,34 +112,31 @@ def _setup_context(ctx, inputs, output):
     ctx.r, ctx.act, ctx.has_residual = r, act, residual is not None
 
 
-def _make_backward(ns):
-    def backward(ctx, grad_out):
-        x, bias, act_weight = ctx.saved_tensors
-        gx, gb, ga = ns.pixel_shuffle_backward(grad_out, x, ctx.r, bias, act_weight, ctx.act)
-        return (gx, None, gb if bias is not None else None, ga if ctx.act == "prelu" else None, None,
-                grad_out if ctx.has_residual else None)
-
-    return backward
+def _backward(ns, ctx, grad_out):
+    x, bias, act_weight = ctx.saved_tensors
+    gx, gb, ga = ns.pixel_shuffle_backward(grad_out, x, ctx.r, bias, act_weight, ctx.act)
+    return (gx, None, gb if bias is not None else None, ga if ctx.act == "prelu" else None, None,
+            grad_out if ctx.has_residual else None)
 
 
 def _unshuffle_setup(ctx, inputs, output):
     ctx.r = inputs[1]
 
 
-def _make_unshuffle_backward(ns):
-    def backward(ctx, grad):
-        return ns.pixel_shuffle(grad, ctx.r, None, None, "none", None), None
-
-    return backward
+def _unshuffle_backward(ns, ctx, grad):
+    return ns.pixel_shuffle(grad, ctx.r, None, None, "none", None), None
 
 
-def register(namespace: str, fake: bool) -> None:
-    ns = getattr(torch.ops, namespace)
-    if fake:
-        torch.library.register_fake(f"{namespace}::pixel_shuffle")(_fake)
-        torch.library.register_fake(f"{namespace}::pixel_shuffle_backward")(_fake_backward)
-        torch.library.register_fake(f"{namespace}::pixel_shuffle_out")(_fake_out)
-        torch.library.register_fake(f"{namespace}::pixel_unshuffle")(_fake_unshuffle)
-    torch.library.register_autograd(f"{namespace}::pixel_shuffle", _make_backward(ns), setup_context=_setup_context)
-    torch.library.register_autograd(f"{namespace}::pixel_unshuffle", _make_unshuffle_backward(ns),
-                                    setup_context=_unshuffle_setup)
+SPEC = OpSpec(
+    name=OP,
+    schemas={
+        OP: "(Tensor x, int r, Tensor? bias, Tensor? act_weight, str act, Tensor? residual) -> Tensor",
+        f"{OP}_backward": "(Tensor grad_out, Tensor? x, int r, Tensor? bias, Tensor? act_weight, str act) "
+                          "-> (Tensor, Tensor, Tensor)",
+        "pixel_unshuffle": "(Tensor x, int r) -> Tensor",
+    },
+    fakes={OP: _fake, f"{OP}_backward": _fake_backward, "pixel_unshuffle": _fake_unshuffle},
+    out=True,
+    autograd={OP: (_setup_context, _backward), "pixel_unshuffle": (_unshuffle_setup, _unshuffle_backward)},
+    reference=RF.pixel_shuffle,
+)

@@ -17,11 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as RF
-from .upsample import _odd_kernel, _positive_int
-
-
-def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+from .._util import conv as _conv
+from .._validate import positive_int as _positive_int
+from .upsample import _odd_kernel
 
 
 def _conv_du(channels: int, reduction: int) -> nn.Sequential:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._util import conv as _conv
 from .._validate import positive_int as _positive_int
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -26,10 +27,6 @@ def _odd_kernel(kernel_size: object) -> int:
     if k % 2 != 1:
         raise ValueError(f"kernel_size must be odd (same padding), got {k}")
     return k
-
-
-def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
 
 
 def shuffle_stages(scale: object) -> list[int]:

@@ -8,15 +8,13 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from .._util import acc_dtype  # noqa: F401  (the launchers' accumulation dtype)
+
 # Elements per [BLOCK_C, BLOCK_P] tile: enough bytes in flight per program, modest register use.
 TILE = 4096
 MAX_BLOCK_P = 1024
 MAX_BLOCK_C_CL = 128
 MAP_TILE = 4096  # [pixels, kernel row] elements per program for the KxK map kernels
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def kernel_layout(x: Tensor) -> tuple[Tensor, torch.memory_format]:
@@ -210,7 +208,7 @@ def _keep_opaque(mode, op, types, args, kwargs):
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
-def finish_registration(op, fake, kernel) -> None:
+def finish_registration(op, fake) -> None:
     """Register the shape-only fake kernel (triton_op's default fake runs the body, which under
     TRITON_INTERPRET=1 would execute interpreted kernels on fake tensors), and, in interpreter mode, keep
     the op opaque under functionalization (an interpreted kernel cannot be traced into a graph; compiled
@@ -220,7 +218,7 @@ def finish_registration(op, fake, kernel) -> None:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover
         return
-    if isinstance(kernel, InterpretedFunction):
+    if isinstance(merge_partials_kernel, InterpretedFunction):  # every kernel here is jitted in the same mode
         from torch._subclasses.functional_tensor import FunctionalTensorMode
 
         op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)

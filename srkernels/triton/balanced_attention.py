@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from . import _common as cm
 
@@ -230,35 +230,18 @@ def _forward(
     return dst, mean, maxmap
 
 
-@triton_op(
-    "srkernels_triton::balanced_attention",
-    mutates_args=(),
-    schema="(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
-    "-> (Tensor, Tensor, Tensor)",
-)
 def balanced_attention(
     x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(x, w1, prelu_w, w2, w_sa, residual, None, "balanced_attention")
 
 
-@triton_op(
-    "srkernels_triton::balanced_attention_out",
-    mutates_args=("out",),
-    schema="(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual, Tensor(a!) out) -> ()",
-)
 def balanced_attention_out(
     x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None, out: Tensor
 ) -> None:
     _forward(x, w1, prelu_w, w2, w_sa, residual, out, "balanced_attention_out")
 
 
-@triton_op(
-    "srkernels_triton::balanced_attention_backward",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor x, Tensor mean, Tensor maxmap, Tensor w1, Tensor prelu_w, Tensor w2, "
-    "Tensor w_sa) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
 def balanced_attention_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -329,34 +312,3 @@ def balanced_attention_backward(
         gw2.to(w2.dtype).reshape(w2.shape),
         gws.to(w_sa.dtype).reshape(w_sa.shape),
     )
-
-
-def _fake_forward(x, w1, prelu_w, w2, w_sa, residual):
-    _check_w_sa(w_sa)
-    x, _ = cm.kernel_layout(x)
-    N, C, H, W = x.shape
-    acc = cm.acc_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty((N, C), dtype=acc), x.new_empty((N, H, W), dtype=acc)
-
-
-def _fake_out(x, w1, prelu_w, w2, w_sa, residual, out):
-    _check_w_sa(w_sa)
-    torch._check(out.shape == x.shape, lambda: "balanced_attention_out: out must have the shape of x")
-    return None
-
-
-def _fake_backward(grad_out, x, mean, maxmap, w1, prelu_w, w2, w_sa):
-    _check_w_sa(w_sa)
-    x, _ = cm.kernel_layout(x)
-    return (
-        torch.empty_like(x),
-        torch.empty_like(w1, memory_format=torch.contiguous_format),
-        prelu_w.new_empty(prelu_w.shape),
-        torch.empty_like(w2, memory_format=torch.contiguous_format),
-        w_sa.new_empty(w_sa.shape),
-    )
-
-
-cm.finish_registration(balanced_attention, _fake_forward, _bam_stats_kernel)
-cm.finish_registration(balanced_attention_out, _fake_out, _bam_stats_kernel)
-cm.finish_registration(balanced_attention_backward, _fake_backward, _bam_bwd_reduce_kernel)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from . import _common as cm
 
@@ -139,12 +139,6 @@ def _forward(
     return dst, stats
 
 
-@triton_op(
-    "srkernels_triton::channel_attention",
-    mutates_args=(),
-    schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, "
-    "str pool) -> (Tensor, Tensor)",
-)
 def channel_attention(
     x: Tensor,
     w1: Tensor,
@@ -158,12 +152,6 @@ def channel_attention(
     return _forward(x, w1, b1, w2, b2, residual, act_weight, pool, None, "channel_attention")
 
 
-@triton_op(
-    "srkernels_triton::channel_attention_out",
-    mutates_args=("out",),
-    schema="(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, "
-    "str pool, Tensor(a!) out) -> ()",
-)
 def channel_attention_out(
     x: Tensor,
     w1: Tensor,
@@ -178,12 +166,6 @@ def channel_attention_out(
     _forward(x, w1, b1, w2, b2, residual, act_weight, pool, out, "channel_attention_out")
 
 
-@triton_op(
-    "srkernels_triton::channel_attention_backward",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-    "Tensor? act_weight, str pool) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
 def channel_attention_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -245,35 +227,3 @@ def channel_attention_backward(
         gb2.to(b2.dtype).reshape(b2.shape) if b2 is not None else empty.clone(),
         gaw.to(act_weight.dtype) if act_weight is not None else empty.clone(),
     )
-
-
-def _fake_forward(x, w1, b1, w2, b2, residual, act_weight, pool):
-    with_std = _check_pool(pool)
-    x, _ = cm.kernel_layout(x)
-    N, C = x.shape[:2]
-    return torch.empty_like(x), x.new_empty((N, 2 if with_std else 1, C), dtype=cm.acc_dtype(x.dtype))
-
-
-def _fake_out(x, w1, b1, w2, b2, residual, act_weight, pool, out):
-    _check_pool(pool)
-    torch._check(out.shape == x.shape, lambda: "channel_attention_out: out must have the shape of x")
-    return None
-
-
-def _fake_backward(grad_out, x, stats, w1, b1, w2, b2, act_weight, pool):
-    _check_pool(pool)
-    x, _ = cm.kernel_layout(x)
-    empty = w1.new_empty((0,))
-    return (
-        torch.empty_like(x),
-        torch.empty_like(w1, memory_format=torch.contiguous_format),
-        b1.new_empty(b1.shape) if b1 is not None else empty,
-        torch.empty_like(w2, memory_format=torch.contiguous_format),
-        b2.new_empty(b2.shape) if b2 is not None else empty.clone(),
-        act_weight.new_empty(act_weight.shape) if act_weight is not None else empty.clone(),
-    )
-
-
-cm.finish_registration(channel_attention, _fake_forward, _ca_stats_kernel)
-cm.finish_registration(channel_attention_out, _fake_out, _ca_stats_kernel)
-cm.finish_registration(channel_attention_backward, _fake_backward, _ca_dg_kernel)

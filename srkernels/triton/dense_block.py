@@ -1,8 +1,8 @@
 """Triton ``dense_block`` forward/backward, registered as ``torch.ops.srkernels_triton.dense_block[_backward]``
 (same schemas, outputs and buffer contract as the C++ ops: srkernels/ops/dense_block.py, csrc/dense_block_common.h).
 
-Buffer: ``[R, T]`` in x's dtype, one row per padded pixel (zero border of p = k // 2 pixels per sample plus a
-zero margin of p*Wp + p rows at both ends), one column per channel. A kxk tap of a channel range is that range
+Buffer: ``[R, T]`` in x's dtype, laid out as srkernels/dense_plan.py describes (one row per padded pixel, one
+column per channel). A kxk tap of a channel range is that range
 shifted by the constant row offset (ky - p)*Wp + (kx - p), so every conv below is an implicit GEMM that reads its
 input channels in place: no concat, no im2col. Programs only ever visit interior pixels (flat index
 m = (n*H + h)*W + w, mapped to its buffer row), so border and margin rows are never written and stay zero:
@@ -40,12 +40,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 from torch._prims_common import suggest_memory_format
 
-from ..ops.dense_block import buffer_rows
+from ..dense_plan import buffer_rows
 from . import _common as cm
-from . import interpreted
+from .._util import triton_interpret
 from ._common import acc as _acc
 from ._common import merge_partials_kernel
 
@@ -485,7 +485,7 @@ def _blk(n: int, cap: int) -> int:
 
 
 def _flags(dtype: torch.dtype) -> dict:
-    return dict(EMU_BF16=interpreted() and dtype == torch.bfloat16, F64=dtype == torch.float64)
+    return dict(EMU_BF16=triton_interpret() and dtype == torch.bfloat16, F64=dtype == torch.float64)
 
 
 def _feature_layout(t: Tensor) -> tuple[Tensor, torch.memory_format]:
@@ -525,12 +525,6 @@ def _splits(M: int) -> int:
     return max(1, triton.cdiv(M, _SPLIT_ROWS))
 
 
-@triton_op(
-    "srkernels_triton::dense_block",
-    mutates_args=(),
-    schema="(Tensor x, Tensor[] weights, Tensor[] biases, int[] plan, Tensor? fuse_weight, Tensor? fuse_bias, "
-    "Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, Tensor? gate_b2, Tensor? residual) -> (Tensor, Tensor, Tensor)",
-)
 def dense_block(
     x: Tensor,
     weights: list[Tensor],
@@ -607,13 +601,6 @@ def dense_block(
     return out, buf, stats
 
 
-@triton_op(
-    "srkernels_triton::dense_block_backward",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor buffer, Tensor stats, Tensor[] weights, Tensor[] biases, int[] plan, "
-    "Tensor? fuse_weight, Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, Tensor? gate_b2) "
-    "-> (Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
 def dense_block_backward(
     grad_out: Tensor,
     buffer: Tensor,
@@ -738,34 +725,3 @@ def dense_block_backward(
     gx = torch.empty((N, Cx, H, W), dtype=dt, device=grad_out.device, memory_format=fmt)
     _copy(gbuf, gx, g, Cx, T, 0, False)
     return gx, gws, gbs, gfw, gfb, ggw1, ggb1, ggw2, ggb2
-
-
-# ---- fakes: shapes and strides only (the bodies would run interpreted kernels on fake tensors) -----------
-
-
-def _fake_forward(x, weights, biases, plan, fuse_weight, fuse_bias, gate_w1, gate_b1, gate_w2, gate_b2, residual):
-    T, _Cx, k, _fs, K = plan[:_HEAD]
-    N, _, H, W = x.shape
-    Cout = fuse_weight.shape[0] if fuse_weight is not None else K
-    out = torch.empty((N, Cout, H, W), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
-    stats = x.new_empty((N, 2, K) if gate_w1 is not None else (0,), dtype=cm.acc_dtype(x.dtype))
-    return out, x.new_empty((buffer_rows(N, H, W, k), T)), stats
-
-
-def _fake_backward(grad_out, buffer, stats, weights, biases, plan, fuse_weight, gate_w1, gate_b1, gate_w2,
-                   gate_b2):
-    Cx = plan[1]
-    N, _, H, W = grad_out.shape
-    gx = torch.empty((N, Cx, H, W), dtype=grad_out.dtype, device=grad_out.device,
-                     memory_format=suggest_memory_format(grad_out))
-
-    def like(t):  # weight gradients come out contiguous
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else grad_out.new_empty((0,))
-
-    gfb = grad_out.new_empty((fuse_weight.shape[0],) if fuse_weight is not None else (0,))
-    return (gx, [like(w) for w in weights], [like(b) for b in biases], like(fuse_weight), gfb, like(gate_w1),
-            like(gate_b1), like(gate_w2), like(gate_b2))
-
-
-cm.finish_registration(dense_block, _fake_forward, _conv_fwd_kernel)
-cm.finish_registration(dense_block_backward, _fake_backward, _conv_bwd_in_kernel)

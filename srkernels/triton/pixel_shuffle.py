@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from . import _common as cm
 from ._common import acc as _acc  # the accumulation-dtype cast the jit kernels share
@@ -434,11 +434,6 @@ def _merge(partials: Tensor | None, K: int, rows: int, launched: bool) -> Tensor
 # ---- ops ------------------------------------------------------------------------------------------------
 
 
-@triton_op(
-    "srkernels_triton::pixel_shuffle",
-    mutates_args=(),
-    schema="(Tensor x, int r, Tensor? bias, Tensor? act_weight, str act, Tensor? residual) -> Tensor",
-)
 def pixel_shuffle(
     x: Tensor, r: int, bias: Tensor | None, act_weight: Tensor | None, act: str, residual: Tensor | None
 ) -> Tensor:
@@ -450,11 +445,6 @@ def pixel_shuffle(
     return out
 
 
-@triton_op(
-    "srkernels_triton::pixel_shuffle_out",
-    mutates_args=("out",),
-    schema="(Tensor x, int r, Tensor? bias, Tensor? act_weight, str act, Tensor? residual, Tensor(a!) out) -> ()",
-)
 def pixel_shuffle_out(
     x: Tensor, r: int, bias: Tensor | None, act_weight: Tensor | None, act: str, residual: Tensor | None,
     out: Tensor,
@@ -473,12 +463,6 @@ def pixel_shuffle_out(
         out.copy_(tmp)
 
 
-@triton_op(
-    "srkernels_triton::pixel_shuffle_backward",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor? x, int r, Tensor? bias, Tensor? act_weight, str act) "
-    "-> (Tensor, Tensor, Tensor)",
-)
 def pixel_shuffle_backward(
     grad_out: Tensor, x: Tensor | None, r: int, bias: Tensor | None, act_weight: Tensor | None, act: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -499,48 +483,8 @@ def pixel_shuffle_backward(
     )
 
 
-@triton_op("srkernels_triton::pixel_unshuffle", mutates_args=(), schema="(Tensor x, int r) -> Tensor")
 def pixel_unshuffle(x: Tensor, r: int) -> Tensor:
     torch._check(x.dim() == 4, lambda: "pixel_unshuffle: x must be [N, C, H*r, W*r]")
     torch._check(r >= 1, lambda: f"pixel_unshuffle: r must be >= 1, got {r}")
     x, fmt = cm.kernel_layout(x)
     return _unshuffle(x, None, r, None, None, 0, fmt, False)[0]
-
-
-# ---- fakes: shapes and strides only (the bodies would run interpreted kernels on fake tensors) -----------
-
-
-def _fake_forward(x, r, bias, act_weight, act, residual):
-    x, fmt = cm.kernel_layout(x)
-    return _empty_out(x, r, fmt)
-
-
-def _fake_out(x, r, bias, act_weight, act, residual, out):
-    return None
-
-
-def _fake_backward(grad_out, x, r, bias, act_weight, act):
-    if x is not None:
-        _, fmt = cm.kernel_layout(x)
-    else:
-        _, fmt = cm.kernel_layout(grad_out)
-    N, C, Ho, Wo = grad_out.shape
-    grad_x = torch.empty((N, C * r * r, Ho // r, Wo // r), dtype=grad_out.dtype, device=grad_out.device,
-                         memory_format=fmt)
-    return (
-        grad_x,
-        bias.new_empty(bias.shape) if bias is not None else grad_out.new_empty((0,)),
-        act_weight.new_empty(act_weight.shape) if act == "prelu" else grad_out.new_empty((0,)),
-    )
-
-
-def _fake_unshuffle(x, r):
-    _, fmt = cm.kernel_layout(x)
-    N, C, H, W = x.shape
-    return torch.empty((N, C * r * r, H // r, W // r), dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
-cm.finish_registration(pixel_shuffle, _fake_forward, _ps_fwd_nchw_kernel)
-cm.finish_registration(pixel_shuffle_out, _fake_out, _ps_fwd_nchw_kernel)
-cm.finish_registration(pixel_shuffle_backward, _fake_backward, _ps_bwd_nchw_kernel)
-cm.finish_registration(pixel_unshuffle, _fake_unshuffle, _ps_bwd_nchw_kernel)

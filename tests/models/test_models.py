@@ -647,3 +647,16 @@ def test_srdensenet_gemm_tail_gradcheck():
     w1, b1, w2 = t(3, 4 * 4), t(4 * 4), t(4, 9 * 2)  # stage 1: s=2, 4 outputs; stage 2: s=3, 2 outputs, no bias
     torch.autograd.gradcheck(lambda *a: _GemmTail.apply(a[0], a[1], (4, 2), a[2], a[3], a[4], None),
                              (u, wz, w1, b1, w2))
+
+
+def test_a_missing_fused_twin_is_an_error(monkeypatch):
+    # models ask for layers by name: without a fused twin, fused=True must not quietly run the reference layer
+    import srkernels.nn as fused_layers
+    import srkernels.reference as reference_layers
+    from srkernels.models._common import layer
+
+    assert layer(True, "RCAB") is fused_layers.RCAB
+    monkeypatch.delattr(fused_layers, "RCAB")
+    with pytest.raises(LookupError, match="srkernels.nn has no layer 'RCAB'"):
+        layer(True, "RCAB")
+    assert layer(False, "RCAB") is reference_layers.RCAB

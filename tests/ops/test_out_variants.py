@@ -11,7 +11,7 @@ from ._parity import randn
 
 BACKENDS = ["compiled", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
-OPS = ["channel_attention", "balanced_attention", "pixel_shuffle"]
+OPS = [name for name, spec in ops.SPECS.items() if spec.has_out]  # every op with an out= variant
 OTHER = {"contiguous": "channels_last", "channels_last": "contiguous"}
 
 
@@ -40,13 +40,16 @@ def make_case(op: str, dtype: torch.dtype, fmt: str, backend: str, seed: int = 0
 
         def fn(x, residual=None, out=None):
             return ops.balanced_attention(x, w1, slope, w2, w_sa, residual=residual, out=out)
-    else:  # compiled: C = 16 >= one CPU vector takes the vectorised NHWC r = 2 path; the interpreter wants small
+    elif op == "pixel_shuffle":  # compiled: C = 16 >= one CPU vector takes the vectorised NHWC r = 2 path; the
+        # interpreter wants small
         C = 16 if backend == "compiled" else 3
         x, res = t(2, 4 * C, 3, 5), t(2, C, 6, 10, k=1)
         bias, slope = t(4 * C, k=2), t(C, scale=0.1, k=3).abs()
 
         def fn(x, residual=None, out=None):
             return ops.pixel_shuffle(x, 2, bias=bias, act="prelu", act_weight=slope, residual=residual, out=out)
+    else:
+        raise AssertionError(f"{op} has an out= variant (srkernels/ops/{op}.py) but no case here: add one")
     return fn, layout(x, fmt), layout(res, fmt)
 
 

@@ -1,0 +1,164 @@
+"""The op registry: every module ``srkernels/ops/<op>.py`` that defines ``SPEC = OpSpec(...)`` is an op, found
+by listing this package (no hand-kept list). From the specs alone, and in one loop per namespace, this module
+
+- defines the schemas of ``torch.ops.srkernels`` (csrc/ holds only ``TORCH_LIBRARY_IMPL`` kernels; the
+  dispatcher accepts kernels registered before their schema, so _C may load before or after this runs) and
+  registers their fakes and autograd;
+- registers the Triton implementations (``srkernels/triton/<op>.py``, a function per dispatcher op, same
+  name) as ``torch.ops.srkernels_triton`` with ``triton_op``, the same schemas, fakes and autograd.
+
+``srkernels.ops.__all__``, ``srkernels.build_info()``, the Triton loader and the tests read ``SPECS``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import _backend
+from .._util import triton_interpret
+
+BACKENDS = ("cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op family: the public op ``name`` (also the key of the backend choice), its dispatcher ops and what
+    the registry needs to register each of them.
+
+    - ``schemas``: dispatcher op name -> schema without the name, ``"(Tensor x, ...) -> Tensor"``; by
+      convention ``<op>_backward`` is the backward.
+    - ``out``: the op has the inference variant ``<op>_out(<op's arguments>, Tensor(a!) out) -> ()`` (its schema
+      is derived, and needs no fake: docs/ops.md "Common rules").
+    - ``fakes``: op name -> fake (shape-only) kernel; ops returning ``()`` need none.
+    - ``autograd``: op name -> ``(setup_context, backward)``, ``backward(ns, ctx, *grads)`` where ``ns`` is
+      the namespace the op was called in (``torch.ops.srkernels`` or ``torch.ops.srkernels_triton``).
+    - ``reference``: the PyTorch reference of the op (differentiable, float64-capable).
+    - ``backends``: which of cpu (csrc/cpu/<op>.cpp), cuda (csrc/cuda/<op>.cu), triton (srkernels/triton/<op>.py)
+      implement every op of ``schemas``.
+    """
+
+    name: str
+    schemas: dict[str, str]
+    fakes: dict[str, Callable]
+    autograd: dict[str, tuple[Callable, Callable]]
+    reference: Callable
+    out: bool = False
+    backends: tuple[str, ...] = BACKENDS
+    module: str = field(default="", compare=False)  # set by discovery: the ops module (= triton module) name
+
+    def __post_init__(self) -> None:
+        if self.out:
+            forward = self.schemas[self.name]
+            self.schemas[f"{self.name}_out"] = forward[:forward.rindex(") ->")] + ", Tensor(a!) out) -> ()"
+
+    @property
+    def has_out(self) -> bool:
+        return self.out
+
+    @property
+    def public(self) -> tuple[str, ...]:
+        """The functions ``srkernels.ops`` exports: every dispatcher op that is not a backward or ``_out``."""
+        return tuple(n for n in self.schemas if not n.endswith(("_backward", "_out")))
+
+    def fake(self, op: str) -> Callable:
+        if op in self.fakes:
+            return self.fakes[op]
+        if self.schemas[op].replace(" ", "").endswith("->()"):
+            return _no_result
+        raise KeyError(f"{self.module}: no fake for {op}")
+
+
+def _no_result(*args):
+    return None
+
+
+def discover() -> dict[str, OpSpec]:
+    """Import every op module of this package and collect its ``SPEC``, by name."""
+    specs = {}
+    for info in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        spec = getattr(module, "SPEC", None)
+        if spec is None:
+            continue
+        if spec.name != info.name:
+            raise ImportError(f"srkernels/ops/{info.name}.py: SPEC.name must be the module name, got {spec.name!r}")
+        object.__setattr__(spec, "module", info.name)
+        specs[spec.name] = spec
+    return specs
+
+
+def _mutated(schema: str) -> tuple[str, ...]:
+    parsed = torch._C.parse_schema("op" + schema)
+    return tuple(a.name for a in parsed.arguments if a.alias_info is not None and a.alias_info.is_write)
+
+
+def _register_autograd(namespace: str, spec: OpSpec, lib) -> None:
+    ns = getattr(torch.ops, namespace)
+    for op, (setup_context, backward) in spec.autograd.items():
+        torch.library.register_autograd(f"{namespace}::{op}", functools.partial(backward, ns),
+                                        setup_context=setup_context, lib=lib)
+
+
+SPECS: dict[str, OpSpec] = {}
+_libs: dict[str, torch.library.Library] = {}
+
+
+def register_compiled() -> None:
+    """Define ``torch.ops.srkernels`` (when _C is loaded) with fakes and autograd. Called once, at import."""
+    if _backend._C is None or "srkernels" in _libs:
+        return
+    try:
+        lib = _libs["srkernels"] = torch.library.Library("srkernels", "DEF")
+    except RuntimeError as e:  # a _C built before the schemas moved here still defines them (TORCH_LIBRARY)
+        raise ImportError(f"srkernels: the compiled extension srkernels._C is older than these Python sources (it "
+                          f"defines the op schemas itself). {_backend.REBUILD_HINT}") from e
+    for spec in SPECS.values():
+        for op, schema in spec.schemas.items():
+            lib.define(op + schema)
+            torch.library.register_fake(f"srkernels::{op}", spec.fake(op), lib=lib)
+        _register_autograd("srkernels", spec, lib)
+
+
+@functools.cache
+def load_triton() -> bool:
+    """Register ``torch.ops.srkernels_triton`` (imports Triton and the kernel modules, slow: done on the first
+    call that may use it). False when Triton is not installed."""
+    from .. import triton as kernels
+
+    specs = [s for s in SPECS.values() if "triton" in s.backends]
+    try:
+        if not kernels.load(s.module for s in specs):
+            return False
+    except ImportError:  # an installed but unusable Triton: the other backends serve
+        return False
+    from ..triton import _common
+
+    lib = _libs["srkernels_triton"] = torch.library.Library("srkernels_triton", "FRAGMENT")
+    for spec in specs:
+        module = importlib.import_module(f"srkernels.triton.{spec.module}")
+        for op, schema in spec.schemas.items():
+            fn = getattr(module, op, None)
+            if fn is None:
+                raise LookupError(f"srkernels/triton/{spec.module}.py has no function {op} (SPEC of "
+                                  f"srkernels/ops/{spec.module}.py declares it with backend 'triton')")
+            custom = torch.library.triton_op(f"srkernels_triton::{op}", fn, mutates_args=_mutated(schema),
+                                             schema=schema)
+            _common.finish_registration(custom, spec.fake(op))
+        _register_autograd("srkernels_triton", spec, lib)
+    return True
+
+
+@torch.compiler.assume_constant_result  # decided at trace time, like _backend.choose
+def choose(op: str, dev: str) -> str:
+    """``_backend.choose``, with the Triton ops registered first when they could serve the call."""
+    if dev == "cuda" or (dev == "cpu" and triton_interpret()):
+        load_triton()
+    return _backend.choose(op, dev)
