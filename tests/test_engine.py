@@ -328,18 +328,28 @@ def test_resume_rejects_trajectory_changes(hr_dir, tmp_path):
     assert res.iteration == 5
 
 
-def test_truncated_newest_checkpoint_falls_back(hr_dir, tmp_path):
+def _newest_of_a_stopped_run(hr_dir, tmp_path):
+    """A 6-iteration run to the end in ``ref`` and stopped after 4 in ``run``: the newest checkpoint of ``run``."""
     cfg = tiny_cfg(hr_dir, train__iterations=6, train__ckpt_every=2, train__keep_checkpoints=3)
     train(cfg, output_dir=tmp_path / "ref", progress=False)
     train(cfg, output_dir=tmp_path / "run", stop_after=4, progress=False)
     files = ckio.list_checkpoints(tmp_path / "run")
     assert [it for it, _ in files] == [4, 2]
-    newest = files[0][1]
-    newest.write_bytes(newest.read_bytes()[: 200])  # a writer killed half-way (without the atomic rename)
-    with pytest.warns(UserWarning, match="skipping checkpoint"):
+    return files[0][1]
+
+
+def _resume_falls_back(tmp_path, warning):
+    """Resuming ``run`` warns (skipping the damaged newest checkpoint) and ends where ``ref`` did."""
+    with pytest.warns(UserWarning, match=warning):
         res = train(None, output_dir=tmp_path / "run", resume=True, progress=False)
     assert res.iteration == 6
     same_state(params(tmp_path / "ref"), params(tmp_path / "run"))
+
+
+def test_truncated_newest_checkpoint_falls_back(hr_dir, tmp_path):
+    newest = _newest_of_a_stopped_run(hr_dir, tmp_path)
+    newest.write_bytes(newest.read_bytes()[: 200])  # a writer killed half-way (without the atomic rename)
+    _resume_falls_back(tmp_path, "skipping checkpoint")
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -595,18 +605,11 @@ def _flip_byte_in_tensor(path):
 
 
 def test_corrupted_newest_checkpoint_falls_back(hr_dir, tmp_path):
-    cfg = tiny_cfg(hr_dir, train__iterations=6, train__ckpt_every=2, train__keep_checkpoints=3)
-    train(cfg, output_dir=tmp_path / "ref", progress=False)
-    train(cfg, output_dir=tmp_path / "run", stop_after=4, progress=False)
-    files = ckio.list_checkpoints(tmp_path / "run")
-    assert [it for it, _ in files] == [4, 2]
-    _flip_byte_in_tensor(files[0][1])  # bit rot in a tensor: torch.load alone reads it without a word
+    newest = _newest_of_a_stopped_run(hr_dir, tmp_path)
+    _flip_byte_in_tensor(newest)  # bit rot in a tensor: torch.load alone reads it without a word
     with pytest.raises(ValueError, match="CRC"):
-        ckio.read_checkpoint_file(files[0][1])
-    with pytest.warns(UserWarning, match="skipping checkpoint.*corrupt"):
-        res = train(None, output_dir=tmp_path / "run", resume=True, progress=False)
-    assert res.iteration == 6
-    same_state(params(tmp_path / "ref"), params(tmp_path / "run"))
+        ckio.read_checkpoint_file(newest)
+    _resume_falls_back(tmp_path, "skipping checkpoint.*corrupt")
 
 
 def test_resume_before_the_first_checkpoint_starts_over(hr_dir, tmp_path):

@@ -12,7 +12,7 @@ import srkernels  # noqa: F401
 
 from ..conftest import assert_close, needs_cuda
 from ..cuda_emu.test_emulated_kernels import (BAM_SHAPES, CA_SHAPES, DTYPES, PS_SHAPES, bam_args, bam_inputs, ca_args,
-                                              ca_backward_args, ca_inputs, ca_ref, fmt, rnd)
+                                              ca_backward_args, ca_inputs, ca_ref, fmt, ps_inputs, rnd)
 from ..ops.test_dense_block import _rel, make_pair
 
 pytestmark = needs_cuda
@@ -83,16 +83,9 @@ def test_balanced_attention_cuda(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", PS_SHAPES, ids=[s[0] for s in PS_SHAPES])
 def test_pixel_shuffle_cuda(shape, dtype, act):
-    _, N, Cin, H, W, r, nhwc = shape
-    C = Cin // (r * r)
-    x = fmt(rnd(N, Cin, H, W, seed=0, dtype=dtype), nhwc)
-    bias = rnd(Cin, seed=1, scale=0.1, dtype=dtype)
-    aw = rnd(C, seed=2, scale=0.1, dtype=dtype) + 0.25 if act == "prelu" else None
-    res = fmt(rnd(N, C, H * r, W * r, seed=3, dtype=dtype), nhwc)
-    args = (x, r, bias, aw, act, res)
+    args, bargs = ps_inputs(shape, dtype, act)
+    r, go = args[1], bargs[0]
     close_all([OPS.pixel_shuffle(*cu(args))], [OPS.pixel_shuffle(*args)], dtype, "forward")
-    go = fmt(rnd(N, C, H * r, W * r, seed=4, dtype=dtype), nhwc)
-    bargs = (go, x, r, bias, aw, act)
     close_all(OPS.pixel_shuffle_backward(*cu(bargs)), OPS.pixel_shuffle_backward(*bargs), dtype, "backward")
     close_all([OPS.pixel_unshuffle(cu(go), r)], [OPS.pixel_unshuffle(go, r)], dtype, "unshuffle")
 

@@ -222,25 +222,30 @@ PS_SHAPES = [  # (name, N, Cin, H, W, r, nhwc)
 ]
 
 
-@pytest.mark.parametrize("act", ["none", "relu", "prelu"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", PS_SHAPES, ids=[s[0] for s in PS_SHAPES])
-def test_pixel_shuffle(emu, shape, dtype, act):
+def ps_inputs(shape, dtype, act):
+    """(forward args, backward args) of pixel_shuffle for one PS_SHAPES case."""
     _, N, Cin, H, W, r, nhwc = shape
     C = Cin // (r * r)
     x = fmt(rnd(N, Cin, H, W, seed=0, dtype=dtype), nhwc)
     bias = rnd(Cin, seed=1, scale=0.1, dtype=dtype)
     aw = rnd(C, seed=2, scale=0.1, dtype=dtype) + 0.25 if act == "prelu" else None
     res = fmt(rnd(N, C, H * r, W * r, seed=3, dtype=dtype), nhwc)
-    args = (x, r, bias, aw, act, res)
+    go = fmt(rnd(N, C, H * r, W * r, seed=4, dtype=dtype), nhwc)
+    return (x, r, bias, aw, act, res), (go, x, r, bias, aw, act)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "prelu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PS_SHAPES, ids=[s[0] for s in PS_SHAPES])
+def test_pixel_shuffle(emu, shape, dtype, act):
+    args, bargs = ps_inputs(shape, dtype, act)
+    x, r, bias, aw, _, res = args
     out = emu.pixel_shuffle(*args)
     close_all(out, torch.ops.srkernels.pixel_shuffle(*args), dtype, "forward vs CPU kernel")
     ref = RF.pixel_shuffle(x.double(), r, bias=bias.double(), act=None if act == "none" else act,
                            act_weight=None if aw is None else aw.double(), residual=res.double())
     assert_close(out, ref, dtype, "forward vs reference")
 
-    go = fmt(rnd(N, C, H * r, W * r, seed=4, dtype=dtype), nhwc)
-    bargs = (go, x, r, bias, aw, act)
     close_all(emu.pixel_shuffle_backward(*bargs), torch.ops.srkernels.pixel_shuffle_backward(*bargs), dtype,
               "backward vs CPU kernel")
     o = torch.empty_like(out)

@@ -32,11 +32,16 @@ def _uncached(m, x):
     return y
 
 
-@pytest.mark.parametrize("name", list(_blocks()))
+@pytest.fixture(params=list(_blocks()))
+def block(request):
+    """(a fused dense block in eval mode, its input channels, the constructor), one of each kind."""
+    make, c = _blocks()[request.param]
+    return make().eval(), c, make
+
+
 @pytest.mark.parametrize("cl", [False, True])
-def test_cached_weights_give_the_same_bits(name, cl):
-    make, c = _blocks()[name]
-    m = make().eval()
+def test_cached_weights_give_the_same_bits(block, cl):
+    m, c, _ = block
     x = torch.randn(2, c, 7, 6)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -47,10 +52,8 @@ def test_cached_weights_give_the_same_bits(name, cl):
     assert torch.equal(got1, want) and torch.equal(got2, want)
 
 
-@pytest.mark.parametrize("name", list(_blocks()))
-def test_no_weight_copy_per_call(name):
-    make, c = _blocks()[name]
-    m = make().eval()
+def test_no_weight_copy_per_call(block):
+    m, c, _ = block
     x = torch.randn(1, c, 6, 6)
     with torch.no_grad():
         m(x)
@@ -60,10 +63,8 @@ def test_no_weight_copy_per_call(name):
     assert "aten::clone" not in names, names  # the kernel's permute().contiguous() of each weight was a clone
 
 
-@pytest.mark.parametrize("name", list(_blocks()))
-def test_cache_follows_the_weights(name):
-    make, c = _blocks()[name]
-    m = make().eval()
+def test_cache_follows_the_weights(block):
+    m, c, make = block
     x = torch.randn(1, c, 5, 5)
     with torch.no_grad():
         m(x)

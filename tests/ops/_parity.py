@@ -5,7 +5,7 @@ import torch
 
 from srkernels import use_backend
 
-from ..conftest import assert_close, layout
+from ..conftest import TOL, assert_close, layout
 
 
 def run_parity(fused_fn, ref_fn, inputs: dict, *, backend: str, dtype: torch.dtype, fmt: str,
@@ -63,3 +63,19 @@ def assert_thread_independent(run) -> None:
     for r in runs[1:]:
         for a, b in zip(runs[0], r):
             assert torch.equal(a, b)
+
+
+def assert_match(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """NaN and Inf at the same places (Inf with the same sign), finite values within TOL[dtype] (relative to
+    max(1, |expected|)): the comparison of the fuzz and non-finite tests."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    assert torch.equal(a.isnan(), e.isnan()), f"{what}: NaN positions differ ({int(a.isnan().sum())} vs " \
+                                              f"{int(e.isnan().sum())})"
+    inf = e.isinf()
+    assert torch.equal(a.isinf(), inf) and torch.equal(a[inf], e[inf]), f"{what}: Inf positions/signs differ"
+    fin = e.isfinite()
+    if fin.any():
+        err = (a[fin] - e[fin]).abs().max().item()
+        scale = max(1.0, e[fin].abs().max().item())
+        assert err <= TOL[dtype] * scale, f"{what}: max abs err {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"

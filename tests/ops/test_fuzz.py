@@ -22,7 +22,8 @@ import torch
 from srkernels import ops, use_backend
 from srkernels.ops.dense_block import rdb_plan
 
-from ..conftest import TOL, layout
+from ..conftest import layout
+from ._parity import assert_match
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
@@ -57,20 +58,6 @@ def _sprinkle(t: torch.Tensor, what: str, gen: torch.Generator) -> torch.Tensor:
         sign = torch.randint(0, 2, (k,), generator=gen, dtype=torch.float64) * 2 - 1
         flat[idx] = sign * float("inf")
     return t
-
-
-def assert_match(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.double(), expected.double()
-    assert torch.equal(a.isnan(), e.isnan()), f"{what}: NaN positions differ ({int(a.isnan().sum())} vs " \
-                                              f"{int(e.isnan().sum())})"
-    inf = e.isinf()
-    assert torch.equal(a.isinf(), inf) and torch.equal(a[inf], e[inf]), f"{what}: Inf positions/signs differ"
-    fin = e.isfinite()
-    if fin.any():
-        err = (a[fin] - e[fin]).abs().max().item()
-        scale = max(1.0, e[fin].abs().max().item())
-        assert err <= TOL[dtype] * scale, f"{what}: max abs err {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
 
 
 def _names_an_argument(msg: str, names) -> bool:
@@ -135,6 +122,14 @@ def _common(draw, has_out=True):
     return seed, dtype, fmt, out_mode, draw(FMTS)
 
 
+def _draw_residual_special(data, seed, out_mode):
+    """Whether a residual is passed (always when ``out`` is to alias it), which non-finite values are sprinkled,
+    and the case's generator."""
+    with_res = data.draw(st.booleans(), "residual") or out_mode in ("residual", "partial")
+    special = data.draw(st.sampled_from(["none", "nan", "inf"]), "special")
+    return with_res, special, torch.Generator().manual_seed(seed)
+
+
 @FUZZ
 @given(c=_common(), N=st.integers(0, 3), C=st.integers(1, 20), H=st.integers(1, 9), W=st.integers(1, 9),
        data=st.data())
@@ -144,9 +139,7 @@ def test_fuzz_channel_attention(c, N, C, H, W, data):
     pool = data.draw(st.sampled_from(["avg", "avg+std"]), "pool")
     act = data.draw(st.sampled_from(["relu", "prelu"]), "act")
     bias = data.draw(st.booleans(), "bias")
-    with_res = data.draw(st.booleans(), "residual") or out_mode in ("residual", "partial")
-    special = data.draw(st.sampled_from(["none", "nan", "inf"]), "special")
-    g = torch.Generator().manual_seed(seed)
+    with_res, special, g = _draw_residual_special(data, seed, out_mode)
     args = dict(x=_sprinkle(_t(g, N, C, H, W), special, g), w1=_t(g, Cr, C, scale=C**-0.5),
                 b1=_t(g, Cr, scale=0.1) if bias else None, w2=_t(g, C, Cr, scale=Cr**-0.5),
                 b2=_t(g, C, scale=0.1) if bias else None, residual=_t(g, N, C, H, W) if with_res else None,
@@ -164,9 +157,7 @@ def test_fuzz_balanced_attention(c, N, C, H, W, data):
     seed, dtype, fmt, out_mode, out_fmt = c
     Cr = data.draw(st.integers(1, C), "Cr")
     K = data.draw(st.sampled_from([1, 3, 5, 7]), "K")
-    with_res = data.draw(st.booleans(), "residual") or out_mode in ("residual", "partial")
-    special = data.draw(st.sampled_from(["none", "nan", "inf"]), "special")
-    g = torch.Generator().manual_seed(seed)
+    with_res, special, g = _draw_residual_special(data, seed, out_mode)
     args = dict(x=_sprinkle(_t(g, N, C, H, W), special, g), w1=_t(g, Cr, C, scale=C**-0.5),
                 prelu_w=_t(g, Cr, scale=0.1).abs(), w2=_t(g, C, Cr, scale=Cr**-0.5), w_sa=_t(g, K, K, scale=1 / K),
                 residual=_t(g, N, C, H, W) if with_res else None)
@@ -188,9 +179,7 @@ def test_fuzz_pixel_shuffle(c, N, C, H, W, data):
     # now and then a channel count that is not a multiple of r*r: must be refused, naming x
     Cin = C * r * r + (data.draw(st.integers(1, r * r - 1), "bad") if r > 1 and data.draw(st.booleans(), "b?")
                        and data.draw(st.booleans(), "b??") else 0)
-    with_res = data.draw(st.booleans(), "residual") or out_mode in ("residual", "partial")
-    special = data.draw(st.sampled_from(["none", "nan", "inf"]), "special")
-    g = torch.Generator().manual_seed(seed)
+    with_res, special, g = _draw_residual_special(data, seed, out_mode)
     args = dict(x=_sprinkle(_t(g, N, Cin, H, W), special, g), r=r, bias=_t(g, Cin, scale=0.1) if bias else None,
                 act=act, act_weight=_t(g, C, scale=0.1).abs() if act == "prelu" else None,
                 residual=_sprinkle(_t(g, N, C, H * r, W * r), special, g) if with_res else None)

@@ -15,24 +15,11 @@ import torch
 from srkernels import ops, use_backend
 from srkernels.ops.dense_block import rdb_plan
 
-from ..conftest import TOL, cpu_backends
+from ..conftest import cpu_backends
+from ._parity import assert_match
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 INF, NAN = float("inf"), float("nan")
-
-
-def assert_match(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.double(), expected.double()
-    assert torch.equal(a.isnan(), e.isnan()), (
-        f"{what}: NaN positions differ ({int(a.isnan().sum())} vs {int(e.isnan().sum())} expected)")
-    inf = e.isinf()
-    assert torch.equal(a.isinf(), inf) and torch.equal(a[inf], e[inf]), f"{what}: Inf positions/signs differ"
-    fin = e.isfinite()
-    if fin.any():
-        err = (a[fin] - e[fin]).abs().max().item()
-        scale = max(1.0, e[fin].abs().max().item())
-        assert err <= TOL[dtype] * scale, f"{what}: max abs err {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
 
 
 def run_both(fn, tensors: dict, backend: str, dtype: torch.dtype, grad_seed: int = 0):

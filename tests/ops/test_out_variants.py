@@ -100,11 +100,17 @@ def test_out_aliases_residual(op, backend, res_fmt, dtype):
     _check_same(buf, expected, backend, dtype, f"{op} out=residual ({res_fmt} layout)")
 
 
+@pytest.fixture
+def fp32_case(op, backend):
+    """make_case of ``op`` in float32, contiguous, on a ``backend`` that must have its out variant."""
+    _need(op, backend)
+    return make_case(op, torch.float32, "contiguous", backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_out_empty_batch(op, backend):
-    _need(op, backend)
-    fn, x, res = make_case(op, torch.float32, "contiguous", backend)
+def test_out_empty_batch(op, backend, fp32_case):
+    fn, x, res = fp32_case
     with use_backend(backend), torch.no_grad():
         expected = fn(x[:0], residual=res[:0])
         out = torch.empty_like(expected)
@@ -114,9 +120,8 @@ def test_out_empty_batch(op, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_out_refuses_autograd(op, backend):
-    _need(op, backend)
-    fn, x, res = make_case(op, torch.float32, "contiguous", backend)
+def test_out_refuses_autograd(op, backend, fp32_case):
+    fn, x, res = fp32_case
     with use_backend(backend):
         out = _buffer(fn(x.detach(), residual=res).detach(), "contiguous")
         for grad_arg in ("x", "residual"):
@@ -130,9 +135,8 @@ def test_out_refuses_autograd(op, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_out_bad_buffer(op, backend):
-    _need(op, backend)
-    fn, x, res = make_case(op, torch.float32, "contiguous", backend)
+def test_out_bad_buffer(op, backend, fp32_case):
+    fn, x, res = fp32_case
     with use_backend(backend), torch.no_grad():
         shape = fn(x).shape
         bad = {
