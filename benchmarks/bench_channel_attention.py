@@ -23,14 +23,12 @@ from srkernels import ops  # noqa: E402
 from srkernels.reference import functional as RF  # noqa: E402
 
 BENCH = "channel_attention"
-SHAPES = [(16, 64, 48, 48), (1, 64, 270, 480)]
-DTYPES = [torch.float32, torch.bfloat16]
+SHAPES, DTYPES = harness.ATTENTION_SHAPES, harness.DTYPES
 
 
 def make(shape, dtype, device):
     N, C, H, W = shape
-    g = torch.Generator().manual_seed(0)
-    t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    t = harness.seeded_randn(device, dtype)
     Cr = C // 16
     return dict(x=t(N, C, H, W), w1=t(Cr, C, scale=C**-0.5), b1=t(Cr, scale=0.1), w2=t(C, Cr, scale=Cr**-0.5),
                 b2=t(C, scale=0.1), residual=t(N, C, H, W))

@@ -26,7 +26,7 @@ from srkernels.nn import conv2d  # noqa: E402
 BENCH = "pixel_shuffle"
 SHUFFLE_SHAPE = (1, 256, 150, 250)  # -> [1, 64, 300, 500]: 38 MB of fp32 output
 PAIR_SHAPE = (1, 64, 135, 240)
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = harness.DTYPES
 
 
 def _t(*s, dtype, device, scale=1.0):

@@ -34,6 +34,18 @@ def git_sha() -> str:
         return "unknown"
 
 
+DTYPES = [torch.float32, torch.bfloat16]
+# attention benchmarks: a training batch of 48x48 patches, and one 480x270 frame (inference)
+ATTENTION_SHAPES = [(16, 64, 48, 48), (1, 64, 270, 480)]
+
+
+def seeded_randn(device, dtype, seed: int = 0):
+    """t(*shape, scale=1.0): standard normals * scale from one generator seeded once, so every run of a
+    benchmark draws the same inputs; drawn in float32 on CPU, then moved to ``device``/``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+
+
 BIG_COPY_BYTES = 256 << 20  # per buffer: well beyond L2, the "copy bandwidth" of the memory system
 
 
