@@ -255,6 +255,14 @@ def geometry(x: Tensor):
     return N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, triton.cdiv(HW, BP), triton.cdiv(C, BC)
 
 
+def backward_operands(x: Tensor, grad_out: Tensor):
+    """The start of a backward launcher: (x in its kernel layout, grad_out in that same layout, geometry(x),
+    strides(grad_out), the accumulation dtype)."""
+    x, fmt = kernel_layout(x)
+    grad_out = like_layout(grad_out, fmt)
+    return x, grad_out, geometry(x), strides(grad_out), acc_dtype(x.dtype)
+
+
 def merge_partials(
     psum: Tensor, pm2: Tensor, out: Tensor, C: int, HW: int, NPB: int, block_p: int, denom, *, batches: int,
     with_m2: bool = False, block_c: int | None = None,

@@ -230,16 +230,14 @@ def _forward(
     return dst, mean, maxmap
 
 
-def balanced_attention(
-    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward(x, w1, prelu_w, w2, w_sa, residual, None, "balanced_attention")
+# The registered ops: their arguments are the schema's (SPEC in srkernels/ops/balanced_attention.py), in
+# _forward's order, so they are passed through rather than spelt out again.
+def balanced_attention(*args) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(*args, None, "balanced_attention")
 
 
-def balanced_attention_out(
-    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None, out: Tensor
-) -> None:
-    _forward(x, w1, prelu_w, w2, w_sa, residual, out, "balanced_attention_out")
+def balanced_attention_out(*args) -> None:
+    _forward(*args, "balanced_attention_out")
 
 
 def balanced_attention_backward(
@@ -254,11 +252,8 @@ def balanced_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     torch._check(x.dim() == 4, lambda: "balanced_attention_backward: x must be [N, C, H, W]")
     K = _check_w_sa(w_sa)
-    x, fmt = cm.kernel_layout(x)
-    grad_out = cm.like_layout(grad_out, fmt)
-    N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = cm.geometry(x)
-    sgn, sgc, sgp = cm.strides(grad_out)
-    acc = cm.acc_dtype(x.dtype)
+    x, grad_out, geo, (sgn, sgc, sgp), acc = cm.backward_operands(x, grad_out)
+    N, C, H, W, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = geo
     mean = mean.reshape(N, C).to(acc)
     maxmap = maxmap.reshape(N, HW).to(acc).contiguous()
 

@@ -139,31 +139,14 @@ def _forward(
     return dst, stats
 
 
-def channel_attention(
-    x: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    b2: Tensor | None,
-    residual: Tensor | None,
-    act_weight: Tensor | None,
-    pool: str,
-) -> tuple[Tensor, Tensor]:
-    return _forward(x, w1, b1, w2, b2, residual, act_weight, pool, None, "channel_attention")
+# The registered ops: their arguments are the schema's (SPEC in srkernels/ops/channel_attention.py), in _forward's
+# order, so they are passed through rather than spelt out again.
+def channel_attention(*args) -> tuple[Tensor, Tensor]:
+    return _forward(*args, None, "channel_attention")
 
 
-def channel_attention_out(
-    x: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    b2: Tensor | None,
-    residual: Tensor | None,
-    act_weight: Tensor | None,
-    pool: str,
-    out: Tensor,
-) -> None:
-    _forward(x, w1, b1, w2, b2, residual, act_weight, pool, out, "channel_attention_out")
+def channel_attention_out(*args) -> None:
+    _forward(*args, "channel_attention_out")
 
 
 def channel_attention_backward(
@@ -179,11 +162,8 @@ def channel_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     torch._check(x.dim() == 4, lambda: "channel_attention_backward: x must be [N, C, H, W]")
     with_std = _check_pool(pool)
-    x, fmt = cm.kernel_layout(x)
-    grad_out = cm.like_layout(grad_out, fmt)
-    N, C, _, _, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = cm.geometry(x)
-    sgn, sgc, sgp = cm.strides(grad_out)
-    acc = cm.acc_dtype(x.dtype)
+    x, grad_out, geo, (sgn, sgc, sgp), acc = cm.backward_operands(x, grad_out)
+    N, C, _, _, HW, (sxn, sxc, sxp), BC, BP, NPB, NCB = geo
 
     # dg[n, c] = sum_p grad_out * x, reduced in fixed order.
     pdg = x.new_empty((N, NPB, C), dtype=acc)
