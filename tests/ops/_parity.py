@@ -1,11 +1,28 @@
 """Parity harness shared by the op tests: run a fused op and its float64 reference on the same values."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from srkernels import use_backend
 
-from ..conftest import TOL, assert_close, layout
+from ..conftest import TOL, assert_close, layout, needs_cuda
+
+BACKENDS = ["compiled", "triton"]
+FORMATS = ["contiguous", "channels_last", "strided"]
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cuda_parity(test):
+    """An op's CUDA parity test: needs a GPU, runs for every backend, CUDA dtype and memory format."""
+    for mark in (pytest.mark.parametrize("fmt", FORMATS), pytest.mark.parametrize("dtype", CUDA_DTYPES),
+                 pytest.mark.parametrize("backend", BACKENDS), needs_cuda):
+        test = mark(test)
+    return test
+
+
+def to_cuda(inputs: dict) -> dict:
+    return {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
 
 
 def run_parity(fused_fn, ref_fn, inputs: dict, *, backend: str, dtype: torch.dtype, fmt: str,

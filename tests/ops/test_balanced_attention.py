@@ -5,15 +5,13 @@ import srkernels
 from srkernels import ops, use_backend
 from srkernels.reference import functional as RF
 
-from ..conftest import assert_close, needs_cuda
-from ._parity import assert_thread_independent, randn, run_parity
+from ..conftest import assert_close
+from ._parity import BACKENDS, FORMATS, assert_thread_independent, cuda_parity, randn, run_parity, to_cuda
 
 OP = "balanced_attention"
-BACKENDS = ["compiled", "triton"]
 # (N, C, H, W, Cr): BAM in RCAB is C=64, Cr=4; odd sizes, 1x1, C not a multiple of 8, C=576
 SHAPES = [(1, 16, 1, 1, 4), (2, 13, 17, 23, 3), (1, 64, 9, 7, 4), (2, 576, 3, 5, 36), (3, 8, 4, 4, 2)]
 SMALL_SHAPES = [(1, 16, 1, 1, 4), (2, 13, 5, 7, 3), (1, 64, 9, 7, 4)]
-FORMATS = ["contiguous", "channels_last", "strided"]
 
 
 def make_inputs(N, C, H, W, Cr, residual=True, K=7, seed=0):
@@ -150,11 +148,8 @@ def test_bad_input(change, exc, match):
         fused(**kw)
 
 
-@needs_cuda
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt", FORMATS)
+@cuda_parity
 def test_parity_cuda(backend, dtype, fmt):
     for shape in SHAPES:
-        inputs = {k: v.cuda() for k, v in make_inputs(*shape).items()}
+        inputs = to_cuda(make_inputs(*shape))
         run_parity(fused, ref, inputs, backend=backend, dtype=dtype, fmt=fmt)

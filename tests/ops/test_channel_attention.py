@@ -6,10 +6,9 @@ from srkernels import ops, use_backend
 from srkernels.reference import functional as RF
 
 from ..conftest import assert_close, needs_cuda
-from ._parity import assert_thread_independent, randn, run_parity
+from ._parity import BACKENDS, FORMATS, assert_thread_independent, cuda_parity, randn, run_parity, to_cuda
 
 OP = "channel_attention"
-BACKENDS = ["compiled", "triton"]
 # (N, C, H, W, Cr): N=1 and N>1, 1x1 and odd spatial sizes, C not a multiple of 8, RCAN (64/4) and RDCAB (576/36)
 SHAPES = [(1, 16, 1, 1, 4), (2, 13, 17, 23, 3), (1, 64, 9, 7, 4), (2, 576, 3, 5, 36), (3, 8, 4, 4, 2)]
 SMALL_SHAPES = [(1, 16, 1, 1, 4), (2, 13, 5, 7, 3), (2, 576, 2, 3, 36)]
@@ -23,7 +22,6 @@ VARIANTS = [
 ]
 DTYPES = {"compiled": [torch.float32, torch.bfloat16, torch.float16],
           "triton": [torch.float32, torch.bfloat16, torch.float16]}
-FORMATS = ["contiguous", "channels_last", "strided"]
 
 
 def make_inputs(N, C, H, W, Cr, pool, act, bias, residual, seed=0):
@@ -211,14 +209,10 @@ def test_mixed_devices():
         ops.channel_attention(torch.randn(1, 8, 2, 2, device="cuda"), torch.randn(2, 8), None, torch.randn(8, 2), None)
 
 
-@needs_cuda
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt", FORMATS)
+@cuda_parity
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parity_cuda(backend, dtype, fmt, variant):
     pool, act, bias, residual = variant
     for shape in SHAPES:
         inputs, opts = make_inputs(*shape, pool, act, bias, residual)
-        inputs = {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
-        run_parity(_fused(opts), _ref(opts), inputs, backend=backend, dtype=dtype, fmt=fmt)
+        run_parity(_fused(opts), _ref(opts), to_cuda(inputs), backend=backend, dtype=dtype, fmt=fmt)

@@ -4,18 +4,16 @@ import torch
 from srkernels import ops, use_backend
 from srkernels.reference import functional as RF
 
-from ..conftest import assert_close, needs_cuda
-from ._parity import randn, run_parity
+from ..conftest import assert_close
+from ._parity import BACKENDS, FORMATS, cuda_parity, randn, run_parity, to_cuda
 
 OP = "pixel_shuffle"
-BACKENDS = ["compiled", "triton"]
 # (N, C_out, H, W, r): r in {2, 3, 4, 8}, odd sizes, 1x1, N=1 and N>1, C not a multiple of 8
 SHAPES = [(1, 3, 1, 1, 2), (2, 5, 7, 9, 2), (1, 4, 5, 3, 3), (2, 3, 3, 5, 4), (1, 2, 2, 3, 8), (2, 64, 6, 5, 2)]
 SMALL_SHAPES = [(1, 3, 1, 1, 2), (2, 5, 3, 5, 2), (1, 4, 3, 3, 3), (1, 2, 2, 1, 4)]
 # (bias, act, residual)
 VARIANTS = [(True, "none", False), (False, "none", False), (True, "relu", True), (True, "prelu", False),
             (False, "prelu", True)]
-FORMATS = ["contiguous", "channels_last", "strided"]
 
 
 def make_inputs(N, C, H, W, r, bias, act, residual, seed=0):
@@ -157,15 +155,12 @@ def test_unshuffle_bad_input():
         ops.pixel_unshuffle(torch.randn(1, 2, 5, 4), 2)
 
 
-@needs_cuda
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt", FORMATS)
+@cuda_parity
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parity_cuda(backend, dtype, fmt, variant):
     bias, act, residual = variant
     for shape in SHAPES:
         r = shape[-1]
-        inputs = {k: (v.cuda() if v is not None else None) for k, v in make_inputs(*shape, bias, act, residual).items()}
+        inputs = to_cuda(make_inputs(*shape, bias, act, residual))
         run_parity(_fn(ops.pixel_shuffle, r, act), _fn(RF.pixel_shuffle, r, act), inputs,
                    backend=backend, dtype=dtype, fmt=fmt)
