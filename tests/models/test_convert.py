@@ -50,41 +50,39 @@ def randomise(model, seed=0):
 # ------------------------------------------------------------------------------------- upstream layouts
 
 
-def to_lornatang_rcan(model):
+def to_upstream_rcan(model, names: dict, upsample: list) -> dict:
+    """Our RCAN's state dict in an upstream layout, less the MeanShift convs (upstream keeps the mean as a
+    constant). ``names``: each part's upstream prefix (regex groups: residual group, then block; ``{nb}``:
+    blocks per group); ``upsample``: the rules for ``tail.0``."""
     ng, nb = model.config["n_resgroups"], model.config["n_resblocks"]
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("sub_mean", "add_mean"))}
-    sd = rename(sd, [
-        (r"head\.0\.(\w+)", r"conv1.\1"),
-        (r"body\.(\d+)\.body\.(\d+)\.body\.([02])\.(\w+)",
-         r"trunk.\1.residual_group.\2.residual_channel_attention_block.\3.\4"),
-        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.(\w+)",
-         r"trunk.\1.residual_group.\2.residual_channel_attention_block.3.channel_attention_layer.1.\3"),
-        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.(\w+)",
-         r"trunk.\1.residual_group.\2.residual_channel_attention_block.3.channel_attention_layer.3.\3"),
-        (rf"body\.(\d+)\.body\.{nb}\.(\w+)", rf"trunk.\1.residual_group.{nb}.\2"),
-        (rf"body\.{ng}\.(\w+)", r"conv2.\1"),
-        (r"tail\.0\.0\.(\w+)", r"upsampling.0.upsample_block.0.\1"),
-        (r"tail\.0\.2\.(\w+)", r"upsampling.1.upsample_block.0.\1"),
-        (r"tail\.0\.4\.(\w+)", r"upsampling.2.upsample_block.0.\1"),
-        (r"tail\.1\.(\w+)", r"conv3.\1"),
+    rcab, du = names["rcab"], names["rcab"] + ".3." + names["du"]
+    return rename(sd, [
+        (r"head\.0\.(\w+)", names["head"] + r".\1"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.([02])\.(\w+)", rcab + r".\3.\4"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.(\w+)", du + r".1.\3"),
+        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.(\w+)", du + r".3.\3"),
+        (rf"body\.(\d+)\.body\.{nb}\.(\w+)", names["group_conv"].format(nb=nb) + r".\2"),
+        (rf"body\.{ng}\.(\w+)", names["body_conv"] + r".\1"),
+        *upsample,
+        (r"tail\.1\.(\w+)", names["last"] + r".\1"),
     ])
+
+
+def to_lornatang_rcan(model):
+    sd = to_upstream_rcan(model, dict(
+        head="conv1", rcab=r"trunk.\1.residual_group.\2.residual_channel_attention_block", du="channel_attention_layer",
+        group_conv=r"trunk.\1.residual_group.{nb}", body_conv="conv2", last="conv3",
+    ), [(rf"tail\.0\.{2 * i}\.(\w+)", rf"upsampling.{i}.upsample_block.0.\1") for i in range(3)])
     sd["mean"] = torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1)
     return sd
 
 
 def to_basicsr_rcan(model):
-    ng, nb = model.config["n_resgroups"], model.config["n_resblocks"]
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("sub_mean", "add_mean"))}
-    return rename(sd, [
-        (r"head\.0\.(\w+)", r"conv_first.\1"),
-        (r"body\.(\d+)\.body\.(\d+)\.body\.([02])\.(\w+)", r"body.\1.residual_group.\2.rcab.\3.\4"),
-        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.(\w+)", r"body.\1.residual_group.\2.rcab.3.attention.1.\3"),
-        (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.(\w+)", r"body.\1.residual_group.\2.rcab.3.attention.3.\3"),
-        (rf"body\.(\d+)\.body\.{nb}\.(\w+)", r"body.\1.conv.\2"),
-        (rf"body\.{ng}\.(\w+)", r"conv_after_body.\1"),
-        (r"tail\.0\.(\d+)\.(\w+)", r"upsample.\1.\2"),
-        (r"tail\.1\.(\w+)", r"conv_last.\1"),
-    ])
+    return to_upstream_rcan(model, dict(
+        head="conv_first", rcab=r"body.\1.residual_group.\2.rcab", du="attention", group_conv=r"body.\1.conv",
+        body_conv="conv_after_body", last="conv_last",
+    ), [(r"tail\.0\.(\d+)\.(\w+)", r"upsample.\1.\2")])
 
 
 def to_yjn870_rdn(model):
