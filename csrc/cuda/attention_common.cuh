@@ -785,6 +785,22 @@ inline at::Tensor vec_aligned(const at::Tensor& t, at::MemoryFormat fmt) {
   return shape_ok ? t.clone(fmt) : t;
 }
 
+// The operands an attention forward starts from: x_in in its native layout (fmt), 16-byte aligned, and the
+// residual (undefined when absent) in that layout, aligned too.
+struct ForwardOperands {
+  at::MemoryFormat fmt;
+  at::Tensor x, res;
+  bool nhwc() const { return fmt == at::MemoryFormat::ChannelsLast; }
+};
+
+inline ForwardOperands forward_operands(const at::Tensor& x_in, const std::optional<at::Tensor>& residual) {
+  ForwardOperands o;
+  const at::Tensor x_nat = native_layout(x_in, o.fmt);  // sets fmt
+  o.x = vec_aligned(x_nat, o.fmt);
+  o.res = vec_aligned(optional_residual(residual, o.x, o.fmt), o.fmt);
+  return o;
+}
+
 // The 16-byte vector path: the vectorised dimension (C in NHWC, H*W in NCHW) a multiple of VM elements and
 // every buffer 16-byte aligned (nullptr = an absent buffer).
 inline bool can_vectorize(bool nhwc, int64_t C, int64_t HW, int VM, std::initializer_list<const void*> ptrs) {

@@ -492,12 +492,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at:
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
-  const at::Tensor x = vec_aligned(x_nat, fmt);
-  const at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
-  at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
-  auto [mean, maxmap] = bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
+  const ForwardOperands in = forward_operands(x_in, residual);
+  at::Tensor out = at::empty(in.x.sizes(), in.x.options(), in.fmt);
+  auto [mean, maxmap] = bam_forward(in.x, in.nhwc(), A, in.res, out, op);
   return {out, mean, maxmap};
 }
 
@@ -508,12 +505,9 @@ void balanced_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, c
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
-  const at::Tensor x = vec_aligned(x_nat, fmt);
-  at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
-  forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
-    bam_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
+  ForwardOperands in = forward_operands(x_in, residual);
+  forward_out(out, x_in, in.x, in.fmt, in.res, op, [&](const at::Tensor& dst) {
+    bam_forward(in.x, in.nhwc(), A, in.res, dst, op);
   });
 }
 

@@ -306,12 +306,9 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
-  const at::Tensor x = vec_aligned(x_nat, fmt);
-  const at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
-  at::Tensor out = at::empty(x.sizes(), x.options(), fmt);
-  at::Tensor stats = ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, out, op);
+  const ForwardOperands in = forward_operands(x_in, residual);
+  at::Tensor out = at::empty(in.x.sizes(), in.x.options(), in.fmt);
+  at::Tensor stats = ca_forward(in.x, in.nhwc(), A, in.res, out, op);
   return {out, stats};
 }
 
@@ -324,12 +321,9 @@ void channel_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, co
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
-  const at::Tensor x = vec_aligned(x_nat, fmt);
-  at::Tensor res = vec_aligned(optional_residual(residual, x, fmt), fmt);
-  forward_out(out, x_in, x, fmt, res, op, [&](const at::Tensor& dst) {
-    ca_forward(x, fmt == at::MemoryFormat::ChannelsLast, A, res, dst, op);
+  ForwardOperands in = forward_operands(x_in, residual);
+  forward_out(out, x_in, in.x, in.fmt, in.res, op, [&](const at::Tensor& dst) {
+    ca_forward(in.x, in.nhwc(), A, in.res, dst, op);
   });
 }
 
