@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import _backend, ops
 from ..ops import _dispatch
@@ -102,6 +103,7 @@ class _RCABGroup(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward is hand-written from kernels: no double backward (a clear error)
     def backward(ctx, g):
         backend, pool, metas, nblocks, fmt = ctx.meta
         ca = _backend.op_handle(backend, "channel_attention")
