@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import SRModel, positive_int
@@ -70,6 +72,15 @@ class SRCNN(SRModel):
         if min(x.shape[-2:]) <= 2 * self.border:
             raise ValueError(f"x must be larger than {2 * self.border} px per side for padding='valid', "
                              f"got {tuple(x.shape[-2:])}")
+        convs = (self.features[0], self.map[0], self.reconstruction)
+        if self.fused and torch.is_grad_enabled() and all(type(c) is nn.Conv2d and c.padding_mode == "zeros"
+                                                          for c in convs):
+            # training: three eager convs with in-place ReLUs (nothing to fuse that autograd would not save anyway;
+            # the per-layer dispatch and out-of-place ReLUs of the inference path cost ~3% of this 5 ms step)
+            f, m, r = convs
+            h = F.conv2d(x, f.weight, f.bias, f.stride, f.padding, f.dilation, f.groups).relu_()
+            h = F.conv2d(h, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups).relu_()
+            return F.conv2d(h, r.weight, r.bias, r.stride, r.padding, r.dilation, r.groups)
         if self.fused:  # conv + bias + ReLU as one call each (prepacked oneDNN in CPU inference)
             from ..nn.conv import apply_conv
 

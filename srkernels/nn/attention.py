@@ -2,9 +2,13 @@
 (they subclass them); only ``forward`` differs, calling one fused op (residual add included)."""
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from .. import ops
+from .. import _backend, ops
+from ..ops import _dispatch
 from ..reference import attention as R
 from .conv import conv2d
 
@@ -38,3 +42,144 @@ class RCAB(R.RCAB):
         b = self.body
         # conv + bias + ReLU as one oneDNN call in CPU inference; attention + residual add as one op
         return b[3](conv2d(b[2], conv2d(b[0], x, "relu")), residual=x)
+
+
+# ---- training: a whole RCAN residual group as one autograd node (issue 13) ----
+#
+# Eager autograd keeps three feature maps per RCAB: its input (for conv1), the ReLU output (for conv2) and the
+# conv2 output (for the attention). The block input is the previous block's output, ``x + y * s``, which the
+# attention op recomputes bit for bit from what is kept anyway (y, x of the block before) in one cheap pass, so
+# a group keeps only its input plus (relu output, conv2 output, pooled stats) per block: 2 maps instead of 3.
+# No conv is recomputed. On CPU the group runs channels_last: oneDNN's conv forward and backward are faster
+# there than in NCHW (benchmarks/bench_models.py --train-only).
+
+def _conv_meta(c: nn.Conv2d) -> tuple:
+    return (list(c.stride), list(c.padding), list(c.dilation), c.groups)
+
+
+def _conv_fwd(x: Tensor, w: Tensor, b: Tensor | None, meta: tuple, relu: bool) -> Tensor:
+    stride, padding, dilation, groups = meta
+    if x.device.type == "cpu" and _onednn_ok_train(x, w):
+        # conv + bias + ReLU as one oneDNN primitive (the same one mkldnn_convolution runs, with a post-op)
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, padding, stride, dilation, groups,
+                                                       "relu" if relu else "none", [None], "")
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return y.relu_() if relu else y
+
+
+def _onednn_ok_train(x: Tensor, w: Tensor) -> bool:
+    from .conv import _MKLDNN, _onednn_bf16
+    return _MKLDNN and w.dtype == x.dtype and (x.dtype == torch.float32
+                                               or (x.dtype == torch.bfloat16 and _onednn_bf16()))
+
+
+def _conv_bwd(g: Tensor, x: Tensor, w: Tensor, has_bias: bool, meta: tuple, mask: tuple) -> tuple:
+    stride, padding, dilation, groups = meta
+    return torch.ops.aten.convolution_backward(
+        g, x, w, [w.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups,
+        [mask[0], mask[1], mask[2] and has_bias])
+
+
+class _RCABGroup(torch.autograd.Function):
+    """``tail(rcab_n(...rcab_1(x))) + x``; ``params``: per block (w1, b1, w2, b2, fw1, fb1, fw2, fb2), then the
+    tail conv's (w, b); ``metas``: per conv (stride, padding, dilation, groups), blocks' two then the tail's."""
+
+    @staticmethod
+    def forward(ctx, x0, backend, pool, metas, nblocks, *params):
+        ca = _backend.op_handle(backend, "channel_attention")
+        fmt = torch.channels_last if x0.device.type == "cpu" else torch.contiguous_format
+        x = x0.contiguous(memory_format=fmt)
+        saved = []
+        for k in range(nblocks):
+            w1, b1, w2, b2, fw1, fb1, fw2, fb2 = params[8 * k:8 * k + 8]
+            r = _conv_fwd(x, w1, b1, metas[2 * k], relu=True)
+            y = _conv_fwd(r, w2, b2, metas[2 * k + 1], relu=False)
+            x, stats = ca(y, fw1, fb1, fw2, fb2, x, None, pool)
+            saved += [r, y, stats]
+        tw, tb = params[8 * nblocks:]
+        out = _conv_fwd(x, tw, tb, metas[-1], relu=False).add_(x0)
+        ctx.save_for_backward(x0, *saved, *params)
+        ctx.meta = (backend, pool, metas, nblocks, fmt)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the backward is hand-written from kernels: no double backward (a clear error)
+    def backward(ctx, g):
+        backend, pool, metas, nblocks, fmt = ctx.meta
+        ca = _backend.op_handle(backend, "channel_attention")
+        ca_bwd = _backend.op_handle(backend, "channel_attention_backward")
+        t = ctx.saved_tensors
+        x0, saved, params = t[0], t[1:1 + 3 * nblocks], t[1 + 3 * nblocks:]
+        need = ctx.needs_input_grad[5:]
+        # block inputs again, exactly as the forward computed them
+        xs = [x0.contiguous(memory_format=fmt)]
+        for k in range(nblocks - 1 if nblocks else 0):
+            fw1, fb1, fw2, fb2 = params[8 * k + 4:8 * k + 8]
+            xs.append(ca(saved[3 * k + 1], fw1, fb1, fw2, fb2, xs[-1], None, pool)[0])
+        if nblocks:
+            k = nblocks - 1
+            fw1, fb1, fw2, fb2 = params[8 * k + 4:8 * k + 8]
+            x_last = ca(saved[3 * k + 1], fw1, fb1, fw2, fb2, xs[-1], None, pool)[0]
+        else:
+            x_last = xs[0]
+        g = g.contiguous(memory_format=fmt)
+        grads: list[Tensor | None] = [None] * len(params)
+        tw, tb = params[8 * nblocks:]
+        gx, grads[-2], grads[-1] = _conv_bwd(g, x_last, tw, tb is not None, metas[-1], (True, need[-2], need[-1]))
+        del x_last
+        for k in reversed(range(nblocks)):
+            w1, b1, w2, b2, fw1, fb1, fw2, fb2 = params[8 * k:8 * k + 8]
+            r, y, stats = saved[3 * k:3 * k + 3]
+            gy, gfw1, gfb1, gfw2, gfb2, _ = ca_bwd(gx, y, stats, fw1, fb1, fw2, fb2, None, pool)
+            gr, gw2, gb2 = _conv_bwd(gy, r, w2, b2 is not None, metas[2 * k + 1], (True, need[8 * k + 2],
+                                                                                   need[8 * k + 3]))
+            del gy
+            gc = torch.ops.aten.threshold_backward(gr, r, 0)
+            del gr
+            gin, gw1, gb1 = _conv_bwd(gc, xs.pop(), w1, b1 is not None, metas[2 * k],
+                                      (True, need[8 * k], need[8 * k + 1]))
+            gx = gin.add_(gx)  # the block's identity path
+            grads[8 * k:8 * k + 8] = [gw1, gb1, gw2, gb2, gfw1, gfb1 if fb1 is not None else None, gfw2,
+                                      gfb2 if fb2 is not None else None]
+        gx0 = gx.add_(g)  # the group's skip
+        return (gx0, None, None, None, None, *grads)
+
+
+def _trainable_group(blocks, tail) -> bool:
+    return (type(tail) is nn.Conv2d and tail.padding_mode == "zeros" and isinstance(tail.padding, tuple)
+            and all(type(b) is RCAB and type(b.body[3]) is ChannelAttention
+                    and all(type(b.body[i]) is nn.Conv2d and b.body[i].padding_mode == "zeros"
+                            and isinstance(b.body[i].padding, tuple) for i in (0, 2))
+                    for b in blocks))
+
+
+def rcab_group(blocks, tail: nn.Conv2d, x: Tensor) -> Tensor | None:
+    """``tail(blocks(x)) + x`` for RCAN's residual group (``RCAB``s with channel attention, then a conv) as one
+    autograd node that saves 2 feature maps per block instead of 3 (see above); None when this path does not
+    apply (not training, another layer type, no compiled channel_attention kernel), for the caller to run the
+    layers one by one."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() != 4
+            or not _trainable_group(blocks, tail)):
+        return None
+    params = []
+    metas = []
+    pools = {b.body[3].pool for b in blocks}
+    if len(pools) > 1:
+        return None
+    for b in blocks:
+        c1, c2, ca = b.body[0], b.body[2], b.body[3]
+        fc1, fc2 = ca.conv_du[0], ca.conv_du[2]
+        # the kernel takes the FCs as [Cr, C] / [C, Cr] matrices (a view: autograd reshapes their gradients)
+        params += [c1.weight, c1.bias, c2.weight, c2.bias, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1),
+                   fc2.bias]
+        metas += [_conv_meta(c1), _conv_meta(c2)]
+    params += [tail.weight, tail.bias]
+    metas.append(_conv_meta(tail))
+    if not (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return None
+    if any(p is not None and (p.dtype != x.dtype or p.device != x.device) for p in params):
+        return None
+    backend = _dispatch.choose("channel_attention", x.device.type)
+    if backend == "reference":
+        return None
+    return _RCABGroup.apply(x, backend, pools.pop() if pools else "avg", tuple(metas), len(blocks), *params)
