@@ -9,7 +9,8 @@ ONNX Runtime on the reference exported with torch.onnx.export. Every architectur
 
 ``--clock cpu`` (needs ``--threads 1``) times each call by the process's CPU time instead of the wall clock: on
 a shared machine a time-sliced call then does not count the time other processes ran (cache sharing still
-counts). ``--onnx`` / ``--openvino``: ONNX Runtime / OpenVINO (f32 precision hint) on the reference exported with
+counts); a model faster than 50 ms per call is called several times per round (same count for every variant)
+and the per-call mean of the round is recorded. ``--onnx`` / ``--openvino``: ONNX Runtime / OpenVINO (f32 precision hint) on the reference exported with
 ``torch.onnx.export``; ``--compile``: ``torch.compile`` (Inductor, freezing on) of the reference and of the
 fused model; their warm-up (export/compile + first call) is recorded per row. ``--bf16``: the fused model in
 bfloat16 where oneDNN runs bf16 natively (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), plus the Y-PSNR of
@@ -102,6 +103,7 @@ def conv_roofline(lr: int, rounds: int) -> tuple[float, dict]:
 
 
 CLOCK = "wall"  # set by --clock
+MIN_ROUND_S = 0.05  # --clock cpu: shortest round (calls of a fast model are repeated, per-call time recorded)
 
 
 def timed(fns: dict, rounds: int, warmup: int = 2) -> dict[str, Timing]:
@@ -109,15 +111,23 @@ def timed(fns: dict, rounds: int, warmup: int = 2) -> dict[str, Timing]:
     interleaved the same way (order alternating per round)."""
     if CLOCK == "wall":
         return interleaved(fns, rounds=rounds, warmup=warmup)
-    for f in fns.values():
+    one = {}
+    for k, f in fns.items():
         for _ in range(warmup):
+            t = time.process_time()
             f()
+            one[k] = time.process_time() - t
+    # calls per round: a round of a ms-scale model (SRCNN) lasts >= MIN_ROUND_S, the same count for every variant
+    # (one call of 1-2 ms is at the mercy of the other processes' cache pollution on a shared machine)
+    reps = max(1, math.ceil(MIN_ROUND_S / max(min(one.values()), 1e-6))) if one else 1
     out = {k: Timing(k) for k in fns}
     for r in range(rounds):
         for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            f = fns[k]
             t = time.process_time()
-            fns[k]()
-            out[k].times_ms.append((time.process_time() - t) * 1e3)
+            for _ in range(reps):
+                f()
+            out[k].times_ms.append((time.process_time() - t) * 1e3 / reps)
     return out
 
 

@@ -253,6 +253,41 @@ def test_packed_cache_is_per_input_shape_and_bounded():
         assert list(conv._srk_packed.data) == [(1, 4, 5, 7)]
 
 
+@needs_onednn
+def test_packed_fast_path_never_serves_a_stale_weight():
+    """The per-call shortcut (same weight object, version, storage and input shape as the previous call -> the
+    previous packed weight) must miss on every kind of weight change: in-place update, ``.data`` swap (no version
+    bump), a new Parameter, a dtype change; and a module copy starts without it."""
+    import copy
+
+    conv = srkernels.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 7, 9)
+
+    def check(what):
+        assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), conv.weight.dtype, what)
+
+    with torch.no_grad():
+        check("first call")
+        check("second call (shortcut)")
+        conv.weight.mul_(-2)
+        check("in-place update")
+        conv.weight.data = torch.randn_like(conv.weight)
+        check(".data swap")
+        conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))
+        check("new Parameter")
+        conv.bias.add_(1)
+        check("bias update (never cached)")
+        twin = copy.deepcopy(conv)
+        assert twin.__dict__["_srk_last"].data is None
+        twin.weight.mul_(3)
+        assert_close(twin(x), F.conv2d(x, twin.weight, twin.bias, padding=1), torch.float32, "copy")
+        check("original after the copy changed")
+        if conv_mod._onednn_bf16():
+            conv.to(torch.bfloat16)
+            x = x.to(torch.bfloat16)
+            check("bf16")
+
+
 # --- issue 13: every conv of a fused model on the prepacked path --------------------------------------------------
 
 # small configs of every architecture (as tests/models' SMALL), at scales whose tails differ
