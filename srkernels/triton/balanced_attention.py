@@ -230,14 +230,18 @@ def _forward(
     return dst, mean, maxmap
 
 
-# The registered ops: their arguments are the schema's (SPEC in srkernels/ops/balanced_attention.py), in
-# _forward's order, so they are passed through rather than spelt out again.
-def balanced_attention(*args) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward(*args, None, "balanced_attention")
+# The registered ops, with their schema's arguments spelt out (SPEC in srkernels/ops/balanced_attention.py):
+# torch 2.13's triton_op infers a schema from the signature even when given one, and refuses *args.
+def balanced_attention(
+    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(x, w1, prelu_w, w2, w_sa, residual, None, "balanced_attention")
 
 
-def balanced_attention_out(*args) -> None:
-    _forward(*args, "balanced_attention_out")
+def balanced_attention_out(
+    x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None, out: Tensor
+) -> None:
+    _forward(x, w1, prelu_w, w2, w_sa, residual, out, "balanced_attention_out")
 
 
 def balanced_attention_backward(

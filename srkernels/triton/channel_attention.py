@@ -139,14 +139,20 @@ def _forward(
     return dst, stats
 
 
-# The registered ops: their arguments are the schema's (SPEC in srkernels/ops/channel_attention.py), in _forward's
-# order, so they are passed through rather than spelt out again.
-def channel_attention(*args) -> tuple[Tensor, Tensor]:
-    return _forward(*args, None, "channel_attention")
+# The registered ops, with their schema's arguments spelt out (SPEC in srkernels/ops/channel_attention.py):
+# torch 2.13's triton_op infers a schema from the signature even when given one, and refuses *args.
+def channel_attention(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, residual: Tensor | None,
+    act_weight: Tensor | None, pool: str,
+) -> tuple[Tensor, Tensor]:
+    return _forward(x, w1, b1, w2, b2, residual, act_weight, pool, None, "channel_attention")
 
 
-def channel_attention_out(*args) -> None:
-    _forward(*args, "channel_attention_out")
+def channel_attention_out(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, residual: Tensor | None,
+    act_weight: Tensor | None, pool: str, out: Tensor,
+) -> None:
+    _forward(x, w1, b1, w2, b2, residual, act_weight, pool, out, "channel_attention_out")
 
 
 def channel_attention_backward(
