@@ -507,19 +507,31 @@ def main(argv=None) -> None:
             "cpu_capability": cap, "clock": CLOCK, "bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
             "args": vars(args)})
         print(f"appended to {path}")
-        if rows and set(names) == set(MODELS):
-            harness.update_readme(BENCH, readme_text(rows, train_rows, machine, cap, threads, args))
+        # one block per capability, so that a forced-AVX2 run does not overwrite the native one
+        if set(names) == set(MODELS):
+            if rows:
+                harness.update_readme(f"{BENCH}-{cap}", readme_text(rows, machine, cap, threads, args))
+            if train_rows:
+                harness.update_readme(f"{BENCH}-train-{cap}", train_text(train_rows, machine, cap, args))
 
 
-def readme_text(rows, train_rows, machine, cap, threads, args) -> str:
+def _where(machine, cap, threads, args) -> str:
+    return (f"commit `{harness.git_sha()}`, {time.strftime('%Y-%m-%d', time.gmtime())}; {machine.get('cpu', '?')}, "
+            f"srkernels cpu_capability {cap}, torch {machine.get('cpu_capability')}, {threads} thread(s), clock "
+            f"{args.clock}; shared 2-core VM under load (compare rows of one case, not runs)")
+
+
+def readme_text(rows, machine, cap, threads, args) -> str:
     slower = sorted({r["case"] for r in rows if r["flag"]})
-    text = (f"fp32 CPU inference, batch 1, x{args.scale}, {args.rounds} interleaved rounds; commit `{harness.git_sha()}`; "
-            f"{machine.get('cpu', '?')}, srkernels cpu_capability {cap}, {threads} thread(s); shared 2-core VM under "
-            f"load (compare rows of one case, not runs). GFLOP: conv MACs x 2. Flagged (fused slower than the faster "
+    return (f"fp32 CPU inference, batch 1, x{args.scale}, {args.rounds} interleaved rounds; "
+            f"{_where(machine, cap, threads, args)}. GFLOP: conv MACs x 2. Flagged (fused slower than the faster "
             f"eager reference, by min): {', '.join(slower) or 'none'}.\n\n{table(rows)}")
-    if train_rows:
-        text += f"\n\nTraining step (forward + backward, batch 2):\n\n{train_table(train_rows)}"
-    return text
+
+
+def train_text(train_rows, machine, cap, args) -> str:
+    return (f"Training step (forward + backward, batch 2), {args.rounds} rounds; "
+            f"{_where(machine, cap, 1 if args.threads == 1 else torch.get_num_threads(), args)}.\n\n"
+            f"{train_table(train_rows)}")
 
 
 if __name__ == "__main__":
