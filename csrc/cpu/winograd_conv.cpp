@@ -275,14 +275,18 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = weight_t.size(2);
   TORCH_CHECK(weight_t.size(1) == C, "winograd_conv3x3: weight_t has ", weight_t.size(1), " input channels, x has ",
               C);
-  const bool cl_in = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) || !x_in.is_contiguous();
+  // computed channels_last; returned in x's suggested format (the fake's rule: srkernels/ops/winograd_conv3x3.py)
+  const auto fmt = x_in.suggest_memory_format();
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(cl);
   at::Tensor out = at::empty({N, K, H, W}, x.options().memory_format(cl));
-  if (out.numel() == 0) return cl_in ? out : out.contiguous();
-  if (C == 0) {
-    out.zero_();
-  }
+  auto finish = [&]() {
+    if (fmt == cl) return out;
+    at::Tensor o = at::empty({N, K, H, W}, x.options().memory_format(fmt));
+    o.copy_(out);
+    return o;
+  };
+  if (out.numel() == 0) return finish();
   // U with K padded to a multiple of VW (zeros) so the micro-kernel needs no masked loads.
   const int64_t Kp = div_up(K, 16) * 16;
   at::Tensor u = weight_t.contiguous();
@@ -310,7 +314,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight
   } else {
     run<4>(x.const_data_ptr<float>(), u.const_data_ptr<float>(), g, b, act, r, out.mutable_data_ptr<float>());
   }
-  return cl_in ? out : out.contiguous();
+  return finish();
 }
 
 }  // namespace
