@@ -199,7 +199,7 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, con
     const int64_t mh = std::min<int64_t>(M, g.H - h0), mw = std::min<int64_t>(M, g.W - w0);
     const int64_t base = n * g.H * g.W * K;
     const float* mt = Mb + i * Kp;
-    for (int64_t k = 0; k < Kp; k += VW) {
+    for (int64_t k = 0; k < K; k += VW) {  // M's padding columns past K are never read
       const int64_t cnt = std::min(VW, K - k);
       Vec e[M][T];
       for (int b = 0; b < T; ++b) {
