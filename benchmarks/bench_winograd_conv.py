@@ -5,9 +5,9 @@
     python benchmarks/bench_winograd_conv.py [--threads 1 2] [--sizes 32 48 96] [--rounds 15] [--channels 64 64]
     SRKERNELS_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_winograd_conv.py
 
-Time: process CPU time (``time.process_time``: the machine is shared), variants interleaved, min and median of
-the rounds; GFLOP/s counts the direct conv's FLOPs (2 * 9 * C_in * C_out * H * W) for every variant, so
-Winograd's rate is "effective". Error: max |y - float64 F.conv2d| / max(1, max |ref|) for each variant. Each
+Time: process CPU time of all threads (``time.process_time``: the machine is shared) and wall time, variants
+interleaved, min and median of the rounds; the rate counts the direct conv's FLOPs (2 * 9 * C_in * C_out * H * W)
+for every variant, so Winograd's rate is "effective". Error: max |y - float64 F.conv2d| / max(1, max |ref|) for each variant. Each
 result row is appended to benchmarks/results/winograd_conv.jsonl with the machine, capability and threads.
 """
 from __future__ import annotations
@@ -56,18 +56,21 @@ def run_case(cin, cout, size, threads, rounds):
     flop = 2 * 9 * cin * cout * size * size
     inner = max(1, int(1e8 / flop))  # ~0.5 ms or more per timed sample
     times = {k: [] for k in fns}
+    walls = {k: [] for k in fns}
     with torch.no_grad():
         for _ in range(rounds):
             for k, f in fns.items():
-                t = time.process_time()
+                t, w0 = time.process_time(), time.perf_counter()
                 for _ in range(inner):
                     f()
-                times[k].append((time.process_time() - t) / inner / threads)  # per-thread CPU time ~ wall time
-    base = min(times["onednn prepacked"])
+                walls[k].append((time.perf_counter() - w0) / inner)
+                times[k].append((time.process_time() - t) / inner)  # CPU time of all threads
+    base, wbase = min(times["onednn prepacked"]), min(walls["onednn prepacked"])
     rows = []
     for k, v in times.items():
-        rows.append(dict(variant=k, ms_min=min(v) * 1e3, ms_median=statistics.median(v) * 1e3,
-                         gflops=flop / min(v) / 1e9, vs_onednn=base / min(v), err=err[k]))
+        rows.append(dict(variant=k, cpu_ms_min=min(v) * 1e3, cpu_ms_median=statistics.median(v) * 1e3,
+                         wall_ms_min=min(walls[k]) * 1e3, gflops_per_cpu_s=flop / min(v) / 1e9,
+                         vs_onednn_cpu=base / min(v), vs_onednn_wall=wbase / min(walls[k]), err=err[k]))
     return rows
 
 
@@ -81,16 +84,19 @@ def main() -> None:
     a = ap.parse_args()
     info = describe_machine()
     cap = srkernels.build_info()["cpu_capability"]
-    print(f"# {info.get('cpu')} srkernels capability {cap}, torch {info['cpu_capability']}, "
-          f"time = process CPU time / threads, {a.rounds} interleaved rounds")
-    print("| C_in->C_out | LR | threads | variant | ms min | ms median | GFLOP/s | vs oneDNN | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"# {info.get('cpu')} srkernels capability {cap}, torch {info['cpu_capability']}, {a.rounds} interleaved "
+          f"rounds; CPU ms = process CPU time of all threads per call, GFLOP per CPU-second; wall ms min")
+    print("| C_in->C_out | LR | threads | variant | CPU ms min | CPU ms median | GFLOP/CPU-s | vs oneDNN (CPU) | "
+          "wall ms min | vs oneDNN (wall) | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for threads in a.threads:
         for size in a.sizes:
             rows = run_case(*a.channels, size, threads, a.rounds)
             for r in rows:
-                print(f"| {a.channels[0]}->{a.channels[1]} | {size} | {threads} | {r['variant']} | {r['ms_min']:.3f} | "
-                      f"{r['ms_median']:.3f} | {r['gflops']:.0f} | {r['vs_onednn']:.2f}x | {r['err']:.1e} |")
+                print(f"| {a.channels[0]}->{a.channels[1]} | {size} | {threads} | {r['variant']} | "
+                      f"{r['cpu_ms_min']:.3f} | {r['cpu_ms_median']:.3f} | {r['gflops_per_cpu_s']:.0f} | "
+                      f"{r['vs_onednn_cpu']:.2f}x | {r['wall_ms_min']:.3f} | {r['vs_onednn_wall']:.2f}x | "
+                      f"{r['err']:.1e} |")
             if not a.no_save:
                 with open(ROOT / "benchmarks" / "results" / "winograd_conv.jsonl", "a") as f:
                     f.write(json.dumps(dict(machine=info, srkernels_capability=cap, threads=threads, size=size,
