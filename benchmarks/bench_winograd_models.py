@@ -44,10 +44,11 @@ def make_wino_conv2d(m: int):
                 and conv.groups == 1 and conv.padding_mode == "zeros"
                 and W.winograd_use(conv.in_channels, conv.out_channels, x.shape[2], x.shape[3])):
             w = conv.weight
-            key = (w._version, w.data_ptr(), m)
-            c = conv.__dict__.get("_wino")
+            key = (w._version, w.data_ptr())
+            cache = conv.__dict__.setdefault("_wino", {})  # per m: the variants alternate in one process
+            c = cache.get(m)
             if c is None or c[0] != key:
-                c = conv.__dict__["_wino"] = (key, W.winograd_weight(w.detach(), m))
+                c = cache[m] = (key, W.winograd_weight(w.detach(), m))
             stats["winograd"] += 1
             return W.winograd_conv3x3(x, c[1], conv.bias if with_bias else None, act=activation, residual=residual)
         stats["onednn"] += 1
