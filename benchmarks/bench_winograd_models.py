@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--m", type=int, nargs="+", default=[4])
+    ap.add_argument("--onnx", action="store_true", help="add ONNX Runtime (model exported from the reference)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     info = describe_machine()
@@ -96,6 +97,17 @@ def main() -> None:
         fns = {"eager NCHW": lambda: ref(x), "eager CL": lambda: ref_cl(xcl), "fused": lambda: fused(xcl)}
         for m in a.m:
             fns[f"fused+winograd F({m},3)"] = patched(lambda: fused(xcl), m)
+        if a.onnx:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from bench_models import export_onnx, onnx_session
+
+            path, why = export_onnx(ref, x)
+            sess, why = onnx_session(path, a.threads) if path is not None else (None, why)
+            if sess is None:
+                print(f"ONNX Runtime skipped: {why}")
+            else:
+                xn = x.numpy()
+                fns["ONNX Runtime"] = lambda: torch.from_numpy(sess.run(None, {"x": xn})[0])
         with torch.no_grad():
             y64 = ref64(x.double())
             errs = {}
