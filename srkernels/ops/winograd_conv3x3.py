@@ -152,10 +152,12 @@ def winograd_conv3x3(
 
 
 def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None) -> bool:
-    """Whether ``winograd_conv3x3`` (F(4,3)) beat the prepacked oneDNN conv for this float32 conv in
-    benchmarks/bench_winograd_conv.py, one and two threads, AVX-512 and forced AVX2 (README "Performance"):
-    the compiled kernel's ``avx2`` / ``avx512`` variants (``default`` is at::vec's portable code, far slower),
-    at least 16 input and output channels and at least 8x8 pixels. ``capability`` defaults to the one
+    """Whether to run this float32 3x3 conv as ``winograd_conv3x3`` (F(4,3)) rather than the prepacked oneDNN
+    conv: the compiled kernel's ``avx2`` / ``avx512`` variants (``default`` is at::vec's portable code, ~12x
+    slower than oneDNN), at least 16 input and output channels and at least 64 pixels. Measured on an AMD EPYC
+    (Zen 5), one thread, AVX-512 and forced AVX2 (benchmarks/results/winograd_models.md,
+    benchmarks/bench_winograd_conv.py): 64->64 at LR 8-192 1.7-3.6x faster, 16->16 and 32->32 1.6-2.7x,
+    64->256 2.1-2.4x; 3->64 and 8->8 only 1.0-1.5x (left to oneDNN). ``capability`` defaults to the one
     srkernels runs (``srkernels.build_info()["cpu_capability"]``)."""
     if capability is None:
         from .. import _backend
