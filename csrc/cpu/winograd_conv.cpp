@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstdlib>
 #include <vector>
 
@@ -250,10 +251,12 @@ void run(const float* x, const float* u, const Geo& g, const float* bias, Act ac
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     // Per-thread scratch kept between calls: a fresh ~0.3-1 MB buffer per call costs page faults and zeroing
     // comparable to a small conv. Every element read is written first in the same block.
+    // Aligned to 64 bytes: V's rows are whole vectors apart, so no vector load splits a cache line.
     thread_local std::vector<float> scratch;
-    const size_t need = static_cast<size_t>(P * TB * (g.Cp + g.Kp));
+    const size_t need = static_cast<size_t>(P * TB * (g.Cp + g.Kp)) + 16;
     if (scratch.size() < need) scratch.resize(need);
     float* V = scratch.data();
+    V += (64 - reinterpret_cast<uintptr_t>(V) % 64) % 64 / sizeof(float);
     float* Mb = V + P * TB * g.Cp;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * TB, tb = std::min(TB, tiles - t0);
