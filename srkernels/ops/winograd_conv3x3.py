@@ -1,0 +1,187 @@
+"""``winograd_conv3x3``: a 3x3, stride 1, zero-padding 1 convolution by Winograd's minimal filtering F(m x m, 3x3)
+(m = 2 or 4), with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32, inference.
+
+Two steps: ``winograd_weight(weight, m)`` transforms a ``[C_out, C_in, 3, 3]`` conv weight once (float64, rounded
+once to float32; the caller caches it and rebuilds it when the weight changes), then ``winograd_conv3x3(x,
+weight_t, bias, act=, residual=)`` runs per call. F(4x4, 3x3) does 4x fewer multiplies than a direct conv and
+F(2x2, 3x3) 2.25x; the price is rounding error: on 64-channel convs with unit-scale data, F(4,3) is ~6x and
+F(2,3) ~0.4x oneDNN's own float32 error against float64 (benchmarks/bench_winograd_conv.py prints both).
+``winograd_use(...)`` is the measured rule for when it beats oneDNN. Kernel contract: docs/ops.md.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _checks, _dispatch
+from ._registry import OpSpec
+
+OP = "winograd_conv3x3"
+ACTS = ("none", "relu")
+TILES = (2, 4)  # output tile size m: F(2x2, 3x3) and F(4x4, 3x3)
+
+# Lavin & Gray's matrices (points 0, +-1, +-2, inf). y = A^T [(G g G^T) * (B^T d B)] A for one tile.
+_G = {
+    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+}
+_BT = {
+    2: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    4: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+        (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+}
+_AT = {
+    2: ((1, 1, 1, 0), (0, 1, -1, -1)),
+    4: ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+}
+
+
+def _mat(table: dict, m: int, like: Tensor) -> Tensor:
+    return torch.tensor(table[m], dtype=like.dtype, device=like.device)
+
+
+def tile_of(weight_t: Tensor) -> int:
+    """The output tile size m of a transformed weight (16 positions: 2, 36: 4)."""
+    P = weight_t.shape[0]
+    if P not in (16, 36):
+        raise ValueError(f"weight_t must have 16 (F(2,3)) or 36 (F(4,3)) transform positions in dim 0, got {P}")
+    return 2 if P == 16 else 4
+
+
+def winograd_weight(weight: Tensor, m: int = 4) -> Tensor:
+    """``[C_out, C_in, 3, 3]`` conv weight -> ``[(m+2)^2, C_in, C_out]`` transformed weight ``U = G g G^T``,
+    computed in float64 and rounded once to ``weight``'s dtype; contiguous. Differentiable (plain torch ops).
+    Position ``p = a * (m+2) + b`` of the ``(m+2) x (m+2)`` tile."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating, got dtype {weight.dtype}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be [C_out, C_in, 3, 3], got shape {list(weight.shape)}")
+    if m not in TILES:
+        raise ValueError(f"m must be one of {TILES}, got {m!r}")
+    w = weight.double()
+    g = _mat(_G, m, w)
+    u = torch.einsum("ai,kcij,bj->abck", g, w, g)
+    T = m + 2
+    return u.reshape(T * T, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+
+
+def reference(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, act: str = "none",
+              residual: Tensor | None = None) -> Tensor:
+    """The op in plain torch ops on ``weight_t`` (any dtype and device, differentiable): the same tiles and
+    transforms as the kernel, in ``x``'s dtype. The exact-arithmetic equal of
+    ``act(F.conv2d(x, w, bias, padding=1)) (+ residual)`` for ``weight_t = winograd_weight(w, m)``."""
+    m = tile_of(weight_t)
+    T = m + 2
+    N, C, H, W = x.shape
+    K = weight_t.shape[2]
+    th, tw = -(-H // m), -(-W // m)
+    # pad 1 on top / left and up to the last tile's far edge on the bottom / right
+    xp = F.pad(x, (1, tw * m + 1 - W, 1, th * m + 1 - H))
+    d = xp.unfold(2, T, m).unfold(3, T, m)  # [N, C, th, tw, T, T]
+    bt, at = _mat(_BT, m, x), _mat(_AT, m, x)
+    v = torch.einsum("ai,nchwij,bj->abnhwc", bt, d, bt)
+    mm = torch.einsum("abnhwc,abck->abnhwk", v, weight_t.reshape(T, T, C, K).to(x.dtype))
+    y = torch.einsum("ia,abnhwk,jb->nkhiwj", at, mm, at).reshape(N, K, th * m, tw * m)[:, :, :H, :W]
+    if bias is not None:
+        y = y + bias.view(1, K, 1, 1)
+    if act == "relu":
+        y = torch.relu(y)
+    if residual is not None:
+        y = y + residual
+    return y.contiguous(memory_format=_checks.suggest_memory_format(x))
+
+
+def conv_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none",
+                   residual: Tensor | None = None) -> Tensor:
+    """What the op approximates, with the original weight: ``act(F.conv2d(x, weight, bias, padding=1))
+    (+ residual)``, the formula of ``srkernels.nn.conv.conv2d``."""
+    y = F.conv2d(x, weight, bias, padding=1)
+    if act == "relu":
+        y = torch.relu(y)
+    return y if residual is None else y + residual
+
+
+def winograd_conv3x3(
+    x: Tensor,
+    weight_t: Tensor,
+    bias: Tensor | None = None,
+    *,
+    act: str | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(conv3x3(x) + bias) (+ residual)``, stride 1, zero padding 1, by Winograd F(m x m, 3x3).
+
+    Args:
+        x: ``[N, C_in, H, W]`` float32 (float64 runs the torch reference), contiguous or channels_last
+            (channels_last is the kernel's native layout; other layouts are converted first).
+        weight_t: ``winograd_weight(weight, m)``, ``[(m+2)^2, C_in, C_out]``, x's dtype.
+        bias: ``(C_out,)`` or None.
+        act: None/``"none"`` or ``"relu"`` (applied before the residual add).
+        residual: optional ``[N, C_out, H, W]`` tensor added last (any layout).
+
+    Returns ``[N, C_out, H, W]`` in ``x``'s memory format. Inference: no autograd through the compiled
+    kernel; a call that needs a gradient runs the (differentiable, slow) torch reference instead.
+    """
+    _checks.feature_map("x", x)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 (or float64 for the reference), got dtype {x.dtype}")
+    _checks.like("weight_t", weight_t, x)
+    if weight_t.dim() != 3:
+        raise ValueError(f"weight_t must be 3-D [(m+2)^2, C_in, C_out] (from winograd_weight), got shape "
+                         f"{list(weight_t.shape)}")
+    tile_of(weight_t)
+    N, C, H, W = x.shape
+    if weight_t.shape[1] != C:
+        raise ValueError(f"weight_t has {weight_t.shape[1]} input channels but x has {C}")
+    K = weight_t.shape[2]
+    if K == 0:
+        raise ValueError("weight_t has 0 output channels")
+    if bias is not None:
+        _checks.like("bias", bias, x, ((K,),))
+    act = _checks.choice("act", "none" if act is None else act, ACTS)
+    if residual is not None:
+        _checks.like("residual", residual, x, ((N, K, H, W),))
+    args = (x, weight_t, bias, act, residual)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3] + args[4:])
+    backend = "reference" if needs_grad or x.dtype != torch.float32 else _dispatch.choose(OP, x.device.type)
+    return _dispatch.run(backend, OP, args, lambda: reference(*args))
+
+
+def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None) -> bool:
+    """Whether to run this float32 3x3 conv as ``winograd_conv3x3`` (F(4,3)) rather than the prepacked oneDNN
+    conv: the compiled kernel's ``avx2`` / ``avx512`` variants (``default`` is at::vec's portable code, ~12x
+    slower than oneDNN), at least 16 input and output channels and at least 64 pixels. Measured on an AMD EPYC
+    (Zen 5), one thread, AVX-512 and forced AVX2 (benchmarks/results/winograd_models.md,
+    benchmarks/bench_winograd_conv.py): 64->64 at LR 8-192 1.7-3.6x faster, 16->16 and 32->32 1.6-2.7x,
+    64->256 2.1-2.4x; 3->64 and 8->8 only 1.0-1.5x (left to oneDNN). ``capability`` defaults to the one
+    srkernels runs (``srkernels.build_info()["cpu_capability"]``)."""
+    if capability is None:
+        from .. import _backend
+
+        if _backend._C is None:
+            return False
+        capability = _backend._C.cpu_capability()
+    return capability in ("avx2", "avx512") and min(c_in, c_out) >= 16 and height * width >= 64
+
+
+# ---- the spec (srkernels/ops/_registry.py registers it) ----
+
+
+def _fake(x, weight_t, bias, act, residual):
+    torch._check(act in ACTS, lambda: f"{OP}: act must be one of {ACTS}, got {act!r}")
+    N, _, H, W = x.shape
+    return x.new_empty((N, weight_t.shape[2], H, W)).contiguous(memory_format=_checks.suggest_memory_format(x))
+
+
+SPEC = OpSpec(
+    name=OP,
+    schemas={OP: "(Tensor x, Tensor weight_t, Tensor? bias, str act, Tensor? residual) -> Tensor"},
+    fakes={OP: _fake},
+    autograd={},
+    reference=reference,
+    backends=("cpu",),  # a CPU algorithm: no CUDA or Triton kernel (cuDNN has its own Winograd)
+)

@@ -1,0 +1,213 @@
+"""winograd_conv3x3 (CPU, float32, inference): the kernel against its float64 torch reference on the same
+transformed weight (same algorithm: tight) and against float64 F.conv2d on the original weight (what it
+replaces: F(4,3)'s larger rounding error, bounded explicitly), every compiled capability, layouts, odd sizes,
+epilogue combinations, opcheck and argument errors."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srkernels
+from srkernels import _backend, use_backend
+W = importlib.import_module("srkernels.ops.winograd_conv3x3")  # the module: ops.<name> is the function
+
+from ..conftest import layout
+from ._parity import assert_thread_independent, randn
+
+compiled = pytest.mark.skipif(not _backend.has_compiled("winograd_conv3x3", "cpu"),
+                              reason="the compiled extension has no winograd_conv3x3 CPU kernel")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# max |y - ref| <= TOL * max(1, max |ref|). Against the float64 reference of the same algorithm on the same
+# float32 weight_t only the kernel's float32 arithmetic differs; against F.conv2d in float64 the weight
+# transform's rounding adds to it. Measured (64 channels, unit-scale data, weights ~ 1/sqrt(9 C)): F(2,3)
+# ~2e-7 and F(4,3) ~5e-6 relative; oneDNN's own float32 conv ~8e-7.
+TOL = {2: 2e-6, 4: 2e-5}
+
+# (N, C_in, C_out, H, W): odd sizes, C not a multiple of 8 or 16, one pixel, fewer pixels than a tile
+SHAPES = [(1, 64, 64, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1), (2, 3, 20, 6, 3), (1, 24, 16, 4, 4)]
+EPILOGUES = [(False, "none", False), (True, "none", False), (True, "relu", False), (True, "none", True),
+             (True, "relu", True), (False, "relu", True)]
+
+
+def _inputs(N, C, K, H, Wd, m, bias, res, seed=0):
+    x = randn(N, C, H, Wd, seed=seed).float()
+    w = randn(K, C, 3, 3, seed=seed + 1, scale=1 / (3 * C ** 0.5)).float()
+    b = randn(K, seed=seed + 2).float() if bias else None
+    r = randn(N, K, H, Wd, seed=seed + 3).float() if res else None
+    return x, w, W.winograd_weight(w, m), b, r
+
+
+def _err(y, ref):
+    return (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+@compiled
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity(shape, fmt, m):
+    for i, (bias, act, res) in enumerate(EPILOGUES):
+        x, w, u, b, r = _inputs(*shape, m, bias, res, seed=10 * i)
+        x = layout(x, fmt)
+        if r is not None and i % 2:
+            r = r.contiguous(memory_format=torch.channels_last)  # a residual in the other layout
+        y = W.winograd_conv3x3(x, u, b, act=act, residual=r)
+        assert y.dtype == torch.float32 and y.shape == (shape[0], shape[2], *shape[3:])
+        want_cl = fmt == "channels_last" or (fmt == "strided" and x.is_contiguous(memory_format=torch.channels_last))
+        if shape[3] * shape[4] > 1 and fmt != "strided":
+            assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+        same_algo = W.reference(x.double(), u.double(), _d(b), act, _d(r))
+        direct = W.conv_reference(x.double(), w.double(), _d(b), act, _d(r))
+        assert _err(y, same_algo) <= TOL[m], (i, _err(y, same_algo))
+        assert _err(y, direct) <= TOL[m], (i, _err(y, direct))
+
+
+def test_reference_is_the_conv():
+    # the torch reference (the fallback) in float64 is the direct conv to rounding, for both tile sizes
+    for m in W.TILES:
+        x, w, _, b, r = _inputs(2, 6, 5, 7, 9, m, True, True)
+        x, w, b, r = x.double(), w.double(), b.double(), r.double()
+        got = W.reference(x, W.winograd_weight(w, m), b, "relu", r)
+        torch.testing.assert_close(got, W.conv_reference(x, w, b, "relu", r), rtol=1e-12, atol=1e-12)
+
+
+@compiled
+def test_large_tile_error_is_bounded_like_onednn():
+    # the documented accuracy claim on the case that matters (64 -> 64, 48x48): F(2,3) is at least as
+    # accurate as oneDNN's float32 conv, F(4,3) within 10x of it
+    x, w, _, b, _ = _inputs(1, 64, 64, 48, 48, 4, True, False)
+    x = x.contiguous(memory_format=torch.channels_last)
+    direct = W.conv_reference(x.double(), w.double(), b.double())
+    onednn = _err(F.conv2d(x, w, b, padding=1), direct)
+    e2 = _err(W.winograd_conv3x3(x, W.winograd_weight(w, 2), b), direct)
+    e4 = _err(W.winograd_conv3x3(x, W.winograd_weight(w, 4), b), direct)
+    assert e2 <= 1.5 * onednn and e4 <= 10 * onednn, (e2, e4, onednn)
+
+
+@compiled
+def test_thread_independent():
+    x, _, u, b, r = _inputs(2, 64, 64, 23, 17, 4, True, True)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert_thread_independent(lambda: (W.winograd_conv3x3(x, u, b, act="relu", residual=r),))
+
+
+_CAP_SCRIPT = r"""
+import importlib, sys, torch, srkernels
+W = importlib.import_module("srkernels.ops.winograd_conv3x3")  # the module: ops.<name> is the function
+assert srkernels.build_info()["cpu_capability"] == sys.argv[1]
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for (N, C, K, H, Wd) in [(1, 64, 64, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1)]:
+    x = torch.randn(N, C, H, Wd, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(K, C, 3, 3, generator=g) / (3 * C ** 0.5)
+    b, r = torch.randn(K, generator=g), torch.randn(N, K, H, Wd, generator=g)
+    for m in (2, 4):
+        u = W.winograd_weight(w, m)
+        y = W.winograd_conv3x3(x, u, b, act="relu", residual=r)
+        ref = W.reference(x.double(), u.double(), b.double(), "relu", r.double())
+        err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+        assert err <= {2: 2e-6, 4: 2e-5}[m], (N, C, K, H, Wd, m, err)
+        worst = max(worst, err)
+print("ok", worst)
+"""
+
+
+@compiled
+def test_every_capability():
+    caps = [c for c in srkernels.build_info()["cpu_capabilities"] if c in _backend._C.supported_cpu_capabilities()]
+    env = {k: v for k, v in os.environ.items() if k not in ("SRKERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
+    procs = {c: subprocess.Popen([sys.executable, "-c", _CAP_SCRIPT, c], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={**env, "SRKERNELS_CPU_CAPABILITY": c, "OMP_NUM_THREADS": "1"})
+             for c in caps}
+    for c, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.startswith("ok"), f"{c}: {err[-2000:]}"
+
+
+@compiled
+@pytest.mark.parametrize("m", W.TILES)
+def test_opcheck(m):
+    x, _, u, b, r = _inputs(2, 5, 6, 7, 6, m, True, True)
+    for args in [(x, u, b, "relu", r), (x.contiguous(memory_format=torch.channels_last), u, None, "none", None)]:
+        torch.library.opcheck(torch.ops.srkernels.winograd_conv3x3, args)
+
+
+def test_gradient_runs_the_reference():
+    # no autograd through the kernel: a call that needs a gradient takes the differentiable reference
+    x, w, u, b, _ = _inputs(1, 4, 3, 5, 6, 4, True, False)
+    x = x.double().requires_grad_(True)
+    wd = w.double().requires_grad_(True)
+    y = W.winograd_conv3x3(x.float(), W.winograd_weight(wd.float(), 4), b, act="relu")
+    assert y.requires_grad
+    y.sum().backward()
+    x2, w2 = x.detach().requires_grad_(True), w.double().detach().requires_grad_(True)
+    W.conv_reference(x2, w2, b.double(), "relu").sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wd.grad, w2.grad, rtol=1e-4, atol=1e-4)
+
+
+@compiled
+def test_reference_backend_forced():
+    x, _, u, b, r = _inputs(1, 8, 8, 9, 7, 4, True, True)
+    with use_backend("reference"):
+        got = W.winograd_conv3x3(x, u, b, act="relu", residual=r)
+    torch.testing.assert_close(got, W.winograd_conv3x3(x, u, b, act="relu", residual=r), rtol=1e-5, atol=1e-5)
+
+
+def test_use_rule():
+    assert W.winograd_use(64, 64, 48, 48, "avx512") and W.winograd_use(64, 64, 32, 32, "avx2")
+    assert not W.winograd_use(64, 64, 48, 48, "default")
+    assert not W.winograd_use(3, 64, 48, 48, "avx512") and not W.winograd_use(64, 64, 4, 4, "avx512")
+
+
+_x, _u = torch.randn(1, 4, 5, 5), W.winograd_weight(torch.randn(6, 4, 3, 3), 4)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(x=torch.randn(4, 5, 5)), ValueError, "x must be 4-D"),
+        (dict(x=_x.half()), TypeError, "x must be float32"),
+        (dict(x=_x.long()), TypeError, "x must be a floating"),
+        (dict(weight_t=_u.double()), TypeError, "weight_t has dtype"),
+        (dict(weight_t=_u[0]), ValueError, "weight_t must be 3-D"),
+        (dict(weight_t=_u[:20]), ValueError, "weight_t must have 16 .* or 36"),
+        (dict(weight_t=W.winograd_weight(torch.randn(6, 3, 3, 3), 4)), ValueError, "weight_t has 3 input channels"),
+        (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
+        (dict(act="gelu"), ValueError, "act must be one of"),
+        (dict(residual=torch.randn(1, 4, 5, 5)), ValueError, "residual must have shape"),
+        (dict(residual=torch.randn(1, 6, 5, 5).double()), TypeError, "residual has dtype"),
+    ],
+)
+def test_bad_input(kw, exc, match):
+    args = dict(x=_x, weight_t=_u, bias=None, act=None, residual=None) | kw
+    x, u = args.pop("x"), args.pop("weight_t")
+    with pytest.raises(exc, match=match):
+        W.winograd_conv3x3(x, u, args.pop("bias"), **args)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(weight=torch.randn(6, 4, 5, 5)), ValueError, "weight must be \\[C_out, C_in, 3, 3\\]"),
+        (dict(weight=torch.ones(6, 4, 3, 3, dtype=torch.int32)), TypeError, "weight must be floating"),
+        (dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor"),
+        (dict(m=3), ValueError, "m must be one of"),
+    ],
+)
+def test_bad_weight(kw, exc, match):
+    args = dict(weight=torch.randn(6, 4, 3, 3), m=4) | kw
+    with pytest.raises(exc, match=match):
+        W.winograd_weight(**args)
