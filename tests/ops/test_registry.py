@@ -2,6 +2,7 @@
 each of its dispatcher ops has a kernel for every backend the spec names (CPU, CUDA when the extension was built
 with CUDA, Triton), a fake kernel and autograd in both namespaces, one schema shared by both, a parity test
 file and a section in docs/ops.md. Adding an op: docs/ops.md, "Adding an op"."""
+import inspect
 import json
 import os
 import subprocess
@@ -84,6 +85,15 @@ def test_every_op_has_a_parity_test_and_docs(spec):
     if spec.has_out:
         from .test_out_variants import make_case
         make_case(spec.name, torch.float32, "contiguous", "compiled")  # raises when the op has no case
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_op_has_the_signature_of_its_reference(spec):
+    # the front end and the reference are called alike (tests swap one for the other): one signature, plus out=
+    def params(fn, drop=()):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values() if p.name not in drop]
+
+    assert params(getattr(ops, spec.name), drop=("out",)) == params(spec.reference)
 
 
 _DEF_THEN_IMPL = """
