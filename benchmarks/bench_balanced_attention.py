@@ -22,15 +22,12 @@ from srkernels import ops  # noqa: E402
 from srkernels.reference import functional as RF  # noqa: E402
 
 BENCH = "balanced_attention"
-SHAPES, DTYPES = harness.ATTENTION_SHAPES, harness.DTYPES
 
 
 def make(shape, dtype, device):
-    N, C, H, W = shape
-    t = harness.seeded_randn(device, dtype)
-    Cr = C // 16
-    return dict(x=t(N, C, H, W), w1=t(Cr, C, scale=C**-0.5), prelu_w=t(Cr, scale=0.1) + 0.25,
-                w2=t(C, Cr, scale=Cr**-0.5), w_sa=t(7, 7, scale=1 / 7), residual=t(N, C, H, W))
+    return harness.attention_inputs(shape, dtype, device, lambda t, C, Cr: dict(
+        w1=t(Cr, C, scale=C**-0.5), prelu_w=t(Cr, scale=0.1) + 0.25, w2=t(C, Cr, scale=Cr**-0.5),
+        w_sa=t(7, 7, scale=1 / 7)))
 
 
 def variants(a: dict) -> dict:
@@ -48,8 +45,8 @@ def variants(a: dict) -> dict:
     return harness.standard_variants(RF.balanced_attention, ops.balanced_attention, (x, *w), r, eager_prealloc, out)
 
 
-test_balanced_attention = harness.pytest_benchmark(BENCH, SHAPES, DTYPES, make, variants)
+test_balanced_attention = harness.pytest_benchmark(BENCH, harness.ATTENTION_SHAPES, harness.DTYPES, make, variants)
 
 
 if __name__ == "__main__":
-    harness.main(BENCH, SHAPES, DTYPES, make, variants)
+    harness.main(BENCH, harness.ATTENTION_SHAPES, harness.DTYPES, make, variants)
