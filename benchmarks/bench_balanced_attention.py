@@ -22,6 +22,7 @@ from srkernels import ops  # noqa: E402
 from srkernels.reference import functional as RF  # noqa: E402
 
 BENCH = "balanced_attention"
+SHAPES, DTYPES = harness.ATTENTION_SHAPES, harness.DTYPES  # also read by scripts/gpu_check.py
 
 
 def make(shape, dtype, device):
@@ -45,8 +46,8 @@ def variants(a: dict) -> dict:
     return harness.standard_variants(RF.balanced_attention, ops.balanced_attention, (x, *w), r, eager_prealloc, out)
 
 
-test_balanced_attention = harness.pytest_benchmark(BENCH, harness.ATTENTION_SHAPES, harness.DTYPES, make, variants)
+test_balanced_attention = harness.pytest_benchmark(BENCH, SHAPES, DTYPES, make, variants)
 
 
 if __name__ == "__main__":
-    harness.main(BENCH, harness.ATTENTION_SHAPES, harness.DTYPES, make, variants)
+    harness.main(BENCH, SHAPES, DTYPES, make, variants)

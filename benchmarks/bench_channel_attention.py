@@ -23,6 +23,7 @@ from srkernels import ops  # noqa: E402
 from srkernels.reference import functional as RF  # noqa: E402
 
 BENCH = "channel_attention"
+SHAPES, DTYPES = harness.ATTENTION_SHAPES, harness.DTYPES  # also read by scripts/gpu_check.py
 
 
 def make(shape, dtype, device):
@@ -49,8 +50,8 @@ def variants(a: dict) -> dict:
     }
 
 
-test_channel_attention = harness.pytest_benchmark(BENCH, harness.ATTENTION_SHAPES, harness.DTYPES, make, variants)
+test_channel_attention = harness.pytest_benchmark(BENCH, SHAPES, DTYPES, make, variants)
 
 
 if __name__ == "__main__":
-    harness.main(BENCH, harness.ATTENTION_SHAPES, harness.DTYPES, make, variants)
+    harness.main(BENCH, SHAPES, DTYPES, make, variants)
