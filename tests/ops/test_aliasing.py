@@ -5,7 +5,7 @@ wrong results."""
 import pytest
 import torch
 
-from srkernels import ops, use_backend
+from srkernels import use_backend
 
 from ..conftest import assert_close
 from .test_out_variants import OPS, first_weight, make_case
