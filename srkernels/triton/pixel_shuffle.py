@@ -132,8 +132,9 @@ def _ps_fwd_kernel(
         orow = (ho * R + io).to(tl.int64)
         mo = (ho < H) & (io < R) & (wo < W) & (jo < R)
     ocol = (wo * R + jo).to(tl.int64)
-    _shuffle_tile(x_ptr + xoff, m, b_ptr + k4, mk, a_ptr + ca, ca < C, res_ptr + n * srn + co * src + orow * srh + ocol * srw,
-                  o_ptr, n * son + co * soc + orow * soh + ocol * sow, mo, HAS_BIAS, ACT, HAS_RES, F64)
+    _shuffle_tile(x_ptr + xoff, m, b_ptr + k4, mk, a_ptr + ca, ca < C,
+                  res_ptr + n * srn + co * src + orow * srh + ocol * srw, o_ptr,
+                  n * son + co * soc + orow * soh + ocol * sow, mo, HAS_BIAS, ACT, HAS_RES, F64)
 
 
 # ---- backward / unshuffle -------------------------------------------------------------------------------
@@ -280,9 +281,11 @@ class _Tiling(NamedTuple):
 def _tiling(channels_last: bool, C: int, H: int, W: int, RP: int) -> _Tiling:
     if channels_last:
         BW, BC = _tiles_nhwc(C, W, RP)
-        return _Tiling(dict(NHWC=True, BH=1, BW=BW, BC=BC), BW * BC * RP * RP, triton.cdiv(W, BW), H, triton.cdiv(C, BC), BW)
+        return _Tiling(dict(NHWC=True, BH=1, BW=BW, BC=BC), BW * BC * RP * RP, triton.cdiv(W, BW), H,
+                       triton.cdiv(C, BC), BW)
     BH, BW = _tiles_nchw(H, W, RP)
-    return _Tiling(dict(NHWC=False, BH=BH, BW=BW, BC=1), BH * BW * RP * RP, triton.cdiv(W, BW), triton.cdiv(H, BH), C, BH * BW)
+    return _Tiling(dict(NHWC=False, BH=BH, BW=BW, BC=1), BH * BW * RP * RP, triton.cdiv(W, BW), triton.cdiv(H, BH),
+                   C, BH * BW)
 
 
 def _check_common(r: int, act: str, act_weight: Tensor | None, C: int) -> int:
