@@ -1,8 +1,7 @@
 """Every op declared in ``srkernels/ops/<op>.py`` (``SPEC``, found by ``srkernels.ops._registry``) is complete:
 each of its dispatcher ops has a kernel for every backend the spec names (CPU, CUDA when the extension was built
 with CUDA, Triton), a fake kernel and autograd in both namespaces, one schema shared by both, a parity test
-file (with ``out_case`` when the op has ``<op>_out``), a benchmark, a section in docs/ops.md, and a front end with
-its reference's signature. Adding an op: docs/ops.md, "Adding an op"."""
+file and a section in docs/ops.md. Adding an op: docs/ops.md, "Adding an op"."""
 import inspect
 import json
 import os
