@@ -22,15 +22,13 @@ from srkernels import ops  # noqa: E402
 from srkernels.reference import functional as RF  # noqa: E402
 
 BENCH = "balanced_attention"
-SHAPES, DTYPES = harness.ATTENTION_SHAPES, harness.DTYPES
+SHAPES, DTYPES = harness.ATTENTION_SHAPES, harness.DTYPES  # also read by scripts/gpu_check.py
 
 
 def make(shape, dtype, device):
-    N, C, H, W = shape
-    t = harness.seeded_randn(device, dtype)
-    Cr = C // 16
-    return dict(x=t(N, C, H, W), w1=t(Cr, C, scale=C**-0.5), prelu_w=t(Cr, scale=0.1) + 0.25,
-                w2=t(C, Cr, scale=Cr**-0.5), w_sa=t(7, 7, scale=1 / 7), residual=t(N, C, H, W))
+    return harness.attention_inputs(shape, dtype, device, lambda t, C, Cr: dict(
+        w1=t(Cr, C, scale=C**-0.5), prelu_w=t(Cr, scale=0.1) + 0.25, w2=t(C, Cr, scale=Cr**-0.5),
+        w_sa=t(7, 7, scale=1 / 7)))
 
 
 def variants(a: dict) -> dict:

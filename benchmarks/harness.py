@@ -46,6 +46,15 @@ def seeded_randn(device, dtype, seed: int = 0):
     return lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
 
 
+def attention_inputs(shape, dtype, device, weights) -> dict:
+    """Inputs of an attention suite: ``x`` [N, C, H, W], the weights ``weights(t, C, Cr)`` draws (Cr = C // 16,
+    ``t`` as from ``seeded_randn``) and ``residual`` like x, drawn in that order."""
+    N, C, H, W = shape
+    t = seeded_randn(device, dtype)
+    x = t(N, C, H, W)
+    return dict(x=x, **weights(t, C, C // 16), residual=t(N, C, H, W))
+
+
 BIG_COPY_BYTES = 256 << 20  # per buffer: well beyond L2, the "copy bandwidth" of the memory system
 
 

@@ -64,7 +64,7 @@ def backends(out: Path) -> None:
     """Compiled CUDA kernel vs Triton kernel for every op, inference, on the op benchmarks' first shape."""
     import torch
 
-    from srkernels import _backend
+    from srkernels import _backend, ops
     from srkernels.benchmark import interleaved
 
     rows = []
@@ -82,13 +82,13 @@ def backends(out: Path) -> None:
             m, x = bd.make("rdb", "fused", dtype, shape)
             rows += _time("dense_block", f"rdb {list(shape)} {str(dtype)[6:]}", bd.infer_fn(m, x), interleaved)
     prefs = {}
-    for op in _backend.OPS:
+    for op in ops.OPS:
         ratios = [r["compiled_over_triton"] for r in rows if r["op"] == op and r["compiled_over_triton"]]
         if ratios:
             gm = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
             prefs[op] = {"geomean_compiled_over_triton": round(gm, 3),
                          "measured": ["compiled", "triton"] if gm <= 1 else ["triton", "compiled"],
-                         "current": list(_backend.CUDA_PREFERENCE[op])}
+                         "current": list(_backend.CUDA_PREFERENCE.get(op, ("compiled", "triton")))}
     out.write_text(json.dumps({"rows": rows, "preference": prefs}, indent=1))
     for op, p in prefs.items():
         change = "keep" if p["measured"] == p["current"] else "CHANGE"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["is_int", "positive_int", "int_at_least"]
+import torch
+
+__all__ = ["is_int", "positive_int", "int_at_least", "DTYPES"]
+
+# the ``--dtype`` choices of the command-line tools (``srkernels bench``, ``upscale``, ``eval``)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_int(value: object) -> bool:

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ._validate import DTYPES
 
 
 def _attention_cases(shape, dtype, device):

@@ -55,6 +55,23 @@ def hidden(name: str, Cr: int, C: int) -> int:
     return Cr
 
 
+def slopes(name: str, w, x: Tensor, n: int) -> Tensor:
+    """PReLU slopes for ``n`` channels: 1 (shared) or ``n`` of them, expanded to ``[n]``."""
+    return like(name, w, x, ((n,), (1,))).expand(n)
+
+
+def activation(act: str, act_weight, x: Tensor, n: int, n_name: str) -> Tensor | None:
+    """``act_weight`` of an op's ``act`` (already checked against the op's choices): the ``n`` PReLU slopes
+    (``n_name`` in the error) with ``act="prelu"``, else it must be None."""
+    if act == "prelu":
+        if act_weight is None:
+            raise ValueError(f"act='prelu' needs act_weight (1 or {n_name} slopes)")
+        return slopes("act_weight", act_weight, x, n)
+    if act_weight is not None:
+        raise ValueError("act_weight is only used with act='prelu'")
+    return None
+
+
 def residual(r, x: Tensor) -> Tensor | None:
     if r is None:
         return None

@@ -57,6 +57,16 @@ class OpSpec:
             forward = self.schemas[self.name]
             self.schemas[f"{self.name}_out"] = forward[:forward.rindex(") ->")] + ", Tensor(a!) out) -> ()"
 
+    @classmethod
+    def pair(cls, name: str, forward: str, backward: str, *, fakes: tuple[Callable, Callable],
+             autograd: tuple[Callable, Callable], reference: Callable, **flags) -> "OpSpec":
+        """The common op: ``<name>`` (schema ``forward``, differentiable through ``autograd`` =
+        ``(setup_context, backward)``) and ``<name>_backward`` (schema ``backward``); ``fakes`` of both, in
+        that order. ``flags``: ``out``, ``backends``."""
+        return cls(name=name, schemas={name: forward, f"{name}_backward": backward},
+                   fakes={name: fakes[0], f"{name}_backward": fakes[1]}, autograd={name: autograd},
+                   reference=reference, **flags)
+
     @property
     def has_out(self) -> bool:
         return self.out

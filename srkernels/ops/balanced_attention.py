@@ -16,16 +16,9 @@ from ._registry import OpSpec
 OP = "balanced_attention"
 
 
-def balanced_attention(
-    x: Tensor,
-    w1: Tensor,
-    prelu_w: Tensor,
-    w2: Tensor,
-    w_sa: Tensor,
-    *,
-    residual: Tensor | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
+# the signature of the reference (srkernels/reference/functional.py) plus ``out``: tests/ops/test_registry.py
+def balanced_attention(x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, *,
+                       residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``x * sigmoid(W2 . prelu(W1 . mean(x))) * sigmoid(conv_k(max_c(x))) (+ residual)``.
 
     Args:
@@ -38,7 +31,7 @@ def balanced_attention(
     """
     _checks.feature_map("x", x)
     w1, w2, _, Cr = _checks.fc_pair(x, w1, w2)
-    prelu_w = _checks.like("prelu_w", prelu_w, x, ((Cr,), (1,))).expand(Cr)
+    prelu_w = _checks.slopes("prelu_w", prelu_w, x, Cr)
     _checks.like("w_sa", w_sa, x)
     if w_sa.dim() not in (2, 4):
         raise ValueError(f"w_sa must be a (K, K) or (1, 1, K, K) kernel, got shape {list(w_sa.shape)}")
@@ -82,16 +75,8 @@ def _backward(ns, ctx, grad_out, _grad_mean, _grad_max):
     return gx, gw1, gp, gw2, gsa, (grad_out if ctx.has_residual else None)
 
 
-SPEC = OpSpec(
-    name=OP,
-    schemas={
-        OP: "(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) "
-            "-> (Tensor, Tensor, Tensor)",
-        f"{OP}_backward": "(Tensor grad_out, Tensor x, Tensor mean, Tensor maxmap, Tensor w1, Tensor prelu_w, "
-                          "Tensor w2, Tensor w_sa) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    },
-    fakes={OP: _fake, f"{OP}_backward": _fake_backward},
-    out=True,
-    autograd={OP: (_setup_context, _backward)},
-    reference=RF.balanced_attention,
-)
+SPEC = OpSpec.pair(
+    OP, "(Tensor x, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa, Tensor? residual) -> (Tensor, Tensor, Tensor)",
+    "(Tensor grad_out, Tensor x, Tensor mean, Tensor maxmap, Tensor w1, Tensor prelu_w, Tensor w2, Tensor w_sa) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fakes=(_fake, _fake_backward), autograd=(_setup_context, _backward), reference=RF.balanced_attention, out=True)

@@ -19,19 +19,10 @@ ACTS = ("relu", "prelu")
 POOLS = ("avg", "avg+std")
 
 
-def channel_attention(
-    x: Tensor,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    b2: Tensor | None,
-    *,
-    residual: Tensor | None = None,
-    act: str = "relu",
-    act_weight: Tensor | None = None,
-    pool: str = "avg",
-    out: Tensor | None = None,
-) -> Tensor:
+# the signature of the reference (srkernels/reference/functional.py) plus ``out``: tests/ops/test_registry.py
+def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, *,
+                      residual: Tensor | None = None, act: str = "relu", act_weight: Tensor | None = None,
+                      pool: str = "avg", out: Tensor | None = None) -> Tensor:
     """``x * sigmoid(W2 . act(W1 . pool(x) + b1) + b2) (+ residual)``.
 
     Args:
@@ -53,12 +44,7 @@ def channel_attention(
         _checks.like("b2", b2, x, ((C,),))
     _checks.choice("act", act, ACTS)
     _checks.choice("pool", pool, POOLS)
-    if act == "prelu":
-        if act_weight is None:
-            raise ValueError("act='prelu' needs act_weight (1 or Cr slopes)")
-        act_weight = _checks.like("act_weight", act_weight, x, ((Cr,), (1,))).expand(Cr)
-    elif act_weight is not None:
-        raise ValueError("act_weight is only used with act='prelu'")
+    act_weight = _checks.activation(act, act_weight, x, Cr, "Cr")
     residual = _checks.residual(residual, x)
     args = (x, w1, b1, w2, b2, residual, act_weight, pool)
     backend = _dispatch.choose(OP, x.device.type)
@@ -109,16 +95,9 @@ def _backward(ns, ctx, grad_out, _grad_stats):
     )
 
 
-SPEC = OpSpec(
-    name=OP,
-    schemas={
-        OP: "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, "
-            "str pool) -> (Tensor, Tensor)",
-        f"{OP}_backward": "(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-                          "Tensor? act_weight, str pool) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    },
-    fakes={OP: _fake, f"{OP}_backward": _fake_backward},
-    out=True,
-    autograd={OP: (_setup_context, _backward)},
-    reference=RF.channel_attention,
-)
+SPEC = OpSpec.pair(
+    OP, "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, Tensor? act_weight, str pool) "
+        "-> (Tensor, Tensor)",
+    "(Tensor grad_out, Tensor x, Tensor stats, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? act_weight, "
+    "str pool) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fakes=(_fake, _fake_backward), autograd=(_setup_context, _backward), reference=RF.channel_attention, out=True)

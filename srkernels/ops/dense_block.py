@@ -249,20 +249,13 @@ def _backward(ns, ctx, grad_out, _grad_buf, _grad_stats):
     )
 
 
-SPEC = OpSpec(
-    name=OP,
-    schemas={
-        # returns the block output, the buffer (x and every layer output: all backward needs, layout in
-        # srkernels/dense_plan.py) and the fusion gate's [N, 2, K] stats
-        OP: "(Tensor x, Tensor[] weights, Tensor[] biases, int[] plan, Tensor? fuse_weight, Tensor? fuse_bias, "
-            "Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, Tensor? gate_b2, Tensor? residual) "
-            "-> (Tensor, Tensor, Tensor)",
-        f"{OP}_backward": "(Tensor grad_out, Tensor buffer, Tensor stats, Tensor[] weights, Tensor[] biases, "
-                          "int[] plan, Tensor? fuse_weight, Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, "
-                          "Tensor? gate_b2) -> (Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor, "
-                          "Tensor)",
-    },
-    fakes={OP: _fake, f"{OP}_backward": _fake_backward},
-    autograd={OP: (_setup_context, _backward)},
-    reference=reference,
-)
+# returns the block output, the buffer (x and every layer output: all backward needs, layout in
+# srkernels/dense_plan.py) and the fusion gate's [N, 2, K] stats
+SPEC = OpSpec.pair(
+    OP, "(Tensor x, Tensor[] weights, Tensor[] biases, int[] plan, Tensor? fuse_weight, Tensor? fuse_bias, "
+        "Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, Tensor? gate_b2, Tensor? residual) "
+        "-> (Tensor, Tensor, Tensor)",
+    "(Tensor grad_out, Tensor buffer, Tensor stats, Tensor[] weights, Tensor[] biases, int[] plan, "
+    "Tensor? fuse_weight, Tensor? gate_w1, Tensor? gate_b1, Tensor? gate_w2, Tensor? gate_b2) "
+    "-> (Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fakes=(_fake, _fake_backward), autograd=(_setup_context, _backward), reference=reference)

@@ -17,16 +17,10 @@ OP = "pixel_shuffle"
 ACTS = ("none", "relu", "prelu")
 
 
-def pixel_shuffle(
-    x: Tensor,
-    r: int,
-    *,
-    bias: Tensor | None = None,
-    act: str | None = None,
-    act_weight: Tensor | None = None,
-    residual: Tensor | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
+# the signature of the reference (srkernels/reference/functional.py) plus ``out``: tests/ops/test_registry.py
+def pixel_shuffle(x: Tensor, r: int, *, bias: Tensor | None = None, act: str | None = None,
+                  act_weight: Tensor | None = None, residual: Tensor | None = None,
+                  out: Tensor | None = None) -> Tensor:
     """``act(F.pixel_shuffle(x + bias, r)) (+ residual)`` in one pass.
 
     Args:
@@ -49,12 +43,7 @@ def pixel_shuffle(
     if bias is not None:
         _checks.like("bias", bias, x, ((Cin,),))
     act = _checks.choice("act", "none" if act is None else act, ACTS)
-    if act == "prelu":
-        if act_weight is None:
-            raise ValueError("act='prelu' needs act_weight (1 or C slopes)")
-        act_weight = _checks.like("act_weight", act_weight, x, ((C,), (1,))).expand(C)
-    elif act_weight is not None:
-        raise ValueError("act_weight is only used with act='prelu'")
+    act_weight = _checks.activation(act, act_weight, x, C, "C")
     if residual is not None:
         _checks.like("residual", residual, x, ((N, C, H * r, W * r),))
     args = (x, r, bias, act_weight, act, residual)

@@ -127,7 +127,30 @@ class SRDenseBlock(nn.Module):
         return h
 
 
-class SplitBlock(nn.Module):
+class _DistillationBlock(nn.Module):
+    """What the RDCAB Split and FD & IRB blocks share: layers over the growing concat of the block input and
+    kept outputs; the distilled pieces are concatenated, fused by the 1x1 ``lff``, scaled by contrast-aware
+    channel attention (``conv_du``, mean + std pool) and added to the block input."""
+
+    def _layers_and_kernel(self, channels: int, num_layers: int, kernel_size: int, min_layers: int = 1):
+        """Checks the common arguments; sets ``num_layers``; -> (channels, kernel_size)."""
+        c = _positive_int("channels", channels)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        if self.num_layers < min_layers:
+            raise ValueError(f"num_layers must be >= {min_layers}, got {num_layers}")
+        return c, _odd_kernel(kernel_size)
+
+    def _add_fusion(self, channels: int, distilled: int, reduction: int) -> None:
+        """``lff`` (``distilled`` channels per layer -> ``channels``) and ``conv_du``, registered after the layers
+        (the upstream key order)."""
+        self.lff = nn.Conv2d(distilled * self.num_layers, channels, 1)
+        self.conv_du = _conv_du(channels, reduction)
+
+    def _fuse_attend(self, distilled: list[Tensor], x: Tensor) -> Tensor:
+        return _attend(self.conv_du, self.lff(torch.cat(distilled, 1)), "avg+std", residual=x)
+
+
+class SplitBlock(_DistillationBlock):
     """RDCAB Split version block (``DRRDB``'s ``RDCAB``; docs/architectures.md §6.3).
 
     layer_k (conv + ReLU, C out) sees cat(x, rem_1..rem_{k-1}); its output splits into d = C*rate distilled and
@@ -135,19 +158,10 @@ class SplitBlock(nn.Module):
     pool) -> + x.
     """
 
-    def __init__(
-        self,
-        channels: int = 64,
-        num_layers: int = 8,
-        *,
-        distillation_rate: float = 0.25,
-        reduction: int = 16,
-        kernel_size: int = 3,
-    ) -> None:
+    def __init__(self, channels: int = 64, num_layers: int = 8, *, distillation_rate: float = 0.25,
+                 reduction: int = 16, kernel_size: int = 3) -> None:
         super().__init__()
-        c = _positive_int("channels", channels)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        k = _odd_kernel(kernel_size)
+        c, k = self._layers_and_kernel(channels, num_layers, kernel_size)
         if not isinstance(distillation_rate, (int, float)) or not 0 < distillation_rate < 1:
             raise ValueError(f"distillation_rate must be in (0, 1), got {distillation_rate!r}")
         self.distilled = int(c * distillation_rate)
@@ -157,8 +171,7 @@ class SplitBlock(nn.Module):
         for i in range(1, self.num_layers + 1):
             conv = _conv(c + (i - 1) * self.remaining, c, k)
             self.add_module(f"layer{i}", nn.Sequential(conv, nn.ReLU(inplace=True)))
-        self.lff = nn.Conv2d(self.distilled * self.num_layers, c, 1)
-        self.conv_du = _conv_du(c, reduction)
+        self._add_fusion(c, self.distilled, reduction)
 
     def forward(self, x: Tensor) -> Tensor:
         kept: list[Tensor] = []
@@ -168,10 +181,10 @@ class SplitBlock(nn.Module):
             d, r = torch.split(out, (self.distilled, self.remaining), dim=1)
             kept.append(d)
             feats.append(r)
-        return _attend(self.conv_du, self.lff(torch.cat(kept, 1)), "avg+std", residual=x)
+        return self._fuse_attend(kept, x)
 
 
-class FDIRB(nn.Module):
+class FDIRB(_DistillationBlock):
     """RDCAB FD & IRB version block (``DRRDB``'s ``RDCAB``; docs/architectures.md §6.4).
 
     Refine: l_0 = x, l_k = relu(layer_k(cat(x, l_1..l_{k-1})) + l_{k-1}) for k < L (C out); layer_L maps the
@@ -180,22 +193,11 @@ class FDIRB(nn.Module):
     cat(sub_1..sub_{L-1}, layer_L) -> 1x1 ``lff`` S*L->C -> contrast-aware CA -> + x.
     """
 
-    def __init__(
-        self,
-        channels: int = 64,
-        num_layers: int = 8,
-        *,
-        sub_channels: int = 32,
-        reduction: int = 16,
-        kernel_size: int = 3,
-    ) -> None:
+    def __init__(self, channels: int = 64, num_layers: int = 8, *, sub_channels: int = 32, reduction: int = 16,
+                 kernel_size: int = 3) -> None:
         super().__init__()
-        c = _positive_int("channels", channels)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        if self.num_layers < 2:
-            raise ValueError(f"num_layers must be >= 2, got {num_layers}")
+        c, k = self._layers_and_kernel(channels, num_layers, kernel_size, min_layers=2)
         s = _positive_int("sub_channels", sub_channels)
-        k = _odd_kernel(kernel_size)
         n = self.num_layers
         for i in range(1, n):
             self.add_module(f"layer{i}", _conv(c * i, c, k))
@@ -203,8 +205,7 @@ class FDIRB(nn.Module):
         self.act = nn.ReLU(inplace=True)
         for i in range(1, n):
             self.add_module(f"layer{i}_sub", nn.Conv2d(c, s, 1))
-        self.lff = nn.Conv2d(s * n, c, 1)
-        self.conv_du = _conv_du(c, reduction)
+        self._add_fusion(c, s, reduction)
 
     def forward(self, x: Tensor) -> Tensor:
         n = self.num_layers
@@ -217,4 +218,4 @@ class FDIRB(nn.Module):
             if i >= 2:
                 subs.append(getattr(self, f"layer{i}_sub")(prev))
         subs.append(getattr(self, f"layer{n}")(torch.cat(feats, 1)))
-        return _attend(self.conv_du, self.lff(torch.cat(subs, 1)), "avg+std", residual=x)
+        return self._fuse_attend(subs, x)

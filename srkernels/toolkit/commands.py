@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .._validate import DTYPES
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 

@@ -245,6 +245,24 @@ def tile_2d(C, HW, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     return pb, n, offs_c, offs_p, mc, mp, mask, offs_c.to(tl.int64)[:, None], offs_p.to(tl.int64)[None, :]
 
 
+@triton.jit
+def pixel_block(HW, BLOCK_P: tl.constexpr):
+    # Program (pixel block pb, sample n) of an (NPB, N) grid whose programs loop over all channels (with
+    # channel_chunk): -> pb, n (int64), the block's pixel offsets and their mask.
+    pb = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    return pb, n, offs_p, offs_p < HW
+
+
+@triton.jit
+def channel_chunk(c0, C, mp, BLOCK_C: tl.constexpr):
+    # Channels [c0, c0 + BLOCK_C) of a pixel_block program's loop: offsets, mask, and the [BLOCK_C, BLOCK_P] mask.
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    return offs_c, mc, mc[:, None] & mp[None, :]
+
+
 def geometry(x: Tensor):
     """Tiling of an [N, C, H, W] tensor in a kernel layout for the tile_2d kernels:
     (N, C, H, W, HW, (s_n, s_c, s_p), BLOCK_C, BLOCK_P, pixel blocks NPB, channel blocks NCB)."""

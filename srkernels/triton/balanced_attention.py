@@ -23,18 +23,13 @@ def _bam_stats_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # One pixel block per program, all channels: per-block channel sums and maxmap[n, p] = max_c x.
-    pb = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    pb, n, offs_p, mp = cm.pixel_block(HW, BLOCK_P)
     acc_ty = psum_ptr.dtype.element_ty
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mp = offs_p < HW
     xbase = x_ptr + n * sxn + offs_p.to(tl.int64)[None, :] * sxp
     obase = (n * NPB + pb) * C
     mx = tl.full([BLOCK_P], float("-inf"), acc_ty)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mc = offs_c < C
-        mask = mc[:, None] & mp[None, :]
+        offs_c, mc, mask = cm.channel_chunk(c0, C, mp, BLOCK_C)
         x = tl.load(xbase + offs_c.to(tl.int64)[:, None] * sxc, mask=mask, other=float("-inf")).to(acc_ty)
         # NaN-propagating, as torch.max (tl.max / tl.maximum may drop NaN): a NaN anywhere in the column wins
         cmax = tl.max(x, axis=0)
@@ -129,11 +124,8 @@ def _bam_bwd_reduce_kernel(
 ):
     # One pixel block, all channels: dca partials (sum_p go*x*sa), dt = (sum_c go*x*ca) * sa * (1 - sa), and
     # the lowest channel index attaining the max (where the max gradient goes).
-    pb = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    pb, n, offs_p, mp = cm.pixel_block(HW, BLOCK_P)
     acc_ty = pdca_ptr.dtype.element_ty
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mp = offs_p < HW
     p64 = offs_p.to(tl.int64)[None, :]
     sa = tl.load(sa_ptr + n * HW + offs_p, mask=mp, other=0.0)
     mx = tl.load(max_ptr + n * HW + offs_p, mask=mp, other=0.0)
@@ -141,9 +133,7 @@ def _bam_bwd_reduce_kernel(
     amax = tl.full([BLOCK_P], C, tl.int32)
     obase = (n * NPB + pb) * C
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mc = offs_c < C
-        mask = mc[:, None] & mp[None, :]
+        offs_c, mc, mask = cm.channel_chunk(c0, C, mp, BLOCK_C)
         c64 = offs_c.to(tl.int64)[:, None]
         go = tl.load(go_ptr + n * sgn + c64 * sgc + p64 * sgp, mask=mask, other=0.0).to(acc_ty)
         x = tl.load(x_ptr + n * sxn + c64 * sxc + p64 * sxp, mask=mask, other=0.0).to(acc_ty)

@@ -69,6 +69,46 @@ def _buffer_rows(r64, n, W, Wp, HpWp, base):
 
 
 @triton.jit
+def _sample_tile(HW, NCOL, W, Wp, HpWp, base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (pixel tile pm, column tile, sample n) over one sample's interior pixels: -> pm, n (int64), the
+    # pixel offsets, their mask, as int64, their buffer rows, and the tile's column offsets (of NCOL) and mask.
+    pm = tl.program_id(0)
+    offs_r = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.program_id(2).to(tl.int64)
+    r64 = offs_r.to(tl.int64)
+    return pm, n, offs_r, offs_r < HW, r64, _buffer_rows(r64, n, W, Wp, HpWp, base), offs_n, offs_n < NCOL
+
+
+@triton.jit
+def _chunk(start, end, BLOCK: tl.constexpr):
+    # offsets [start, start + BLOCK) of a reduction loop over [0, end), and their mask
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < end
+
+
+@triton.jit
+def _tap_gemm(a_base, a_row, w_base, swk, sw2, sw3, Wp, K, mrow, mcol, KS: tl.constexpr, P: tl.constexpr,
+              EMU_BF16: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    # A conv as an implicit GEMM on the buffer: acc[m, j] = sum_tap sum_k A_tap[m, k] * w[k, j, tap], where A_tap
+    # is the row-strided matrix at a_base (a_row elements per buffer row; negative for the transposed conv)
+    # shifted by (ky - P) * Wp + (kx - P) rows, and w_base + k * swk + ky * sw2 + kx * sw3 the weights.
+    ks = tl.arange(0, BLOCK_K)
+    acc = _zeros(BLOCK_M, BLOCK_N, F64)
+    for t in tl.static_range(KS * KS):  # unrolled: the tap offsets are compile-time multiples of Wp
+        a_tap = a_base + ((t // KS - P) * Wp + (t % KS - P)) * a_row
+        w_tap = w_base + ((t // KS) * sw2 + (t % KS) * sw3)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + ks
+            mk = offs_k < K
+            a = tl.load(a_tap + offs_k[None, :], mask=mrow[:, None] & mk[None, :], other=0.0)
+            b = tl.load(w_tap + offs_k[:, None] * swk, mask=mk[:, None] & mcol[None, :], other=0.0)
+            acc = _mma(a, b, acc, EMU_BF16)
+    return acc
+
+
+@triton.jit
 def _zeros(A: tl.constexpr, B: tl.constexpr, F64: tl.constexpr):
     if F64:
         return tl.zeros([A, B], dtype=tl.float64)
@@ -156,21 +196,8 @@ def _conv_fwd_kernel(
     mm = offs_m < M
     mg = offs_g < G
     rows, _n, _r = _pixel_rows(offs_m, HW, W, Wp, HpWp, base)
-    a_base = buf_ptr + (rows * T + in_start)[:, None]
-    w_base = w_ptr + offs_g[None, :] * sw0
-    mm2 = mm[:, None]
-    mg2 = mg[None, :]
-    ks = tl.arange(0, BLOCK_K)
-    acc = _zeros(BLOCK_M, BLOCK_N, F64)
-    for t in tl.static_range(KS * KS):  # unrolled: the tap offsets are compile-time multiples of Wp
-        a_tap = a_base + ((t // KS - P) * Wp + (t % KS - P)) * T
-        w_tap = w_base + ((t // KS) * sw2 + (t % KS) * sw3)
-        for c0 in range(0, in_len, BLOCK_K):
-            offs_c = c0 + ks
-            mc = offs_c < in_len
-            a = tl.load(a_tap + offs_c[None, :], mask=mm2 & mc[None, :], other=0.0)
-            b = tl.load(w_tap + offs_c[:, None] * sw1, mask=mc[:, None] & mg2, other=0.0)
-            acc = _mma(a, b, acc, EMU_BF16)
+    acc = _tap_gemm(buf_ptr + (rows * T + in_start)[:, None], T, w_ptr + offs_g[None, :] * sw0, sw1, sw2, sw3, Wp,
+                    in_len, mm, mg, KS, P, EMU_BF16, F64, BLOCK_M, BLOCK_N, BLOCK_K)
     # epilogue in acc, rounded once
     acc += _acc(tl.load(b_ptr + offs_g, mask=mg, other=0.0), F64)[None, :]
     mask = mm[:, None] & mg[None, :]
@@ -211,17 +238,10 @@ def _fuse_fwd_kernel(
 ):
     # out[n, o, r] = sum_c F[row, c] g[n, c] Wf[o, c] + b[o] (+ res). Program = (pixel tile, Cout tile, n): one
     # sample per tile, so the gate is one [K] vector applied to the A tile.
-    offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = tl.program_id(2).to(tl.int64)
-    mr = offs_r < HW
-    mo = offs_o < Cout
-    r64 = offs_r.to(tl.int64)
-    rows = _buffer_rows(r64, n, W, Wp, HpWp, base)
+    _, n, offs_r, mr, r64, rows, offs_o, mo = _sample_tile(HW, Cout, W, Wp, HpWp, base, BLOCK_M, BLOCK_N)
     acc = _zeros(BLOCK_M, BLOCK_N, F64)
     for k0 in range(0, K, BLOCK_K):
-        offs_c = k0 + tl.arange(0, BLOCK_K)
-        mc = offs_c < K
+        offs_c, mc = _chunk(k0, K, BLOCK_K)
         a = tl.load(buf_ptr + rows[:, None] * T + col0 + offs_c[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
         b = tl.load(w_ptr + offs_o[None, :] * sw0 + offs_c[:, None] * sw1, mask=mc[:, None] & mo[None, :], other=0.0)
         if GATED:  # gate in acc (the C++ path scales the weight in acc too)
@@ -250,18 +270,10 @@ def _fuse_bwd_in_kernel(
 ):
     # P = dO @ Wf on one sample's pixel tile; gbuf[fusion] = P * g (stored: the fusion range is the first
     # writer), and with the gate the tile's partial of dg[n, c] = sum_pixels P * F.
-    pm = tl.program_id(0)
-    offs_r = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = tl.program_id(2).to(tl.int64)
-    mr = offs_r < HW
-    mc = offs_c < K
-    r64 = offs_r.to(tl.int64)
-    rows = _buffer_rows(r64, n, W, Wp, HpWp, base)
+    pm, n, offs_r, mr, r64, rows, offs_c, mc = _sample_tile(HW, K, W, Wp, HpWp, base, BLOCK_M, BLOCK_N)
     acc = _zeros(BLOCK_M, BLOCK_N, F64)
     for o0 in range(0, Cout, BLOCK_K):
-        offs_o = o0 + tl.arange(0, BLOCK_K)
-        mo = offs_o < Cout
+        offs_o, mo = _chunk(o0, Cout, BLOCK_K)
         a = tl.load(go_ptr + n * sgn + r64[:, None] * sgp + offs_o.to(tl.int64)[None, :] * sgc,
                     mask=mr[:, None] & mo[None, :], other=0.0)
         b = tl.load(w_ptr + offs_o[:, None] * sw0 + offs_c[None, :] * sw1, mask=mo[:, None] & mc[None, :], other=0.0)
@@ -280,13 +292,8 @@ def _add_rows_kernel(
     gbuf_ptr, v_ptr, K, HW, W, Wp, HpWp, base, T, col0, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # gbuf[interior rows of sample n, col0 + c] += v[n, c] (the gate's pooled-mean gradient)
-    offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.program_id(2).to(tl.int64)
-    mc = offs_c < K
-    r64 = offs_r.to(tl.int64)
-    rows = _buffer_rows(r64, n, W, Wp, HpWp, base)
-    mask = (offs_r < HW)[:, None] & mc[None, :]
+    _, n, _, mr, _, rows, offs_c, mc = _sample_tile(HW, K, W, Wp, HpWp, base, BLOCK_M, BLOCK_C)
+    mask = mr[:, None] & mc[None, :]
     ptrs = gbuf_ptr + rows[:, None] * T + col0 + offs_c[None, :]
     v = tl.load(v_ptr + n * K + offs_c, mask=mc, other=0.0)
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + v[None, :], mask=mask)
@@ -409,21 +416,8 @@ def _conv_bwd_in_kernel(
     mm = offs_m < M
     mc = offs_c < in_len
     rows, _n, _r = _pixel_rows(offs_m, HW, W, Wp, HpWp, base)
-    a_base = dz_ptr + (rows * LDZ)[:, None]
-    w_base = w_ptr + offs_c[None, :] * sw1
-    mm2 = mm[:, None]
-    mc2 = mc[None, :]
-    ks = tl.arange(0, BLOCK_K)
-    acc = _zeros(BLOCK_M, BLOCK_N, F64)
-    for t in tl.static_range(KS * KS):
-        a_tap = a_base - ((t // KS - P) * Wp + (t % KS - P)) * LDZ
-        w_tap = w_base + ((t // KS) * sw2 + (t % KS) * sw3)
-        for g0 in range(0, G, BLOCK_K):
-            offs_g = g0 + ks
-            mg = offs_g < G
-            a = tl.load(a_tap + offs_g[None, :], mask=mm2 & mg[None, :], other=0.0)
-            b = tl.load(w_tap + offs_g[:, None] * sw0, mask=mg[:, None] & mc2, other=0.0)
-            acc = _mma(a, b, acc, EMU_BF16)
+    acc = _tap_gemm(dz_ptr + (rows * LDZ)[:, None], -LDZ, w_ptr + offs_c[None, :] * sw1, sw0, sw2, sw3, Wp, G, mm, mc,
+                    KS, P, EMU_BF16, F64, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = mm[:, None] & mc[None, :]
     ptrs = gbuf_ptr + rows[:, None] * T + in_start + offs_c[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)

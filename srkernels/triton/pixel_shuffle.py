@@ -33,6 +33,41 @@ _ACTS = {"none": 0, "relu": 1, "prelu": 2}
 
 
 @triton.jit
+def _at(v, AXIS: tl.constexpr):
+    # the 1-D index vector v along axis AXIS of a 4-D tile
+    if AXIS == 0:
+        t = v[:, None, None, None]
+    elif AXIS == 1:
+        t = v[None, :, None, None]
+    elif AXIS == 2:
+        t = v[None, None, :, None]
+    else:
+        t = v[None, None, None, :]
+    return t
+
+
+@triton.jit
+def _program(NWB, RP: tl.constexpr, BW: tl.constexpr):
+    # Program (row block x w block, channel program, n) of the kernels below -> pb, its row block, the channel
+    # program, n (int64), the sub-pixel axes i and j, the block's w offsets.
+    pb = tl.program_id(0)
+    ri = tl.arange(0, RP)
+    return pb, pb // NWB, tl.program_id(1), tl.program_id(2).to(tl.int64), ri, ri, (pb % NWB) * BW + tl.arange(0, BW)
+
+
+@triton.jit
+def _params(b_ptrs, mb, a_ptrs, ma, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr):
+    # (bias of the tile's x channels, prelu slope of its output channels), in acc; 0.0 when absent
+    bias = 0.0
+    if HAS_BIAS:
+        bias = _acc(tl.load(b_ptrs, mask=mb, other=0.0), F64)
+    a = 0.0
+    if ACT == 2:
+        a = _acc(tl.load(a_ptrs, mask=ma, other=0.0), F64)
+    return bias, a
+
+
+@triton.jit
 def _forward_act(v, a, ACT: tl.constexpr):
     # `v < 0` (not `v <= 0`) keeps NaN as NaN, like torch.relu / prelu.
     if ACT == 1:
@@ -46,97 +81,60 @@ def _forward_act(v, a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _ps_fwd_nchw_kernel(
-    x_ptr, b_ptr, a_ptr, res_ptr, o_ptr, H, W, NWB,
-    sxn, sxc, sxh, sxw, srn, src, srh, srw, son, soc, soh, sow,
-    R: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    F64: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-):
-    # Program = (spatial tile, output channel c, n): reads r*r x-rows segments [BH, BW], writes r*BH out-rows
-    # segments of r*BW.
-    pb = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(2).to(tl.int64)
-    hb = pb // NWB
-    wb = pb % NWB
-    ri = tl.arange(0, RP)
-    rj = tl.arange(0, RP)
-    hh = hb * BH + tl.arange(0, BH)
-    ww = wb * BW + tl.arange(0, BW)
-
-    i4 = ri[:, None, None, None]
-    j4 = rj[None, :, None, None]
-    h4 = hh[None, None, :, None]
-    w4 = ww[None, None, None, :]
-    mij = (i4 < R) & (j4 < R)
-    k4 = c * (R * R) + i4 * R + j4
-    m = mij & (h4 < H) & (w4 < W)
-    xoff = n * sxn + k4 * sxc + h4.to(tl.int64) * sxh + w4.to(tl.int64) * sxw
-    v = _acc(tl.load(x_ptr + xoff, mask=m, other=0.0), F64)
+def _shuffle_tile(x_ptrs, m, b_ptrs, mb, a_ptrs, ma, res_ptrs, o_ptr, ooff, mo,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, F64: tl.constexpr):
+    # The epilogue of one tile: load in x order, bias + activation in acc, permute (2, 0, 3, 1) to out order
+    # (both layouts' tiles are built so that this one permutation maps them), + residual, store rounded once.
+    v = _acc(tl.load(x_ptrs, mask=m, other=0.0), F64)
+    bias, a = _params(b_ptrs, mb, a_ptrs, ma, HAS_BIAS, ACT, F64)
     if HAS_BIAS:
-        v += _acc(tl.load(b_ptr + k4, mask=mij, other=0.0), F64)
-    a = 0.0
-    if ACT == 2:
-        a = _acc(tl.load(a_ptr + c), F64)
-    y = tl.permute(_forward_act(v, a, ACT), (2, 0, 3, 1))  # [BH, RP(i), BW, RP(j)]
-
-    ho = hh[:, None, None, None]
-    io = ri[None, :, None, None]
-    wo = ww[None, None, :, None]
-    jo = rj[None, None, None, :]
-    orow = (ho * R + io).to(tl.int64)
-    ocol = (wo * R + jo).to(tl.int64)
-    mo = (ho < H) & (io < R) & (wo < W) & (jo < R)
+        v += bias
+    y = tl.permute(_forward_act(v, a, ACT), (2, 0, 3, 1))
     if HAS_RES:
-        y += _acc(tl.load(res_ptr + n * srn + c * src + orow * srh + ocol * srw, mask=mo, other=0.0), F64)
-    tl.store(o_ptr + n * son + c * soc + orow * soh + ocol * sow, y.to(o_ptr.dtype.element_ty), mask=mo)
+        y += _acc(tl.load(res_ptrs, mask=mo, other=0.0), F64)
+    tl.store(o_ptr + ooff, y.to(o_ptr.dtype.element_ty), mask=mo)
 
 
 @triton.jit
-def _ps_fwd_nhwc_kernel(
-    x_ptr, b_ptr, a_ptr, res_ptr, o_ptr, C, W, NWB,
+def _ps_fwd_kernel(
+    x_ptr, b_ptr, a_ptr, res_ptr, o_ptr, C, H, W, NWB,
     sxn, sxc, sxh, sxw, srn, src, srh, srw, son, soc, soh, sow,
     R: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    F64: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+    F64: tl.constexpr, NHWC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
 ):
-    # Program = (x row h and w block, output-channel block, n): reads one contiguous run of x's row
-    # [BW pixels x BC*r*r channels], writes r out-rows runs of [r*BW pixels x BC channels].
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    h = (pb // NWB).to(tl.int64)
-    wb = pb % NWB
-    ri = tl.arange(0, RP)
-    rj = tl.arange(0, RP)
-    ww = wb * BW + tl.arange(0, BW)
-    cc = cb * BC + tl.arange(0, BC)
-
-    w4 = ww[:, None, None, None]
-    c4 = cc[None, :, None, None]
-    i4 = ri[None, None, :, None]
-    j4 = rj[None, None, None, :]
-    mk = (c4 < C) & (i4 < R) & (j4 < R)
-    k4 = c4.to(tl.int64) * (R * R) + i4 * R + j4
-    m = mk & (w4 < W)
-    v = _acc(tl.load(x_ptr + n * sxn + h * sxh + w4.to(tl.int64) * sxw + k4 * sxc, mask=m, other=0.0), F64)
-    if HAS_BIAS:
-        v += _acc(tl.load(b_ptr + k4, mask=mk, other=0.0), F64)
-    a = 0.0
-    if ACT == 2:
-        a = _acc(tl.load(a_ptr + c4, mask=c4 < C, other=0.0), F64)
-    y = tl.permute(_forward_act(v, a, ACT), (2, 0, 3, 1))  # [RP(i), BW, RP(j), BC]
-
-    io = ri[:, None, None, None]
-    wo = ww[None, :, None, None]
-    jo = rj[None, None, :, None]
-    co = cc[None, None, None, :]
-    orow = h * R + io
+    # NCHW: program = (spatial tile, output channel c, n): reads r*r x-rows segments [BH, BW], writes r*BH
+    # out-rows segments of r*BW. NHWC: program = (x row h and w block, output-channel block, n): reads one
+    # contiguous run of x's row [BW pixels x BC*r*r channels], writes r out-rows runs of [r*BW pixels x BC
+    # channels]. Both build their x and out tiles (module docstring) so that _shuffle_tile's permutation maps them.
+    _, rb, cp, n, ri, rj, ww = _program(NWB, RP, BW)
+    if NHWC:
+        h = rb.to(tl.int64)
+        cc = cp * BC + tl.arange(0, BC)
+        w4, c4, i4, j4 = _at(ww, 0), _at(cc, 1), _at(ri, 2), _at(rj, 3)  # x tile [w, c, i, j]
+        io, wo, jo, co = _at(ri, 0), _at(ww, 1), _at(rj, 2), _at(cc, 3).to(tl.int64)  # out tile [i, w, j, c]
+        mk = (c4 < C) & (i4 < R) & (j4 < R)
+        k4 = c4.to(tl.int64) * (R * R) + i4 * R + j4
+        xoff = n * sxn + h * sxh + w4.to(tl.int64) * sxw + k4 * sxc
+        m = mk & (w4 < W)
+        ca = c4
+        orow = h * R + io
+        mo = (io < R) & (wo < W) & (jo < R) & (co < C)
+    else:
+        co = cp.to(tl.int64)
+        hh = rb * BH + tl.arange(0, BH)
+        i4, j4, h4, w4 = _at(ri, 0), _at(rj, 1), _at(hh, 2), _at(ww, 3)  # x tile [i, j, h, w]
+        ho, io, wo, jo = _at(hh, 0), _at(ri, 1), _at(ww, 2), _at(rj, 3)  # out tile [h, i, w, j]
+        mk = (i4 < R) & (j4 < R)
+        k4 = co * (R * R) + i4 * R + j4
+        xoff = n * sxn + k4 * sxc + h4.to(tl.int64) * sxh + w4.to(tl.int64) * sxw
+        m = mk & (h4 < H) & (w4 < W)
+        ca = co
+        orow = (ho * R + io).to(tl.int64)
+        mo = (ho < H) & (io < R) & (wo < W) & (jo < R)
     ocol = (wo * R + jo).to(tl.int64)
-    mo = (io < R) & (wo < W) & (jo < R) & (co < C)
-    co64 = co.to(tl.int64)
-    if HAS_RES:
-        y += _acc(tl.load(res_ptr + n * srn + co64 * src + orow * srh + ocol * srw, mask=mo, other=0.0), F64)
-    tl.store(o_ptr + n * son + co64 * soc + orow * soh + ocol * sow, y.to(o_ptr.dtype.element_ty), mask=mo)
+    _shuffle_tile(x_ptr + xoff, m, b_ptr + k4, mk, a_ptr + ca, ca < C,
+                  res_ptr + n * srn + co * src + orow * srh + ocol * srw, o_ptr,
+                  n * son + co * soc + orow * soh + ocol * sow, mo, HAS_BIAS, ACT, HAS_RES, F64)
 
 
 # ---- backward / unshuffle -------------------------------------------------------------------------------
@@ -155,131 +153,84 @@ def _backward_act(gy, x, bias, a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _ps_bwd_nchw_kernel(
-    go_ptr, x_ptr, b_ptr, a_ptr, gx_ptr, pgb_ptr, pga_ptr, C, H, W, NWB, NPB, STEPS,
-    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
-    R: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    F64: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-):
-    # The forward tile run backwards: grad_out rows in, r*r grad_x rows out, for STEPS consecutive row
-    # blocks (so that the per-program partials pgb[n, pb, k] (grad_bias) and pga[n, pb, c] (grad_act_weight)
-    # stay a small fraction of grad_x).
-    pb = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(2).to(tl.int64)
-    hb0 = (pb // NWB) * STEPS
-    wb = pb % NWB
-    ri = tl.arange(0, RP)
-    rj = tl.arange(0, RP)
-    ww = wb * BW + tl.arange(0, BW)
-    # out-order [BH, RP(i), BW, RP(j)] and x-order [RP(i), RP(j), BH, BW] index pieces
-    io = ri[None, :, None, None]
-    wo = ww[None, None, :, None]
-    jo = rj[None, None, None, :]
-    i4 = ri[:, None, None, None]
-    j4 = rj[None, :, None, None]
-    w4 = ww[None, None, None, :].to(tl.int64)
-    mij = (i4 < R) & (j4 < R)
-    k4 = c * (R * R) + i4 * R + j4
-    bias = 0.0
-    if HAS_BIAS and ACT != 0:
-        bias = _acc(tl.load(b_ptr + k4, mask=mij, other=0.0), F64)
-    a = 0.0
-    if ACT == 2:
-        a = _acc(tl.load(a_ptr + c), F64)
-    # per-step tile sums (fixed order), so the accumulators stay tiny
-    gb = _acc(tl.zeros([RP, RP], dtype=tl.float32), F64)
-    ga = _acc(tl.zeros([RP, RP], dtype=tl.float32), F64)
-    for step in range(STEPS):
-        hh = (hb0 + step) * BH + tl.arange(0, BH)
-        ho = hh[:, None, None, None]
-        mo = (ho < H) & (io < R) & (wo < W) & (jo < R)
-        goff = n * sgn + c * sgc + (ho * R + io).to(tl.int64) * sgh + (wo * R + jo).to(tl.int64) * sgw
-        gy = tl.permute(_acc(tl.load(go_ptr + goff, mask=mo, other=0.0), F64), (1, 3, 0, 2))  # x order
-        h4 = hh[None, None, :, None].to(tl.int64)
-        m = mij & (h4 < H) & (w4 < W)
-        if ACT == 0:
-            gx = gy
-        else:
-            x = _acc(tl.load(x_ptr + n * sxn + k4 * sxc + h4 * sxh + w4 * sxw, mask=m, other=0.0), F64)
-            gx, gterm = _backward_act(gy, x, bias, a, ACT)
-            if ACT == 2:
-                ga += tl.sum(tl.sum(gterm, axis=3), axis=2)
-        tl.store(gx_ptr + n * sdn + k4 * sdc + h4 * sdh + w4 * sdw, gx.to(gx_ptr.dtype.element_ty), mask=m)
-        if BIAS_GRAD:
-            gb += tl.sum(tl.sum(gx, axis=3), axis=2)
-    if ACT == 2:
-        tl.store(pga_ptr + (n * NPB + pb) * C + c, tl.sum(tl.sum(ga, axis=1), axis=0))
-    if BIAS_GRAD:
-        i2 = ri[:, None]
-        j2 = rj[None, :]
-        tl.store(pgb_ptr + (n * NPB + pb) * (C * R * R) + c * (R * R) + i2 * R + j2, gb, mask=(i2 < R) & (j2 < R))
+def _grad_tile(gy, x_ptrs, m, bias, a, gx_ptr, gxoff, ACT: tl.constexpr, F64: tl.constexpr):
+    # grad_x of one tile (x order, gy already permuted there), stored; -> (grad_x, the prelu slope-gradient
+    # terms, meaningful with ACT 2 only). Act "none" reads no x.
+    gx = gy
+    gterm = gy
+    if ACT != 0:
+        x = _acc(tl.load(x_ptrs, mask=m, other=0.0), F64)
+        gx, gterm = _backward_act(gy, x, bias, a, ACT)
+    tl.store(gx_ptr + gxoff, gx.to(gx_ptr.dtype.element_ty), mask=m)
+    return gx, gterm
 
 
 @triton.jit
-def _ps_bwd_nhwc_kernel(
+def _ps_bwd_kernel(
     go_ptr, x_ptr, b_ptr, a_ptr, gx_ptr, pgb_ptr, pga_ptr, C, H, W, NWB, NPB, STEPS,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     R: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    F64: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+    F64: tl.constexpr, NHWC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
 ):
-    # As the NCHW kernel; a step is one x row h (r grad_out rows).
-    pb = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    h0 = (pb // NWB) * STEPS
-    wb = pb % NWB
-    ri = tl.arange(0, RP)
-    rj = tl.arange(0, RP)
-    ww = wb * BW + tl.arange(0, BW)
-    cc = cb * BC + tl.arange(0, BC)
-    # out-order [RP(i), BW, RP(j), BC] and x-order [BW, BC, RP(i), RP(j)] index pieces
-    io = ri[:, None, None, None]
-    wo = ww[None, :, None, None]
-    jo = rj[None, None, :, None]
-    co = cc[None, None, None, :]
-    mo_ = (io < R) & (wo < W) & (jo < R) & (co < C)
-    goff_ = n * sgn + co.to(tl.int64) * sgc + io * sgh + (wo * R + jo).to(tl.int64) * sgw
-    w4 = ww[:, None, None, None]
-    c4 = cc[None, :, None, None]
-    i4 = ri[None, None, :, None]
-    j4 = rj[None, None, None, :]
-    mk = (c4 < C) & (i4 < R) & (j4 < R)
-    k4 = c4.to(tl.int64) * (R * R) + i4 * R + j4
-    m_ = mk & (w4 < W)
-    w64 = w4.to(tl.int64)
-    bias = 0.0
-    if HAS_BIAS and ACT != 0:
-        bias = _acc(tl.load(b_ptr + k4, mask=mk, other=0.0), F64)
-    a = 0.0
-    if ACT == 2:
-        a = _acc(tl.load(a_ptr + c4, mask=c4 < C, other=0.0), F64)
-    gb = _acc(tl.zeros([BC, RP, RP], dtype=tl.float32), F64)
-    ga = _acc(tl.zeros([BC], dtype=tl.float32), F64)
-    for step in range(STEPS):
-        h = (h0 + step).to(tl.int64)
-        inside = h < H
-        gy = _acc(tl.load(go_ptr + goff_ + h * R * sgh, mask=mo_ & inside, other=0.0), F64)
-        gy = tl.permute(gy, (1, 3, 0, 2))  # x order
-        m = m_ & inside
-        if ACT == 0:
-            gx = gy
-        else:
-            x = _acc(tl.load(x_ptr + n * sxn + h * sxh + w64 * sxw + k4 * sxc, mask=m, other=0.0), F64)
-            gx, gterm = _backward_act(gy, x, bias, a, ACT)
+    # The forward tile run backwards: grad_out rows in, grad_x rows out, for STEPS consecutive row blocks (NCHW:
+    # BH x rows; NHWC: one x row h, r grad_out rows), so that the per-program partials pgb[n, pb, k] (grad_bias)
+    # and pga[n, pb, c] (grad_act_weight) stay a small fraction of grad_x. Per-step tile sums (fixed order).
+    pb, rb, cp, n, ri, rj, ww = _program(NWB, RP, BW)
+    if NHWC:
+        cc = cp * BC + tl.arange(0, BC)
+        io, wo, jo, co = _at(ri, 0), _at(ww, 1), _at(rj, 2), _at(cc, 3)  # out order [RP(i), BW, RP(j), BC]
+        w4, c4, i4, j4 = _at(ww, 0), _at(cc, 1), _at(ri, 2), _at(rj, 3)  # x order [BW, BC, RP(i), RP(j)]
+        mo_ = (io < R) & (wo < W) & (jo < R) & (co < C)
+        goff_ = n * sgn + co.to(tl.int64) * sgc + io * sgh + (wo * R + jo).to(tl.int64) * sgw
+        mk = (c4 < C) & (i4 < R) & (j4 < R)
+        k4 = c4.to(tl.int64) * (R * R) + i4 * R + j4
+        m_ = mk & (w4 < W)
+        w64 = w4.to(tl.int64)
+        bias, a = _params(b_ptr + k4, mk, a_ptr + c4, c4 < C, HAS_BIAS, ACT, F64)
+        gb = _acc(tl.zeros([BC, RP, RP], dtype=tl.float32), F64)
+        ga = _acc(tl.zeros([BC], dtype=tl.float32), F64)
+        for step in range(STEPS):
+            h = (rb * STEPS + step).to(tl.int64)
+            inside = h < H
+            gy = _acc(tl.load(go_ptr + goff_ + h * R * sgh, mask=mo_ & inside, other=0.0), F64)
+            gx, gterm = _grad_tile(tl.permute(gy, (1, 3, 0, 2)), x_ptr + n * sxn + h * sxh + w64 * sxw + k4 * sxc,
+                                   m_ & inside, bias, a, gx_ptr, n * sdn + h * sdh + w64 * sdw + k4 * sdc, ACT, F64)
             if ACT == 2:
                 ga += tl.sum(tl.sum(tl.sum(gterm, axis=3), axis=2), axis=0)
-        tl.store(gx_ptr + n * sdn + h * sdh + w64 * sdw + k4 * sdc, gx.to(gx_ptr.dtype.element_ty), mask=m)
+            if BIAS_GRAD:
+                gb += tl.sum(gx, axis=0)
+        if ACT == 2:
+            tl.store(pga_ptr + (n * NPB + pb) * C + cc, ga, mask=cc < C)
         if BIAS_GRAD:
-            gb += tl.sum(gx, axis=0)
-    if ACT == 2:
-        tl.store(pga_ptr + (n * NPB + pb) * C + cc, ga, mask=cc < C)
-    if BIAS_GRAD:
-        c3 = cc[:, None, None]
-        i3 = ri[None, :, None]
-        j3 = rj[None, None, :]
-        k3 = c3 * (R * R) + i3 * R + j3
-        tl.store(pgb_ptr + (n * NPB + pb) * (C * R * R) + k3, gb, mask=(c3 < C) & (i3 < R) & (j3 < R))
+            c3, i3, j3 = cc[:, None, None], ri[None, :, None], rj[None, None, :]
+            tl.store(pgb_ptr + (n * NPB + pb) * (C * R * R) + c3 * (R * R) + i3 * R + j3, gb,
+                     mask=(c3 < C) & (i3 < R) & (j3 < R))
+    else:
+        c = cp.to(tl.int64)
+        io, wo, jo = _at(ri, 1), _at(ww, 2), _at(rj, 3)  # out order [BH, RP(i), BW, RP(j)]
+        i4, j4, w4 = _at(ri, 0), _at(rj, 1), _at(ww, 3).to(tl.int64)  # x order [RP(i), RP(j), BH, BW]
+        mij = (i4 < R) & (j4 < R)
+        k4 = c * (R * R) + i4 * R + j4
+        bias, a = _params(b_ptr + k4, mij, a_ptr + c, c < C, HAS_BIAS, ACT, F64)
+        gb = _acc(tl.zeros([RP, RP], dtype=tl.float32), F64)
+        ga = _acc(tl.zeros([RP, RP], dtype=tl.float32), F64)
+        for step in range(STEPS):
+            hh = (rb * STEPS + step) * BH + tl.arange(0, BH)
+            ho, h4 = _at(hh, 0), _at(hh, 2).to(tl.int64)
+            goff = n * sgn + c * sgc + (ho * R + io).to(tl.int64) * sgh + (wo * R + jo).to(tl.int64) * sgw
+            gy = _acc(tl.load(go_ptr + goff, mask=(ho < H) & (io < R) & (wo < W) & (jo < R), other=0.0), F64)
+            gx, gterm = _grad_tile(tl.permute(gy, (1, 3, 0, 2)), x_ptr + n * sxn + k4 * sxc + h4 * sxh + w4 * sxw,
+                                   mij & (h4 < H) & (w4 < W), bias, a, gx_ptr, n * sdn + k4 * sdc + h4 * sdh + w4 * sdw,
+                                   ACT, F64)
+            if ACT == 2:
+                ga += tl.sum(tl.sum(gterm, axis=3), axis=2)
+            if BIAS_GRAD:
+                gb += tl.sum(tl.sum(gx, axis=3), axis=2)
+        if ACT == 2:
+            tl.store(pga_ptr + (n * NPB + pb) * C + c, tl.sum(tl.sum(ga, axis=1), axis=0))
+        if BIAS_GRAD:
+            i2, j2 = ri[:, None], rj[None, :]
+            tl.store(pgb_ptr + (n * NPB + pb) * (C * R * R) + c * (R * R) + i2 * R + j2, gb, mask=(i2 < R) & (j2 < R))
 
 
 # ---- launchers ------------------------------------------------------------------------------------------
@@ -319,7 +270,7 @@ class _Tiling(NamedTuple):
     """Tile and grid pieces of one layout, shared by the forward and backward launches. A row block is what a
     backward program step covers: one x row (NHWC) or BH x rows (NCHW), of BW pixels per w block."""
 
-    blocks: dict  # the kernels' tile meta-args: BW, BC (NHWC) or BH, BW (NCHW)
+    blocks: dict  # the kernels' tile meta-args NHWC, BH, BW, BC (NHWC tiles are one x row: BH 1; NCHW: BC 1)
     tile: int  # elements per program tile (num_warps)
     NWB: int  # w blocks per row block
     NRB: int  # row blocks
@@ -330,9 +281,11 @@ class _Tiling(NamedTuple):
 def _tiling(channels_last: bool, C: int, H: int, W: int, RP: int) -> _Tiling:
     if channels_last:
         BW, BC = _tiles_nhwc(C, W, RP)
-        return _Tiling(dict(BW=BW, BC=BC), BW * BC * RP * RP, triton.cdiv(W, BW), H, triton.cdiv(C, BC), BW)
+        return _Tiling(dict(NHWC=True, BH=1, BW=BW, BC=BC), BW * BC * RP * RP, triton.cdiv(W, BW), H,
+                       triton.cdiv(C, BC), BW)
     BH, BW = _tiles_nchw(H, W, RP)
-    return _Tiling(dict(BH=BH, BW=BW), BH * BW * RP * RP, triton.cdiv(W, BW), triton.cdiv(H, BH), C, BH * BW)
+    return _Tiling(dict(NHWC=False, BH=BH, BW=BW, BC=1), BH * BW * RP * RP, triton.cdiv(W, BW), triton.cdiv(H, BH),
+                   C, BH * BW)
 
 
 def _check_common(r: int, act: str, act_weight: Tensor | None, C: int) -> int:
@@ -379,9 +332,8 @@ def _shuffle_into(
     strides = (*x.stride(), *_strides4(residual), *out.stride())
     nhwc = fmt == torch.channels_last
     t = _tiling(nhwc, C, H, W, RP)
-    kernel, geo = (_ps_fwd_nhwc_kernel, (C, W, t.NWB)) if nhwc else (_ps_fwd_nchw_kernel, (H, W, t.NWB))
-    wrap_triton(kernel)[(t.NWB * t.NRB, t.NCB, N)](
-        x, b, a, res, out, *geo, *strides, **common, **t.blocks, num_warps=_warps(t.tile))
+    wrap_triton(_ps_fwd_kernel)[(t.NWB * t.NRB, t.NCB, N)](
+        x, b, a, res, out, C, H, W, t.NWB, *strides, **common, **t.blocks, num_warps=_warps(t.tile))
 
 
 def _unshuffle(
@@ -402,13 +354,12 @@ def _unshuffle(
     # with reductions, a program runs several row blocks: partials ~ 1/_PARTIAL_RATIO of grad_x
     steps = max(1, min(t.NRB, triton.cdiv(_PARTIAL_RATIO, t.pixels))) if reduce else 1
     grid = (t.NWB * triton.cdiv(t.NRB, steps), t.NCB, N)
-    kernel = _ps_bwd_nhwc_kernel if nhwc else _ps_bwd_nchw_kernel
     geo = (C, H, W, t.NWB)
     NPB = grid[0]
     pgb = grad_out.new_empty((N * NPB, Cin), dtype=acc) if need_bias_grad else None
     pga = grad_out.new_empty((N * NPB, C), dtype=acc) if act_id == 2 else None
     if grad_x.numel() > 0:
-        wrap_triton(kernel)[grid](
+        wrap_triton(_ps_bwd_kernel)[grid](
             grad_out, x if x is not None else grad_out,
             bias.contiguous() if bias is not None else grad_out,
             act_weight.reshape(-1).contiguous() if act_weight is not None else grad_out,

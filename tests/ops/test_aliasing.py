@@ -5,10 +5,10 @@ wrong results."""
 import pytest
 import torch
 
-from srkernels import ops, use_backend
+from srkernels import use_backend
 
 from ..conftest import assert_close
-from .test_out_variants import OPS, make_case
+from .test_out_variants import OPS, first_weight, make_case
 
 BACKENDS = ["compiled", "reference"]
 
@@ -54,20 +54,13 @@ def test_out_overlapping_a_weight_is_refused(op):
     fn, x, res = make_case(op, torch.float32, "contiguous", "compiled")
     with torch.no_grad():
         expected = fn(x, residual=res)
-    # rebuild the op with its first weight living inside out's buffer
+    # the op's first weight living inside out's buffer
+    name, weight = first_weight(op, "compiled")
     buf = torch.zeros(expected.numel())
     out = buf.view(expected.shape)
-    w = buf[:64]
-    with torch.no_grad():
-        if op == "channel_attention":
-            call, name = lambda: ops.channel_attention(x, w[:16].view(2, 8), None, torch.randn(8, 2), None, out=out), "w1"
-        elif op == "balanced_attention":
-            call, name = lambda: ops.balanced_attention(x, w[:16].view(2, 8), torch.ones(2), torch.randn(8, 2),
-                                                        torch.randn(7, 7), out=out), "w1"
-        else:
-            call, name = lambda: ops.pixel_shuffle(x, 2, bias=w[:x.shape[1]], out=out), "bias"
-        with pytest.raises(ValueError, match=f"out must not overlap {name}"):
-            call()
+    inside = buf[:weight.numel()].view(weight.shape).copy_(weight)
+    with torch.no_grad(), pytest.raises(ValueError, match=f"out must not overlap {name}"):
+        fn(x, out=out, **{name: inside})
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -45,6 +45,14 @@ def _cases():
                                            id=f"{backend}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{fmt}-res{int(residual)}")
 
 
+def out_case(t, backend):
+    """This op's case of tests/ops/test_out_variants.py: (x, residual, the op's other arguments by name), drawn
+    with ``t(*shape, scale=, k=)``."""
+    return t(2, 8, 5, 6), t(2, 8, 5, 6, k=1), dict(
+        w1=t(2, 8, k=2), prelu_w=t(2, scale=0.1, k=3).abs(), w2=t(8, 2, k=4), w_sa=t(7, 7, scale=0.1, k=5))
+
+
+
 @pytest.mark.parametrize("backend,shape,dtype,fmt,residual", list(_cases()))
 def test_parity(backend, shape, dtype, fmt, residual):
     run_parity(fused, ref, make_inputs(*shape, residual=residual), backend=backend, dtype=dtype, fmt=fmt)

@@ -62,6 +62,15 @@ def _cases():
                                            id=f"{backend}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{fmt}-{'-'.join(map(str, variant))}")
 
 
+def out_case(t, backend):
+    """This op's case of tests/ops/test_out_variants.py: (x, residual, the op's other arguments by name), drawn
+    with ``t(*shape, scale=, k=)``."""
+    return t(2, 8, 5, 6), t(2, 8, 5, 6, k=1), dict(
+        w1=t(2, 8, k=2), b1=t(2, k=3), w2=t(8, 2, k=4), b2=t(8, k=5), act="prelu",
+        act_weight=t(2, scale=0.1, k=6).abs(), pool="avg+std")
+
+
+
 @pytest.mark.parametrize("backend,shape,dtype,fmt,variant", list(_cases()))
 def test_parity(backend, shape, dtype, fmt, variant):
     pool, act, bias, residual = variant

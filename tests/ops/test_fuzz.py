@@ -122,6 +122,13 @@ def _common(draw, has_out=True):
     return seed, dtype, fmt, out_mode, draw(FMTS)
 
 
+def _fuzz_maps(max_c: int, max_hw: int):
+    """``@FUZZ @given(...)`` of an op on one [N, C, H, W] map with ``out=``: N in 0..3, C in 1..max_c, H and W in
+    1..max_hw; the test draws the rest from ``data``."""
+    return lambda test: FUZZ(given(c=_common(), N=st.integers(0, 3), C=st.integers(1, max_c),
+                                   H=st.integers(1, max_hw), W=st.integers(1, max_hw), data=st.data())(test))
+
+
 def _draw_residual_special(data, seed, out_mode):
     """Whether a residual is passed (always when ``out`` is to alias it), which non-finite values are sprinkled,
     and the case's generator."""
@@ -130,9 +137,7 @@ def _draw_residual_special(data, seed, out_mode):
     return with_res, special, torch.Generator().manual_seed(seed)
 
 
-@FUZZ
-@given(c=_common(), N=st.integers(0, 3), C=st.integers(1, 20), H=st.integers(1, 9), W=st.integers(1, 9),
-       data=st.data())
+@_fuzz_maps(20, 9)
 def test_fuzz_channel_attention(c, N, C, H, W, data):
     seed, dtype, fmt, out_mode, out_fmt = c
     Cr = data.draw(st.integers(1, C), "Cr")
@@ -150,9 +155,7 @@ def test_fuzz_channel_attention(c, N, C, H, W, data):
              f"channel_attention {[N, C, H, W]} Cr={Cr} {pool} {act} {dtype} {fmt} out={out_mode} {special}")
 
 
-@FUZZ
-@given(c=_common(), N=st.integers(0, 3), C=st.integers(1, 20), H=st.integers(1, 9), W=st.integers(1, 9),
-       data=st.data())
+@_fuzz_maps(20, 9)
 def test_fuzz_balanced_attention(c, N, C, H, W, data):
     seed, dtype, fmt, out_mode, out_fmt = c
     Cr = data.draw(st.integers(1, C), "Cr")
@@ -168,9 +171,7 @@ def test_fuzz_balanced_attention(c, N, C, H, W, data):
              f"balanced_attention {[N, C, H, W]} Cr={Cr} K={K} {dtype} {fmt} out={out_mode} {special}")
 
 
-@FUZZ
-@given(c=_common(), N=st.integers(0, 3), C=st.integers(1, 6), H=st.integers(1, 7), W=st.integers(1, 7),
-       data=st.data())
+@_fuzz_maps(6, 7)
 def test_fuzz_pixel_shuffle(c, N, C, H, W, data):
     seed, dtype, fmt, out_mode, out_fmt = c
     r = data.draw(st.integers(1, 3), "r")

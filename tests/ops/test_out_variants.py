@@ -1,6 +1,8 @@
 """``out=`` (the ``<op>_out`` kernels) of every op and fused backend: same values as the functional call, in the
 caller's buffer whatever its layout, in-place residual add (``out`` is ``residual``), and the argument errors.
 Contract: docs/ops.md, "Common rules"."""
+import importlib
+
 import pytest
 import torch
 
@@ -22,35 +24,29 @@ def _need(op: str, backend: str) -> None:
     assert hasattr(ns, f"{op}_out"), f"{backend} has no {op}_out"
 
 
+def _out_case(op: str, dtype: torch.dtype, backend: str, seed: int):
+    """(x, residual, the op's other arguments) from ``out_case`` in the op's test module tests/ops/test_<op>.py."""
+    case = getattr(importlib.import_module(f"{__package__}.test_{op}"), "out_case", None)
+    if case is None:
+        raise AssertionError(f"{op} has an out= variant (srkernels/ops/{op}.py) but tests/ops/test_{op}.py has no "
+                             f"out_case(t, backend): add one")
+    return case(lambda *shape, scale=1.0, k=0: (randn(*shape, seed=seed + k) * scale).to(dtype), backend)
+
+
 def make_case(op: str, dtype: torch.dtype, fmt: str, backend: str, seed: int = 0):
-    """(fn(x, residual=..., out=...), x, residual) with small weights, everything in ``dtype``, x in ``fmt``."""
-    def t(*shape, scale=1.0, k=0):
-        return (randn(*shape, seed=seed + k) * scale).to(dtype)
+    """(fn(x, residual=..., out=..., **arguments replacing the case's), x, residual) with small weights,
+    everything in ``dtype``, x in ``fmt``."""
+    x, res, kwargs = _out_case(op, dtype, backend, seed)
 
-    if op == "channel_attention":
-        x, res = t(2, 8, 5, 6), t(2, 8, 5, 6, k=1)
-        w1, b1, w2, b2, slope = t(2, 8, k=2), t(2, k=3), t(8, 2, k=4), t(8, k=5), t(2, scale=0.1, k=6).abs()
+    def fn(x, residual=None, out=None, **replace):
+        return getattr(ops, op)(x, **{**kwargs, **replace}, residual=residual, out=out)
 
-        def fn(x, residual=None, out=None):
-            return ops.channel_attention(x, w1, b1, w2, b2, residual=residual, act="prelu", act_weight=slope,
-                                         pool="avg+std", out=out)
-    elif op == "balanced_attention":
-        x, res = t(2, 8, 5, 6), t(2, 8, 5, 6, k=1)
-        w1, slope, w2, w_sa = t(2, 8, k=2), t(2, scale=0.1, k=3).abs(), t(8, 2, k=4), t(7, 7, scale=0.1, k=5)
-
-        def fn(x, residual=None, out=None):
-            return ops.balanced_attention(x, w1, slope, w2, w_sa, residual=residual, out=out)
-    elif op == "pixel_shuffle":  # compiled: C = 16 >= one CPU vector takes the vectorised NHWC r = 2 path; the
-        # interpreter wants small
-        C = 16 if backend == "compiled" else 3
-        x, res = t(2, 4 * C, 3, 5), t(2, C, 6, 10, k=1)
-        bias, slope = t(4 * C, k=2), t(C, scale=0.1, k=3).abs()
-
-        def fn(x, residual=None, out=None):
-            return ops.pixel_shuffle(x, 2, bias=bias, act="prelu", act_weight=slope, residual=residual, out=out)
-    else:
-        raise AssertionError(f"{op} has an out= variant (srkernels/ops/{op}.py) but no case here: add one")
     return fn, layout(x, fmt), layout(res, fmt)
+
+
+def first_weight(op: str, backend: str) -> tuple[str, torch.Tensor]:
+    """The name and float32 value of the first tensor argument after x in ``op``'s case (as make_case's)."""
+    return next((k, v) for k, v in _out_case(op, torch.float32, backend, 0)[2].items() if isinstance(v, torch.Tensor))
 
 
 def _buffer(like: torch.Tensor, fmt: str) -> torch.Tensor:

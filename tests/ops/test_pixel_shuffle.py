@@ -41,6 +41,16 @@ def _cases():
                                            id=f"{backend}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{fmt}-{'-'.join(map(str, variant))}")
 
 
+def out_case(t, backend):
+    """This op's case of tests/ops/test_out_variants.py: (x, residual, the op's other arguments by name), drawn
+    with ``t(*shape, scale=, k=)``. Compiled: C = 16 >= one CPU vector takes the vectorised NHWC r = 2 path; the
+    interpreter wants small."""
+    C = 16 if backend == "compiled" else 3
+    return t(2, 4 * C, 3, 5), t(2, C, 6, 10, k=1), dict(
+        r=2, bias=t(4 * C, k=2), act="prelu", act_weight=t(C, scale=0.1, k=3).abs())
+
+
+
 @pytest.mark.parametrize("backend,shape,dtype,fmt,variant", list(_cases()))
 def test_parity(backend, shape, dtype, fmt, variant):
     bias, act, residual = variant

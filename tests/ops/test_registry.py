@@ -76,14 +76,28 @@ def test_triton_ops_share_the_schema_and_fake(spec, op):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
-def test_every_op_has_a_parity_test_and_docs(spec):
+def test_every_op_has_a_parity_test_bench_and_docs(spec):
     test = ROOT / "tests" / "ops" / f"test_{spec.name}.py"
     assert test.is_file(), f"{spec.name} has no parity test {test.relative_to(ROOT)}"
     assert "_parity" in test.read_text(), f"{test.relative_to(ROOT)} does not use tests/ops/_parity.py"
     assert f"\n## {spec.name}" in (ROOT / "docs" / "ops.md").read_text(), f"docs/ops.md has no '## {spec.name}'"
+    bench = ROOT / "benchmarks" / f"bench_{spec.name}.py"
+    assert bench.is_file(), f"{spec.name} has no benchmark {bench.relative_to(ROOT)}"
     if spec.has_out:
         from .test_out_variants import make_case
-        make_case(spec.name, torch.float32, "contiguous", "compiled")  # raises when the op has no case
+        make_case(spec.name, torch.float32, "contiguous", "compiled")  # raises when test_<op>.py has no out_case
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_op_has_the_signature_of_its_reference(spec):
+    # the front end and its reference take the same arguments, in the same order (plus out=); defaults and
+    # keyword-only markers may differ (a reference written like the schema)
+    import inspect
+
+    def names(fn):
+        return [p for p in inspect.signature(fn).parameters if p != "out"]
+
+    assert names(getattr(ops, spec.name)) == names(spec.reference)
 
 
 _DEF_THEN_IMPL = """
