@@ -12,6 +12,8 @@ from ..ops import _dispatch
 from ..reference import attention as R
 from .conv import conv2d
 
+__all__ = ["ChannelAttention", "BalancedAttention", "RCAB"]
+
 
 class ChannelAttention(R.ChannelAttention):
     """RCAN CALayer (keys ``conv_du.0``, ``conv_du.2``) as one op: pool, FCs, sigmoid, scale, + residual."""

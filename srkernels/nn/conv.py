@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
+__all__ = ["Conv2d", "conv2d", "apply_conv"]
+
 ACTIVATIONS = (None, "relu")
 _MKLDNN = torch.backends.mkldnn.is_available()
 # Packed weights kept per conv, one per input shape, least recently used dropped first. Each is a copy of the
