@@ -88,13 +88,13 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> tuple[CpuAlgorithm, object] | 
     last = last.data if last is not None else None  # a PackCache: a module copy starts without one
     if last is not None and last[0] is w and last[1] == w._version and last[2] == shape and last[3] == w.data_ptr():
         return last[4]
+    meta = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    alg = cpu_algorithm(x, w, *meta)
+    if alg is None:  # before touching the cache: a call in an unsupported dtype keeps the packs of another
+        return None
     packs = _module_cache(conv, "_srk_packed", (w._version, w.dtype, w.data_ptr()), OrderedDict)
     entry = packs.get(shape)
     if entry is None:
-        meta = (conv.stride, conv.padding, conv.dilation, conv.groups)
-        alg = cpu_algorithm(x, w, *meta)
-        if alg is None:
-            return None
         entry = packs[shape] = (alg, alg.pack(w, *meta, shape))
         if len(packs) > _PACK_CACHE_SIZE:
             packs.popitem(last=False)
