@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import SRModel, conv, layer, positive_int
+from ._common import SRModel, conv, layer
 
 
 def _deconv_padding(kernel: int, stride: int) -> tuple[int, int]:
@@ -59,19 +59,9 @@ class SRDenseNet(SRModel):
         bottleneck: int = 256,
         deconv_kernel: int | None = None,
     ) -> None:
-        cin = positive_int("in_channels", in_channels)
-        f = positive_int("num_features", num_features)
-        nb = positive_int("num_blocks", num_blocks)
-        nl = positive_int("num_layers", num_layers)
-        g = positive_int("growth", growth)
-        bott = positive_int("bottleneck", bottleneck)
-        if deconv_kernel is not None:
-            positive_int("deconv_kernel", deconv_kernel)
-        config = dict(
-            in_channels=cin, num_features=f, num_blocks=nb, num_layers=nl, growth=g, bottleneck=bott,
-            deconv_kernel=deconv_kernel,
-        )
-        super().__init__(scale, fused, config, in_channels=cin, input_range=1.0)
+        config = self.options(locals())
+        super().__init__(scale, fused, config, in_channels=in_channels, input_range=1.0)
+        cin, f, nb, nl, g, bott = in_channels, num_features, num_blocks, num_layers, growth, bottleneck
         Block = layer(fused, "SRDenseBlock")
         self.num_blocks = nb
         self.conv1 = nn.Sequential(conv(cin, f), nn.ReLU(inplace=True))
