@@ -54,7 +54,7 @@ def test_parity(shape, dtype, fmt, variant):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_gradcheck_float64(variant):
     bias, act, residual = variant
-    shape = (2, 4, 5, 4, 4, 3, 1, 1, 1, 2)
+    shape = (1, 4, 4, 3, 4, 3, 1, 1, 1, 2)
     inputs = {k: v for k, v in make_inputs(*shape, bias, residual, seed=5).items() if v is not None}
     names = list(inputs)
     meta = shape[6:]
@@ -65,7 +65,7 @@ def test_gradcheck_float64(variant):
 
     args = [v.clone().requires_grad_(True) for v in inputs.values()]
     # float64 runs the reference convolution; ReLU's kink: random values rarely land within eps of 0
-    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
