@@ -21,3 +21,20 @@ def triton_interpret() -> bool:
 def conv(cin: int, cout: int, k: int = 3, bias: bool = True) -> nn.Conv2d:
     """A kxk conv with 'same' zero padding (k odd)."""
     return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+
+
+def export_modules(package: str, path, namespace: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """Import every module of ``package`` (``path``: its ``__path__``) whose name does not start with "_" and is
+    not in ``skip``, copy the names in its ``__all__`` into ``namespace`` and return them: a package
+    ``__init__`` re-exports its modules' public names without an import line per module to keep by hand."""
+    import importlib
+    import pkgutil
+
+    names: list[str] = []
+    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
+        if info.name.startswith("_") or info.name in skip:
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        namespace.update({n: getattr(module, n) for n in module.__all__})
+        names += module.__all__
+    return names

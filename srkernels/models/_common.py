@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +61,27 @@ class SRModel(nn.Module):
         self.in_channels = in_channels
         self.input_range = float(input_range)
         self._config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+    @classmethod
+    def options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The constructor's options (keyword parameters but ``scale`` and ``fused``) from ``values`` (the
+        constructor's ``locals()``), in signature order, checked by their annotation: ``int`` a positive int
+        (``int | None`` also None), ``bool`` a bool, ``Sequence[float]`` a list of floats; other annotations are
+        left to the model. The signature is the one list of options: ``config`` starts from this, and
+        ``convert.validate_config`` reads it too."""
+        out = {}
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.kind is not p.KEYWORD_ONLY or name == "fused":
+                continue
+            v, kind = values[name], p.annotation
+            if kind in ("int", "int | None") and not (v is None and kind == "int | None"):
+                v = positive_int(name, v)
+            elif kind == "bool" and not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+            elif kind == "Sequence[float]":
+                v = [float(e) for e in v]
+            out[name] = v
+        return out
 
     @property
     def config(self) -> dict[str, Any]:

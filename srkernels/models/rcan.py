@@ -70,23 +70,14 @@ class RCAN(SRModel):
         n_colors: int = 3,
         kernel_size: int = 3,
     ) -> None:
-        ng = positive_int("n_resgroups", n_resgroups)
-        nb = positive_int("n_resblocks", n_resblocks)
-        nf = positive_int("n_feats", n_feats)
-        nc = positive_int("n_colors", n_colors)
-        if not isinstance(bam, bool):
-            raise TypeError(f"bam must be a bool, got {type(bam).__name__}")
+        config = self.options(locals())
         if meanshift not in MEANSHIFT_MODES:
             raise ValueError(f"meanshift must be one of {tuple(MEANSHIFT_MODES)}, got {meanshift!r}")
-        if len(rgb_mean) != nc or len(rgb_std) != nc:
-            raise ValueError(f"rgb_mean and rgb_std must have n_colors={nc} entries")
+        if len(rgb_mean) != n_colors or len(rgb_std) != n_colors:
+            raise ValueError(f"rgb_mean and rgb_std must have n_colors={n_colors} entries")
         rgb_range, input_range = MEANSHIFT_MODES[meanshift]
-        config = dict(
-            n_resgroups=ng, n_resblocks=nb, n_feats=nf, reduction=reduction, bam=bam, meanshift=meanshift,
-            rgb_mean=[float(v) for v in rgb_mean], rgb_std=[float(v) for v in rgb_std], n_colors=nc,
-            kernel_size=kernel_size,
-        )
-        super().__init__(scale, fused, config, in_channels=nc, input_range=input_range)
+        super().__init__(scale, fused, config, in_channels=n_colors, input_range=input_range)
+        ng, nb, nf, nc = n_resgroups, n_resblocks, n_feats, n_colors
         self.bam = bam
         self.meanshift = meanshift
         MeanShift = layer(fused, "MeanShift")

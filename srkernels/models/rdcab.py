@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import SRModel, conv, layer, positive_int
+from ._common import SRModel, conv, layer
 
 VARIANTS = ("ipiu", "split", "fd_irb")
 _SCALES = {"ipiu": (2, 3, 4), "split": (4,), "fd_irb": (2, 3, 4)}
@@ -86,22 +86,14 @@ class RDCABRecursiveSRNet(SRModel):
             raise ValueError(
                 f"scale {scale} is not supported by the {variant} variant; supported: {_SCALES[variant]}"
             )
-        nc = positive_int("num_channels", num_channels)
-        g0 = positive_int("num_features", num_features)
-        g = positive_int("growth", growth)
-        nl = positive_int("num_layers", num_layers)
-        nb = positive_int("num_blocks", num_blocks)
-        u = positive_int("num_recursions", num_recursions)
-        if not isinstance(b_squared, bool):
-            raise TypeError(f"b_squared must be a bool, got {type(b_squared).__name__}")
+        config = self.options(locals())
+        nc, g0, g, nl, nb, u = num_channels, num_features, growth, num_layers, num_blocks, num_recursions
         if variant != "ipiu" and g != g0:
             raise ValueError(f"growth must equal num_features ({g0}) for the {variant} variant, got {g}")
         if variant == "split" and nc != 3:
             raise ValueError(f"num_channels must be 3 for the split variant (48 = 3 * 4^2), got {nc}")
         if variant == "fd_irb" and b_squared and nb > 1:
             raise ValueError("b_squared=True with num_blocks > 1 has no upstream meaning for fd_irb")
-        config = dict(variant=variant, num_channels=nc, num_features=g0, growth=g, num_layers=nl,
-                      num_blocks=nb, num_recursions=u, b_squared=b_squared)
         super().__init__(scale, fused, config, in_channels=nc, input_range=1.0)
         self.variant = variant
         self.b_squared = b_squared

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import SRModel, conv, layer, positive_int
+from ._common import SRModel, conv, layer
 
 CONFIGS: dict[str, tuple[int, int, int]] = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (D, C, G)
 
@@ -33,19 +33,16 @@ class RDN(SRModel):
         kernel_size: int = 3,
         rgb_range: float = 255.0,
     ) -> None:
+        cfg = self.options(locals())
         if config not in CONFIGS:
             raise ValueError(f"config must be one of {tuple(CONFIGS)}, got {config!r}")
-        d, c, g = CONFIGS[config]
-        d = d if num_blocks is None else positive_int("num_blocks", num_blocks)
-        c = c if num_layers is None else positive_int("num_layers", num_layers)
-        g = g if growth is None else positive_int("growth", growth)
-        g0 = positive_int("num_features", num_features)
-        nc = positive_int("n_colors", n_colors)
         if rgb_range not in (1, 255):
             raise ValueError(f"rgb_range must be 1 or 255, got {rgb_range!r}")
-        cfg = dict(config=config, num_features=g0, num_blocks=d, num_layers=c, growth=g, n_colors=nc,
-                   kernel_size=kernel_size, rgb_range=float(rgb_range))
-        super().__init__(scale, fused, cfg, in_channels=nc, input_range=rgb_range)
+        # the options left None take the named configuration's value
+        defaults = dict(zip(("num_blocks", "num_layers", "growth"), CONFIGS[config]))
+        cfg.update({k: v for k, v in defaults.items() if cfg[k] is None}, rgb_range=float(rgb_range))
+        super().__init__(scale, fused, cfg, in_channels=n_colors, input_range=rgb_range)
+        d, c, g, g0, nc = cfg["num_blocks"], cfg["num_layers"], cfg["growth"], num_features, n_colors
         RDB = layer(fused, "ResidualDenseBlock")
         self.SFENet1 = conv(nc, g0, kernel_size)
         self.SFENet2 = conv(g0, g0, kernel_size)

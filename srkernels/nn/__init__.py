@@ -8,11 +8,10 @@ from __future__ import annotations
 from torch import nn
 
 from .. import reference as _R
-from .attention import RCAB, BalancedAttention, ChannelAttention
-from .conv import Conv2d, apply_conv, conv2d
-from .dense import FDIRB, RDCAB, ResidualDenseBlock, SplitBlock, SRDenseBlock
-from .upsample import (MeanPaddedConv2d, MeanShift, PixelShuffleUpsampler, Upsampler, UPNet, fold_mean_shift, icnr_,
-                       icnr_upsampler_)
+from .._util import export_modules
+
+# every module's public names (its ``__all__``): a new layer file needs no line here
+__all__ = export_modules(__name__, __path__, globals())
 
 # reference class -> fused twin (a subclass of the same name with the same state, so swapping the class is
 # exact), derived from the exports of srkernels.reference: a new layer pair needs no entry here
@@ -36,7 +35,4 @@ def fuse(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["ChannelAttention", "BalancedAttention", "RCAB", "Conv2d", "conv2d", "apply_conv", "Upsampler", "UPNet",
-           "PixelShuffleUpsampler", "MeanShift", "MeanPaddedConv2d", "fold_mean_shift", "icnr_", "icnr_upsampler_",
-           "fuse", "FUSED"]
-__all__ += ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]
+__all__ += ["fuse", "FUSED"]

@@ -9,8 +9,11 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend, ops
 from ..ops import _dispatch
+from ..ops.conv2d_pointwise import ONEDNN
 from ..reference import attention as R
 from .conv import conv2d
+
+__all__ = ["ChannelAttention", "BalancedAttention", "RCAB"]
 
 
 class ChannelAttention(R.ChannelAttention):
@@ -59,18 +62,11 @@ def _conv_meta(c: nn.Conv2d) -> tuple:
 
 def _conv_fwd(x: Tensor, w: Tensor, b: Tensor | None, meta: tuple, relu: bool) -> Tensor:
     stride, padding, dilation, groups = meta
-    if x.device.type == "cpu" and _onednn_ok_train(x, w):
+    if x.device.type == "cpu" and ONEDNN.supports(x, w, stride, padding, dilation, groups):
         # conv + bias + ReLU as one oneDNN primitive (the same one mkldnn_convolution runs, with a post-op)
-        return torch.ops.mkldnn._convolution_pointwise(x, w, b, padding, stride, dilation, groups,
-                                                       "relu" if relu else "none", [None], "")
+        return ONEDNN.run(x, w, b, stride, padding, dilation, groups, "relu" if relu else "none", None)
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
     return y.relu_() if relu else y
-
-
-def _onednn_ok_train(x: Tensor, w: Tensor) -> bool:
-    from .conv import _MKLDNN, _onednn_bf16
-    return _MKLDNN and w.dtype == x.dtype and (x.dtype == torch.float32
-                                               or (x.dtype == torch.bfloat16 and _onednn_bf16()))
 
 
 def _conv_bwd(g: Tensor, x: Tensor, w: Tensor, has_bias: bool, meta: tuple, mask: tuple) -> tuple:

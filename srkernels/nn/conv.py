@@ -1,20 +1,26 @@
-"""``Conv2d``: a drop-in ``nn.Conv2d`` (same keys) with a fused epilogue -- bias, ReLU and a residual add --
-that on CPU inference runs as one oneDNN convolution with post-ops on prepacked weights (the path
-TorchInductor takes through ``mkldnn._convolution_pointwise``). Training, other devices and unsupported
-configurations run the eager ops with the same result.
+"""``Conv2d``: a drop-in ``nn.Conv2d`` (same keys) with a fused epilogue -- bias, ReLU and a residual add -- run
+by the ``conv2d_pointwise`` op's CPU algorithm (srkernels/ops/conv2d_pointwise.py: oneDNN's convolution with
+post-ops, the path TorchInductor takes) on weights packed once per module and input shape. Training, other
+devices and calls no algorithm supports run the op's reference (eager ``F.conv2d``) with the same result.
+
+The hot call (``conv2d``) runs the algorithm from Python, not through the dispatcher op
+``torch.ops.srkernels.conv2d_pointwise``: a dispatcher op with a Python kernel adds ~3.5 us per call on top of
+the ~3 us of cache bookkeeping here (benchmarks/bench_conv2d_pointwise.py, "overhead" case, 1 thread), i.e. it
+would double the per-conv cost that RCAN pays 400 times per forward.
 """
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch._prims_common import suggest_memory_format
+
+from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, cpu_algorithm, reference
+
+__all__ = ["Conv2d", "conv2d", "apply_conv"]
 
 ACTIVATIONS = (None, "relu")
-_MKLDNN = torch.backends.mkldnn.is_available()
 # Packed weights kept per conv, one per input shape, least recently used dropped first. Each is a copy of the
 # weight, so this bounds memory when every image has its own size (then each forward packs once, about what
 # eager pays per call anyway); tiled inference runs one tile size, and a few sizes in rotation still hit.
@@ -50,24 +56,15 @@ def _module_cache(m: nn.Module, attr: str, key, build):
     return c.data
 
 
-@functools.cache
-def _onednn_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions here: AVX-512 (bw, vl, dq) or AVX-NE-CONVERT, as capped by
-    ONEDNN_MAX_CPU_ISA. The very check oneDNN's bf16 ops apply before refusing (issue 12: AVX2-only CPUs such
-    as AMD Zen 2/3); asked once per process. A function, so tests can stand in for another CPU."""
-    return _MKLDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
+def _packable(conv: nn.Module, x: Tensor, residual: Tensor | None) -> bool:
+    """Whether a packed weight may serve the call: CPU inference (the algorithms record no autograd), the
+    weight's dtype, zero padding given as numbers."""
     # called once per conv per forward: cheapest tests first (a model of 400 convs pays this 400 times)
-    if not (_MKLDNN and x.is_cpu and x.dim() == 4):
-        return False
-    dt = x.dtype
-    if dt != torch.float32 and not (dt == torch.bfloat16 and _onednn_bf16()):
+    if not (x.is_cpu and x.dim() == 4):
         return False
     w = conv.weight
     return (
-        w.dtype == dt
+        w.dtype == x.dtype
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
@@ -75,15 +72,14 @@ def _onednn_ok(conv: nn.Conv2d, x: Tensor, residual: Tensor | None) -> bool:
     )
 
 
-def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """oneDNN-prepacked weight in the layout the primitive for ``x`` wants, cached on the module per input shape
-    until the weight changes (version, dtype, storage).
+def _packed_weight(conv: nn.Conv2d, x: Tensor) -> tuple[CpuAlgorithm, object] | None:
+    """(CPU algorithm, its packed weight) for inputs of ``x``'s shape, cached on the module per input shape
+    until the weight changes (version, dtype, storage); None when no algorithm supports the call.
 
-    The blocked layout oneDNN picks depends on the input size (for 256x64x3x3 under AVX2: Acdb16a packed without
-    a size, Acdb24a for a 12x16 input, Acdb32a for 32x32); a weight packed for another size is reordered again
-    inside every call (issue 13).
-    ``_convolution_pointwise`` always runs a packed weight channels-last, and packing with ``input_size``
-    assumes the same, so the input's memory format needs no key of its own."""
+    oneDNN picks its blocked layout by input size (for 256x64x3x3 under AVX2: Acdb16a packed without a size,
+    Acdb24a for a 12x16 input, Acdb32a for 32x32); a weight packed for another size is reordered again inside
+    every call (issue 13). A packed weight always runs channels-last, so the input's memory format needs no key
+    of its own."""
     w = conv.weight
     shape = tuple(x.shape)
     # fast path: the same weight (object, version, storage) and input shape as the previous call. Python
@@ -92,18 +88,20 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
     last = last.data if last is not None else None  # a PackCache: a module copy starts without one
     if last is not None and last[0] is w and last[1] == w._version and last[2] == shape and last[3] == w.data_ptr():
         return last[4]
+    meta = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    alg = cpu_algorithm(x, w, *meta)
+    if alg is None:  # before touching the cache: a call in an unsupported dtype keeps the packs of another
+        return None
     packs = _module_cache(conv, "_srk_packed", (w._version, w.dtype, w.data_ptr()), OrderedDict)
-    packed = packs.get(shape)
-    if packed is None:
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
-        packs[shape] = packed
+    entry = packs.get(shape)
+    if entry is None:
+        entry = packs[shape] = (alg, alg.pack(w, *meta, shape))
         if len(packs) > _PACK_CACHE_SIZE:
             packs.popitem(last=False)
     else:
         packs.move_to_end(shape)
-    conv.__dict__["_srk_last"] = PackCache(None, (w, w._version, shape, w.data_ptr(), packed))
-    return packed
+    conv.__dict__["_srk_last"] = PackCache(None, (w, w._version, shape, w.data_ptr(), entry))
+    return entry
 
 
 def _packed_transpose_weight(deconv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
@@ -113,9 +111,8 @@ def _packed_transpose_weight(deconv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
     shape = tuple(x.shape)
     packed = packs.get(shape)
     if packed is None:
-        packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
-            w.detach(), list(deconv.padding), list(deconv.output_padding), list(deconv.stride),
-            list(deconv.dilation), deconv.groups, list(shape))
+        packed = ONEDNN.pack_transpose(w, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation,
+                                       deconv.groups, shape)
         packs[shape] = packed
         if len(packs) > _PACK_CACHE_SIZE:
             packs.popitem(last=False)
@@ -129,13 +126,12 @@ def conv_transpose2d(deconv: nn.ConvTranspose2d, x: Tensor, activation: str | No
     as post-op in CPU inference (what Inductor's freezing pass emits), eager ops otherwise."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if (not torch.compiler.is_compiling() and _onednn_ok(deconv, x, None)
-            and isinstance(deconv.output_padding, tuple)):
+    if (not torch.compiler.is_compiling() and _packable(deconv, x, None) and isinstance(deconv.output_padding, tuple)
+            and ONEDNN.supports(x, deconv.weight, deconv.stride, deconv.padding, deconv.dilation, deconv.groups)):
         w = _packed_transpose_weight(deconv, x)
         b = deconv.bias.detach() if deconv.bias is not None else None
-        return torch.ops.mkldnn._convolution_transpose_pointwise(
-            x, w, b, list(deconv.padding), list(deconv.output_padding), list(deconv.stride), list(deconv.dilation),
-            deconv.groups, activation or "none", [None], "")
+        return ONEDNN.run_transpose(x, w, b, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation,
+                                    deconv.groups, activation or "none")
     y = F.conv_transpose2d(x, deconv.weight, deconv.bias, deconv.stride, deconv.padding, deconv.output_padding,
                            deconv.groups, deconv.dilation)
     return F.relu(y) if activation == "relu" else y
@@ -147,26 +143,17 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
     ``with_bias=False`` skips ``conv.bias`` (for a caller that adds it in its own epilogue)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    b = conv.bias if with_bias else None
     # under torch.compile the eager formula is traced: Inductor picks its own fused conv kernels
-    if not torch.compiler.is_compiling() and _onednn_ok(conv, x, residual):
-        args = (conv.padding, conv.stride, conv.dilation, conv.groups)
-        w = _packed_weight(conv, x)
-        b = conv.bias if with_bias else None
-        if b is not None and b.requires_grad and torch.is_grad_enabled():
-            b = b.detach()  # a trainable bias on a frozen weight: this op has no autograd formula
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, activation or "none", [None], "")
-        if activation is None:  # conv + bias + residual: oneDNN binary "add" post-op
-            other = residual.contiguous(memory_format=suggest_memory_format(x))
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other, w, b, *args, "add", None, None, [None], None)
-        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, activation, [None], "")
-        return y.add_(residual)
-    y = F.conv2d(x, conv.weight, conv.bias if with_bias else None, conv.stride, conv.padding, conv.dilation,
-                 conv.groups)
-    if activation == "relu":
-        y = F.relu(y)
-    return y if residual is None else y + residual
+    if not torch.compiler.is_compiling() and _packable(conv, x, residual):
+        entry = _packed_weight(conv, x)
+        if entry is not None:
+            if b is not None and b.requires_grad and torch.is_grad_enabled():
+                b = b.detach()  # a trainable bias on a frozen weight: the algorithms record no autograd
+            return entry[0].run(x, entry[1], b, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                activation or "none", residual)
+    return reference(x, conv.weight, b, conv.stride, conv.padding, conv.dilation, conv.groups, activation or "none",
+                     residual)
 
 
 def apply_conv(m: nn.Module, x: Tensor, activation: str | None = None, residual: Tensor | None = None) -> Tensor:

@@ -13,6 +13,8 @@ from ..ops.dense_block import cpu_layout
 from ..reference import dense as R
 from .conv import _module_cache
 
+__all__ = ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]
+
 
 def _bias(conv) -> Tensor | None:
     return conv.bias

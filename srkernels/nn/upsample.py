@@ -14,6 +14,9 @@ from .. import ops
 from ..reference import upsample as R
 from .conv import conv2d
 
+__all__ = ["Upsampler", "UPNet", "PixelShuffleUpsampler", "MeanShift", "MeanPaddedConv2d", "fold_mean_shift", "icnr_",
+           "icnr_upsampler_"]
+
 
 def _stage(conv: nn.Conv2d, shuffle: nn.PixelShuffle, x: Tensor) -> Tensor:
     y = conv2d(conv, x, with_bias=False)

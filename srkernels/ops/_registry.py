@@ -41,6 +41,8 @@ class OpSpec:
     - ``reference``: the PyTorch reference of the op (differentiable, float64-capable).
     - ``backends``: which of cpu (csrc/cpu/<op>.cpp), cuda (csrc/cuda/<op>.cu), triton (srkernels/triton/<op>.py)
       implement every op of ``schemas``.
+    - ``kernels``: op name -> {dispatch key: Python kernel}, for an op whose implementation is a library call
+      rather than a kernel of ours (``conv2d_pointwise``: oneDNN on CPU, cuDNN on CUDA; ``backends=()``).
     """
 
     name: str
@@ -50,6 +52,7 @@ class OpSpec:
     reference: Callable
     out: bool = False
     backends: tuple[str, ...] = BACKENDS
+    kernels: dict[str, dict[str, Callable]] = field(default_factory=dict)
     module: str = field(default="", compare=False)  # set by discovery: the ops module (= triton module) name
 
     def __post_init__(self) -> None:
@@ -134,6 +137,8 @@ def register_compiled() -> None:
         for op, schema in spec.schemas.items():
             lib.define(op + schema)
             torch.library.register_fake(f"srkernels::{op}", spec.fake(op), lib=lib)
+            for key, kernel in spec.kernels.get(op, {}).items():
+                lib.impl(op, kernel, key)
         _register_autograd("srkernels", spec, lib)
 
 

@@ -1,9 +1,6 @@
-"""Plain-PyTorch ground truth: functional ops and layers as published (see ``functional`` and the modules)."""
+"""Plain-PyTorch ground truth: functional ops (``functional``) and the published layers (every other module of
+this package; each module's ``__all__`` is exported here, so a new layer file needs no line in this file)."""
+from .._util import export_modules
 from . import functional
-from .attention import RCAB, BalancedAttention, ChannelAttention
-from .dense import FDIRB, RDCAB, ResidualDenseBlock, SplitBlock, SRDenseBlock
-from .upsample import MeanShift, PixelShuffleUpsampler, Upsampler, UPNet
 
-__all__ = ["functional", "ChannelAttention", "BalancedAttention", "RCAB"]
-__all__ += ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]
-__all__ += ["MeanShift", "Upsampler", "UPNet", "PixelShuffleUpsampler"]
+__all__ = ["functional", *export_modules(__name__, __path__, globals(), skip=("functional",))]

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from . import functional as RF
 
+__all__ = ["ChannelAttention", "BalancedAttention", "RCAB"]
+
 _POOLS = ("avg", "avg+std")
 
 

@@ -21,6 +21,8 @@ from .._util import conv as _conv
 from .._validate import positive_int as _positive_int
 from .upsample import _odd_kernel
 
+__all__ = ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]
+
 
 def _conv_du(channels: int, reduction: int) -> nn.Sequential:
     r = _positive_int("reduction", reduction)

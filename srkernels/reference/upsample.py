@@ -18,6 +18,8 @@ from torch import nn
 from .._util import conv as _conv
 from .._validate import positive_int as _positive_int
 
+__all__ = ["MeanShift", "Upsampler", "UPNet", "PixelShuffleUpsampler"]
+
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 DIV2K_RGB_STD = (1.0, 1.0, 1.0)
 

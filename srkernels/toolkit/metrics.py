@@ -154,22 +154,26 @@ def _result(v: Tensor, batched: bool):
     return v if batched else float(v[0])
 
 
-def psnr(
-    sr,
-    hr,
-    *,
-    crop_border: int,
-    y_channel: bool = True,
-    coeffs: str = "bt601",
-    data_range: float | None = None,
-    quantize: bool = False,
-):
+def _image_metric(per_image):
+    """The public metric around ``per_image(s, h, crop_border) -> [N] float64``: every metric takes the same
+    arguments, which ``_prepare`` turns into cropped float64 [N, C, H, W] images on the [0, 255] scale."""
+
+    def metric(sr, hr, *, crop_border: int, y_channel: bool = True, coeffs: str = "bt601",
+               data_range: float | None = None, quantize: bool = False):
+        s, h, batched = _prepare(sr, hr, crop_border, y_channel, coeffs, data_range, quantize)
+        return _result(per_image(s, h, crop_border), batched)
+
+    metric.__name__ = metric.__qualname__ = per_image.__name__
+    metric.__doc__ = per_image.__doc__
+    return metric
+
+
+@_image_metric
+def psnr(s: Tensor, h: Tensor, crop_border: int) -> Tensor:
     """PSNR in dB (peak 255 on the Y / RGB scale) of ``sr`` against ``hr``; ``inf`` when they are equal.
     See the module docstring for conventions, input kinds and the return type."""
-    s, h, batched = _prepare(sr, hr, crop_border, y_channel, coeffs, data_range, quantize)
     mse = (s - h).pow(2).mean(dim=(1, 2, 3))
-    out = 10.0 * torch.log10((_L * _L) / mse)  # mse == 0 -> inf
-    return _result(out, batched)
+    return 10.0 * torch.log10((_L * _L) / mse)  # mse == 0 -> inf
 
 
 def _gaussian_window(device) -> Tensor:
@@ -184,19 +188,10 @@ def _filter_valid(x: Tensor, g: Tensor) -> Tensor:
     return F.conv2d(x, g.view(1, 1, 1, -1))
 
 
-def ssim(
-    sr,
-    hr,
-    *,
-    crop_border: int,
-    y_channel: bool = True,
-    coeffs: str = "bt601",
-    data_range: float | None = None,
-    quantize: bool = False,
-):
+@_image_metric
+def ssim(s: Tensor, h: Tensor, crop_border: int) -> Tensor:
     """Mean SSIM (Wang et al. 2004, MATLAB ``ssim_index`` defaults) of ``sr`` against ``hr``. The cropped
     image must be at least 11x11. RGB mode: mean over channels of the per-channel SSIM."""
-    s, h, batched = _prepare(sr, hr, crop_border, y_channel, coeffs, data_range, quantize)
     n, c, height, width = s.shape
     if min(height, width) < _SSIM_WIN:
         raise ValueError(
@@ -212,5 +207,4 @@ def ssim(
         s2 = _filter_valid(b * b, g) - mu2_sq
         s12 = _filter_valid(a * b, g) - mu12
         smap = ((2 * mu12 + c1) * (2 * s12 + c2)) / ((mu1_sq + mu2_sq + c1) * (s1 + s2 + c2))
-        out = smap.mean(dim=(1, 2, 3)).view(n, c).mean(dim=1)
-    return _result(out, batched)
+        return smap.mean(dim=(1, 2, 3)).view(n, c).mean(dim=1)

@@ -551,7 +551,7 @@ def test_fused_matches_reference(name, scale, cfg):
 
 
 def test_srdensenet_network_plan():
-    from srkernels.models.srdensenet import network_plan, upstream_index
+    from srkernels.nn.srdensenet import network_plan, upstream_index
 
     plan = network_plan(128, 16, 8, 8)
     assert (plan.channels, plan.in_channels, plan.kernel_size) == (1152, 128, 3)
@@ -636,7 +636,7 @@ def test_srdensenet_fused_saves_at_most_half_the_activations():
 
 def test_srdensenet_gemm_tail_gradcheck():
     """The fused SRDenseNet's deconv tail (GEMM stages with in-place ReLU masks in backward) in float64."""
-    from srkernels.models.srdensenet import _GemmTail
+    from srkernels.nn.srdensenet import _GemmTail
 
     g = torch.Generator().manual_seed(0)
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import srkernels
 from srkernels.nn import conv as conv_mod
 
+conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]  # (srkernels.ops.conv2d_pointwise is the function)
+
 from ..conftest import assert_close
 
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -59,7 +61,7 @@ class _RefuseBf16:
 @pytest.mark.parametrize("activation,residual", [(None, False), ("relu", False), (None, True), ("relu", True)])
 def test_bf16_takes_eager_path_without_cpu_support(monkeypatch, activation, residual):
     """With the feature check saying no, bf16 never reaches oneDNN (which would raise) and matches eager."""
-    monkeypatch.setattr(conv_mod, "_onednn_bf16", lambda: False)
+    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: False)
     for name in ("_reorder_convolution_weight", "_convolution_pointwise"):
         monkeypatch.setattr(torch.ops.mkldnn, name, _RefuseBf16(getattr(torch.ops.mkldnn, name)))
     torch.manual_seed(4)
@@ -80,9 +82,9 @@ def test_bf16_takes_eager_path_without_cpu_support(monkeypatch, activation, resi
 @needs_onednn
 def test_bf16_feature_check_is_torchs():
     """The check is the one oneDNN's bf16 ops themselves apply, asked once per process."""
-    conv_mod._onednn_bf16.cache_clear()
-    assert conv_mod._onednn_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert conv_mod._onednn_bf16.cache_info().currsize == 1
+    conv_op.onednn_bf16.cache_clear()
+    assert conv_op.onednn_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert conv_op.onednn_bf16.cache_info().currsize == 1
 
 
 @needs_x86
@@ -282,7 +284,7 @@ def test_packed_fast_path_never_serves_a_stale_weight():
         twin.weight.mul_(3)
         assert_close(twin(x), F.conv2d(x, twin.weight, twin.bias, padding=1), torch.float32, "copy")
         check("original after the copy changed")
-        if conv_mod._onednn_bf16():
+        if conv_op.onednn_bf16():
             conv.to(torch.bfloat16)
             x = x.to(torch.bfloat16)
             check("bf16")

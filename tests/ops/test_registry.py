@@ -1,7 +1,8 @@
 """Every op declared in ``srkernels/ops/<op>.py`` (``SPEC``, found by ``srkernels.ops._registry``) is complete:
 each of its dispatcher ops has a kernel for every backend the spec names (CPU, CUDA when the extension was built
 with CUDA, Triton), a fake kernel and autograd in both namespaces, one schema shared by both, a parity test
-file and a section in docs/ops.md. Adding an op: docs/ops.md, "Adding an op"."""
+file and a section in docs/ops.md; an op implemented by a library call instead has the Python kernels its spec
+names (``kernels``). Adding an op: docs/ops.md, "Adding an op"."""
 import json
 import os
 import subprocess
@@ -48,6 +49,10 @@ def test_compiled_kernels_fakes_and_autograd(spec, op):
         keys = [k for k in keys if k != "CUDA"]
     for key in keys:
         assert _has_kernel(qual, key), f"csrc has no {key} kernel for {qual} (TORCH_LIBRARY_IMPL(srkernels, {key}, m))"
+    # an op whose implementation is a library call (no csrc kernel) registers Python kernels from its spec instead
+    for key in spec.kernels.get(op, {}):
+        assert _has_kernel(qual, key), f"no {key} kernel for {qual} (SPEC.kernels)"
+    assert keys or spec.kernels.get(op), f"{qual} has neither a csrc kernel nor a Python kernel (SPEC.kernels)"
     assert _simple_registry.find(qual).fake_impl.kernel is not None, f"no fake for {qual}"
     if op in spec.autograd:
         assert _has_kernel(qual, "Autograd"), f"no autograd for {qual}"

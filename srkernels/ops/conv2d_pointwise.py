@@ -1,0 +1,226 @@
+"""``conv2d_pointwise``: a conv with its epilogue -- ``act(conv2d(x, weight) + bias) (+ residual)``, act None or
+ReLU -- as one call. Contract: docs/ops.md.
+
+Implementations (no csrc or Triton kernel: the fused conv is a library's):
+
+- CPU: the first of ``ALGORITHMS`` that ``supports`` the call; ``OneDNN`` runs torch's oneDNN convolution with
+  the bias, ReLU and residual add as post-ops (the primitive TorchInductor emits for the same pattern). An
+  algorithm may ``pack`` the weight into its own layout for one input shape; a caller that keeps the packed
+  weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
+  Another CPU algorithm (a Winograd 3x3 kernel, say) is one more ``CpuAlgorithm`` in ``ALGORITHMS``.
+- every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
+
+Backward (any device) is ATen's ``convolution_backward`` behind the ReLU mask.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _checks, _dispatch
+from ._registry import OpSpec
+
+OP = "conv2d_pointwise"
+ACTIVATIONS = ("none", "relu")
+
+
+def reference(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+              activation: str, residual: Tensor | None) -> Tensor:
+    """``act(F.conv2d(x, weight, bias)) (+ residual)``: the op's definition (differentiable, any dtype/device)."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if activation == "relu":
+        y = F.relu(y)
+    return y if residual is None else y + residual
+
+
+# ---- CPU algorithms -------------------------------------------------------------------------------------------
+
+class CpuAlgorithm:
+    """One way to run the op on CPU. ``supports`` sees the call (dtype, sizes, conv parameters; it may depend on
+    the input shape, not on its values); a supported call must be served for every epilogue (bias or not,
+    activation, residual). ``pack`` returns the weight in the algorithm's layout for inputs of ``input_shape``
+    (default: the weight itself); ``run`` takes that or the plain weight. Neither records autograd."""
+
+    name = ""
+
+    def supports(self, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+        raise NotImplementedError
+
+    def pack(self, weight: Tensor, stride, padding, dilation, groups: int, input_shape: tuple[int, ...]):
+        return weight
+
+    def run(self, x: Tensor, weight, bias: Tensor | None, stride, padding, dilation, groups: int, activation: str,
+            residual: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions here: AVX-512 (bw, vl, dq) or AVX-NE-CONVERT, as capped by
+    ONEDNN_MAX_CPU_ISA. The very check oneDNN's bf16 ops apply before refusing (issue 12: AVX2-only CPUs such
+    as AMD Zen 2/3); asked once per process. A function, so tests can stand in for another CPU."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class OneDNN(CpuAlgorithm):
+    """torch's oneDNN convolution with post-ops (``torch.ops.mkldnn._convolution_pointwise``): fp32, and bf16
+    where oneDNN runs it. A weight packed for one input shape (``pack``: oneDNN picks the blocked layout by input
+    size, issue 13) is not reordered again by each call; the output of a packed weight is channels_last."""
+
+    name = "onednn"
+    available = torch.backends.mkldnn.is_available()
+
+    def supports(self, x, weight, stride, padding, dilation, groups):
+        dt = x.dtype
+        return self.available and weight.dtype == dt and (dt == torch.float32
+                                                          or (dt == torch.bfloat16 and onednn_bf16()))
+
+    def pack(self, weight, stride, padding, dilation, groups, input_shape):
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight.detach(), list(padding), list(stride), list(dilation), groups, list(input_shape))
+
+    def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
+                                                           activation, [None], "")
+        if activation == "none":  # conv + bias + residual: oneDNN's binary "add" post-op
+            other = residual.contiguous(memory_format=_checks.suggest_memory_format(x))
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, weight, bias, padding, stride, dilation, groups, "add", None, None, [None], None)
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, activation,
+                                                    [None], "")
+        return y.add_(residual)
+
+    # the transposed conv (SRDenseNet's deconvolutions; not an op of the registry): same rules
+    def pack_transpose(self, weight, stride, padding, output_padding, dilation, groups, input_shape):
+        return torch.ops.mkldnn._reorder_convolution_transpose_weight(
+            weight.detach(), list(padding), list(output_padding), list(stride), list(dilation), groups,
+            list(input_shape))
+
+    def run_transpose(self, x, weight, bias, stride, padding, output_padding, dilation, groups, activation):
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, weight, bias, list(padding), list(output_padding), list(stride), list(dilation), groups, activation,
+            [None], "")
+
+
+ONEDNN = OneDNN()
+ALGORITHMS: list[CpuAlgorithm] = [ONEDNN]  # best first
+
+
+def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> CpuAlgorithm | None:
+    """The first of ``ALGORITHMS`` that supports this CPU call, or None (then the reference runs)."""
+    for alg in ALGORITHMS:
+        if alg.supports(x, weight, stride, padding, dilation, groups):
+            return alg
+    return None
+
+
+def _cpu(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    alg = cpu_algorithm(x, weight, stride, padding, dilation, groups)
+    if alg is None:
+        return reference(x, weight, bias, stride, padding, dilation, groups, activation, residual)
+    return alg.run(x, weight, bias, stride, padding, dilation, groups, activation, residual)
+
+
+def _other_device(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    return reference(x, weight, bias, stride, padding, dilation, groups, activation, residual)
+
+
+# ---- the public op ------------------------------------------------------------------------------------------
+
+def _pair(name: str, v, low: int) -> list[int]:
+    vals = [v, v] if isinstance(v, int) else list(v) if isinstance(v, (tuple, list)) else None
+    if vals is None or len(vals) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < low for i in vals):
+        raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {v!r}")
+    return vals
+
+
+def out_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """[N, Cout, Hout, Wout] of the conv."""
+    n, _, h, w = x_shape
+    kh, kw = weight_shape[2:]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return n, weight_shape[0], ho, wo
+
+
+def conv2d_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                     groups: int = 1, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups)) (+ residual)`` as one call.
+
+    Args:
+        x: ``[N, C, H, W]``, any memory format.
+        weight: ``[Cout, C / groups, kh, kw]``; bias: ``(Cout,)`` or None (same dtype and device as x).
+        stride, padding, dilation: an int or a pair (zero padding); groups: divides C and Cout.
+        activation: None/``"none"`` or ``"relu"``, applied before the residual add.
+        residual: optional tensor of the output's shape.
+    """
+    _checks.feature_map("x", x)
+    _checks.like("weight", weight, x)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [Cout, C/groups, kh, kw], got shape {list(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    cout = weight.shape[0]
+    if x.shape[1] != weight.shape[1] * groups or cout % groups:
+        raise ValueError(f"weight {list(weight.shape)} with groups={groups} does not fit x with {x.shape[1]} "
+                         "channels")
+    stride, padding, dilation = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
+    if shape[2] < 1 or shape[3] < 1:
+        raise ValueError(f"x {list(x.shape)} is smaller than the dilated kernel {list(weight.shape[2:])}")
+    if bias is not None:
+        _checks.like("bias", bias, x, ((cout,),))
+    activation = _checks.choice("activation", "none" if activation is None else activation, ACTIVATIONS)
+    if residual is not None:
+        _checks.like("residual", residual, x, (shape,))
+    args = (x, weight, bias, stride, padding, dilation, groups, activation, residual)
+    backend = _dispatch.choose(OP, x.device.type)
+    return _dispatch.run(backend, OP, args, lambda: reference(*args))
+
+
+# ---- the spec: schema, fake, autograd, Python kernels (srkernels/ops/_registry.py registers them) ------------
+
+def _fake(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    torch._check(activation in ACTIVATIONS, lambda: f"{OP}: activation must be one of {ACTIVATIONS}")
+    return reference(x, weight, bias, stride, padding, dilation, groups, activation, residual)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, activation, residual = inputs
+    # ReLU's mask: the output itself, unless the residual was added after it (then recomputed in backward)
+    mask = output if activation == "relu" and residual is None else None
+    ctx.save_for_backward(x, weight, bias, mask)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.activation, ctx.has_residual = activation, residual is not None
+
+
+def _backward(ns, ctx, grad):
+    x, weight, bias, mask = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    g = grad
+    if ctx.activation == "relu":
+        if mask is None:
+            with torch.no_grad():
+                mask = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        g = torch.ops.aten.threshold_backward(grad, mask, 0)
+    need = ctx.needs_input_grad
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        g, x, weight, None if bias is None else [bias.shape[0]], stride, padding, dilation, False, [0, 0], groups,
+        [need[0], need[1], bias is not None and need[2]])
+    return gx, gw, gb, None, None, None, None, None, grad if ctx.has_residual else None
+
+
+SPEC = OpSpec(
+    name=OP,
+    schemas={OP: "(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+                 "int groups, str activation, Tensor? residual) -> Tensor"},
+    fakes={OP: _fake},
+    autograd={OP: (_setup_context, _backward)},
+    reference=reference,
+    backends=(),
+    kernels={OP: {"CPU": _cpu, "CUDA": _other_device}},
+)

@@ -1,0 +1,146 @@
+"""``conv2d_pointwise`` (srkernels/ops/conv2d_pointwise.py): the op against its float64 reference, forward and
+every gradient, over dtypes, memory formats, odd sizes and conv parameters; float64 gradcheck; opcheck; a
+CPU algorithm plugged into ``ALGORITHMS`` serves both the op and ``srkernels.nn.conv2d``; argument errors."""
+import sys
+
+import pytest
+import torch
+
+import srkernels
+from srkernels import ops
+
+from ._parity import FORMATS, randn, run_parity
+
+conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]  # (srkernels.ops.conv2d_pointwise is the function)
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.srkernels, "conv2d_pointwise"),
+                                reason="the compiled extension is not built (the op is registered with it)")
+
+# (N, C, H, W, Cout, k, stride, padding, dilation, groups): odd sizes, 1x1, strided, dilated, grouped
+SHAPES = [(1, 3, 7, 5, 4, 3, 1, 1, 1, 1), (2, 5, 9, 6, 7, 1, 1, 0, 1, 1), (1, 4, 8, 7, 6, 3, 2, 1, 1, 2),
+          (2, 6, 5, 9, 6, 3, 1, 2, 2, 3), (1, 8, 6, 6, 8, 5, 1, 2, 1, 1)]
+# (bias, activation, residual)
+VARIANTS = [(True, "none", False), (False, "relu", False), (True, "none", True), (True, "relu", True)]
+
+
+def make_inputs(N, C, H, W, Cout, k, stride, padding, dilation, groups, bias, residual, seed=0):
+    Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    Wo = (W + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    return dict(x=randn(N, C, H, W, seed=seed), weight=randn(Cout, C // groups, k, k, seed=seed + 1, scale=0.3),
+                bias=randn(Cout, seed=seed + 2) if bias else None,
+                residual=randn(N, Cout, Ho, Wo, seed=seed + 3) if residual else None)
+
+
+def _fn(f, stride, padding, dilation, groups, act):
+    return lambda x, weight, bias, residual: f(x, weight, bias, stride, padding, dilation, groups,
+                                               activation=act, residual=residual)
+
+
+def _reference(x, weight, bias, stride, padding, dilation, groups, *, activation, residual):
+    return conv_op.reference(x, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2, groups, activation,
+                             residual)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_parity(shape, dtype, fmt, variant):
+    bias, act, residual = variant
+    meta = shape[6:]
+    run_parity(_fn(ops.conv2d_pointwise, *meta, act), _fn(_reference, *meta, act),
+               make_inputs(*shape, bias, residual), backend="compiled", dtype=dtype, fmt=fmt)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_gradcheck_float64(variant):
+    bias, act, residual = variant
+    shape = (1, 4, 4, 3, 4, 3, 1, 1, 1, 2)
+    inputs = {k: v for k, v in make_inputs(*shape, bias, residual, seed=5).items() if v is not None}
+    names = list(inputs)
+    meta = shape[6:]
+
+    def fn(*a):
+        kw = {"bias": None, "residual": None, **dict(zip(names, a))}
+        return _fn(ops.conv2d_pointwise, *meta, act)(**kw)
+
+    args = [v.clone().requires_grad_(True) for v in inputs.values()]
+    # float64 runs the reference convolution; ReLU's kink: random values rarely land within eps of 0
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_opcheck(dtype, variant):
+    bias, act, residual = variant
+    inp = make_inputs(2, 4, 6, 5, 6, 3, 1, 1, 1, 2, bias, residual, seed=7)
+    t = {k: (v.to(dtype).requires_grad_(k != "residual") if v is not None else None) for k, v in inp.items()}
+    torch.library.opcheck(torch.ops.srkernels.conv2d_pointwise.default,
+                          (t["x"], t["weight"], t["bias"], [1, 1], [1, 1], [1, 1], 2, act, t["residual"]))
+
+
+class _Recording(conv_op.CpuAlgorithm):
+    """A stand-in CPU algorithm (3x3 stride-1 fp32 only, as a Winograd kernel would be): records its calls and
+    computes with the reference; its packed weight is a tuple, so ``run`` sees which form it got."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.packs, self.plain_runs, self.packed_runs = 0, 0, 0
+
+    def supports(self, x, weight, stride, padding, dilation, groups):
+        return x.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
+
+    def pack(self, weight, stride, padding, dilation, groups, input_shape):
+        self.packs += 1
+        return ("packed", weight.detach().clone())
+
+    def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
+        packed = isinstance(weight, tuple)
+        self.packed_runs += packed
+        self.plain_runs += not packed
+        return conv_op.reference(x, weight[1] if packed else weight, bias, stride, padding, dilation, groups,
+                                 activation, residual)
+
+
+def test_a_plugged_in_cpu_algorithm_serves_the_op_and_nn(monkeypatch):
+    alg = _Recording()
+    monkeypatch.setattr(conv_op, "ALGORITHMS", [alg, conv_op.ONEDNN])
+    x = torch.randn(1, 4, 6, 5)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        want = torch.relu(conv(x))
+        # the op: the plain weight
+        got = ops.conv2d_pointwise(x, conv.weight, conv.bias, 1, 1, activation="relu")
+        assert torch.equal(got, want) and (alg.packs, alg.plain_runs, alg.packed_runs) == (0, 1, 0)
+        # nn.conv2d: packs once per input shape, then runs the packed weight
+        for _ in range(3):
+            assert torch.equal(srkernels.nn.conv2d(conv, x, "relu"), want)
+        assert (alg.packs, alg.plain_runs, alg.packed_runs) == (1, 1, 3)
+        # a 1x1 conv is not the stand-in's: oneDNN serves it
+        c1 = torch.nn.Conv2d(4, 6, 1)
+        assert torch.allclose(srkernels.nn.conv2d(c1, x), c1(x), atol=1e-5)
+        assert (alg.packs, alg.plain_runs, alg.packed_runs) == (1, 1, 3)
+
+
+def test_argument_errors():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.conv2d_pointwise([1], w)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        ops.conv2d_pointwise(x, w.double())
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        ops.conv2d_pointwise(x, w[0])
+    with pytest.raises(ValueError, match="groups=2 does not fit"):
+        ops.conv2d_pointwise(x, w, groups=2)
+    with pytest.raises(ValueError, match="stride must be"):
+        ops.conv2d_pointwise(x, w, stride=0)
+    with pytest.raises(ValueError, match="padding must be"):
+        ops.conv2d_pointwise(x, w, padding=(1, 1, 1))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.conv2d_pointwise(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.conv2d_pointwise(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="residual must have shape"):
+        ops.conv2d_pointwise(x, w, padding=1, residual=torch.randn(1, 6, 3, 3))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        ops.conv2d_pointwise(x, w, dilation=3)
