@@ -10,6 +10,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "runtime/output_cache.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -18,6 +20,15 @@ namespace srkernels::cpu {
 inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 
 using at::vec::Vectorized;
+
+// The names an op's errors are reported under: the op, its backward and its _out variant (the dispatcher's
+// names, srkernels/ops/_registry.py).
+struct OpNames {
+  const char* fwd;
+  const char* bw;
+  const char* out;
+};
+#define SRK_OP_NAMES(op) (::srkernels::cpu::OpNames{#op, #op "_backward", #op "_out"})
 
 // ---------------------------------------------------------------------------------------------------------
 // Layout
@@ -87,6 +98,26 @@ inline void check_out(const at::Tensor& out, const at::Tensor& x, const char* op
               ": out must not overlap x");
 }
 
+// An attention forward after its argument checks, for the op (out undefined) and its _out variant: x_in in its
+// native layout, the residual in that layout, then run(x, layout, r, dst, keep) writes the output into dst:
+// a new tensor, returned (keep: the op also returns the saved statistics), or the caller's out (forward_out).
+template <typename Run>
+inline at::Tensor attention_forward(const at::Tensor& out, const at::Tensor& x_in,
+                                    const c10::optional<at::Tensor>& residual, const char* op, const Run& run) {
+  if (out.defined()) check_out(out, x_in, op);
+  at::Tensor x = x_in;
+  const Layout layout = prepare_input(x);
+  const at::Tensor r = match_layout(residual, x, layout, op, "residual");
+  if (out.defined()) {
+    forward_out(out, layout, [&] { return empty_output_like(x); },
+                [&](const at::Tensor& dst) { run(x, layout, r, dst, false); });
+    return at::Tensor();
+  }
+  at::Tensor y = empty_output_like(x);
+  run(x, layout, r, y, true);
+  return y;
+}
+
 inline void check_param(const at::Tensor& w, const at::Tensor& x, at::IntArrayRef sizes, const char* op,
                         const char* name) {
   TORCH_CHECK(w.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", w.sizes());
@@ -118,6 +149,20 @@ inline void for_each_sample(int64_t N, const F& body) {
     });
   }
   for (int64_t n = whole; n < N; ++n) body(n);
+}
+
+// The forward's sample loop: body(n, xn, rn, on) for every sample n (for_each_sample) with its runs of x,
+// the residual r (nullptr when r is undefined) and out, all three [N, C, H, W] in x's layout.
+template <typename T, typename F>
+inline void for_each_sample_io(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out, const F& body) {
+  const int64_t S = x.size(1) * x.size(2) * x.size(3);
+  const T* px = x.const_data_ptr<T>();
+  const T* pr = r.defined() ? r.const_data_ptr<T>() : nullptr;
+  T* po = out.data_ptr<T>();
+  for_each_sample(x.size(0), [&](int64_t n) {
+    const int64_t off = n * S;
+    body(n, px + off, pr != nullptr ? pr + off : nullptr, po + off);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -300,6 +345,11 @@ inline std::vector<at::opmath_type<T>> to_acc(const at::Tensor& t) {
 // Streaming kernels shared by both ops. Each uses a fixed accumulation order for a given length.
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// NHWC: a work item of both ops is a run of whole pixels, about kChunkNHWC elements (~64 KB of fp32, re-read
+// from L2); large, so that the [items, C] partial buffers stay small for big images.
+constexpr int64_t kChunkNHWC = 16384;
+inline int64_t nhwc_chunk_pixels(int64_t C) { return std::max<int64_t>(1, kChunkNHWC / std::max<int64_t>(C, 1)); }
 
 template <typename T>
 inline at::opmath_type<T> sum_row(const T* p, int64_t n) {

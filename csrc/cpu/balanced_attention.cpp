@@ -11,7 +11,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <limits>
 #include <tuple>
@@ -20,31 +19,44 @@ namespace srkernels::cpu {
 inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 namespace {
 
-constexpr const char* kOp = "balanced_attention";
-constexpr const char* kOpBw = "balanced_attention_backward";
-constexpr const char* kOpOut = "balanced_attention_out";
+constexpr OpNames kOp = SRK_OP_NAMES(balanced_attention);
 
 // NCHW: an item is a run of ~kPixNCHW pixels across all channels, so the per-pixel max / dsa / argmax rows
-// of the item stay in L1 while the channel planes stream past.
+// of the item stay in L1 while the channel planes stream past. NHWC: a run of whole pixels (nhwc_chunk_pixels).
 constexpr int64_t kPixNCHW = 2048;
-// NHWC: an item is a run of whole pixels, ~kChunkNHWC elements.
-constexpr int64_t kChunkNHWC = 16384;
 
 // Pixel chunking of one sample; depends only on the shape. Chunk k = pixels [k*P, min(HW, (k+1)*P)).
 struct PixChunks {
-  int64_t HW, P, nk;
-  PixChunks(Layout l, int64_t C, int64_t HW_) : HW(HW_) {
+  Layout layout;
+  int64_t C, HW, P, nk;
+  PixChunks(Layout l, int64_t C_, int64_t HW_) : layout(l), C(C_), HW(HW_) {
     if (l == Layout::NCHW) {
       // Equal-sized chunks (rounded to 64 pixels) so a small sample still splits evenly across threads.
       const int64_t n0 = div_up(HW, kPixNCHW);
       P = div_up(div_up(HW, n0), 64) * 64;
     } else {
-      P = std::max<int64_t>(1, kChunkNHWC / std::max<int64_t>(C, 1));
+      P = nhwc_chunk_pixels(C);
     }
     nk = div_up(HW, P);
   }
   int64_t begin(int64_t k) const { return k * P; }
   int64_t len(int64_t k) const { return std::min(P, HW - k * P); }
+
+  // One pass over a sample, chunks split across threads: NCHW row(k, c, p0, len) for the channels c of chunk
+  // k in order (the run at c * HW + p0), NHWC pixels(k, p0, len) (the run at p0 * C). Every pass (pool, scale,
+  // both backward passes) goes through here, so all of them see the same chunks.
+  template <typename RowF, typename PixF>
+  void parallel(const RowF& row, const PixF& pixels) const {
+    at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        if (layout == Layout::NCHW) {
+          for (int64_t c = 0; c < C; ++c) row(k, c, begin(k), len(k));
+        } else {
+          pixels(k, begin(k), len(k));
+        }
+      }
+    });
+  }
 };
 
 // Channel c's total of per-chunk partials [nk, C], summed in chunk order (the fixed merge of every pass).
@@ -341,7 +353,7 @@ void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const
                   const at::Tensor& prelu_w, const at::Tensor& w2, const at::Tensor& w_sa) {
   const int64_t N = d.N, C = d.C, H = d.H, Wd = d.W, HW = d.HW, K = d.K;
   if (N == 0) return;
-  TORCH_CHECK(C > 0, kOp, ": C must be > 0 (the channel max of an empty set is undefined)");
+  TORCH_CHECK(C > 0, kOp.fwd, ": C must be > 0 (the channel max of an empty set is undefined)");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "balanced_attention_cpu", [&] {
     using T = scalar_t;
@@ -350,104 +362,80 @@ void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const
     const std::vector<A> wsa = to_acc<T>(w_sa);
     const PixChunks ch(layout, C, HW);
     const int64_t nk = ch.nk, Cr = d.Cr;
-    const T* px = x.const_data_ptr<T>();
-    const T* pr = r.defined() ? r.const_data_ptr<T>() : nullptr;
-    T* po = out.data_ptr<T>();
     A* pmean = mean.defined() ? mean.data_ptr<A>() : nullptr;
     A* pmax = maxmap.defined() ? maxmap.data_ptr<A>() : nullptr;
 
-    for_each_sample(N, [&](int64_t n) {
-      const int64_t off = n * C * HW;
-      const T* xn = px + off;
-      const T* rn = pr != nullptr ? pr + off : nullptr;
-      T* on = po + off;
+    for_each_sample_io<T>(x, r, out, [&](int64_t n, const T* xn, const T* rn, T* on) {
       std::vector<A> local_mx(pmax != nullptr ? 0 : HW), local_mn(pmean != nullptr ? 0 : C);
       A* mx = pmax != nullptr ? pmax + n * HW : local_mx.data();
       A* mn = pmean != nullptr ? pmean + n * C : local_mn.data();
 
       // One read of x: channel sums (per-chunk partials [nk, C]) and the per-pixel channel max.
       std::vector<A> psum(nk * C);
-      at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k) {
-          const int64_t p0 = ch.begin(k), len = ch.len(k);
-          A* ps = psum.data() + k * C;
-          if (layout == Layout::NCHW) {
-            ps[0] = sum_max_row<true, T>(xn + p0, len, mx + p0);
-            for (int64_t c = 1; c < C; ++c) ps[c] = sum_max_row<false, T>(xn + c * HW + p0, len, mx + p0);
-          } else {
-            pool_pixels<T>(xn + p0 * C, len, C, ps, mx + p0);
-          }
-        }
-      });
+      ch.parallel(
+          [&](int64_t k, int64_t c, int64_t p0, int64_t len) {
+            const auto pool = c == 0 ? sum_max_row<true, T> : sum_max_row<false, T>;  // channel 0 starts the max
+            psum[k * C + c] = pool(xn + c * HW + p0, len, mx + p0);
+          },
+          [&](int64_t k, int64_t p0, int64_t len) {
+            pool_pixels<T>(xn + p0 * C, len, C, psum.data() + k * C, mx + p0);
+          });
       for (int64_t c = 0; c < C; ++c) mn[c] = sum_chunks(psum, nk, C, c) / A(HW);
 
       std::vector<A> h(Cr), a(Cr), ca(C), sa(HW);
       gates<A>(mlp, mn, mx, wsa, H, Wd, K, h.data(), a.data(), ca.data(), sa.data());
 
-      at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k) {
-          const int64_t p0 = ch.begin(k), len = ch.len(k);
-          if (layout == Layout::NCHW) {
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t o = c * HW + p0;
-              scale_row<T>(xn + o, rn != nullptr ? rn + o : nullptr, on + o, len, ca[c], sa.data() + p0);
-            }
-          } else {
+      ch.parallel(
+          [&](int64_t, int64_t c, int64_t p0, int64_t len) {
+            const int64_t o = c * HW + p0;
+            scale_row<T>(xn + o, rn != nullptr ? rn + o : nullptr, on + o, len, ca[c], sa.data() + p0);
+          },
+          [&](int64_t, int64_t p0, int64_t len) {
             const int64_t o = p0 * C;
             scale_pixels<T>(xn + o, rn != nullptr ? rn + o : nullptr, on + o, len, C, ca.data(), sa.data() + p0);
-          }
-        }
-      });
+          });
     });
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
-                                                                      const at::Tensor& prelu_w, const at::Tensor& w2,
-                                                                      const at::Tensor& w_sa,
+// The forward, and balanced_attention_out when out is defined (OutVariant): out written, nothing returned.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cpu(const at::Tensor& out, const at::Tensor& x_in,
+                                                                      const at::Tensor& w1, const at::Tensor& prelu_w,
+                                                                      const at::Tensor& w2, const at::Tensor& w_sa,
                                                                       const c10::optional<at::Tensor>& residual) {
-  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOp);
-  at::Tensor x = x_in;
-  const Layout layout = prepare_input(x);
-  const at::Tensor r = match_layout(residual, x, layout, kOp, "residual");
-  const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  at::Tensor out = empty_output_like(x);
-  at::Tensor mean = at::empty({d.N, d.C}, acc_opts);
-  at::Tensor maxmap = at::empty({d.N, d.H, d.W}, acc_opts);
-  forward_into(x, layout, r, out, mean, maxmap, d, w1, prelu_w, w2, w_sa);
-  return {out, mean, maxmap};
-}
-
-void balanced_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& prelu_w,
-                                const at::Tensor& w2, const at::Tensor& w_sa,
-                                const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
-  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOpOut);
-  check_out(out, x_in, kOpOut);
-  at::Tensor x = x_in;
-  const Layout layout = prepare_input(x);
-  const at::Tensor r = match_layout(residual, x, layout, kOpOut, "residual");
-  forward_out(out, layout, [&] { return empty_output_like(x); }, [&](const at::Tensor& dst) {
-    forward_into(x, layout, r, dst, at::Tensor(), at::Tensor(), d, w1, prelu_w, w2, w_sa);
+  const char* op = out.defined() ? kOp.out : kOp.fwd;
+  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, op);
+  at::Tensor mean, maxmap;
+  at::Tensor y = attention_forward(out, x_in, residual, op, [&](const at::Tensor& x, Layout layout, const at::Tensor& r,
+                                                                const at::Tensor& dst, bool keep) {
+    if (keep) {
+      const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+      mean = at::empty({d.N, d.C}, acc_opts);
+      maxmap = at::empty({d.N, d.H, d.W}, acc_opts);
+    }
+    forward_into(x, layout, r, dst, mean, maxmap, d, w1, prelu_w, w2, w_sa);
   });
+  return {y, mean, maxmap};
 }
+using BalancedAttention = OutVariant<&balanced_attention_cpu>;
 
 // ------------------------------------------------------------------ backward
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_attention_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& maxmap_in,
     const at::Tensor& w1, const at::Tensor& prelu_w, const at::Tensor& w2, const at::Tensor& w_sa) {
-  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOpBw);
+  const Dims d = check_args(x_in, w1, prelu_w, w2, w_sa, kOp.bw);
   const int64_t N = d.N, C = d.C, H = d.H, Wd = d.W, HW = d.HW, K = d.K, Cr = d.Cr;
   const auto acc_type = at::toOpMathType(x_in.scalar_type());
-  TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({N, C}) && mean_in.scalar_type() == acc_type, kOpBw,
+  TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({N, C}) && mean_in.scalar_type() == acc_type, kOp.bw,
               ": mean must be [N, C] = [", N, ", ", C, "] of dtype ", acc_type, ", got ", mean_in.sizes(), " ",
               mean_in.scalar_type());
-  TORCH_CHECK(maxmap_in.sizes() == at::IntArrayRef({N, H, Wd}) && maxmap_in.scalar_type() == acc_type, kOpBw,
+  TORCH_CHECK(maxmap_in.sizes() == at::IntArrayRef({N, H, Wd}) && maxmap_in.scalar_type() == acc_type, kOp.bw,
               ": maxmap must be [N, H, W] = [", N, ", ", H, ", ", Wd, "] of dtype ", acc_type, ", got ",
               maxmap_in.sizes(), " ", maxmap_in.scalar_type());
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
-  const at::Tensor go = match_layout(grad_out_in, x, layout, kOpBw, "grad_out");
+  const at::Tensor go = match_layout(grad_out_in, x, layout, kOp.bw, "grad_out");
   const at::Tensor mean = mean_in.contiguous();
   const at::Tensor maxmap = maxmap_in.contiguous();
 
@@ -456,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
   at::Tensor gpw = at::empty(prelu_w.sizes(), w1.options());
   at::Tensor gw2 = at::empty({C, Cr}, w1.options());
   at::Tensor gwsa = at::empty({K, K}, w1.options());
-  TORCH_CHECK(N == 0 || C > 0, kOpBw, ": C must be > 0");
+  TORCH_CHECK(N == 0 || C > 0, kOp.bw, ": C must be > 0");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "balanced_attention_backward_cpu", [&] {
     using T = scalar_t;
@@ -491,25 +479,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
             gates<A>(mlp, s, mx, wsa, H, Wd, K, h.data(), rows.a.data() + n * Cr, ca.data(), sa.data());
 
         // Pass 1: dca partials, dsa, argmax (lowest channel attaining the max).
-        at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-          for (int64_t k = b; k < e; ++k) {
-            const int64_t p0 = ch.begin(k), len = ch.len(k);
-            A* pd = pdca.data() + k * C;
-            if (layout == Layout::NCHW) {
-              pd[0] = bwd1_row<true, T>(gon + p0, xn + p0, len, sa.data() + p0, mx + p0, ca[0], 0, dsa.data() + p0,
-                                        am.data() + p0);
-              for (int64_t c = 1; c < C; ++c) {
-                const int64_t o = c * HW + p0;
-                pd[c] = bwd1_row<false, T>(gon + o, xn + o, len, sa.data() + p0, mx + p0, ca[c], c, dsa.data() + p0,
-                                           am.data() + p0);
-              }
-            } else {
+        ch.parallel(
+            [&](int64_t k, int64_t c, int64_t p0, int64_t len) {
+              const int64_t o = c * HW + p0;
+              const auto pass1 = c == 0 ? bwd1_row<true, T> : bwd1_row<false, T>;  // channel 0 starts dsa, am
+              pdca[k * C + c] = pass1(gon + o, xn + o, len, sa.data() + p0, mx + p0, ca[c], c, dsa.data() + p0,
+                                      am.data() + p0);
+            },
+            [&](int64_t k, int64_t p0, int64_t len) {
               const int64_t o = p0 * C;
-              bwd1_pixels<T>(gon + o, xn + o, len, C, sa.data() + p0, mx + p0, ca.data(), pd, dsa.data() + p0,
-                             am.data() + p0);
-            }
-          }
-        });
+              bwd1_pixels<T>(gon + o, xn + o, len, C, sa.data() + p0, mx + p0, ca.data(), pdca.data() + k * C,
+                             dsa.data() + p0, am.data() + p0);
+            });
         for (int64_t c = 0; c < C; ++c) dca[c] = sum_chunks(pdca, nk, C, c);
         mlp.backward(h.data(), ca.data(), dca.data(), rows.dz.data() + n * C, rows.dh.data() + n * Cr,
                      rows.dslope.data() + n * Cr, dmean.data());
@@ -531,21 +512,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
         for (int64_t c = 0; c < C; ++c) kc[c] = dmean[c] * inv_hw;
 
         // Pass 2: grad_x.
-        at::parallel_for(0, nk, 1, [&](int64_t b, int64_t e) {
-          for (int64_t k = b; k < e; ++k) {
-            const int64_t p0 = ch.begin(k), len = ch.len(k);
-            if (layout == Layout::NCHW) {
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t o = c * HW + p0;
-                bwd2_row<T>(gon + o, gxn + o, len, sa.data() + p0, ca[c], kc[c], am.data() + p0, dmax.data() + p0, c);
-              }
-            } else {
+        ch.parallel(
+            [&](int64_t, int64_t c, int64_t p0, int64_t len) {
+              const int64_t o = c * HW + p0;
+              bwd2_row<T>(gon + o, gxn + o, len, sa.data() + p0, ca[c], kc[c], am.data() + p0, dmax.data() + p0, c);
+            },
+            [&](int64_t, int64_t p0, int64_t len) {
               const int64_t o = p0 * C;
               bwd2_pixels<T>(gon + o, gxn + o, len, C, sa.data() + p0, ca.data(), kc.data(), am.data() + p0,
                              dmax.data() + p0);
-            }
-          }
-        });
+            });
       });
     }
 
@@ -563,14 +539,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
 }  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
-SRK_CPU_KERNEL(balanced_attention, balanced_attention_cpu)
-SRK_CPU_KERNEL(balanced_attention_backward, balanced_attention_backward_cpu)
-SRK_CPU_KERNEL(balanced_attention_out, balanced_attention_out_cpu)
-
-#if SRK_REGISTER_CPU_OPS
-TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("balanced_attention", SRK_CPU_STUB(balanced_attention));
-  m.impl("balanced_attention_backward", SRK_CPU_STUB(balanced_attention_backward));
-  m.impl("balanced_attention_out", SRK_CPU_STUB(balanced_attention_out));
-}
-#endif
+SRK_CPU_OP_WITH_OUT(balanced_attention, BalancedAttention)
+SRK_CPU_OP(balanced_attention_backward, balanced_attention_backward_cpu)

@@ -10,7 +10,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include <tuple>
 
@@ -18,15 +17,11 @@ namespace srkernels::cpu {
 inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
 namespace {
 
-constexpr const char* kOp = "channel_attention";
-constexpr const char* kOpBw = "channel_attention_backward";
-constexpr const char* kOpOut = "channel_attention_out";
+constexpr OpNames kOp = SRK_OP_NAMES(channel_attention);
 
 // NCHW: a chunk is a run of one channel plane; 16 KB of fp32, so the deviation pass re-reads it from L1.
+// NHWC: a chunk is a run of whole pixels (nhwc_chunk_pixels).
 constexpr int64_t kChunkNCHW = 4096;
-// NHWC: a chunk is a run of whole pixels (~64 KB of fp32, re-read from L2); larger than NCHW to keep the
-// [chunks, C] partial buffers small for big images.
-constexpr int64_t kChunkNHWC = 16384;
 
 inline bool parse_pool(c10::string_view pool, const char* op) {
   if (pool == "avg") return false;
@@ -41,13 +36,8 @@ struct Chunking {
   int64_t C, HW, nk, P;
   int64_t cs, ks;  // per-item partials ([C, nk] NCHW, [nk, C] NHWC): stride between channels, between chunks
   Chunking(Layout l, int64_t C_, int64_t HW_) : layout(l), C(C_), HW(HW_) {
-    if (l == Layout::NCHW) {
-      P = kChunkNCHW;
-      nk = div_up(HW, P);
-    } else {
-      P = std::max<int64_t>(1, kChunkNHWC / std::max<int64_t>(C, 1));
-      nk = div_up(HW, P);
-    }
+    P = l == Layout::NCHW ? kChunkNCHW : nhwc_chunk_pixels(C);
+    nk = div_up(HW, P);
     cs = l == Layout::NCHW ? nk : 1;
     ks = l == Layout::NCHW ? 1 : C;
   }
@@ -338,16 +328,9 @@ void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const
     using A = at::opmath_type<T>;
     const Mlp<A> mlp = Mlp<A>::template make<T>(w1, b1, w2, b2, act_weight);
     const Chunking ch(layout, C, HW);
-    const T* px = x.const_data_ptr<T>();
-    const T* pr = r.defined() ? r.const_data_ptr<T>() : nullptr;
-    T* po = out.data_ptr<T>();
     A* pst = stats.defined() ? stats.data_ptr<A>() : nullptr;
 
-    for_each_sample(N, [&](int64_t n) {
-      const int64_t off = n * C * HW;
-      const T* xn = px + off;
-      const T* rn = pr != nullptr ? pr + off : nullptr;
-      T* on = po + off;
+    for_each_sample_io<T>(x, r, out, [&](int64_t n, const T* xn, const T* rn, T* on) {
       std::vector<A> local(pst != nullptr ? 0 : P * C);
       A* mean = pst != nullptr ? pst + n * P * C : local.data();
       A* stdv = with_std ? mean + C : nullptr;
@@ -369,42 +352,28 @@ void forward_into(const at::Tensor& x, Layout layout, const at::Tensor& r, const
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
-                                                         const c10::optional<at::Tensor>& b1,
-                                                         const at::Tensor& w2,
-                                                         const c10::optional<at::Tensor>& b2,
+// The forward, and channel_attention_out when out is defined (OutVariant): out written, nothing returned.
+std::tuple<at::Tensor, at::Tensor> channel_attention_cpu(const at::Tensor& out, const at::Tensor& x_in,
+                                                         const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                                                         const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                                                          const c10::optional<at::Tensor>& residual,
                                                          const c10::optional<at::Tensor>& act_weight,
                                                          c10::string_view pool) {
-  check_x(x_in, kOp);
-  check_weights(x_in, w1, b1, w2, b2, act_weight, kOp);
-  const bool with_std = parse_pool(pool, kOp);
-  at::Tensor x = x_in;
-  const Layout layout = prepare_input(x);
-  const at::Tensor r = match_layout(residual, x, layout, kOp, "residual");
-  at::Tensor out = empty_output_like(x);
-  at::Tensor stats = at::empty({x.size(0), with_std ? 2 : 1, x.size(1)},
-                               x.options().dtype(at::toOpMathType(x.scalar_type())));
-  forward_into(x, layout, r, out, stats, w1, b1, w2, b2, act_weight, with_std);
-  return {out, stats};
-}
-
-void channel_attention_out_cpu(const at::Tensor& x_in, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                               const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
-                               const c10::optional<at::Tensor>& residual,
-                               const c10::optional<at::Tensor>& act_weight, c10::string_view pool,
-                               const at::Tensor& out) {
-  check_x(x_in, kOpOut);
-  check_weights(x_in, w1, b1, w2, b2, act_weight, kOpOut);
-  const bool with_std = parse_pool(pool, kOpOut);
-  check_out(out, x_in, kOpOut);
-  at::Tensor x = x_in;
-  const Layout layout = prepare_input(x);
-  const at::Tensor r = match_layout(residual, x, layout, kOpOut, "residual");
-  forward_out(out, layout, [&] { return empty_output_like(x); }, [&](const at::Tensor& dst) {
-    forward_into(x, layout, r, dst, at::Tensor(), w1, b1, w2, b2, act_weight, with_std);
+  const char* op = out.defined() ? kOp.out : kOp.fwd;
+  check_x(x_in, op);
+  check_weights(x_in, w1, b1, w2, b2, act_weight, op);
+  const bool with_std = parse_pool(pool, op);
+  at::Tensor stats;
+  at::Tensor y = attention_forward(out, x_in, residual, op, [&](const at::Tensor& x, Layout layout, const at::Tensor& r,
+                                                                const at::Tensor& dst, bool keep) {
+    if (keep) {
+      stats = at::empty({x.size(0), with_std ? 2 : 1, x.size(1)}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+    }
+    forward_into(x, layout, r, dst, stats, w1, b1, w2, b2, act_weight, with_std);
   });
+  return {y, stats};
 }
+using ChannelAttention = OutVariant<&channel_attention_cpu>;
 
 // ------------------------------------------------------------------ backward
 
@@ -454,20 +423,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& stats_in, const at::Tensor& w1,
     const c10::optional<at::Tensor>& b1, const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
     const c10::optional<at::Tensor>& act_weight, c10::string_view pool) {
-  check_x(x_in, kOpBw);
-  const bool with_std = parse_pool(pool, kOpBw);
+  check_x(x_in, kOp.bw);
+  const bool with_std = parse_pool(pool, kOp.bw);
   const int64_t N = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3);
-  const int64_t Cr = check_weights(x_in, w1, b1, w2, b2, act_weight, kOpBw);
+  const int64_t Cr = check_weights(x_in, w1, b1, w2, b2, act_weight, kOp.bw);
   const int64_t P = with_std ? 2 : 1;
   const auto acc_type = at::toOpMathType(x_in.scalar_type());
-  TORCH_CHECK(stats_in.sizes() == at::IntArrayRef({N, P, C}), kOpBw, ": stats must be [N, ", P, ", C] = [", N,
+  TORCH_CHECK(stats_in.sizes() == at::IntArrayRef({N, P, C}), kOp.bw, ": stats must be [N, ", P, ", C] = [", N,
               ", ", P, ", ", C, "] for pool \"", std::string(pool), "\", got ", stats_in.sizes());
-  TORCH_CHECK(stats_in.scalar_type() == acc_type, kOpBw, ": stats must have dtype ", acc_type, ", got ",
+  TORCH_CHECK(stats_in.scalar_type() == acc_type, kOp.bw, ": stats must have dtype ", acc_type, ", got ",
               stats_in.scalar_type());
 
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
-  const at::Tensor go = match_layout(grad_out_in, x, layout, kOpBw, "grad_out");
+  const at::Tensor go = match_layout(grad_out_in, x, layout, kOp.bw, "grad_out");
   const at::Tensor stats = stats_in.contiguous();
 
   at::Tensor gx = empty_output_like(x);
@@ -509,14 +478,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
-SRK_CPU_KERNEL(channel_attention, channel_attention_cpu)
-SRK_CPU_KERNEL(channel_attention_backward, channel_attention_backward_cpu)
-SRK_CPU_KERNEL(channel_attention_out, channel_attention_out_cpu)
-
-#if SRK_REGISTER_CPU_OPS
-TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("channel_attention", SRK_CPU_STUB(channel_attention));
-  m.impl("channel_attention_backward", SRK_CPU_STUB(channel_attention_backward));
-  m.impl("channel_attention_out", SRK_CPU_STUB(channel_attention_out));
-}
-#endif
+SRK_CPU_OP_WITH_OUT(channel_attention, ChannelAttention)
+SRK_CPU_OP(channel_attention_backward, channel_attention_backward_cpu)

@@ -19,7 +19,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cctype>
@@ -799,12 +798,5 @@ Grads dense_block_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
 }  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
-SRK_CPU_KERNEL(dense_block, dense_block_cpu)
-SRK_CPU_KERNEL(dense_block_backward, dense_block_backward_cpu)
-
-#if SRK_REGISTER_CPU_OPS
-TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("dense_block", SRK_CPU_STUB(dense_block));
-  m.impl("dense_block_backward", SRK_CPU_STUB(dense_block_backward));
-}
-#endif
+SRK_CPU_OP(dense_block, dense_block_cpu)
+SRK_CPU_OP(dense_block_backward, dense_block_backward_cpu)

@@ -15,7 +15,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include "attention_common.h"
 #include "runtime/cpu_dispatch.h"
@@ -86,29 +85,24 @@ constexpr bool kInterleaves = (R & (R - 1)) == 0
 #endif
     ;
 
-// in[0], in[S], ... (N sources) -> out[0..N): interleave the even and the odd sources, then merge pairwise.
-template <int N, int S, typename A>
+// N a power of two. Interleave: in[0], in[S], ... (N sources) -> out[0..N): interleave the even and the odd
+// sources, then merge pairwise. Inverse: in[0..N) -> sources out[0], out[S], ...: split even / odd elements,
+// then recurse on each half.
+template <bool kInverse, int N, int S, typename A>
 inline void interleave_pow2(const Vectorized<A>* in, Vectorized<A>* out) {
   if constexpr (N == 1) {
     out[0] = in[0];
   } else {
     Vectorized<A> e[N / 2], o[N / 2];
-    interleave_pow2<N / 2, 2 * S, A>(in, e);
-    interleave_pow2<N / 2, 2 * S, A>(in + S, o);
-    for (int t = 0; t < N / 2; ++t) std::tie(out[2 * t], out[2 * t + 1]) = at::vec::interleave2<A>(e[t], o[t]);
-  }
-}
-
-// in[0..N) -> sources out[0], out[S], ...: split even / odd elements, then recurse on each half.
-template <int N, int S, typename A>
-inline void deinterleave_pow2(const Vectorized<A>* in, Vectorized<A>* out) {
-  if constexpr (N == 1) {
-    out[0] = in[0];
-  } else {
-    Vectorized<A> e[N / 2], o[N / 2];
-    for (int t = 0; t < N / 2; ++t) std::tie(e[t], o[t]) = at::vec::deinterleave2<A>(in[2 * t], in[2 * t + 1]);
-    deinterleave_pow2<N / 2, 2 * S, A>(e, out);
-    deinterleave_pow2<N / 2, 2 * S, A>(o, out + S);
+    if constexpr (kInverse) {
+      for (int t = 0; t < N / 2; ++t) std::tie(e[t], o[t]) = at::vec::deinterleave2<A>(in[2 * t], in[2 * t + 1]);
+      interleave_pow2<true, N / 2, 2 * S, A>(e, out);
+      interleave_pow2<true, N / 2, 2 * S, A>(o, out + S);
+    } else {
+      interleave_pow2<false, N / 2, 2 * S, A>(in, e);
+      interleave_pow2<false, N / 2, 2 * S, A>(in + S, o);
+      for (int t = 0; t < N / 2; ++t) std::tie(out[2 * t], out[2 * t + 1]) = at::vec::interleave2<A>(e[t], o[t]);
+    }
   }
 }
 
@@ -144,11 +138,7 @@ template <typename A, int R, bool kInverse>
 inline void interleave_dir(Vectorized<A>* v) {
   Vectorized<A> out[R];
   if constexpr ((R & (R - 1)) == 0) {
-    if constexpr (kInverse) {
-      deinterleave_pow2<R, 1, A>(v, out);
-    } else {
-      interleave_pow2<R, 1, A>(v, out);
-    }
+    interleave_pow2<kInverse, R, 1, A>(v, out);
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
     const auto& t = kPerm<R>;
@@ -231,14 +221,32 @@ void shuffle_row(const T* const* src, const at::opmath_type<T>* b, T* o, const T
   }
 }
 
-// NCHW: out[n, c, h*r + i, w*r + j] = f(x[n, c*r*r + i*r + j, h, w]); one item = (n, c, h), r output rows.
+// The kernels of one call, over its geometry and epilogue (bias and PReLU slope in acc type, nullptr when
+// absent). Forward: x -> out (+ res), per layout (and NHWC r == 2). Backward: go -> gx, reading x (nullptr
+// for act none) and writing the per-item partials of the bias and slope gradients (bpart, apart: nullptr
+// when not wanted).
 template <typename T>
-void shuffle_nchw(const T* x, T* out, const T* res, const Geometry& g, const at::opmath_type<T>* bias,
-                  const at::opmath_type<T>* slope, Act act) {
+struct ShuffleKernels {
   using A = at::opmath_type<T>;
   using AV = Vectorized<A>;
   using I = Idx<A>;
-  constexpr int64_t V = VecIO<T>::W;
+  static constexpr int64_t V = VecIO<T>::W;
+
+  Geometry g;
+  const A* bias;
+  const A* slope;
+  Act act;
+
+  void shuffle_nchw(const T* x, T* out, const T* res) const;
+  void shuffle_nhwc_r2(const T* x, T* out, const T* res) const;
+  void shuffle_nhwc(const T* x, T* out, const T* res) const;
+  void unshuffle_nchw(const T* go, const T* x, T* gx, A* bpart, A* apart) const;
+  void unshuffle_nhwc(const T* go, const T* x, T* gx, A* bpart, A* apart) const;
+};
+
+// NCHW: out[n, c, h*r + i, w*r + j] = f(x[n, c*r*r + i*r + j, h, w]); one item = (n, c, h), r output rows.
+template <typename T>
+void ShuffleKernels<T>::shuffle_nchw(const T* x, T* out, const T* res) const {
   const int64_t r = g.r, H = g.H, W = g.W, Wr = W * r, Cin = g.Cin();
   using RowFn = void (*)(const T* const*, const A*, T*, const T*, int64_t, Act, const AV&);
   RowFn row = nullptr;
@@ -294,11 +302,7 @@ void shuffle_nchw(const T* x, T* out, const T* res, const Geometry& g, const at:
 // NHWC, r == 2 and C >= V: per input pixel and block of up to V channels, the 4*cnt contiguous inputs
 // (channel-major, 4 sub-pixels each) are split into the 4 sub-pixel vectors by two rounds of deinterleave2.
 template <typename T>
-void shuffle_nhwc_r2(const T* x, T* out, const T* res, const Geometry& g, const at::opmath_type<T>* bias,
-                     const at::opmath_type<T>* slope, Act act) {
-  using A = at::opmath_type<T>;
-  using AV = Vectorized<A>;
-  constexpr int64_t V = VecIO<T>::W;
+void ShuffleKernels<T>::shuffle_nhwc_r2(const T* x, T* out, const T* res) const {
   const int64_t H = g.H, W = g.W, C = g.C, Cin = 4 * C, Wr = 2 * W;
   const AV zero(A(0));
   at::parallel_for(0, g.N * H, 1, [&](int64_t begin, int64_t end) {
@@ -331,13 +335,8 @@ void shuffle_nhwc_r2(const T* x, T* out, const T* res, const Geometry& g, const 
 // is then written in whole vectors, each one gather. The source pattern of output element q of the run,
 // x[w*Cin + c*r*r + i*r + j] with (w, j, c) from q, repeats every L = lcm(V, r*C) outputs (pp pixels).
 template <typename T>
-void shuffle_nhwc(const T* x, T* out, const T* res, const Geometry& g, const at::opmath_type<T>* bias,
-                  const at::opmath_type<T>* slope, Act act) {
-  using A = at::opmath_type<T>;
-  using AV = Vectorized<A>;
-  using I = Idx<A>;
+void ShuffleKernels<T>::shuffle_nhwc(const T* x, T* out, const T* res) const {
   using IV = Vectorized<I>;
-  constexpr int64_t V = VecIO<T>::W;
   const int64_t r = g.r, R = r * r, H = g.H, W = g.W, C = g.C, Cin = g.Cin(), rC = r * C;
   const int64_t L = lcm(V, rC), pp = L / rC;
   // Pixels per run: a multiple of pp; at most the whole periods of a row, so that only a short tail run
@@ -405,11 +404,11 @@ void forward_into(at::Tensor x, int64_t r, const std::optional<at::Tensor>& bias
     if (bias) b = to_acc<scalar_t>(*bias);
     if (act == Act::Prelu) s = to_acc<scalar_t>(*act_weight);
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
-    auto fn = layout == Layout::NCHW ? shuffle_nchw<scalar_t>
-              : (r == 2 && g.C >= VecIO<scalar_t>::W) ? shuffle_nhwc_r2<scalar_t>
-                                                      : shuffle_nhwc<scalar_t>;
-    fn(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rp, g, bias ? b.data() : nullptr,
-       act == Act::Prelu ? s.data() : nullptr, act);
+    const ShuffleKernels<scalar_t> k{g, bias ? b.data() : nullptr, act == Act::Prelu ? s.data() : nullptr, act};
+    auto fn = layout == Layout::NCHW ? &ShuffleKernels<scalar_t>::shuffle_nchw
+              : (r == 2 && g.C >= VecIO<scalar_t>::W) ? &ShuffleKernels<scalar_t>::shuffle_nhwc_r2
+                                                      : &ShuffleKernels<scalar_t>::shuffle_nhwc;
+    (k.*fn)(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rp);
   });
 }
 
@@ -424,27 +423,20 @@ void check_args(const at::Tensor& x, int64_t r, const std::optional<at::Tensor>&
   if (act == Act::Prelu) check_param(*act_weight, x, {x.size(1) / (r * r)}, "pixel_shuffle", "act_weight");
 }
 
-at::Tensor pixel_shuffle_cpu(const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& act_weight, c10::string_view act_s,
-                             const std::optional<at::Tensor>& residual) {
-  const Act act = parse_act(act_s);
-  check_args(x_in, r, bias, act_weight, act);
-  at::Tensor x = x_in;
-  const Layout layout = prepare_input(x);
-  at::Tensor out = empty_output({x.size(0), x.size(1) / (r * r), x.size(2) * r, x.size(3) * r}, x.options(),
-                                memory_format(layout));
-  forward_into(x, r, bias, act_weight, act, residual, out, layout);
-  return out;
-}
-
-void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& act_weight, c10::string_view act_s,
-                           const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+// The forward, and pixel_shuffle_out when out is defined (OutVariant): out written, nothing returned.
+at::Tensor pixel_shuffle_cpu(const at::Tensor& out, const at::Tensor& x_in, int64_t r,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_weight,
+                             c10::string_view act_s, const std::optional<at::Tensor>& residual) {
   const Act act = parse_act(act_s);
   check_args(x_in, r, bias, act_weight, act);
   at::Tensor x = x_in;
   const Layout layout = prepare_input(x);
   const std::vector<int64_t> shape{x.size(0), x.size(1) / (r * r), x.size(2) * r, x.size(3) * r};
+  if (!out.defined()) {
+    at::Tensor y = empty_output(shape, x.options(), memory_format(layout));
+    forward_into(x, r, bias, act_weight, act, residual, y, layout);
+    return y;
+  }
   TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type(),
               "pixel_shuffle_out: out must have shape ", at::IntArrayRef(shape), " and dtype ", x.scalar_type());
   const auto overlap = at::get_overlap_status(out, x_in);
@@ -452,7 +444,9 @@ void pixel_shuffle_out_cpu(const at::Tensor& x_in, int64_t r, const std::optiona
               "pixel_shuffle_out: out must not overlap x");
   forward_out(out, layout, [&] { return empty_output(shape, x.options(), memory_format(layout)); },
               [&](const at::Tensor& dst) { forward_into(x, r, bias, act_weight, act, residual, dst, layout); });
+  return {};
 }
+using PixelShuffle = OutVariant<&pixel_shuffle_cpu>;
 
 // ---- backward / unshuffle -----------------------------------------------------------------------------
 // gx[n, k, h, w] = act'(x + bias) * go[n, c, h*r + i, w*r + j]; per-(n, k) (NCHW) or per-(n, h) (NHWC)
@@ -519,13 +513,7 @@ void unshuffle_row(const T* gorow, const T* const* xr, T* const* gxr, const at::
 
 // NCHW: one item = (n, c, i): output row h*r + i of channel c feeds input planes k = c*r*r + i*r + j, row h.
 template <typename T>
-void unshuffle_nchw(const T* go, const T* x, T* gx, const Geometry& g, const at::opmath_type<T>* bias,
-                    const at::opmath_type<T>* slope, Act act, at::opmath_type<T>* bpart,
-                    at::opmath_type<T>* apart) {
-  using A = at::opmath_type<T>;
-  using AV = Vectorized<A>;
-  using I = Idx<A>;
-  constexpr int64_t V = VecIO<T>::W;
+void ShuffleKernels<T>::unshuffle_nchw(const T* go, const T* x, T* gx, A* bpart, A* apart) const {
   const int64_t r = g.r, H = g.H, W = g.W, Wr = W * r, Cin = g.Cin();
   const GradEpilogue<T> epi{act, bpart != nullptr, apart != nullptr};
   using RowFn = void (*)(const T*, const T* const*, T* const*, const A*, int64_t, const AV&, const GradEpilogue<T>&,
@@ -583,13 +571,7 @@ void unshuffle_nchw(const T* go, const T* x, T* gx, const Geometry& g, const at:
 // the pixel's [C, r*r] block. r == 2 and C >= V: two rounds of interleave2; otherwise a gather through a
 // per-pixel offset table (a scalar gather for reduced types, which have no vector gather).
 template <typename T>
-void unshuffle_nhwc(const T* go, const T* x, T* gx, const Geometry& g, const at::opmath_type<T>* bias,
-                    const at::opmath_type<T>* slope, Act act, at::opmath_type<T>* bpart,
-                    at::opmath_type<T>* apart) {
-  using A = at::opmath_type<T>;
-  using AV = Vectorized<A>;
-  using I = Idx<A>;
-  constexpr int64_t V = VecIO<T>::W;
+void ShuffleKernels<T>::unshuffle_nhwc(const T* go, const T* x, T* gx, A* bpart, A* apart) const {
   const int64_t r = g.r, R = r * r, H = g.H, W = g.W, C = g.C, Cin = g.Cin(), Wr = W * r;
   const GradEpilogue<T> epi{act, bpart != nullptr, apart != nullptr};
   const bool fast2 = r == 2 && C >= V;
@@ -685,10 +667,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_backward_cpu(
     if (act == Act::Prelu) s = to_acc<scalar_t>(*act_weight);
     const int64_t parts = layout == Layout::NCHW ? g.N : g.N * g.H;  // partial rows, each Cin wide
     std::vector<A> bpart(bias ? parts * g.Cin() : 0), apart(act == Act::Prelu ? parts * g.Cin() : 0);
-    auto fn = layout == Layout::NCHW ? unshuffle_nchw<scalar_t> : unshuffle_nhwc<scalar_t>;
-    fn(go.const_data_ptr<scalar_t>(), x.defined() ? x.const_data_ptr<scalar_t>() : nullptr,
-       gx.mutable_data_ptr<scalar_t>(), g, bias ? b.data() : nullptr, act == Act::Prelu ? s.data() : nullptr, act,
-       bias ? bpart.data() : nullptr, act == Act::Prelu ? apart.data() : nullptr);
+    const ShuffleKernels<scalar_t> k{g, bias ? b.data() : nullptr, act == Act::Prelu ? s.data() : nullptr, act};
+    auto fn = layout == Layout::NCHW ? &ShuffleKernels<scalar_t>::unshuffle_nchw
+                                     : &ShuffleKernels<scalar_t>::unshuffle_nhwc;
+    (k.*fn)(go.const_data_ptr<scalar_t>(), x.defined() ? x.const_data_ptr<scalar_t>() : nullptr,
+            gx.mutable_data_ptr<scalar_t>(), bias ? bpart.data() : nullptr, act == Act::Prelu ? apart.data() : nullptr);
     if (bias) {
       scalar_t* out = gb.mutable_data_ptr<scalar_t>();
       for (int64_t k = 0; k < g.Cin(); ++k) {
@@ -720,16 +703,6 @@ at::Tensor pixel_unshuffle_cpu(const at::Tensor& x, int64_t r) {
 }  // namespace CPU_CAPABILITY
 }  // namespace srkernels::cpu
 
-SRK_CPU_KERNEL(pixel_shuffle, pixel_shuffle_cpu)
-SRK_CPU_KERNEL(pixel_shuffle_backward, pixel_shuffle_backward_cpu)
-SRK_CPU_KERNEL(pixel_shuffle_out, pixel_shuffle_out_cpu)
-SRK_CPU_KERNEL(pixel_unshuffle, pixel_unshuffle_cpu)
-
-#if SRK_REGISTER_CPU_OPS
-TORCH_LIBRARY_IMPL(srkernels, CPU, m) {
-  m.impl("pixel_shuffle", SRK_CPU_STUB(pixel_shuffle));
-  m.impl("pixel_shuffle_backward", SRK_CPU_STUB(pixel_shuffle_backward));
-  m.impl("pixel_shuffle_out", SRK_CPU_STUB(pixel_shuffle_out));
-  m.impl("pixel_unshuffle", SRK_CPU_STUB(pixel_unshuffle));
-}
-#endif
+SRK_CPU_OP_WITH_OUT(pixel_shuffle, PixelShuffle)
+SRK_CPU_OP(pixel_shuffle_backward, pixel_shuffle_backward_cpu)
+SRK_CPU_OP(pixel_unshuffle, pixel_unshuffle_cpu)

@@ -212,6 +212,19 @@ __device__ __forceinline__ void block_welford(acc_t& m, acc_t& M, int& n, acc_t*
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The tensors of a forward's scale pass, out = x * gate (+ res) elementwise in one layout; the op supplies
+// the gate (CaScaleOp, BamScaleOp).
+template <typename scalar_t>
+struct ScaleIO {
+  const scalar_t* x;
+  const scalar_t* res;  // nullable
+  scalar_t* out;
+
+  static ScaleIO of(const at::Tensor& x, const at::Tensor& res, const at::Tensor& out) {
+    return {x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>()};
+  }
+};
+
 // Elementwise drivers. An Op supplies per-channel constants (plane()/chan()) and the per-vector body
 // (nchw()/nhwc()); the drivers own the index math, so no integer division runs per element.
 
@@ -614,6 +627,30 @@ __global__ void __launch_bounds__(kBlock) mlp_bwd_kernel(
   }
 }
 
+// One element of a linear layer's weight gradients, summed over n = 0..N-1 in order: for k < rows * cols,
+// gw[j, c] = sum_n dout[n, j] * in[n, c] (k = j * cols + c); for the next `rows` (if gb is wanted),
+// gb[j] = sum_n dout[n, j]. Past both it returns false with k moved past this layer's elements.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ bool linear_grad(int64_t& k, int64_t N, int rows, int cols, const acc_t* dout,
+                                            const acc_t* in, scalar_t* gw, scalar_t* gb) {
+  const int64_t nw = static_cast<int64_t>(rows) * cols, nb = gb ? rows : 0;
+  acc_t t = acc_t(0);
+  if (k < nw) {
+    const int64_t j = k / cols, c = k - j * cols;
+    for (int64_t n = 0; n < N; ++n) t += dout[n * rows + j] * in[n * cols + c];
+    gw[k] = static_cast<scalar_t>(t);
+    return true;
+  }
+  k -= nw;
+  if (k < nb) {
+    for (int64_t n = 0; n < N; ++n) t += dout[n * rows + k];
+    gb[k] = static_cast<scalar_t>(t);
+    return true;
+  }
+  k -= nb;
+  return false;
+}
+
 // Weight gradients: one thread per output element, summing the per-sample factors over n = 0..N-1 in order.
 // Optional gw_sa: sum over chunks (in order) of the [KK, nchunks] partials.
 template <typename scalar_t>
@@ -623,49 +660,20 @@ __global__ void __launch_bounds__(kBlock) weight_grad_kernel(
     const at::opmath_type<scalar_t>* pabuf, scalar_t* gw1, scalar_t* gb1, scalar_t* gw2, scalar_t* gb2,
     scalar_t* gslope, const at::opmath_type<scalar_t>* wsa_part, int KK, int64_t nchunks, scalar_t* gwsa) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n1 = static_cast<int64_t>(Cr) * C;
-  const int64_t n2 = gb1 ? Cr : 0;
-  const int64_t n3 = static_cast<int64_t>(C) * Cr;
-  const int64_t n4 = gb2 ? C : 0;
-  const int64_t n5 = gslope ? Cr : 0;
-  const int64_t n6 = gwsa ? KK : 0;
-  const int64_t total = n1 + n2 + n3 + n4 + n5 + n6;
+  const int64_t nslope = gslope ? Cr : 0;
+  const int64_t total = 2 * static_cast<int64_t>(C) * Cr + (gb1 ? Cr : 0) + (gb2 ? C : 0) + nslope + (gwsa ? KK : 0);
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t t = acc_t(0);
     int64_t k = e;
-    if (k < n1) {  // grad_w1[j, c] = sum_n dh[n, j] * s[n, c]
-      const int64_t j = k / C, c = k - j * C;
-      for (int64_t n = 0; n < N; ++n) t += dhbuf[n * Cr + j] * sbuf[n * C + c];
-      gw1[k] = static_cast<scalar_t>(t);
-      continue;
-    }
-    k -= n1;
-    if (k < n2) {  // grad_b1[j] = sum_n dh[n, j]
-      for (int64_t n = 0; n < N; ++n) t += dhbuf[n * Cr + k];
-      gb1[k] = static_cast<scalar_t>(t);
-      continue;
-    }
-    k -= n2;
-    if (k < n3) {  // grad_w2[c, j] = sum_n dz[n, c] * a[n, j]
-      const int64_t c = k / Cr, j = k - c * Cr;
-      for (int64_t n = 0; n < N; ++n) t += dzbuf[n * C + c] * abuf[n * Cr + j];
-      gw2[k] = static_cast<scalar_t>(t);
-      continue;
-    }
-    k -= n3;
-    if (k < n4) {  // grad_b2[c] = sum_n dz[n, c]
-      for (int64_t n = 0; n < N; ++n) t += dzbuf[n * C + k];
-      gb2[k] = static_cast<scalar_t>(t);
-      continue;
-    }
-    k -= n4;
-    if (k < n5) {  // grad_slope[j] = sum_n (h <= 0 ? h * da : 0)
+    if (linear_grad(k, N, Cr, C, dhbuf, sbuf, gw1, gb1)) continue;  // grad_w1[j, c] = sum_n dh[n, j] * s[n, c]
+    if (linear_grad(k, N, C, Cr, dzbuf, abuf, gw2, gb2)) continue;  // grad_w2[c, j] = sum_n dz[n, c] * a[n, j]
+    acc_t t = acc_t(0);
+    if (k < nslope) {  // grad_slope[j] = sum_n (h <= 0 ? h * da : 0)
       for (int64_t n = 0; n < N; ++n) t += pabuf[n * Cr + k];
       gslope[k] = static_cast<scalar_t>(t);
       continue;
     }
-    k -= n5;
+    k -= nslope;
     for (int64_t q = 0; q < nchunks; ++q) t += wsa_part[k * nchunks + q];
     gwsa[k] = static_cast<scalar_t>(t);
   }
@@ -801,14 +809,37 @@ inline ForwardOperands forward_operands(const at::Tensor& x_in, const std::optio
   return o;
 }
 
-// The 16-byte vector path: the vectorised dimension (C in NHWC, H*W in NCHW) a multiple of VM elements and
-// every buffer 16-byte aligned (nullptr = an absent buffer).
-inline bool can_vectorize(bool nhwc, int64_t C, int64_t HW, int VM, std::initializer_list<const void*> ptrs) {
-  if (!(nhwc ? C % VM == 0 : HW % VM == 0)) return false;
-  for (const void* p : ptrs) {
-    if (!aligned16(p)) return false;
+// An attention forward after its argument checks, for the op (out undefined) and its _out variant:
+// run(in, dst) runs the kernels on the operands into dst, a new tensor in x's native layout (returned) or the
+// place forward_out picks for the caller's out.
+template <typename Run>
+inline at::Tensor attention_forward(const at::Tensor& out, const at::Tensor& x_in,
+                                    const std::optional<at::Tensor>& residual, const char* op, const Run& run) {
+  ForwardOperands in = forward_operands(x_in, residual);
+  if (out.defined()) {
+    forward_out(out, x_in, in.x, in.fmt, in.res, op, [&](const at::Tensor& dst) { run(in, dst); });
+    return at::Tensor();
   }
-  return true;
+  at::Tensor y = at::empty(in.x.sizes(), in.x.options(), in.fmt);
+  run(in, y);
+  return y;
+}
+
+// The operands an attention backward starts from: x_in in its native layout (fmt), grad_out in that layout,
+// both 16-byte aligned, and grad_x allocated in it.
+struct BackwardOperands {
+  at::MemoryFormat fmt;
+  at::Tensor x, go, grad_x;
+  bool nhwc() const { return fmt == at::MemoryFormat::ChannelsLast; }
+};
+
+inline BackwardOperands backward_operands(const at::Tensor& x_in, const at::Tensor& grad_out) {
+  BackwardOperands o;
+  const at::Tensor x_nat = native_layout(x_in, o.fmt);  // sets fmt
+  o.x = vec_aligned(x_nat, o.fmt);
+  o.go = vec_aligned(same_layout(grad_out, o.x, o.fmt, "grad_out"), o.fmt);
+  o.grad_x = at::empty(o.x.sizes(), o.x.options(), o.fmt);
+  return o;
 }
 
 // run(std::integral_constant<int, V>) with V = VM when `vec`, else V = 1: every kernel of a call takes the
@@ -820,6 +851,28 @@ inline void with_vec_width(bool vec, const F& run) {
   } else {
     run(std::integral_constant<int, 1>{});
   }
+}
+
+// The launch of an attention op on x ([N, C, H, W], native layout) and the other buffers its kernels read or
+// write (undefined = absent): run.template operator()<scalar_t, acc_t, V>(stream) for x's dtype scalar_t,
+// acc_t = at::opmath_type<scalar_t> and V = 16 / sizeof(scalar_t) (the 16-byte vector path) when the vectorised
+// dimension (C in NHWC, H*W in NCHW) is a multiple of it and every buffer is 16-byte aligned, else V = 1
+// (with_vec_width). An empty batch launches nothing; a batch must fit the grid.
+template <typename F>
+inline void dispatch_vectorized(const at::Tensor& x, bool nhwc, std::initializer_list<at::Tensor> bufs,
+                                const char* op, const F& run) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  if (N == 0) return;
+  TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
+  bool aligned = aligned16(x.data_ptr());
+  for (const at::Tensor& t : bufs) aligned = aligned && (!t.defined() || aligned16(t.data_ptr()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "srkernels_attention_cuda", [&] {
+    constexpr int VM = 16 / sizeof(scalar_t);
+    with_vec_width<VM>(aligned && (nhwc ? C % VM == 0 : HW % VM == 0), [&](auto vtag) {
+      run.template operator()<scalar_t, at::opmath_type<scalar_t>, decltype(vtag)::value>(stream);
+    });
+  });
 }
 
 // Elementwise launch on the native layout: V = max vector width or 1, chosen by the caller.

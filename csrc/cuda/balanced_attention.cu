@@ -18,8 +18,7 @@
 //   _out    : the forward kernels writing the caller's `out` (directly when it has x's native layout,
 //             else into a temporary + copy_, one more read and write pass)
 #include "attention_common.cuh"
-
-#include <torch/library.h>
+#include "runtime/register.h"
 
 #include <tuple>
 
@@ -248,28 +247,26 @@ __global__ void __launch_bounds__(kBlock) wsa_partial_kernel(const acc_t* __rest
 template <typename scalar_t>
 struct BamScaleOp {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  const scalar_t* res;  // nullable
-  scalar_t* out;
+  ScaleIO<scalar_t> io;
   const acc_t* ca;  // [N, C]
   const acc_t* sa;  // [N, HW]
   int C;
 
   template <int V>
   __device__ void apply(const acc_t (&cav)[V], const acc_t (&sav)[V], int64_t off) const {
-    const auto xv = vload<V>(x + off);
+    const auto xv = vload<V>(io.x + off);
     acc_t r[V];
 #pragma unroll
     for (int l = 0; l < V; ++l) r[l] = to_acc<acc_t>(xv.v[l]) * cav[l] * sav[l];
-    if (res) {
-      const auto rv = vload<V>(res + off);
+    if (io.res) {
+      const auto rv = vload<V>(io.res + off);
 #pragma unroll
       for (int l = 0; l < V; ++l) r[l] += to_acc<acc_t>(rv.v[l]);
     }
     Vec<scalar_t, V> o;
 #pragma unroll
     for (int l = 0; l < V; ++l) o.v[l] = static_cast<scalar_t>(r[l]);
-    vstore<V>(out + off, o);
+    vstore<V>(io.out + off, o);
   }
   __device__ acc_t plane(int64_t, int, int64_t nc) const { return ca[nc]; }
   template <int V>
@@ -438,78 +435,58 @@ std::pair<at::Tensor, at::Tensor> bam_forward(const at::Tensor& x, bool nhwc, co
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   at::Tensor mean = at::empty({N, C}, acc_opts);
   at::Tensor maxmap = at::empty({N, H, W}, acc_opts);
-  if (N == 0) return {mean, maxmap};
-  TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "balanced_attention_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = can_vectorize(nhwc, C, HW, VM,
-                                   {x.data_ptr(), out.data_ptr(), res.defined() ? res.data_ptr() : nullptr});
-    with_vec_width<VM>(vec, [&](auto vtag) {
-      constexpr int V = decltype(vtag)::value;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      acc_t* mm = maxmap.data_ptr<acc_t>();
-      at::Tensor pa;
-      int64_t S;
-      if (!nhwc) {
-        S = launch_bam_reduce_nchw<scalar_t, V, false>(xp, nullptr, nullptr, nullptr, nullptr, pa, mm, nullptr, N, C,
-                                                       HW, acc_opts, op, stream);
-      } else {
-        const NhwcGeom g = nhwc_geom(static_cast<int>(C), HW, V, kMinIters, kChunksPerSample);
-        S = g.S;
-        pa = at::empty({N, S, C}, acc_opts);
-        at::Tensor pmax = g.CT == 1 ? maxmap : at::empty({N, g.CT, HW}, acc_opts);
-        launch_reduce_nhwc<scalar_t, V, kBamFwd>(xp, nullptr, nullptr, nullptr, nullptr, pa.data_ptr<acc_t>(), nullptr,
-                                                 pmax.data_ptr<acc_t>(), nullptr, g, N, static_cast<int>(C), HW,
-                                                 stream);
-        if (g.CT > 1) {
-          SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, max_merge_kernel<acc_t>)(pmax.data_ptr<acc_t>(), g.CT, N,
-                                                                                      HW, mm);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+  dispatch_vectorized(x, nhwc, {out, res}, op,
+                      [&]<typename scalar_t, typename acc_t, int V>(cudaStream_t stream) {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    acc_t* mm = maxmap.data_ptr<acc_t>();
+    at::Tensor pa;
+    int64_t S;
+    if (!nhwc) {
+      S = launch_bam_reduce_nchw<scalar_t, V, false>(xp, nullptr, nullptr, nullptr, nullptr, pa, mm, nullptr, N, C,
+                                                     HW, acc_opts, op, stream);
+    } else {
+      const NhwcGeom g = nhwc_geom(static_cast<int>(C), HW, V, kMinIters, kChunksPerSample);
+      S = g.S;
+      pa = at::empty({N, S, C}, acc_opts);
+      at::Tensor pmax = g.CT == 1 ? maxmap : at::empty({N, g.CT, HW}, acc_opts);
+      launch_reduce_nhwc<scalar_t, V, kBamFwd>(xp, nullptr, nullptr, nullptr, nullptr, pa.data_ptr<acc_t>(), nullptr,
+                                               pmax.data_ptr<acc_t>(), nullptr, g, N, static_cast<int>(C), HW,
+                                               stream);
+      if (g.CT > 1) {
+        SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, max_merge_kernel<acc_t>)(pmax.data_ptr<acc_t>(), g.CT, N,
+                                                                                    HW, mm);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      launch_merge<acc_t>(pa.data_ptr<acc_t>(), nullptr, N, static_cast<int>(C), S, 0, HW, false,
-                          static_cast<acc_t>(HW), mean.data_ptr<acc_t>(), nullptr, C, stream);
+    }
+    launch_merge<acc_t>(pa.data_ptr<acc_t>(), nullptr, N, static_cast<int>(C), S, 0, HW, false,
+                        static_cast<acc_t>(HW), mean.data_ptr<acc_t>(), nullptr, C, stream);
 
-      at::Tensor ca, sa;
-      attention_maps<scalar_t>(A, mean, maxmap, N, H, W, ca, sa, stream);
+    at::Tensor ca, sa;
+    attention_maps<scalar_t>(A, mean, maxmap, N, H, W, ca, sa, stream);
 
-      BamScaleOp<scalar_t> sop{xp, res.defined() ? res.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                               ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(), static_cast<int>(C)};
-      launch_ew<V>(sop, nhwc, N, static_cast<int>(C), HW, stream);
-    });
+    BamScaleOp<scalar_t> sop{ScaleIO<scalar_t>::of(x, res, out), ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(),
+                             static_cast<int>(C)};
+    launch_ew<V>(sop, nhwc, N, static_cast<int>(C), HW, stream);
   });
   return {mean, maxmap};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at::Tensor& x_in, const at::Tensor& w1,
-                                                                       const at::Tensor& prelu_w, const at::Tensor& w2,
-                                                                       const at::Tensor& w_sa,
+// The forward, and balanced_attention_out when out is defined (OutVariant): out written, nothing returned.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> balanced_attention_cuda(const at::Tensor& out, const at::Tensor& x_in,
+                                                                       const at::Tensor& w1, const at::Tensor& prelu_w,
+                                                                       const at::Tensor& w2, const at::Tensor& w_sa,
                                                                        const std::optional<at::Tensor>& residual) {
-  constexpr const char* op = "srkernels::balanced_attention";
+  const char* op = out.defined() ? "srkernels::balanced_attention_out" : "srkernels::balanced_attention";
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
-  const ForwardOperands in = forward_operands(x_in, residual);
-  at::Tensor out = at::empty(in.x.sizes(), in.x.options(), in.fmt);
-  auto [mean, maxmap] = bam_forward(in.x, in.nhwc(), A, in.res, out, op);
-  return {out, mean, maxmap};
-}
-
-void balanced_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& prelu_w,
-                                 const at::Tensor& w2, const at::Tensor& w_sa,
-                                 const std::optional<at::Tensor>& residual, const at::Tensor& out) {
-  constexpr const char* op = "srkernels::balanced_attention_out";
-  check_x(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
-  ForwardOperands in = forward_operands(x_in, residual);
-  forward_out(out, x_in, in.x, in.fmt, in.res, op, [&](const at::Tensor& dst) {
-    bam_forward(in.x, in.nhwc(), A, in.res, dst, op);
+  at::Tensor mean, maxmap;
+  at::Tensor y = attention_forward(out, x_in, residual, op, [&](const ForwardOperands& in, const at::Tensor& dst) {
+    std::tie(mean, maxmap) = bam_forward(in.x, in.nhwc(), A, in.res, dst, op);
   });
+  return {y, mean, maxmap};
 }
+using BalancedAttention = OutVariant<&balanced_attention_cuda>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& mean_in, const at::Tensor& maxmap_in,
@@ -518,107 +495,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> balanced_
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BamArgs A = bam_args(x_in, w1, prelu_w, w2, w_sa, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
-  const at::Tensor x = vec_aligned(x_nat, fmt);
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor go = vec_aligned(same_layout(grad_out_in, x, fmt, "grad_out"), fmt);
-
+  const BackwardOperands in = backward_operands(x_in, grad_out_in);
+  const at::Tensor& x = in.x;
+  const bool nhwc = in.nhwc();
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, H = x.size(2), W = x.size(3), HW = H * W;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   check_saved(mean_in, "mean", {N, C}, x, op);
   check_saved(maxmap_in, "maxmap", {N, H, W}, x, op);
   const at::Tensor mean = mean_in.contiguous(), maxmap = maxmap_in.contiguous();
 
-  at::Tensor grad_x = at::empty(x.sizes(), x.options(), fmt);
   at::Tensor gw1 = weight_grad_buffer(A.w1, N), gslope = weight_grad_buffer(A.slope, N),
              gw2 = weight_grad_buffer(A.w2, N), gwsa = weight_grad_buffer(A.wsa, N);
-  if (N == 0) return {grad_x, gw1, gslope, gw2, gwsa};
-  TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_vectorized(x, nhwc, {in.go, in.grad_x}, op,
+                      [&]<typename scalar_t, typename acc_t, int V>(cudaStream_t stream) {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gop = in.go.data_ptr<scalar_t>();
+    at::Tensor ca, sa;
+    attention_maps<scalar_t>(A, mean, maxmap, N, H, W, ca, sa, stream);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "balanced_attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = can_vectorize(nhwc, C, HW, VM, {x.data_ptr(), go.data_ptr(), grad_x.data_ptr()});
-    with_vec_width<VM>(vec, [&](auto vtag) {
-      constexpr int V = decltype(vtag)::value;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      const scalar_t* gop = go.data_ptr<scalar_t>();
-      at::Tensor ca, sa;
-      attention_maps<scalar_t>(A, mean, maxmap, N, H, W, ca, sa, stream);
+    // One read of grad_out and x: dca partials, per-pixel dsa and argmax (per channel tile).
+    at::Tensor pa, pdsa, pam;
+    int64_t S;
+    int CT = 1;
+    if (!nhwc) {
+      pdsa = at::empty({N, 1, HW}, acc_opts);
+      pam = at::empty({N, 1, HW}, acc_opts.dtype(at::kInt));
+      S = launch_bam_reduce_nchw<scalar_t, V, true>(xp, gop, ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(),
+                                                    maxmap.data_ptr<acc_t>(), pa, pdsa.data_ptr<acc_t>(),
+                                                    pam.data_ptr<int>(), N, C, HW, acc_opts, op, stream);
+    } else {
+      const NhwcGeom g = nhwc_geom(static_cast<int>(C), HW, V, kMinIters, kChunksPerSample);
+      S = g.S;
+      CT = g.CT;
+      pa = at::empty({N, S, C}, acc_opts);
+      pdsa = at::empty({N, CT, HW}, acc_opts);
+      pam = at::empty({N, CT, HW}, acc_opts.dtype(at::kInt));
+      launch_reduce_nhwc<scalar_t, V, kBamBwd>(xp, gop, ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(),
+                                               maxmap.data_ptr<acc_t>(), pa.data_ptr<acc_t>(), nullptr,
+                                               pdsa.data_ptr<acc_t>(), pam.data_ptr<int>(), g, N,
+                                               static_cast<int>(C), HW, stream);
+    }
+    at::Tensor dca = at::empty({N, C}, acc_opts);
+    launch_merge<acc_t>(pa.data_ptr<acc_t>(), nullptr, N, static_cast<int>(C), S, 0, HW, false, acc_t(1),
+                        dca.data_ptr<acc_t>(), nullptr, C, stream);
 
-      // One read of grad_out and x: dca partials, per-pixel dsa and argmax (per channel tile).
-      at::Tensor pa, pdsa, pam;
-      int64_t S;
-      int CT = 1;
-      if (!nhwc) {
-        pdsa = at::empty({N, 1, HW}, acc_opts);
-        pam = at::empty({N, 1, HW}, acc_opts.dtype(at::kInt));
-        S = launch_bam_reduce_nchw<scalar_t, V, true>(xp, gop, ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(),
-                                                      maxmap.data_ptr<acc_t>(), pa, pdsa.data_ptr<acc_t>(),
-                                                      pam.data_ptr<int>(), N, C, HW, acc_opts, op, stream);
-      } else {
-        const NhwcGeom g = nhwc_geom(static_cast<int>(C), HW, V, kMinIters, kChunksPerSample);
-        S = g.S;
-        CT = g.CT;
-        pa = at::empty({N, S, C}, acc_opts);
-        pdsa = at::empty({N, CT, HW}, acc_opts);
-        pam = at::empty({N, CT, HW}, acc_opts.dtype(at::kInt));
-        launch_reduce_nhwc<scalar_t, V, kBamBwd>(xp, gop, ca.data_ptr<acc_t>(), sa.data_ptr<acc_t>(),
-                                                 maxmap.data_ptr<acc_t>(), pa.data_ptr<acc_t>(), nullptr,
-                                                 pdsa.data_ptr<acc_t>(), pam.data_ptr<int>(), g, N,
-                                                 static_cast<int>(C), HW, stream);
-      }
-      at::Tensor dca = at::empty({N, C}, acc_opts);
-      launch_merge<acc_t>(pa.data_ptr<acc_t>(), nullptr, N, static_cast<int>(C), S, 0, HW, false, acc_t(1),
-                          dca.data_ptr<acc_t>(), nullptr, C, stream);
+    // Spatial branch: dt, argmax, dmax, grad_w_sa partials.
+    at::Tensor dt = at::empty({N, HW}, acc_opts), am = at::empty({N, HW}, acc_opts.dtype(at::kInt));
+    SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, pixel_finalize_kernel<acc_t>)(
+        pdsa.data_ptr<acc_t>(), pam.data_ptr<int>(), sa.data_ptr<acc_t>(), CT, N, HW, dt.data_ptr<acc_t>(),
+        am.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor dmax = at::empty({N, HW}, acc_opts);
+    SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, kxk_map_kernel<scalar_t, true>)(
+        dt.data_ptr<acc_t>(), A.wsa.data_ptr<scalar_t>(), A.K, N, H, W, dmax.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t nch = (N * HW + kSaPix - 1) / kSaPix;
+    TORCH_CHECK(nch <= kMaxGridX, op, ": tensor too large");
+    const int KK = A.K * A.K;
+    at::Tensor wsa_part = at::empty({KK, nch}, acc_opts);
+    const dim3 wgrid(static_cast<unsigned>(nch), static_cast<unsigned>(A.K * ((A.K + kJG - 1) / kJG)));
+    SRK_LAUNCH(wgrid, kBlock, 0, stream, wsa_partial_kernel<acc_t>)(
+        dt.data_ptr<acc_t>(), maxmap.data_ptr<acc_t>(), A.K, N, H, W, nch, wsa_part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-      // Spatial branch: dt, argmax, dmax, grad_w_sa partials.
-      at::Tensor dt = at::empty({N, HW}, acc_opts), am = at::empty({N, HW}, acc_opts.dtype(at::kInt));
-      SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, pixel_finalize_kernel<acc_t>)(
-          pdsa.data_ptr<acc_t>(), pam.data_ptr<int>(), sa.data_ptr<acc_t>(), CT, N, HW, dt.data_ptr<acc_t>(),
-          am.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::Tensor dmax = at::empty({N, HW}, acc_opts);
-      SRK_LAUNCH(flat_blocks(N * HW), kBlock, 0, stream, kxk_map_kernel<scalar_t, true>)(
-          dt.data_ptr<acc_t>(), A.wsa.data_ptr<scalar_t>(), A.K, N, H, W, dmax.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t nch = (N * HW + kSaPix - 1) / kSaPix;
-      TORCH_CHECK(nch <= kMaxGridX, op, ": tensor too large");
-      const int KK = A.K * A.K;
-      at::Tensor wsa_part = at::empty({KK, nch}, acc_opts);
-      const dim3 wgrid(static_cast<unsigned>(nch), static_cast<unsigned>(A.K * ((A.K + kJG - 1) / kJG)));
-      SRK_LAUNCH(wgrid, kBlock, 0, stream, wsa_partial_kernel<acc_t>)(
-          dt.data_ptr<acc_t>(), maxmap.data_ptr<acc_t>(), A.K, N, H, W, nch, wsa_part.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Channel branch: MLP backward from dca (pool "avg", PReLU, no biases).
+    MlpBwdScratch T(N, C, Cr, acc_opts);
+    launch_mlp_bwd<scalar_t>(bam_mlp<scalar_t>(A), mean.data_ptr<acc_t>(), 1, dca.data_ptr<acc_t>(), N, HW, T,
+                             gw1.data_ptr<scalar_t>(), nullptr, gw2.data_ptr<scalar_t>(), nullptr,
+                             gslope.data_ptr<scalar_t>(), wsa_part.data_ptr<acc_t>(), KK, nch,
+                             gwsa.data_ptr<scalar_t>(), stream);
 
-      // Channel branch: MLP backward from dca (pool "avg", PReLU, no biases).
-      MlpBwdScratch T(N, C, Cr, acc_opts);
-      launch_mlp_bwd<scalar_t>(bam_mlp<scalar_t>(A), mean.data_ptr<acc_t>(), 1, dca.data_ptr<acc_t>(), N, HW, T,
-                               gw1.data_ptr<scalar_t>(), nullptr, gw2.data_ptr<scalar_t>(), nullptr,
-                               gslope.data_ptr<scalar_t>(), wsa_part.data_ptr<acc_t>(), KK, nch,
-                               gwsa.data_ptr<scalar_t>(), stream);
-
-      BamGradOp<scalar_t> gop_{gop,
-                               grad_x.data_ptr<scalar_t>(),
-                               T.coef.data_ptr<acc_t>(),
-                               sa.data_ptr<acc_t>(),
-                               am.data_ptr<int>(),
-                               dmax.data_ptr<acc_t>(),
-                               N * C,
-                               static_cast<int>(C)};
-      launch_ew<V>(gop_, nhwc, N, static_cast<int>(C), HW, stream);
-    });
+    BamGradOp<scalar_t> gop_{gop,
+                             in.grad_x.data_ptr<scalar_t>(),
+                             T.coef.data_ptr<acc_t>(),
+                             sa.data_ptr<acc_t>(),
+                             am.data_ptr<int>(),
+                             dmax.data_ptr<acc_t>(),
+                             N * C,
+                             static_cast<int>(C)};
+    launch_ew<V>(gop_, nhwc, N, static_cast<int>(C), HW, stream);
   });
-  return {grad_x, gw1, gslope, gw2, gwsa};
+  return {in.grad_x, gw1, gslope, gw2, gwsa};
 }
 
 }  // namespace
 }  // namespace srkernels::cuda
 
-TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
-  m.impl("balanced_attention", &srkernels::cuda::balanced_attention_cuda);
-  m.impl("balanced_attention_backward", &srkernels::cuda::balanced_attention_backward_cuda);
-  m.impl("balanced_attention_out", &srkernels::cuda::balanced_attention_out_cuda);
-}
+SRK_CUDA_OP_WITH_OUT(balanced_attention, BalancedAttention)
+SRK_CUDA_OP(balanced_attention_backward, balanced_attention_backward_cuda)

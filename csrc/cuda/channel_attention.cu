@@ -17,8 +17,7 @@
 //   _out    : the forward kernels writing the caller's `out` (directly when it has x's native layout,
 //             else into a temporary + copy_, one more read and write pass)
 #include "attention_common.cuh"
-
-#include <torch/library.h>
+#include "runtime/register.h"
 
 #include <string_view>
 #include <tuple>
@@ -91,9 +90,7 @@ __global__ void __launch_bounds__(kBlock) ca_reduce_nchw_kernel(const scalar_t* 
 template <typename scalar_t>
 struct CaScaleOp {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  const scalar_t* res;  // nullable
-  scalar_t* out;
+  ScaleIO<scalar_t> io;
   const acc_t* g;  // [N, C]
   int C;
 
@@ -104,10 +101,10 @@ struct CaScaleOp {
   }
   template <int V>
   __device__ void apply(const acc_t (&gv)[V], int64_t off) const {
-    const auto xv = vload<V>(x + off);
+    const auto xv = vload<V>(io.x + off);
     Vec<scalar_t, V> o;
-    if (res) {
-      const auto rv = vload<V>(res + off);
+    if (io.res) {
+      const auto rv = vload<V>(io.res + off);
 #pragma unroll
       for (int l = 0; l < V; ++l)
         o.v[l] = static_cast<scalar_t>(to_acc<acc_t>(xv.v[l]) * gv[l] + to_acc<acc_t>(rv.v[l]));
@@ -115,7 +112,7 @@ struct CaScaleOp {
 #pragma unroll
       for (int l = 0; l < V; ++l) o.v[l] = static_cast<scalar_t>(to_acc<acc_t>(xv.v[l]) * gv[l]);
     }
-    vstore<V>(out + off, o);
+    vstore<V>(io.out + off, o);
   }
   template <int V>
   __device__ void nchw(acc_t gp, int64_t off, int64_t, int) const {
@@ -265,67 +262,44 @@ at::Tensor ca_forward(const at::Tensor& x, bool nhwc, const CaArgs& A, const at:
   const int P = A.with_std ? 2 : 1;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   at::Tensor stats = at::empty({N, P, C}, acc_opts);
-  if (N == 0) return stats;
-  TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_vectorized(x, nhwc, {out, res}, op,
+                      [&]<typename scalar_t, typename acc_t, int V>(cudaStream_t stream) {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::Tensor pa, pb;
+    const auto [S, chunk_len] =
+        A.with_std ? pool_partials<scalar_t, V, kWelfordX>(xp, nullptr, nhwc, N, C, HW, pa, pb, acc_opts, stream)
+                   : pool_partials<scalar_t, V, kSumX>(xp, nullptr, nhwc, N, C, HW, pa, pb, acc_opts, stream);
+    acc_t* st = stats.data_ptr<acc_t>();
+    launch_merge<acc_t>(pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>(), N, C, S, chunk_len, HW, A.with_std,
+                        static_cast<acc_t>(HW), st, st + C, P * C, stream);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = can_vectorize(nhwc, C, HW, VM,
-                                   {x.data_ptr(), out.data_ptr(), res.defined() ? res.data_ptr() : nullptr});
-    with_vec_width<VM>(vec, [&](auto vtag) {
-      constexpr int V = decltype(vtag)::value;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      at::Tensor pa, pb;
-      const auto [S, chunk_len] =
-          A.with_std ? pool_partials<scalar_t, V, kWelfordX>(xp, nullptr, nhwc, N, C, HW, pa, pb, acc_opts, stream)
-                     : pool_partials<scalar_t, V, kSumX>(xp, nullptr, nhwc, N, C, HW, pa, pb, acc_opts, stream);
-      acc_t* st = stats.data_ptr<acc_t>();
-      launch_merge<acc_t>(pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>(), N, C, S, chunk_len, HW, A.with_std,
-                          static_cast<acc_t>(HW), st, st + C, P * C, stream);
+    at::Tensor g = at::empty({N, C}, acc_opts);
+    launch_mlp_fwd<scalar_t>(ca_mlp<scalar_t>(A), st, P, N, acc_opts, g.data_ptr<acc_t>(), stream);
 
-      at::Tensor g = at::empty({N, C}, acc_opts);
-      launch_mlp_fwd<scalar_t>(ca_mlp<scalar_t>(A), st, P, N, acc_opts, g.data_ptr<acc_t>(), stream);
-
-      CaScaleOp<scalar_t> sop{xp, res.defined() ? res.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                              g.data_ptr<acc_t>(), static_cast<int>(C)};
-      launch_ew<V>(sop, nhwc, N, static_cast<int>(C), HW, stream);
-    });
+    CaScaleOp<scalar_t> sop{ScaleIO<scalar_t>::of(x, res, out), g.data_ptr<acc_t>(), static_cast<int>(C)};
+    launch_ew<V>(sop, nhwc, N, static_cast<int>(C), HW, stream);
   });
   return stats;
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& x_in, const at::Tensor& w1,
-                                                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                                                          const std::optional<at::Tensor>& b2,
+// The forward, and channel_attention_out when out is defined (OutVariant): out written, nothing returned.
+std::tuple<at::Tensor, at::Tensor> channel_attention_cuda(const at::Tensor& out, const at::Tensor& x_in,
+                                                          const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                                          const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                                           const std::optional<at::Tensor>& residual,
                                                           const std::optional<at::Tensor>& act_weight,
                                                           c10::string_view pool) {
-  constexpr const char* op = "srkernels::channel_attention";
+  const char* op = out.defined() ? "srkernels::channel_attention_out" : "srkernels::channel_attention";
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
-  const ForwardOperands in = forward_operands(x_in, residual);
-  at::Tensor out = at::empty(in.x.sizes(), in.x.options(), in.fmt);
-  at::Tensor stats = ca_forward(in.x, in.nhwc(), A, in.res, out, op);
-  return {out, stats};
-}
-
-void channel_attention_out_cuda(const at::Tensor& x_in, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                                const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                                const std::optional<at::Tensor>& residual,
-                                const std::optional<at::Tensor>& act_weight, c10::string_view pool,
-                                const at::Tensor& out) {
-  constexpr const char* op = "srkernels::channel_attention_out";
-  check_x(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
-  ForwardOperands in = forward_operands(x_in, residual);
-  forward_out(out, x_in, in.x, in.fmt, in.res, op, [&](const at::Tensor& dst) {
-    ca_forward(in.x, in.nhwc(), A, in.res, dst, op);
+  at::Tensor stats;
+  at::Tensor y = attention_forward(out, x_in, residual, op, [&](const ForwardOperands& in, const at::Tensor& dst) {
+    stats = ca_forward(in.x, in.nhwc(), A, in.res, dst, op);
   });
+  return {y, stats};
 }
+using ChannelAttention = OutVariant<&channel_attention_cuda>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& stats_in, const at::Tensor& w1,
@@ -335,60 +309,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const CaArgs A = ca_args(x_in, w1, b1, w2, b2, act_weight, pool, op);
-  at::MemoryFormat fmt;
-  const at::Tensor x_nat = native_layout(x_in, fmt);  // sets fmt
-  const at::Tensor x = vec_aligned(x_nat, fmt);
-  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor go = vec_aligned(same_layout(grad_out_in, x, fmt, "grad_out"), fmt);
-
+  const BackwardOperands in = backward_operands(x_in, grad_out_in);
+  const at::Tensor& x = in.x;
+  const bool nhwc = in.nhwc();
   const int64_t N = x.size(0), C = A.C, Cr = A.Cr, HW = x.size(2) * x.size(3);
-  const int P = A.with_std ? 2 : 1;
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  const int P = A.with_std ? 2 : 1;
   check_saved(stats_in, "stats", {N, P, C}, x, op);
   const at::Tensor stats = stats_in.contiguous();
 
-  at::Tensor grad_x = at::empty(x.sizes(), x.options(), fmt);
   at::Tensor gw1 = weight_grad_buffer(A.w1, N), gw2 = weight_grad_buffer(A.w2, N);
   at::Tensor gb1 = A.b1.defined() ? weight_grad_buffer(A.b1, N) : at::empty({0}, x.options());
   at::Tensor gb2 = A.b2.defined() ? weight_grad_buffer(A.b2, N) : at::empty({0}, x.options());
   at::Tensor gact = A.act.defined() ? weight_grad_buffer(A.act, N) : at::empty({0}, x.options());
-  if (N == 0) return {grad_x, gw1, gb1, gw2, gb2, gact};
-  TORCH_CHECK(N <= kMaxGridX, op, ": batch too large");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_vectorized(x, nhwc, {in.go, in.grad_x}, op,
+                      [&]<typename scalar_t, typename acc_t, int V>(cudaStream_t stream) {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gop = in.go.data_ptr<scalar_t>();
+    at::Tensor pa, pb;
+    const auto [S, chunk_len] = pool_partials<scalar_t, V, kSumGoX>(xp, gop, nhwc, N, C, HW, pa, pb, acc_opts, stream);
+    at::Tensor dg = at::empty({N, C}, acc_opts);
+    launch_merge<acc_t>(pa.data_ptr<acc_t>(), nullptr, N, C, S, chunk_len, HW, false, acc_t(1),
+                        dg.data_ptr<acc_t>(), nullptr, C, stream);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int VM = 16 / sizeof(scalar_t);
-    const bool vec = can_vectorize(nhwc, C, HW, VM, {x.data_ptr(), go.data_ptr(), grad_x.data_ptr()});
-    with_vec_width<VM>(vec, [&](auto vtag) {
-      constexpr int V = decltype(vtag)::value;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      const scalar_t* gop = go.data_ptr<scalar_t>();
-      at::Tensor pa, pb;
-      const auto [S, chunk_len] = pool_partials<scalar_t, V, kSumGoX>(xp, gop, nhwc, N, C, HW, pa, pb, acc_opts, stream);
-      at::Tensor dg = at::empty({N, C}, acc_opts);
-      launch_merge<acc_t>(pa.data_ptr<acc_t>(), nullptr, N, C, S, chunk_len, HW, false, acc_t(1),
-                          dg.data_ptr<acc_t>(), nullptr, C, stream);
+    MlpBwdScratch T(N, C, Cr, acc_opts);
+    launch_mlp_bwd<scalar_t>(ca_mlp<scalar_t>(A), stats.data_ptr<acc_t>(), P, dg.data_ptr<acc_t>(), N, HW, T,
+                             gw1.data_ptr<scalar_t>(), A.b1.defined() ? gb1.data_ptr<scalar_t>() : nullptr,
+                             gw2.data_ptr<scalar_t>(), A.b2.defined() ? gb2.data_ptr<scalar_t>() : nullptr,
+                             A.act.defined() ? gact.data_ptr<scalar_t>() : nullptr, nullptr, 0, 0, nullptr, stream);
 
-      MlpBwdScratch T(N, C, Cr, acc_opts);
-      launch_mlp_bwd<scalar_t>(ca_mlp<scalar_t>(A), stats.data_ptr<acc_t>(), P, dg.data_ptr<acc_t>(), N, HW, T,
-                               gw1.data_ptr<scalar_t>(), A.b1.defined() ? gb1.data_ptr<scalar_t>() : nullptr,
-                               gw2.data_ptr<scalar_t>(), A.b2.defined() ? gb2.data_ptr<scalar_t>() : nullptr,
-                               A.act.defined() ? gact.data_ptr<scalar_t>() : nullptr, nullptr, 0, 0, nullptr, stream);
-
-      CaGradOp<scalar_t> gop_{gop, xp, grad_x.data_ptr<scalar_t>(), T.coef.data_ptr<acc_t>(), N * C,
-                              static_cast<int>(C), A.with_std};
-      launch_ew<V>(gop_, nhwc, N, static_cast<int>(C), HW, stream);
-    });
+    CaGradOp<scalar_t> gop_{gop, xp, in.grad_x.data_ptr<scalar_t>(), T.coef.data_ptr<acc_t>(), N * C,
+                            static_cast<int>(C), A.with_std};
+    launch_ew<V>(gop_, nhwc, N, static_cast<int>(C), HW, stream);
   });
-  return {grad_x, gw1, gb1, gw2, gb2, gact};
+  return {in.grad_x, gw1, gb1, gw2, gb2, gact};
 }
 
 }  // namespace
 }  // namespace srkernels::cuda
 
-TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
-  m.impl("channel_attention", &srkernels::cuda::channel_attention_cuda);
-  m.impl("channel_attention_backward", &srkernels::cuda::channel_attention_backward_cuda);
-  m.impl("channel_attention_out", &srkernels::cuda::channel_attention_out_cuda);
-}
+SRK_CUDA_OP_WITH_OUT(channel_attention, ChannelAttention)
+SRK_CUDA_OP(channel_attention_backward, channel_attention_backward_cuda)

@@ -10,28 +10,37 @@
 // TODO(perf): a fused implicit-GEMM kernel (Triton or CUTLASS) that applies the k*k taps inside one GEMM and the
 // epilogue in registers would remove the per-tap passes over the [pixels, G] accumulator.
 #include "dense_block_common.h"
+#include "runtime/register.h"
 
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 namespace srkernels::cuda {
 namespace {
 
 using namespace srkernels::dense;
 
+// The device of t (x, or grad_out), which must be a 4-D CUDA tensor: the device the entry point's guard selects.
+c10::Device cuda_device(const at::Tensor& t, const char* what, const char* op) {
+  TORCH_CHECK(t.dim() == 4 && t.is_cuda(), op, ": ", what, " must be a 4-D CUDA tensor");
+  return t.device();
+}
+
+// t, dense in its own suggested memory format (NCHW or channels_last), as the generic functions take it.
+at::Tensor own_layout(const at::Tensor& t) {
+  return t.contiguous(t.suggest_memory_format());
+}
+
 Outputs dense_block_cuda(const at::Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef plan,
                          const std::optional<at::Tensor>& fuse_w, const std::optional<at::Tensor>& fuse_b,
                          const std::optional<at::Tensor>& gw1, const std::optional<at::Tensor>& gb1,
                          const std::optional<at::Tensor>& gw2, const std::optional<at::Tensor>& gb2,
                          const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.is_cuda(), kOp, ": x must be a 4-D CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::CUDAGuard guard(cuda_device(x_in, "x", kOp));
   const Plan pl = parse_plan(plan, weights, kOp);
   TORCH_CHECK(x_in.size(1) == pl.Cx, kOp, ": x has ", x_in.size(1), " channels, the plan ", pl.Cx);
   check_args(x_in, weights, biases, pl, fuse_w, kOp);
   check_forward_args(x_in, pl, fuse_w, fuse_b, gw1, gw2, residual);
-  const at::Tensor x = x_in.contiguous(x_in.suggest_memory_format());
-  return forward_generic(x, weights, biases, pl, fuse_w, fuse_b, gw1, gb1, gw2, gb2, residual);
+  return forward_generic(own_layout(x_in), weights, biases, pl, fuse_w, fuse_b, gw1, gb1, gw2, gb2, residual);
 }
 
 Grads dense_block_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& buf, const at::Tensor& stats,
@@ -39,19 +48,15 @@ Grads dense_block_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
                                 const std::optional<at::Tensor>& fuse_w, const std::optional<at::Tensor>& gw1,
                                 const std::optional<at::Tensor>& gb1, const std::optional<at::Tensor>& gw2,
                                 const std::optional<at::Tensor>& gb2) {
-  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.is_cuda(), kOpBw, ": grad_out must be a 4-D CUDA tensor");
-  const c10::cuda::CUDAGuard guard(grad_out_in.device());
+  const c10::cuda::CUDAGuard guard(cuda_device(grad_out_in, "grad_out", kOpBw));
   const Plan pl = parse_plan(plan, weights, kOpBw);
   check_args(buf, weights, biases, pl, fuse_w, kOpBw);
   check_backward_args(grad_out_in, buf, pl, fuse_w, gw1, gw2);
-  const at::Tensor grad_out = grad_out_in.contiguous(grad_out_in.suggest_memory_format());
-  return backward_generic(grad_out, buf, stats, weights, biases, pl, fuse_w, gw1, gb1, gw2, gb2);
+  return backward_generic(own_layout(grad_out_in), buf, stats, weights, biases, pl, fuse_w, gw1, gb1, gw2, gb2);
 }
 
 }  // namespace
 }  // namespace srkernels::cuda
 
-TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
-  m.impl("dense_block", &srkernels::cuda::dense_block_cuda);
-  m.impl("dense_block_backward", &srkernels::cuda::dense_block_backward_cuda);
-}
+SRK_CUDA_OP(dense_block, dense_block_cuda)
+SRK_CUDA_OP(dense_block_backward, dense_block_backward_cuda)

@@ -24,9 +24,9 @@
 //   unshuffle: the backward kernels with act "none" and no reductions (grad_x = unshuffle(grad_out))
 // Deterministic: no float atomics; how a tensor is split into blocks depends only on (C, H, W, r, dtype).
 #include "attention_common.cuh"
+#include "runtime/register.h"
 
 #include <ATen/MemoryOverlap.h>
-#include <torch/library.h>
 
 #include <array>
 #include <string>
@@ -529,27 +529,21 @@ void ps_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& bi
   });
 }
 
-at::Tensor pixel_shuffle_cuda(const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& act_weight, c10::string_view act,
-                              const std::optional<at::Tensor>& residual) {
-  constexpr const char* op = "srkernels::pixel_shuffle";
-  check_x(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const PsFwdArgs A = ps_fwd_args(x_in, r, bias, act_weight, act, residual, op);
-  at::Tensor out = at::empty({A.d.N, A.d.C, A.d.Ho, A.d.Wo}, A.x.options(), A.fmt);
-  ps_forward(A, out);
-  return out;
-}
-
-void pixel_shuffle_out_cuda(const at::Tensor& x_in, int64_t r, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& act_weight, c10::string_view act,
-                            const std::optional<at::Tensor>& residual, const at::Tensor& out) {
-  constexpr const char* op = "srkernels::pixel_shuffle_out";
+// The forward, and pixel_shuffle_out when out is defined (OutVariant): out written, nothing returned.
+at::Tensor pixel_shuffle_cuda(const at::Tensor& out, const at::Tensor& x_in, int64_t r,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& act_weight,
+                              c10::string_view act, const std::optional<at::Tensor>& residual) {
+  const char* op = out.defined() ? "srkernels::pixel_shuffle_out" : "srkernels::pixel_shuffle";
   check_x(x_in, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   PsFwdArgs A = ps_fwd_args(x_in, r, bias, act_weight, act, residual, op);
   const PsDims& d = A.d;
   const std::array<int64_t, 4> shape{d.N, d.C, d.Ho, d.Wo};
+  if (!out.defined()) {
+    at::Tensor y = at::empty(shape, A.x.options(), A.fmt);
+    ps_forward(A, y);
+    return y;
+  }
   TORCH_CHECK(out.sizes() == c10::IntArrayRef(shape), op, ": out must have shape ", c10::IntArrayRef(shape),
               ", got ", out.sizes());
   TORCH_CHECK(out.scalar_type() == A.x.scalar_type(), op, ": out must have dtype ", A.x.scalar_type(), ", got ",
@@ -562,7 +556,9 @@ void pixel_shuffle_out_cuda(const at::Tensor& x_in, int64_t r, const std::option
   unalias_residual(A.res, dst, A.fmt);
   ps_forward(A, dst);
   if (!dst.is_same(out)) out.copy_(dst);
+  return {};
 }
+using PixelShuffle = OutVariant<&pixel_shuffle_cuda>;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_backward_cuda(
     const at::Tensor& grad_out_in, const std::optional<at::Tensor>& x_opt, int64_t r,
@@ -630,9 +626,6 @@ at::Tensor pixel_unshuffle_cuda(const at::Tensor& x_in, int64_t r) {
 }  // namespace
 }  // namespace srkernels::cuda
 
-TORCH_LIBRARY_IMPL(srkernels, CUDA, m) {
-  m.impl("pixel_shuffle", &srkernels::cuda::pixel_shuffle_cuda);
-  m.impl("pixel_shuffle_backward", &srkernels::cuda::pixel_shuffle_backward_cuda);
-  m.impl("pixel_shuffle_out", &srkernels::cuda::pixel_shuffle_out_cuda);
-  m.impl("pixel_unshuffle", &srkernels::cuda::pixel_unshuffle_cuda);
-}
+SRK_CUDA_OP_WITH_OUT(pixel_shuffle, PixelShuffle)
+SRK_CUDA_OP(pixel_shuffle_backward, pixel_shuffle_backward_cuda)
+SRK_CUDA_OP(pixel_unshuffle, pixel_unshuffle_cuda)

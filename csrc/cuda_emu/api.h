@@ -1,5 +1,5 @@
 // Entry points of the emulated CUDA ops (csrc/cuda_emu/emu_*.cpp): the csrc/cuda host functions, called on CPU
-// tensors, running the kernels through cuda_emu.h. Same arguments as the srkernels op schemas (csrc/srkernels.cpp).
+// tensors, running the kernels through cuda_emu.h. Same arguments as the srkernels op schemas (srkernels/ops/<op>.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -3,15 +3,16 @@
 // Every kernel file csrc/cpu/<op>.cpp is compiled once per capability (CMakeLists.txt): DEFAULT with no ISA
 // flags, AVX2 (+FMA, F16C), AVX512 (F/BW/VL/DQ). Each compile defines CPU_CAPABILITY (the namespace name
 // at::vec uses too), so everything in the file lives in the inline namespace srkernels::cpu::CPU_CAPABILITY
-// and the copies never collide. Each compile stores its entry points in the op's Stub slot
-// (SRK_CPU_KERNEL); the DEFAULT compile alone registers the op with the dispatcher
-// (SRK_REGISTER_CPU_OPS), and the registered function calls the slot of the capability chosen once per
-// process (selected_capability(), cpu_dispatch.cpp).
+// and the copies never collide. SRK_CPU_OP at the end of the file stores each entry point in its op's Stub
+// slot; the DEFAULT compile alone also registers the op with the dispatcher, and the registered function
+// calls the slot of the capability chosen once per process (selected_capability(), cpu_dispatch.cpp).
 //
 // Link order matters: inline functions of headers outside our namespaces (std::, c10::) are emitted in every
 // compile and the linker keeps the first copy, so CMakeLists.txt links DEFAULT objects before AVX2 before
 // AVX512: a lower capability never calls a copy compiled for a higher one.
 #pragma once
+
+#include "runtime/register.h"
 
 #include <string>
 #include <type_traits>
@@ -53,8 +54,6 @@ struct Stub<R(A...)> {
 #define SRK_CAPABILITY_INDEX 0
 #endif
 #define SRK_CAPABILITY static_cast<::srkernels::cpu::Capability>(SRK_CAPABILITY_INDEX)
-// True in the one compile of each kernel file that registers its ops with the dispatcher.
-#define SRK_REGISTER_CPU_OPS (SRK_CAPABILITY_INDEX == 0)
 
 // Stores fn (an entry point in this file's srkernels::cpu::CPU_CAPABILITY namespace) in op's slot for the
 // capability being compiled. Use at file scope, after the namespaces are closed.
@@ -73,3 +72,14 @@ struct Stub<R(A...)> {
 // The function the dispatcher calls for op: forwards to the selected capability's slot.
 #define SRK_CPU_STUB(op) \
   (&decltype(::srkernels::cpu::stubs::op)::template call<::srkernels::cpu::stubs::op>)
+
+// fn is op's CPU kernel: stored in op's slot by every compile, registered by the DEFAULT one. Use at file
+// scope, after the namespaces are closed; one line per op.
+#define SRK_CPU_OP(op, fn) SRK_CPU_KERNEL(op, fn) SRK_CPU_REGISTER(op)
+// op and op_out from V = OutVariant<&impl> (runtime/register.h).
+#define SRK_CPU_OP_WITH_OUT(op, V) SRK_CPU_OP(op, V::forward) SRK_CPU_OP(op##_out, V::out)
+#if SRK_CAPABILITY_INDEX == 0
+#define SRK_CPU_REGISTER(op) SRK_IMPL(CPU, op, SRK_CPU_STUB(op))
+#else
+#define SRK_CPU_REGISTER(op)
+#endif

@@ -35,5 +35,5 @@ def load():
     if os.path.exists(os.path.join(venv_bin, "ninja")) and venv_bin not in os.environ.get("PATH", "").split(":"):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     return _load(name="srk_cuda_emu", sources=[str(EMU / s) for s in SOURCES],
-                 extra_include_paths=[str(EMU / "shadow"), str(EMU)], extra_cflags=CFLAGS,
+                 extra_include_paths=[str(EMU / "shadow"), str(EMU), str(ROOT / "csrc")], extra_cflags=CFLAGS,
                  build_directory=str(build_dir()), verbose=bool(os.environ.get("SRKERNELS_EMU_VERBOSE")))
