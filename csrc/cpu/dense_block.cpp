@@ -28,6 +28,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace srkernels::cpu {
 inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
@@ -127,31 +128,45 @@ inline void pack_bf16(int64_t K, int64_t N, int64_t ld_in, int64_t ld_out, const
   }
 }
 
-// Whether bf16 takes the brgemm path: a CPU with native bf16 dot products (AMX, or AVX512-BF16's vdpbf16ps),
-// and oneDNN willing to run bf16 brgemm (ONEDNN_MAX_CPU_ISA below avx512_core, or a build without the
-// ukernel, makes cpublas::brgemm throw on VNNI bf16: one tiny call, once per process, tells). Without native bf16
-// oneDNN would emulate it; the ATen path (fp32 GEMMs on converted operands) runs instead.
+// Whether ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA), which oneDNN reads once, leaves it an ISA
+// with native bf16 dot products: unset, ALL, or one from AVX512_CORE_BF16 up. Capped below, oneDNN emulates bf16
+// and fails to generate some brgemm kernels ("could not generate a kernel" at AVX512_CORE); unknown names count
+// as capped (the ATen path is always correct).
+bool onednn_isa_allows_bf16() {
+  const char* e = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (e == nullptr || e[0] == '\0') e = std::getenv("DNNL_MAX_CPU_ISA");
+  if (e == nullptr || e[0] == '\0') return true;
+  std::string v(e);
+  for (char& c : v) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  for (const char* ok : {"ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+                         "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+                         "AVX10_2_512_AMX_2"}) {
+    if (v == ok) return true;
+  }
+  return false;
+}
+
+// Whether bf16 takes the brgemm path: a CPU with native bf16 dot products (AMX, or AVX512-BF16's vdpbf16ps)
+// that oneDNN may use, and oneDNN running bf16 brgemm (a build without the ukernel makes cpublas::brgemm throw
+// on VNNI bf16): one call of the kernel's usual block shape, once per process, tells. Otherwise the ATen path
+// (fp32 GEMMs on converted operands) runs.
 bool bf16_brgemm_ok() {
   static const bool ok = [] {
     if (blas::could_pack(at::kBFloat16)) return true;  // AMX
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512bf16")) return false;
+    if (!__builtin_cpu_supports("avx512bf16") || !onednn_isa_allows_bf16()) return false;
 #else
     return false;
 #endif
     try {
-      // [1, 2] @ [2, 16] (VNNI) = 1 * 1 + 2 * 3 = 7 in every column
-      const at::BFloat16 a[2] = {1.f, 2.f};
-      at::BFloat16 b[32];
-      for (int i = 0; i < 16; ++i) {
-        b[2 * i] = 1.f;
-        b[2 * i + 1] = 3.f;
-      }
-      float c[16] = {};
-      blas::brgemm(1, 16, 2, 2, 16, 16, false, a, b, c, true);
+      // ones [32, 64] @ ones [64, 64] (VNNI) = 64 everywhere
+      constexpr int64_t M = 32, K = 64, N = kNB;
+      const std::vector<at::BFloat16> a(M * K, at::BFloat16(1.f)), b(K * N, at::BFloat16(1.f));
+      std::vector<float> c(M * N, 0.f);
+      blas::brgemm(M, N, K, K, N, N, false, a.data(), b.data(), c.data(), true);
       blas::brgemm_release(true);
-      return std::all_of(c, c + 16, [](float v) { return v == 7.f; });
+      return std::all_of(c.begin(), c.end(), [](float v) { return v == float(K); });
     } catch (const c10::Error&) {
       return false;
     }
