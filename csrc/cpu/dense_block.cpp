@@ -2,14 +2,14 @@
 // ATen reference path: csrc/dense_block_common.h).
 //
 // float32 / bfloat16 take the micro-kernel path: every conv is run tile by tile with oneDNN's brgemm ukernel
-// (at::native::cpublas::brgemm; AMX for bf16) reading its A operand straight from the buffer (a channel range
+// (at::native::cpublas::brgemm; bf16 on AMX or AVX512-BF16, see bf16_brgemm_ok) reading its A operand straight from the buffer (a channel range
 // of the pixel rows, leading dimension T), one call per conv tap, accumulating in an fp32 tile that the
 // epilogue (bias, residual, ReLU, rounding) writes into the layer's slice. Backward: dZ = dY * (Y > 0) in one
 // pass (masks recomputed from the stored post-ReLU outputs; dZ^T for the weight gradient in the same pass),
 // weight gradients by brgemm in one pass over the layer's input range for all taps, input gradients by brgemm
 // into an L1 tile added in place into the fp32 gradient buffer (leading dimension T, so every layer adds into
-// its input range). Other dtypes
-// and shapes the bf16 ukernel cannot take (odd K) use the ATen reference path. Results do not depend on the
+// its input range). Other dtypes,
+// shapes the bf16 ukernel cannot take (odd K) and bf16 without native CPU support use the ATen reference path. Results do not depend on the
 // thread count: every output element is produced by one thread in a fixed order and reductions are chunked by
 // shape.
 #include "dense_block_common.h"
