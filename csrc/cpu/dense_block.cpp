@@ -2,19 +2,20 @@
 // ATen reference path: csrc/dense_block_common.h).
 //
 // float32 / bfloat16 take the micro-kernel path: every conv is run tile by tile with oneDNN's brgemm ukernel
-// (at::native::cpublas::brgemm; AMX for bf16) reading its A operand straight from the buffer (a channel range
+// (at::native::cpublas::brgemm; bf16 on AMX or AVX512-BF16, see bf16_brgemm_ok) reading its A operand straight from the buffer (a channel range
 // of the pixel rows, leading dimension T), one call per conv tap, accumulating in an fp32 tile that the
 // epilogue (bias, residual, ReLU, rounding) writes into the layer's slice. Backward: dZ = dY * (Y > 0) in one
 // pass (masks recomputed from the stored post-ReLU outputs; dZ^T for the weight gradient in the same pass),
 // weight gradients by brgemm in one pass over the layer's input range for all taps, input gradients by brgemm
 // into an L1 tile added in place into the fp32 gradient buffer (leading dimension T, so every layer adds into
-// its input range). Other dtypes
-// and shapes the bf16 ukernel cannot take (odd K) use the ATen reference path. Results do not depend on the
+// its input range). Other dtypes,
+// shapes the bf16 ukernel cannot take (odd K) and bf16 without native CPU support use the ATen reference path. Results do not depend on the
 // thread count: every output element is produced by one thread in a fixed order and reductions are chunked by
 // shape.
 #include "dense_block_common.h"
 #include "runtime/cpu_dispatch.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -26,6 +27,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace srkernels::cpu {
 inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
@@ -90,6 +92,87 @@ struct PackedB {
   const T* block(int64_t j) const { return data.const_data_ptr<T>() + j * stride; }
 };
 
+// bf16 GEMMs run on oneDNN's brgemm ukernel, whose B operand is in the VNNI layout (pairs of K rows
+// interleaved): on AMX CPUs cpublas::pack makes it; elsewhere cpublas refuses to pack (could_pack is AMX-only)
+// although brgemm itself takes VNNI bf16 from avx512_core up (vdpbf16ps on AVX512-BF16), so pack_vnni makes the
+// same layout: out[k / 2][n][k % 2] = in[k][n] (row pitch ld_out pairs), columns [N, ld_out) and a missing last
+// odd row zero.
+inline void pack_vnni(int64_t K, int64_t N, int64_t ld_in, int64_t ld_out, const at::BFloat16* in,
+                      at::BFloat16* out) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const at::BFloat16* a = in + k * ld_in;
+    at::BFloat16* o = out + k * ld_out;
+    if (k + 1 < K) {
+      const at::BFloat16* b = a + ld_in;
+      for (int64_t n = 0; n < N; ++n) {
+        o[2 * n].x = a[n].x;
+        o[2 * n + 1].x = b[n].x;
+      }
+    } else {
+      for (int64_t n = 0; n < N; ++n) {
+        o[2 * n].x = a[n].x;
+        o[2 * n + 1].x = 0;
+      }
+    }
+    std::memset(static_cast<void*>(o + 2 * N), 0, (ld_out - N) * 2 * sizeof(at::BFloat16));
+  }
+}
+
+inline void pack_bf16(int64_t K, int64_t N, int64_t ld_in, int64_t ld_out, const at::BFloat16* in,
+                      at::BFloat16* out) {
+  if (blas::could_pack(at::kBFloat16)) {
+    blas::pack(K, N, ld_in, ld_out, at::kBFloat16, at::kBFloat16, in, out);
+  } else {
+    pack_vnni(K, N, ld_in, ld_out, in, out);
+  }
+}
+
+// Whether ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA), which oneDNN reads once, leaves it an ISA
+// with native bf16 dot products: unset, ALL, or one from AVX512_CORE_BF16 up. Capped below, oneDNN emulates bf16
+// and fails to generate some brgemm kernels ("could not generate a kernel" at AVX512_CORE); unknown names count
+// as capped (the ATen path is always correct).
+bool onednn_isa_allows_bf16() {
+  const char* e = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (e == nullptr || e[0] == '\0') e = std::getenv("DNNL_MAX_CPU_ISA");
+  if (e == nullptr || e[0] == '\0') return true;
+  std::string v(e);
+  for (char& c : v) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  for (const char* ok : {"ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+                         "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+                         "AVX10_2_512_AMX_2"}) {
+    if (v == ok) return true;
+  }
+  return false;
+}
+
+// Whether bf16 takes the brgemm path: a CPU with native bf16 dot products (AMX, or AVX512-BF16's vdpbf16ps)
+// that oneDNN may use, and oneDNN running bf16 brgemm (a build without the ukernel makes cpublas::brgemm throw
+// on VNNI bf16): one call of the kernel's usual block shape, once per process, tells. Otherwise the ATen path
+// (fp32 GEMMs on converted operands) runs.
+bool bf16_brgemm_ok() {
+  static const bool ok = [] {
+    if (blas::could_pack(at::kBFloat16)) return true;  // AMX
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512bf16") || !onednn_isa_allows_bf16()) return false;
+#else
+    return false;
+#endif
+    try {
+      // ones [32, 64] @ ones [64, 64] (VNNI) = 64 everywhere
+      constexpr int64_t M = 32, K = 64, N = kNB;
+      const std::vector<at::BFloat16> a(M * K, at::BFloat16(1.f)), b(K * N, at::BFloat16(1.f));
+      std::vector<float> c(M * N, 0.f);
+      blas::brgemm(M, N, K, K, N, N, false, a.data(), b.data(), c.data(), true);
+      blas::brgemm_release(true);
+      return std::all_of(c.begin(), c.end(), [](float v) { return v == float(K); });
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return ok && at::globalContext().userEnabledMkldnn();  // cpublas checks the latter per call
+}
+
 // src: [K, N] with row stride ld_src (any dtype matching T), contiguous rows.
 template <typename T>
 PackedB<T> pack_b(const at::Tensor& src) {
@@ -106,10 +189,9 @@ PackedB<T> pack_b(const at::Tensor& src) {
   T* out = pb.data.template data_ptr<T>();
   for (int64_t j = 0; j < pb.nblocks; ++j) {
     const int64_t w = pb.width(j), ld = PackedB<T>::ld(w);
-    if (pb.vnni) {
+    if constexpr (!std::is_same_v<T, float>) {
       // pack needs ld_out to be the padded width; rows past K stay zero
-      blas::pack(pb.K, w, pb.N, ld, c10::CppTypeToScalarType<T>::value, c10::CppTypeToScalarType<T>::value,
-                 in + j * kNB, out + j * pb.stride);
+      pack_bf16(pb.K, w, pb.N, ld, in + j * kNB, out + j * pb.stride);
     } else {
       for (int64_t kk = 0; kk < pb.K; ++kk) {
         std::memcpy(out + j * pb.stride + kk * ld, in + kk * pb.N + j * kNB, w * sizeof(T));
@@ -592,8 +674,7 @@ at::Tensor layer_grad_weight_fast(const at::Tensor& dzt, const at::Tensor& buf, 
             const int64_t kc = div_up(std::min(kWgChunk, hi - q), 2) * 2;  // (even but for p = 0: a margin row)
             for (int64_t j = 0; j < nblocks; ++j) {
               const int64_t nb = std::min(kNB, l.in_len - j * kNB);
-              blas::pack(kc, nb, Tc, PackedB<T>::ld(nb), at::kBFloat16, at::kBFloat16,
-                         B + q * Tc + l.in_start + j * kNB, pk.data());
+              pack_bf16(kc, nb, Tc, PackedB<T>::ld(nb), B + q * Tc + l.in_start + j * kNB, pk.data());
               for (int64_t tap = 0; tap < taps; ++tap) {
                 mk<T>(G, nb, kc, A + q - g.tap(tap / k, tap % k), ldz, pk.data(), PackedB<T>::ld(nb),
                       c + tap * G * l.in_len + j * kNB, l.in_len, true);
@@ -663,7 +744,7 @@ void zero_outside_fusion(at::Tensor& gbuf, const Geom& g, const Plan& pl) {
 bool fast_ok(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor>& fuse_w) {
   if (force_generic() || x.size(0) == 0) return false;
   if (x.scalar_type() == at::kFloat) return true;
-  if (x.scalar_type() != at::kBFloat16 || !blas::could_pack(at::kBFloat16)) return false;
+  if (x.scalar_type() != at::kBFloat16 || !bf16_brgemm_ok()) return false;
   // VNNI pairs along K: every contraction length must be even
   auto even = [](int64_t v) { return v % 2 == 0; };
   for (const Layer& l : pl.layers) {
