@@ -331,9 +331,5 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight
 }  // namespace srkernels::cpu
 
 #ifndef SRK_WINOGRAD_PROTOTYPE
-SRK_CPU_KERNEL(winograd_conv3x3, winograd_conv3x3_cpu)
-
-#if SRK_REGISTER_CPU_OPS
-TORCH_LIBRARY_IMPL(srkernels, CPU, m) { m.impl("winograd_conv3x3", SRK_CPU_STUB(winograd_conv3x3)); }
-#endif
+SRK_CPU_OP(winograd_conv3x3, winograd_conv3x3_cpu)
 #endif

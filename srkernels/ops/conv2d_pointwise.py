@@ -7,7 +7,7 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   the bias, ReLU and residual add as post-ops (the primitive TorchInductor emits for the same pattern). An
   algorithm may ``pack`` the weight into its own layout for one input shape; a caller that keeps the packed
   weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
-  Another CPU algorithm (a Winograd 3x3 kernel, say) is one more ``CpuAlgorithm`` in ``ALGORITHMS``.
+  ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``) comes first.
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (any device) is ATen's ``convolution_backward`` behind the ReLU mask.
@@ -15,6 +15,7 @@ Backward (any device) is ATen's ``convolution_backward`` behind the ReLU mask.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from . import _checks, _dispatch
 from ._registry import OpSpec
+from .winograd_conv3x3 import winograd_use, winograd_weight
 
 OP = "conv2d_pointwise"
 ACTIVATIONS = ("none", "relu")
@@ -107,7 +109,50 @@ class OneDNN(CpuAlgorithm):
 
 
 ONEDNN = OneDNN()
-ALGORITHMS: list[CpuAlgorithm] = [ONEDNN]  # best first
+
+
+WINOGRAD_ENV = "SRKERNELS_WINOGRAD"
+
+
+@functools.cache
+def winograd_tile() -> int:
+    """The Winograd output tile ``SRKERNELS_WINOGRAD`` asks for: 4 (default, F(4x4,3x3)), 2 (F(2x2,3x3)) or 0
+    (off: oneDNN for every conv). Read once per process."""
+    raw = os.environ.get(WINOGRAD_ENV, "4").strip()
+    if raw not in ("0", "2", "4"):
+        raise ValueError(f"{WINOGRAD_ENV} must be 4 (F(4x4,3x3), the default), 2 (F(2x2,3x3)) or 0 (off), "
+                         f"got {raw!r}")
+    return int(raw)
+
+
+class Winograd(CpuAlgorithm):
+    """The ``winograd_conv3x3`` kernel (csrc/cpu/winograd_conv.cpp) for float32 3x3 convs with stride 1, zero
+    padding 1, no dilation or groups, where ``winograd_use`` measured it faster than oneDNN (AVX2 / AVX-512
+    builds, >= 16 channels in and out, >= 64 pixels): 2.2-2.9x a prepacked oneDNN 64->64 conv with F(4,3), one
+    thread (benchmarks/results/winograd_models.md). The packed weight is ``winograd_weight(weight, m)``.
+    Rounding: F(4,3) ~4x oneDNN's float32 error against float64, F(2,3) below it (docs/ops.md)."""
+
+    name = "winograd"
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+
+    def supports(self, x, weight, stride, padding, dilation, groups):
+        return (winograd_tile() == self.m and x.dtype == torch.float32 and weight.dtype == torch.float32
+                and groups == 1 and weight.shape[2] == 3 and weight.shape[3] == 3 and tuple(stride) == (1, 1)
+                and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
+                and winograd_use(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]))
+
+    def pack(self, weight, stride, padding, dilation, groups, input_shape):
+        return winograd_weight(weight.detach(), self.m)
+
+    def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
+        if weight.dim() == 4:  # an unpacked weight (the op called directly): transform per call
+            weight = winograd_weight(weight.detach(), self.m)
+        return torch.ops.srkernels.winograd_conv3x3(x, weight, bias, activation, residual)
+
+
+ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), ONEDNN]  # best first
 
 
 def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> CpuAlgorithm | None:

@@ -5,7 +5,7 @@ Two steps: ``winograd_weight(weight, m)`` transforms a ``[C_out, C_in, 3, 3]`` c
 once to float32; the caller caches it and rebuilds it when the weight changes), then ``winograd_conv3x3(x,
 weight_t, bias, act=, residual=)`` runs per call. F(4x4, 3x3) does 4x fewer multiplies than a direct conv and
 F(2x2, 3x3) 2.25x; the price is rounding error: on 64-channel convs with unit-scale data, F(4,3) is ~6x and
-F(2,3) ~0.4x oneDNN's own float32 error against float64 (benchmarks/bench_winograd_conv.py prints both).
+F(2,3) ~0.4x oneDNN's own float32 error against float64 (benchmarks/bench_winograd_conv3x3.py prints both).
 ``winograd_use(...)`` is the measured rule for when it beats oneDNN. Kernel contract: docs/ops.md.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str
     conv: the compiled kernel's ``avx2`` / ``avx512`` variants (``default`` is at::vec's portable code, ~12x
     slower than oneDNN), at least 16 input and output channels and at least 64 pixels. Measured on an AMD EPYC
     (Zen 5), one thread, AVX-512 and forced AVX2 (benchmarks/results/winograd_models.md,
-    benchmarks/bench_winograd_conv.py): 64->64 at LR 8-192 1.7-3.6x faster, 16->16 and 32->32 1.6-2.7x,
+    benchmarks/bench_winograd_conv3x3.py): 64->64 at LR 8-192 1.7-3.6x faster, 16->16 and 32->32 1.6-2.7x,
     64->256 2.1-2.4x; 3->64 and 8->8 only 1.0-1.5x (left to oneDNN). ``capability`` defaults to the one
     srkernels runs (``srkernels.build_info()["cpu_capability"]``)."""
     if capability is None:

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.ops.srkernels, "conv2d_pointwi
 
 # (N, C, H, W, Cout, k, stride, padding, dilation, groups): odd sizes, 1x1, strided, dilated, grouped
 SHAPES = [(1, 3, 7, 5, 4, 3, 1, 1, 1, 1), (2, 5, 9, 6, 7, 1, 1, 0, 1, 1), (1, 4, 8, 7, 6, 3, 2, 1, 1, 2),
-          (2, 6, 5, 9, 6, 3, 1, 2, 2, 3), (1, 8, 6, 6, 8, 5, 1, 2, 1, 1)]
+          (2, 6, 5, 9, 6, 3, 1, 2, 2, 3), (1, 8, 6, 6, 8, 5, 1, 2, 1, 1),
+          # float32 on an AVX2 / AVX-512 build: Winograd's (3x3, stride 1, padding 1, >= 16 channels, >= 64 pixels)
+          (1, 16, 9, 11, 24, 3, 1, 1, 1, 1), (2, 17, 8, 8, 16, 3, 1, 1, 1, 1)]
 # (bias, activation, residual)
 VARIANTS = [(True, "none", False), (False, "relu", False), (True, "none", True), (True, "relu", True)]
 
@@ -120,6 +122,53 @@ def test_a_plugged_in_cpu_algorithm_serves_the_op_and_nn(monkeypatch):
         c1 = torch.nn.Conv2d(4, 6, 1)
         assert torch.allclose(srkernels.nn.conv2d(c1, x), c1(x), atol=1e-5)
         assert (alg.packs, alg.plain_runs, alg.packed_runs) == (1, 1, 3)
+
+
+@pytest.fixture
+def winograd_env(monkeypatch):
+    """Set SRKERNELS_WINOGRAD for one test (read once per process: the cache is cleared before and after)."""
+    def set_(value):
+        monkeypatch.setenv("SRKERNELS_WINOGRAD", value)
+        conv_op.winograd_tile.cache_clear()
+    yield set_
+    monkeypatch.delenv("SRKERNELS_WINOGRAD", raising=False)
+    conv_op.winograd_tile.cache_clear()
+
+
+@pytest.mark.skipif(srkernels.build_info().get("cpu_capability") not in ("avx2", "avx512"),
+                    reason="Winograd serves the avx2 and avx512 builds only (winograd_use)")
+@pytest.mark.parametrize("env, want", [(None, "winograd4"), ("4", "winograd4"), ("2", "winograd2"),
+                                       ("0", "onednn")])
+def test_winograd_is_the_float32_3x3_algorithm(winograd_env, env, want):
+    """SRKERNELS_WINOGRAD picks F(4,3) (default), F(2,3) or oneDNN for float32 3x3 convs; other convs and
+    dtypes keep oneDNN; nn.conv2d's packed weight is the Winograd transform, built once per shape."""
+    if env is not None:
+        winograd_env(env)
+    x = torch.randn(1, 16, 9, 11).to(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    meta = ([1, 1], [1, 1], [1, 1], 1)
+    alg = conv_op.cpu_algorithm(x, conv.weight, *meta)
+    assert alg.name + str(getattr(alg, "m", "")) == want
+    for other in (conv_op.cpu_algorithm(x, torch.randn(24, 16, 1, 1), [1, 1], [0, 0], [1, 1], 1),  # 1x1
+                  conv_op.cpu_algorithm(x, conv.weight, [2, 2], [1, 1], [1, 1], 1),                 # strided
+                  conv_op.cpu_algorithm(x[:, :8], torch.randn(24, 8, 3, 3), *meta),                 # 8 channels
+                  conv_op.cpu_algorithm(x.double(), conv.weight.double(), *meta)):                  # float64
+        assert other is None or other.name == "onednn"
+    with torch.no_grad():
+        want_y = conv_op.reference(x.double(), conv.weight.double(), conv.bias.double(), *meta, "relu", None)
+        for _ in range(2):
+            y = srkernels.nn.conv2d(conv, x, "relu")
+            assert torch.allclose(y.double(), want_y, atol=2e-5 * max(1.0, want_y.abs().max().item()), rtol=0)
+    packs = conv.__dict__["_srk_packed"].data
+    assert list(packs) == [tuple(x.shape)] and packs[tuple(x.shape)][0] is alg
+    if alg.name == "winograd":
+        assert packs[tuple(x.shape)][1].shape == ((alg.m + 2) ** 2, 16, 24)
+
+
+def test_winograd_env_is_checked(winograd_env):
+    winograd_env("yes")
+    with pytest.raises(ValueError, match="SRKERNELS_WINOGRAD"):
+        conv_op.winograd_tile()
 
 
 def test_argument_errors():

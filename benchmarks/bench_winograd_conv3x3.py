@@ -2,8 +2,8 @@
 ``winograd_conv3x3``, F(2,3) and F(4,3)) against ``F.conv2d`` and the prepacked oneDNN conv the fused models use
 (``mkldnn._convolution_pointwise`` on a weight packed for the input size, srkernels/nn/conv.py).
 
-    python benchmarks/bench_winograd_conv.py [--threads 1 2] [--sizes 32 48 96] [--rounds 15] [--channels 64 64]
-    SRKERNELS_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_winograd_conv.py
+    python benchmarks/bench_winograd_conv3x3.py [--threads 1 2] [--sizes 32 48 96] [--rounds 15] [--channels 64 64]
+    SRKERNELS_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_winograd_conv3x3.py
 
 Time: process CPU time of all threads (``time.process_time``: the machine is shared) and wall time, variants
 interleaved, min and median of the rounds; the rate counts the direct conv's FLOPs (2 * 9 * C_in * C_out * H * W)
