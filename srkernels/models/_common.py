@@ -100,6 +100,8 @@ class SRModel(nn.Module):
         """``y`` in the memory format eager PyTorch would return for input ``x`` (NCHW in -> NCHW out): the fused
         CPU path runs channels_last throughout (oneDNN with prepacked weights), so its last output is
         channels_last. The copy is of the few-channel HR image only (3 x 192 x 192 at x4 LR 48: ~0.1 ms)."""
+        if torch.jit.is_tracing():  # the tracer records no layout (ONNX export of a reference model)
+            return y
         fmt = torch._prims_common.suggest_memory_format(x)
         return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 

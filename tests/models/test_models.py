@@ -660,3 +660,16 @@ def test_a_missing_fused_twin_is_an_error(monkeypatch):
     with pytest.raises(LookupError, match="srkernels.nn has no layer 'RCAB'"):
         layer(True, "RCAB")
     assert layer(False, "RCAB") is reference_layers.RCAB
+
+
+@pytest.mark.parametrize("name", ["srcnn", "srdensenet", "rcan", "rdn"])
+def test_reference_models_trace(name):
+    """The reference models trace with torch.jit.trace (what torch.onnx.export(dynamo=False) runs; the
+    benchmark exports them for ONNX Runtime): no layout query the tracer cannot record."""
+    kw = {"n_resgroups": 1, "n_resblocks": 1} if name == "rcan" else {"num_blocks": 2, "num_layers": 2} if name == "rdn" else {}
+    m = build(name, 2, fused=False, **kw).eval()
+    x = torch.rand(1, m.in_channels, 12, 10)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, (x,))
+        assert torch.equal(traced(x), m(x))
