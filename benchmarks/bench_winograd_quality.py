@@ -9,6 +9,8 @@ pretrained file here). The tile is switched per call through ``conv2d_pointwise.
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
 import json
 import math
 import sys
@@ -23,7 +25,8 @@ sys.path.insert(0, str(HERE))
 import bench_models  # noqa: E402  (model_pair, y_psnr, MODELS)
 import harness  # noqa: E402
 
-conv_op = sys.modules[__import__("srkernels.ops.conv2d_pointwise", fromlist=["_"]).__name__]
+# the module, not the op function of the same name that srkernels.ops exports
+conv_op = importlib.import_module("srkernels.ops.conv2d_pointwise")
 
 
 def outputs(key: str, scale: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -33,7 +36,7 @@ def outputs(key: str, scale: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
     try:
         for name, m in (("winograd F(4,3)", 4), ("winograd F(2,3)", 2), ("direct (oneDNN)", 0)):
             conv_op.winograd_tile = lambda m=m: m
-            f = bench_models.copy.deepcopy(fused)  # fresh pack caches for each tile
+            f = copy.deepcopy(fused)  # fresh pack caches for each tile
             with torch.no_grad():
                 res[name] = f(x * fused.input_range) / fused.input_range
     finally:
