@@ -347,26 +347,28 @@ def bench_bf16_quality(names, scale) -> list[dict]:
     return rows
 
 
-def bench_upscale(rounds, threads) -> list[dict]:
-    """RCAN x4 on a 480x270 RGB image -> 1920x1080 through ``srkernels.engine.inference.Upscaler`` (tile 256,
-    overlap 16: what ``srkernels upscale`` runs), reference vs fused."""
-    from srkernels.engine.inference import Upscaler
+def bench_upscale(rounds, threads, lr_hw=(270, 480), tile=256, overlap=16, key="rcan") -> list[dict]:
+    """RCAN x4 on a 480x270 RGB image -> 1920x1080 through ``srkernels.toolkit.inference.Upscaler`` (tile 256,
+    overlap 16: what ``srkernels upscale`` runs), reference vs fused. The other arguments exist for the test."""
+    from srkernels.toolkit.inference import Upscaler
 
-    ref, fused = model_pair("rcan", 4, train=False)
-    lr = torch.rand(1, 3, 270, 480)
-    ups = {"reference": Upscaler(ref, tile=256, overlap=16), "fused": Upscaler(fused, tile=256, overlap=16)}
+    ref, fused = model_pair(key, 4, train=False)
+    h, w = lr_hw
+    lr = torch.rand(1, 3, h, w)
+    ups = {"reference": Upscaler(ref, tile=tile, overlap=overlap), "fused": Upscaler(fused, tile=tile, overlap=overlap)}
     with torch.no_grad():
         outs = {k: u(lr) for k, u in ups.items()}
         t = timed({k: (lambda u: lambda: u(lr))(u) for k, u in ups.items()}, rounds=rounds, warmup=0)
     err = rel_err(outs["fused"], outs["reference"])
     rows = []
+    case = f"{key} x4 upscale {w}x{h}->{4 * w}x{4 * h} (tile {tile})"
     for v, tim in t.items():
-        rows.append({"case": "rcan x4 upscale 480x270->1920x1080 (tile 256)", "model": "rcan", "scale": 4, "lr": 270,
+        rows.append({"case": case, "model": key, "scale": 4, "lr": h,
                      "variant": v, "ms_min": round(tim.min, 1), "ms_median": round(tim.median, 1),
                      "speedup_min": round(t["reference"].min / tim.min, 3),
                      "note": f"rel err {err:.1e}" if v == "fused" else "", "out_shape": list(outs[v].shape),
                      "flag": "FUSED SLOWER" if v == "fused" and tim.min > t["reference"].min else ""})
-    print("  upscale 480x270 -> 1920x1080: " + ", ".join(f"{v} {tim.min / 1e3:.1f} s" for v, tim in t.items()))
+    print(f"  upscale {w}x{h} -> {4 * w}x{4 * h}: " + ", ".join(f"{v} {tim.min / 1e3:.1f} s" for v, tim in t.items()))
     return rows
 
 

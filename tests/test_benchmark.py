@@ -108,3 +108,16 @@ def test_readme_block_per_malloc_regime(tmp_path, monkeypatch):
     text = readme.read_text()
     assert text.index("\nnew\n") < text.index("<!-- bench:s-cpu-malloc-reuse -->") < text.index("second") < text.index("tail")
     assert "first" not in text and "old" not in text and "`--malloc=reuse`" in text
+
+
+# --- benchmarks/bench_models.py: its optional rows run (a lazy import there failed only with --upscale) ---------
+
+
+def test_bench_models_upscale_row_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_models
+
+    rows = bench_models.bench_upscale(1, 1, lr_hw=(20, 28), tile=16, overlap=4, key="srcnn")
+    assert [r["variant"] for r in rows] == ["reference", "fused"]
+    assert all(r["out_shape"] == [1, 3, 80, 112] for r in rows)
+    assert float(rows[1]["note"].split()[-1]) < 1e-4  # fused output checked against the reference in the run
