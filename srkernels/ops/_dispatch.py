@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from ._registry import choose  # noqa: F401  (the backend choice of every op)
+from ._registry import autocast_args, choose  # noqa: F401  (the backend choice and autocast of every op)
 
 
 def run(backend: str, op: str, args: tuple, reference: Callable[[], Tensor], out: Tensor | None = None,
