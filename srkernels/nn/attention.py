@@ -165,6 +165,7 @@ def rcab_group(blocks, tail: nn.Conv2d, x: Tensor) -> Tensor | None:
     apply (not training, another layer type, no compiled channel_attention kernel), for the caller to run the
     layers one by one."""
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() != 4
+            or torch.is_autocast_enabled(x.device.type)  # its hand-written backward wants one dtype throughout
             or not _trainable_group(blocks, tail)):
         return None
     params = []
