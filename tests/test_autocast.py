@@ -78,6 +78,21 @@ def test_dispatcher_ops_run_in_the_autocast_dtype(name, call, dtype):
     assert_close(got, want, BF16 if dtype == BF16 else torch.float16, name)
 
 
+@pytest.mark.skipif(not srkernels._backend.triton_interpret(), reason="Triton runs on CPU tensors only under "
+                    "TRITON_INTERPRET=1")
+def test_triton_namespace_has_the_rules_too():
+    if not ops.load_triton():
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(6)
+    x, b = torch.randn(1, 8, 4, 4), torch.randn(8)
+    tr = torch.ops.srkernels_triton
+    with autocast():
+        y = tr.pixel_shuffle(x, 2, b, None, "relu", None)
+        u = tr.pixel_unshuffle(x, 2)
+    assert y.dtype == BF16 and u.dtype == torch.float32
+    assert_close(y, tr.pixel_shuffle(x, 2, b, None, "relu", None), BF16)
+
+
 def test_front_ends_take_mixed_dtypes_under_autocast():
     """A bf16 activation (an eager conv's output under autocast) with the float32 parameters of a layer, as the
     dispatcher rule does; outside autocast the same call is a clear TypeError."""

@@ -17,19 +17,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .conv import PackCache, _module_cache  # (conv.py imports this module after defining them)
+
 
 def dtype(x: Tensor, *params: Tensor | None) -> torch.dtype | None:
     """The dtype a fused layer should run in itself: CPU autocast's, when it is on, ``x`` is float32 or
     already that dtype, and no gradient is wanted for ``x`` or ``params``; None otherwise (the layer runs as
     without autocast)."""
-    if not (x.is_cpu and torch.is_autocast_enabled("cpu")) or torch.compiler.is_compiling():
+    # cheapest tests first: paid per layer call under autocast
+    if not (x.is_cpu and torch.is_autocast_enabled("cpu")):
         return None
     dt = torch.get_autocast_dtype("cpu")
-    if x.dtype != dt and x.dtype != torch.float32:
+    xd = x.dtype
+    if xd is not dt and xd is not torch.float32:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return None
-    return dt
+    return None if torch.compiler.is_compiling() else dt
 
 
 def cast_tree(value, dt: torch.dtype):
@@ -42,7 +46,7 @@ def cast_tree(value, dt: torch.dtype):
 
 
 def _key(params, dt) -> tuple:
-    return (dt, *(None if p is None else (p._version, p.data_ptr(), p.dtype, tuple(p.shape)) for p in params))
+    return (dt, *[None if p is None else (p._version, p.data_ptr(), p.dtype, p.shape) for p in params])
 
 
 def cached(module, x: Tensor, params: list, build, attr: str = "_srk_amp",
@@ -53,9 +57,8 @@ def cached(module, x: Tensor, params: list, build, attr: str = "_srk_amp",
     dt = dtype(x, *params, *inputs)
     if dt is None:
         return None
-    from .conv import _module_cache  # (conv.py imports this module)
-
-    return x.to(dt), _module_cache(module, attr, _key(params, dt), lambda: cast_tree(build(), dt))
+    return x if x.dtype is dt else x.to(dt), _module_cache(module, attr, _key(params, dt),
+                                                           lambda: cast_tree(build(), dt))
 
 
 class CastConv:
@@ -72,10 +75,18 @@ class CastConv:
 
 
 def conv_twin(conv, dt: torch.dtype) -> CastConv:
-    """``conv`` with its weight and bias in ``dt``, cached on it while they stay the same."""
-    from .conv import _module_cache
-
-    return _module_cache(conv, "_srk_amp", _key((conv.weight, conv.bias), dt), lambda: CastConv(conv, dt))
+    """``conv`` with its weight and bias in ``dt``, cached on it while they stay the same (the same tensor
+    objects, versions and storage: a cheap test, paid per conv call)."""
+    w, b = conv.weight, conv.bias
+    c = conv.__dict__.get("_srk_amp")
+    k = c.key if c is not None else None
+    if (k is not None and k[0] is w and k[1] == w._version and k[2] == w.data_ptr() and k[3] is b and k[5] is dt
+            and (b is None or (k[4] == (b._version, b.data_ptr())))):
+        return c.data
+    twin = CastConv(conv, dt)
+    conv.__dict__["_srk_amp"] = PackCache((w, w._version, w.data_ptr(), b, None if b is None else
+                                           (b._version, b.data_ptr()), dt), twin)
+    return twin
 
 
 def add_late(y: Tensor, residual: Tensor | None) -> Tensor:

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, cpu_algorithm, reference
-from . import _amp
 
 __all__ = ["Conv2d", "conv2d", "apply_conv"]
 
@@ -55,6 +54,9 @@ def _module_cache(m: nn.Module, attr: str, key, build):
         c = PackCache(key, build())
         m.__dict__[attr] = c
     return c.data
+
+
+from . import _amp  # noqa: E402  (after PackCache and _module_cache, which nn/_amp.py imports)
 
 
 def _packable(conv: nn.Module, x: Tensor, residual: Tensor | None) -> bool:
@@ -177,7 +179,9 @@ def _autocast_conv(fn, conv, x: Tensor, activation, residual: Tensor | None, **k
         return None
     fused, late = _amp.split_residual(residual, dt)
     twin = _amp.conv_twin(conv, dt)
-    y = fn(twin, x.to(dt), activation, **kw) if fused is None else fn(twin, x.to(dt), activation, fused, **kw)
+    if x.dtype is not dt:
+        x = x.to(dt)
+    y = fn(twin, x, activation, **kw) if fused is None else fn(twin, x, activation, fused, **kw)
     return _amp.add_late(y, late)
 
 

@@ -147,12 +147,20 @@ def autocast_cast(value, device_type: str, dtype: torch.dtype):
     """``value`` (a tensor, or a list/tuple of them, or anything else) with its floating tensors on
     ``device_type`` cast to ``dtype``; float64 is left alone, as torch's own autocast does."""
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and value.dtype != torch.float64 and value.device.type == device_type:
+        dt = value.dtype
+        if dt != dtype and dt != torch.float64 and value.is_floating_point() and value.device.type == device_type:
             return value.to(dtype)
         return value
     if isinstance(value, (list, tuple)):
-        return type(value)(autocast_cast(v, device_type, dtype) for v in value)
+        return type(value)([autocast_cast(v, device_type, dtype) for v in value])
     return value
+
+
+@functools.cache
+def autocast_keyset(device_type: str):
+    """The dispatch key set of ``device_type``'s autocast (to exclude it for a call already cast)."""
+    return torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(
+        device_type)))
 
 
 @functools.cache
@@ -183,7 +191,7 @@ def _register_autocast(namespace: str, spec: OpSpec, lib) -> None:
             if not torch._C._is_autocast_available(dev):
                 continue
             key = "Autocast" + torch._C._dispatch_key_for_device(dev)
-            excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+            excluded = autocast_keyset(dev)
 
             def kernel(_keyset, *args, _dev=dev, _policy=policy, _excluded=excluded, _op=handle):
                 dtype = autocast_dtype(_policy, _dev)
