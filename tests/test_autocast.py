@@ -321,6 +321,32 @@ def test_bf16_model_under_autocast():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("key", ["rcan_bam", "rdn"])
+def test_fp16_autocast(key):
+    """The layers follow autocast's dtype: float16 too (no native fp16 kernels here: the fallbacks)."""
+    ref, fused = pair(key)
+    ref.eval(), fused.eval()
+    x = model_input(ref)
+    with torch.no_grad(), autocast(torch.float16):
+        want, got = ref(x), fused(x)
+    assert got.dtype == want.dtype == torch.float16
+    rng = want.double().abs().max().item()
+    assert_close(got / rng, want / rng, torch.float16, key)
+
+
+@pytest.mark.parametrize("key", ["rcan_bam"])  # attention + pixel_shuffle ops; compiling costs ~10 s per model
+def test_torch_compile_under_autocast(key):
+    """torch.compile of a fused model under autocast: the traced front ends cast as the rules say (the fused
+    layers' own bf16 caches stand aside while compiling), same dtype and values as eager."""
+    torch._dynamo.reset()
+    ref, fused = pair(key)
+    ref.eval(), fused.eval()
+    x = model_input(ref)
+    with torch.no_grad(), autocast():
+        want, got = ref(x), torch.compile(fused)(x)
+    close(got, want, "compiled fused vs reference, under autocast")
+
+
 class _RefuseBf16:
     """A oneDNN op packet that raises on bf16, as on a CPU without native bf16 (tests/nn/test_conv_packing.py)."""
 

@@ -30,7 +30,7 @@ def run(backend: str, op: str, args: tuple, reference: Callable[[], Tensor], out
     if backend == "reference":
         return reference()
     dev = args[0].device.type
-    if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+    if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) and not torch.compiler.is_compiling():
         # every front end has cast args by the op's autocast rule already (autocast_args): skip the rule's
         # dispatcher kernel (~10 us of Python per call; RCAN makes 200 attention calls per forward)
         with torch._C._ExcludeDispatchKeyGuard(autocast_keyset(dev)):

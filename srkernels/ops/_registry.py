@@ -163,16 +163,17 @@ def autocast_keyset(device_type: str):
         device_type)))
 
 
-@functools.cache
-def _policies() -> dict[str, str | None]:
-    return {op: spec.autocast_policy(op) for spec in SPECS.values() for op in spec.schemas}
+_POLICIES: dict[str, str | None] = {}  # dispatcher op -> autocast policy, filled on first use (a plain dict:
+# torch.compile traces the front ends, and would warn about a functools.cache)
 
 
 def autocast_args(op: str, x: torch.Tensor, *values) -> tuple:
     """``(x, *values)`` as dispatcher op ``op``'s autocast rule would cast them, for the Python front ends: under
     autocast they take inputs of mixed dtypes (a bf16 activation, float32 parameters) as the rule does, before
     the checks that want one dtype. Unchanged outside autocast."""
-    dtype = autocast_dtype(_policies()[op], x.device.type)
+    if not _POLICIES:
+        _POLICIES.update({o: spec.autocast_policy(o) for spec in SPECS.values() for o in spec.schemas})
+    dtype = autocast_dtype(_POLICIES[op], x.device.type)
     if dtype is None:
         return (x, *values)
     return autocast_cast((x, *values), x.device.type, dtype)
