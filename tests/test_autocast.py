@@ -309,6 +309,21 @@ def test_cached_weights_follow_the_parameters():
         close(after, fused(x).to(after.dtype), "update within the region vs float32")
 
 
+@pytest.mark.parametrize("key", ["rcan_bam", "srdensenet", "rdcab_fd_irb"])
+def test_used_model_can_be_copied_and_pickled(key):
+    """The bf16 caches are not state: a copy or a pickle of a model used under autocast starts without them."""
+    import copy
+    import pickle
+
+    _, fused = pair(key)
+    fused.eval()
+    x = model_input(fused)
+    with torch.no_grad(), autocast():
+        want = fused(x)
+        for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert torch.equal(twin(x), want)
+
+
 def test_bf16_model_under_autocast():
     """model.to(bfloat16) under autocast: the layers' own bf16 path, same as without autocast."""
     _, fused = pair("rdn")
