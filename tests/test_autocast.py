@@ -324,6 +324,20 @@ def test_used_model_can_be_copied_and_pickled(key):
             assert torch.equal(twin(x), want)
 
 
+@pytest.mark.parametrize("key", ["rcan_bam", "srdensenet", "rdcab_fd_irb"])
+def test_inference_mode(key):
+    """Caches built under torch.inference_mode serve later no_grad calls too (and the other way round)."""
+    ref, fused = pair(key)
+    ref.eval(), fused.eval()
+    x = model_input(ref)
+    with torch.inference_mode(), autocast():
+        first = fused(x)
+        assert torch.equal(fused(x), first)
+    with torch.no_grad(), autocast():
+        assert torch.equal(fused(x), first)
+        close(first, ref(x), "inference_mode vs reference")
+
+
 def test_bf16_model_under_autocast():
     """model.to(bfloat16) under autocast: the layers' own bf16 path, same as without autocast."""
     _, fused = pair("rdn")

@@ -57,8 +57,11 @@ def cached(module, x: Tensor, params: list, build, attr: str = "_srk_amp",
     dt = dtype(x, *params, *inputs)
     if dt is None:
         return None
-    return x if x.dtype is dt else x.to(dt), _module_cache(module, attr, _key(params, dt),
-                                                           lambda: cast_tree(build(), dt))
+    def make():
+        with torch.inference_mode(False):  # normal tensors, usable (and versioned) outside inference_mode too
+            return cast_tree(build(), dt)
+
+    return x if x.dtype is dt else x.to(dt), _module_cache(module, attr, _key(params, dt), make)
 
 
 class CastConv:
@@ -83,7 +86,8 @@ def conv_twin(conv, dt: torch.dtype) -> CastConv:
     if (k is not None and k[0] is w and k[1] == w._version and k[2] == w.data_ptr() and k[3] is b and k[5] is dt
             and (b is None or (k[4] == (b._version, b.data_ptr())))):
         return c.data
-    twin = CastConv(conv, dt)
+    with torch.inference_mode(False):  # a normal weight: conv.py's packing cache reads its version
+        twin = CastConv(conv, dt)
     conv.__dict__["_srk_amp"] = PackCache((w, w._version, w.data_ptr(), b, None if b is None else
                                            (b._version, b.data_ptr()), dt), twin)
     return twin
