@@ -19,7 +19,7 @@ from srkernels import ops
 from srkernels.models import build
 from srkernels.ops.winograd_conv3x3 import winograd_weight
 
-from .conftest import TOL, assert_close
+from .conftest import assert_close
 
 conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]
 pytest.importorskip("srkernels._C", reason="the fused models need the compiled extension")
