@@ -14,7 +14,10 @@ and the per-call mean of the round is recorded. ``--onnx`` / ``--openvino``: ONN
 ``torch.onnx.export``; ``--compile``: ``torch.compile`` (Inductor, freezing on) of the reference and of the
 fused model; their warm-up (export/compile + first call) is recorded per row. ``--bf16``: the fused model in
 bfloat16 where oneDNN runs bf16 natively (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), plus the Y-PSNR of
-its output against fp32's on scikit-image's bundled photographs. ``--upscale``: RCAN x4 480x270 -> 1920x1080
+its output against fp32's on scikit-image's bundled photographs; and on every CPU, the reference and the fused
+model (fp32 weights) under ``torch.autocast("cpu", dtype=torch.bfloat16)``, each autocast row's note naming the
+bf16 path that ran (``bf16_paths``: native oneDNN bf16 convs / dense_block bf16 brgemm, or their fallbacks),
+with its Y-PSNR against fp32 too. ``--upscale``: RCAN x4 480x270 -> 1920x1080
 through the tiled ``Upscaler`` path (tile 256, overlap 16), reference vs fused. A plot (ms against LR size, one
 line per variant, per model) is written with matplotlib when more than one size ran.
 
@@ -189,6 +192,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+DENSE_MODELS = ("srdensenet", "rdn", "rdcab", "rdcab_split", "rdcab_fd_irb")  # the ones running ops.dense_block
+
+
+def bf16_paths() -> dict[str, str]:
+    """Which bf16 kernels run on this CPU: "conv" -- oneDNN's bf16 convolution (``onednn_bf16()``: AVX-512 or
+    AVX-NE-CONVERT) or eager bf16 convs (fallback); "dense" -- ``dense_block``'s bf16 brgemm micro-kernel (AMX or
+    AVX512-BF16) or its ATen path of fp32 GEMMs on converted operands (fallback, told by the profiler seeing
+    ``aten::mm``, as benchmarks/bench_dense_block_bf16.py)."""
+    from srkernels.ops.conv2d_pointwise import onednn_bf16
+
+    m = srkernels.nn.ResidualDenseBlock(8, 4, 2).to(torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        m(torch.randn(1, 8, 4, 4, dtype=torch.bfloat16))
+    aten = any(e.name == "aten::mm" for e in prof.events())
+    return {"conv": "oneDNN bf16 convs" if onednn_bf16() else "FALLBACK eager bf16 convs (no native bf16)",
+            "dense": "FALLBACK dense_block ATen fp32 GEMMs" if aten else "dense_block bf16 brgemm"}
+
+
+def bf16_note(key: str, paths: dict[str, str]) -> str:
+    return paths["conv"] + (f" + {paths['dense']}" if key in DENSE_MODELS else "")
+
+
 def model_pair(key: str, scale: int, *, train: bool):
     """The reference model of ``MODELS[key]`` and its fused twin with the same weights."""
     name, cfg = MODELS[key]
@@ -261,6 +286,12 @@ def bench_inference(names, sizes, scale, rounds, threads, opts) -> list[dict]:
                     xb = x.to(torch.bfloat16)
                     variants["fused bf16"] = lambda: fb(xb)
                     notes["fused bf16"] = f"rel err {rel_err(fb(xb).float(), y_ref):.1e}"
+                if opts.bf16:  # autocast: every CPU (without native bf16 it runs the fallbacks, named in the note)
+                    for v, m in (("reference autocast bf16", ref), ("fused autocast bf16", fused)):
+                        variants[v] = (lambda m: lambda: _autocast(m, x))(m)
+                        y = _autocast(m, x)
+                        notes[v] = f"rel err {rel_err(y.float(), y_ref):.1e}; out {str(y.dtype)[6:]}" + (
+                            f"; {bf16_note(key, opts.bf16_paths)}" if m is fused else "")
                 t = timed(variants, rounds=rounds)
             base = t["reference"]
             case = f"{key} x{scale} LR{lr}"
@@ -283,6 +314,11 @@ def bench_inference(names, sizes, scale, rounds, threads, opts) -> list[dict]:
                 rows.append(row)
             print(f"  {case}: " + ", ".join(f"{v} {tim.min:.1f} ms" for v, tim in t.items()), flush=True)
     return rows
+
+
+def _autocast(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return m(x)
 
 
 def y_psnr(a: torch.Tensor, b: torch.Tensor, border: int) -> float:
@@ -333,17 +369,25 @@ def bench_bf16_quality(names, scale) -> list[dict]:
                     x = F.interpolate(x, size=hr.shape[-2:], mode="bicubic", align_corners=False)
                     y32 = fused(x) / fused.input_range
                 y16 = fb(x.to(torch.bfloat16)).float() / fused.input_range
+                yac = _autocast(fused, x).float() / fused.input_range
             if fused.in_channels == 1:
-                p32 = 10 * math.log10(1 / ((y32.clamp(0, 1) - hr_in)[..., scale:-scale, scale:-scale] ** 2).mean().item())
-                p16 = 10 * math.log10(1 / ((y16.clamp(0, 1) - hr_in)[..., scale:-scale, scale:-scale] ** 2).mean().item())
-                pb = 10 * math.log10(1 / ((y16.clamp(0, 1) - y32.clamp(0, 1)) ** 2).mean().clamp_min(1e-20).item())
+                def psnr(a, b, crop):
+                    d = a.clamp(0, 1) - b.clamp(0, 1) if not crop else (a.clamp(0, 1) - b)[..., scale:-scale, scale:-scale]
+                    return 10 * math.log10(1 / (d ** 2).mean().clamp_min(1e-20).item())
+                p32, p16, pac = psnr(y32, hr_in, True), psnr(y16, hr_in, True), psnr(yac, hr_in, True)
+                pb, pacb = psnr(y16, y32, False), psnr(yac, y32, False)
             else:
-                p32, p16, pb = y_psnr(y32, hr_in, scale), y_psnr(y16, hr_in, scale), y_psnr(y16, y32, scale)
+                p32, p16, pac = y_psnr(y32, hr_in, scale), y_psnr(y16, hr_in, scale), y_psnr(yac, hr_in, scale)
+                pb, pacb = y_psnr(y16, y32, scale), y_psnr(yac, y32, scale)
+            worst = max(abs(p16 - p32), abs(pac - p32))
             rows.append({"case": f"{key} x{scale} {pname}", "model": key, "photo": pname, "psnr_fp32": round(p32, 3),
                          "psnr_bf16": round(p16, 3), "delta_db": round(p16 - p32, 3), "psnr_bf16_vs_fp32": round(pb, 2),
-                         "flag": "" if abs(p16 - p32) <= 0.02 else "DELTA > 0.02 dB"})
+                         "psnr_autocast": round(pac, 3), "delta_autocast_db": round(pac - p32, 3),
+                         "psnr_autocast_vs_fp32": round(pacb, 2),
+                         "flag": "" if worst <= 0.02 else "DELTA > 0.02 dB"})
             print(f"  bf16 {key} {pname}: Y-PSNR fp32 {p32:.3f} dB, bf16 {p16:.3f} dB (delta {p16 - p32:+.3f}), "
-                  f"bf16 vs fp32 {pb:.1f} dB", flush=True)
+                  f"autocast {pac:.3f} dB (delta {pac - p32:+.3f}); vs fp32: bf16 {pb:.1f} dB, autocast {pacb:.1f} dB",
+                  flush=True)
     return rows
 
 
@@ -461,7 +505,8 @@ def main(argv=None) -> None:
     ap.add_argument("--onnx", action="store_true", help="add an ONNX Runtime row (needs onnxruntime)")
     ap.add_argument("--openvino", action="store_true", help="add an OpenVINO row (needs openvino)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows (reference, fused; slow warm-up)")
-    ap.add_argument("--bf16", action="store_true", help="fused bf16 rows + Y-PSNR vs fp32 (native bf16 CPUs)")
+    ap.add_argument("--bf16", action="store_true", help="fused bf16 rows + Y-PSNR vs fp32 (native bf16 CPUs); "
+                    "autocast bf16 rows (reference, fused; every CPU, the path that ran in the note)")
     ap.add_argument("--upscale", action="store_true", help="RCAN x4 480x270 -> 1920x1080 tiled upscale row")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall clock, or process CPU time per call (needs --threads 1; robust on a shared machine)")
@@ -486,7 +531,9 @@ def main(argv=None) -> None:
     cap = srkernels.build_info().get("cpu_capability", srkernels.build_info().get("cpu_isa"))
     print(f"{machine.get('cpu', '?')}; srkernels cpu_capability {cap}; torch {machine['cpu_capability']}; "
           f"{threads} threads", flush=True)
-    print(f"clock: {CLOCK}; bf16 native: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}", flush=True)
+    args.bf16_paths = bf16_paths() if args.bf16 else {}
+    print(f"clock: {CLOCK}; bf16 native: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}"
+          + (f"; bf16 paths: {args.bf16_paths['conv']}, {args.bf16_paths['dense']}" if args.bf16 else ""), flush=True)
     rows = [] if args.train_only else bench_inference(names, sizes, args.scale, args.rounds, threads, args)
     if rows:
         print(table(rows))
@@ -507,6 +554,7 @@ def main(argv=None) -> None:
         path = harness.record(BENCH, rows + train_rows + up_rows + quality, {
             "device": "cpu", "dtype": "float32", "threads": threads, "cpu": machine.get("cpu"),
             "cpu_capability": cap, "clock": CLOCK, "bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            "bf16_paths": args.bf16_paths,
             "args": vars(args)})
         print(f"appended to {path}")
         # one block per capability, so that a forced-AVX2 run does not overwrite the native one

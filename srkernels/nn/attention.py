@@ -11,6 +11,7 @@ from .. import _backend, ops
 from ..ops import _dispatch
 from ..ops.conv2d_pointwise import ONEDNN
 from ..reference import attention as R
+from . import _amp
 from .conv import conv2d
 
 __all__ = ["ChannelAttention", "BalancedAttention", "RCAB"]
@@ -21,9 +22,14 @@ class ChannelAttention(R.ChannelAttention):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         fc1, fc2 = self.conv_du[0], self.conv_du[2]
-        return ops.channel_attention(
-            x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=residual, pool=self.pool
-        )
+        params = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+        amp = _amp.cached(self, x, params, lambda: params, inputs=(residual,))
+        late = None
+        if amp is not None:  # CPU autocast inference: cached low-precision weights (nn/_amp.py)
+            x, params = amp
+            residual, late = _amp.split_residual(residual, x.dtype)
+        y = ops.channel_attention(x, *params, residual=residual, pool=self.pool)
+        return _amp.add_late(y, late)
 
 
 class BalancedAttention(R.BalancedAttention):
@@ -31,9 +37,13 @@ class BalancedAttention(R.BalancedAttention):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         ca, sa = self.ca, self.sa
-        return ops.balanced_attention(
-            x, ca.fc1.weight, ca.relu1.weight, ca.fc2.weight, sa.conv1.weight, residual=residual
-        )
+        params = [ca.fc1.weight, ca.relu1.weight, ca.fc2.weight, sa.conv1.weight]
+        amp = _amp.cached(self, x, params, lambda: params, inputs=(residual,))
+        late = None
+        if amp is not None:  # CPU autocast inference: cached low-precision weights (nn/_amp.py)
+            x, params = amp
+            residual, late = _amp.split_residual(residual, x.dtype)
+        return _amp.add_late(ops.balanced_attention(x, *params, residual=residual), late)
 
 
 class RCAB(R.RCAB):
@@ -155,6 +165,7 @@ def rcab_group(blocks, tail: nn.Conv2d, x: Tensor) -> Tensor | None:
     apply (not training, another layer type, no compiled channel_attention kernel), for the caller to run the
     layers one by one."""
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() != 4
+            or torch.is_autocast_enabled(x.device.type)  # its hand-written backward wants one dtype throughout
             or not _trainable_group(blocks, tail)):
         return None
     params = []

@@ -56,6 +56,9 @@ def _module_cache(m: nn.Module, attr: str, key, build):
     return c.data
 
 
+from . import _amp  # noqa: E402  (after PackCache and _module_cache, which nn/_amp.py imports)
+
+
 def _packable(conv: nn.Module, x: Tensor, residual: Tensor | None) -> bool:
     """Whether a packed weight may serve the call: CPU inference (the algorithms record no autograd), the
     weight's dtype, zero padding given as numbers."""
@@ -126,6 +129,10 @@ def conv_transpose2d(deconv: nn.ConvTranspose2d, x: Tensor, activation: str | No
     as post-op in CPU inference (what Inductor's freezing pass emits), eager ops otherwise."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if torch.is_autocast_enabled("cpu"):
+        y = _autocast_conv(conv_transpose2d, deconv, x, activation, None)
+        if y is not None:
+            return y
     if (not torch.compiler.is_compiling() and _packable(deconv, x, None) and isinstance(deconv.output_padding, tuple)
             and ONEDNN.supports(x, deconv.weight, deconv.stride, deconv.padding, deconv.dilation, deconv.groups)):
         w = _packed_transpose_weight(deconv, x)
@@ -143,6 +150,10 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
     ``with_bias=False`` skips ``conv.bias`` (for a caller that adds it in its own epilogue)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if torch.is_autocast_enabled("cpu"):  # the only cost autocast adds to the float32 path: this test
+        y = _autocast_conv(conv2d, conv, x, activation, residual, with_bias=with_bias)
+        if y is not None:
+            return y
     b = conv.bias if with_bias else None
     # under torch.compile the eager formula is traced: Inductor picks its own fused conv kernels
     if not torch.compiler.is_compiling() and _packable(conv, x, residual):
@@ -154,6 +165,24 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
                                 activation or "none", residual)
     return reference(x, conv.weight, b, conv.stride, conv.padding, conv.dilation, conv.groups, activation or "none",
                      residual)
+
+
+def _autocast_conv(fn, conv, x: Tensor, activation, residual: Tensor | None, **kw) -> Tensor | None:
+    """``fn(conv, x, ...)`` (``conv2d`` or ``conv_transpose2d``) under CPU autocast inference: on ``conv``'s
+    weights cast once to the autocast dtype and kept (nn/_amp.py), so the packed oneDNN path runs in bf16 as for
+    a bf16 module; a residual of another dtype is added afterwards, as eager would promote. None when this does
+    not apply (training, a module already in a low dtype): the caller's usual path, eager autocast included."""
+    if conv.weight.dtype != torch.float32:
+        return None
+    dt = _amp.dtype(x, conv.weight, conv.bias, residual)
+    if dt is None:
+        return None
+    fused, late = _amp.split_residual(residual, dt)
+    twin = _amp.conv_twin(conv, dt)
+    if x.dtype is not dt:
+        x = x.to(dt)
+    y = fn(twin, x, activation, **kw) if fused is None else fn(twin, x, activation, fused, **kw)
+    return _amp.add_late(y, late)
 
 
 def apply_conv(m: nn.Module, x: Tensor, activation: str | None = None, residual: Tensor | None = None) -> Tensor:

@@ -11,6 +11,7 @@ from .. import ops
 from ..dense_plan import fdirb_plan, rdb_plan, split_plan, srdense_plan
 from ..ops.dense_block import cpu_layout
 from ..reference import dense as R
+from . import _amp
 from .conv import _module_cache
 
 __all__ = ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]
@@ -43,6 +44,12 @@ def _dense_weights(module, x: Tensor, weights: list[Tensor], fuse_weight: Tensor
     return (weights, fuse_weight) if packed is None else packed
 
 
+def _amp_block(module, x: Tensor, params: list, build, inputs: tuple = ()):
+    """CPU autocast inference (nn/_amp.py): (x in the autocast dtype, ``build()`` -- the weights in the kernel's
+    layout (``cpu_layout``) and the other tensors the block passes -- cast once and cached), or None."""
+    return _amp.cached(module, x, params, build, "_srk_amp_dense", inputs)
+
+
 def _gate(conv_du) -> tuple:
     fc1, fc2 = conv_du[0], conv_du[2]
     return fc1.weight, fc1.bias, fc2.weight, fc2.bias
@@ -55,9 +62,13 @@ class ResidualDenseBlock(R.ResidualDenseBlock):
         convs = [m.conv[0] for m in self.convs]
         c0 = convs[0]
         plan = rdb_plan(c0.in_channels, c0.out_channels, len(convs), c0.kernel_size[0])
-        ws, fw = _dense_weights(self, x, [c.weight for c in convs], self.LFF.weight)
-        return ops.dense_block(x, ws, [_bias(c) for c in convs], plan, fuse_weight=fw, fuse_bias=self.LFF.bias,
-                               residual=x)
+        ws, bs, fw, fb = [c.weight for c in convs], [_bias(c) for c in convs], self.LFF.weight, self.LFF.bias
+        amp = _amp_block(self, x, [*ws, *bs, fw, fb], lambda: (*cpu_layout(ws, fw), bs, fb))
+        if amp is None:
+            ws, fw = _dense_weights(self, x, ws, fw)
+        else:
+            x, (ws, fw, bs, fb) = amp
+        return ops.dense_block(x, ws, bs, plan, fuse_weight=fw, fuse_bias=fb, residual=x)
 
 
 class RDCAB(R.RDCAB):
@@ -68,10 +79,16 @@ class RDCAB(R.RDCAB):
         convs = [m.conv for m in self.layers]
         c0 = convs[0]
         plan = rdb_plan(c0.in_channels, c0.out_channels, len(convs), c0.kernel_size[0])
+        ws, bs, fw, fb = [c.weight for c in convs], [_bias(c) for c in convs], self.lff.weight, self.lff.bias
+        gate = _gate(self.conv_du)
+        amp = _amp_block(self, x, [*ws, *bs, fw, fb, *gate], lambda: (*cpu_layout(ws, fw), bs, fb, gate),
+                         (residual,))
+        if amp is None:
+            ws, fw = _dense_weights(self, x, ws, fw)
+        else:
+            x, (ws, fw, bs, fb, gate) = amp
         res = x if residual is None else x + residual
-        ws, fw = _dense_weights(self, x, [c.weight for c in convs], self.lff.weight)
-        return ops.dense_block(x, ws, [_bias(c) for c in convs], plan, fuse_weight=fw, fuse_bias=self.lff.bias,
-                               gate=_gate(self.conv_du), residual=res)
+        return ops.dense_block(x, ws, bs, plan, fuse_weight=fw, fuse_bias=fb, gate=gate, residual=res)
 
 
 class SRDenseBlock(R.SRDenseBlock):
@@ -82,8 +99,13 @@ class SRDenseBlock(R.SRDenseBlock):
         convs = [getattr(self, f"conv{i}") for i in range(1, self.num_layers + 1)]
         c0 = convs[0]
         plan = srdense_plan(c0.in_channels, c0.out_channels, self.num_layers, c0.kernel_size[0])
-        ws, _ = _dense_weights(self, x, [c.weight for c in convs])
-        return ops.dense_block(x, ws, [_bias(c) for c in convs], plan)
+        ws, bs = [c.weight for c in convs], [_bias(c) for c in convs]
+        amp = _amp_block(self, x, [*ws, *bs], lambda: (cpu_layout(ws)[0], bs))
+        if amp is None:
+            ws, _ = _dense_weights(self, x, ws)
+        else:
+            x, (ws, bs) = amp
+        return ops.dense_block(x, ws, bs, plan)
 
 
 class SplitBlock(R.SplitBlock):
@@ -99,9 +121,15 @@ class SplitBlock(R.SplitBlock):
         ws[-1] = ws[-1][:d]
         bs[-1] = None if bs[-1] is None else bs[-1][:d]
         plan = split_plan(convs[0].in_channels, L, d, convs[0].kernel_size[0])
-        ws, fw = _dense_weights(self, x, ws, self.lff.weight)
-        y = ops.dense_block(x, ws, bs, plan, fuse_weight=fw, fuse_bias=self.lff.bias)
-        fc1, b1, fc2, b2 = _gate(self.conv_du)
+        fw, fb, gate = self.lff.weight, self.lff.bias, _gate(self.conv_du)
+        params = [*(c.weight for c in convs), *(_bias(c) for c in convs), fw, fb, *gate]
+        amp = _amp_block(self, x, params, lambda: (*cpu_layout(ws, fw), bs, fb, gate))
+        if amp is None:
+            ws, fw = _dense_weights(self, x, ws, fw)
+        else:
+            x, (ws, fw, bs, fb, gate) = amp
+        y = ops.dense_block(x, ws, bs, plan, fuse_weight=fw, fuse_bias=fb)
+        fc1, b1, fc2, b2 = gate
         return ops.channel_attention(y, fc1, b1, fc2, b2, residual=x, pool="avg+std")
 
 
@@ -145,11 +173,15 @@ class FDIRB(R.FDIRB):
             pws, pfw = cpu_layout(ws, fw)
             return pws, pfw, None if fb is None else fb.detach()
 
-        packed = _inference_cache(self, x, params, build)
-        if packed is None:
+        bs, gate = [_bias(c) for c in convs], _gate(self.conv_du)
+        amp = _amp_block(self, x, [*params, *bs, *gate], lambda: (*build(), bs, gate))
+        packed = _inference_cache(self, x, params, build) if amp is None else None
+        if amp is not None:
+            x, (ws, fw, fb, bs, gate) = amp
+        elif packed is None:
             fw, fb = self._fused_fusion()
         else:
             ws, fw, fb = packed
-        y = ops.dense_block(x, ws, [_bias(c) for c in convs], plan, fuse_weight=fw, fuse_bias=fb)
-        fc1, b1, fc2, b2 = _gate(self.conv_du)
+        y = ops.dense_block(x, ws, bs, plan, fuse_weight=fw, fuse_bias=fb)
+        fc1, b1, fc2, b2 = gate
         return ops.channel_attention(y, fc1, b1, fc2, b2, residual=x, pool="avg+std")

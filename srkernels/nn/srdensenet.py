@@ -23,6 +23,7 @@ from .. import ops
 from ..dense_plan import DenseLayer, DensePlan, cached_plan
 from ..ops.dense_block import cpu_layout
 from ..reference import srdensenet as R
+from . import _amp
 from .conv import _module_cache, conv2d, conv_transpose2d
 from .dense import _inference_cache
 
@@ -116,15 +117,22 @@ class SRDenseNetNetwork(R.SRDenseNetNetwork):
             ws = [c.weight.index_select(1, perms[b - 2]) if k == 1 and b > 1 else c.weight for b, k, c in convs]
             return ws, conv2.weight.index_select(1, perms[-1])
 
-        # CPU inference: the permuted weights, in the kernel's layout, built once (ops.dense_block.cpu_layout)
-        params = [c.weight for _, _, c in convs] + [conv2.weight]
-        packed = _inference_cache(self, x, params, lambda: cpu_layout(*permuted()))
-        weights, fuse_w = permuted() if packed is None else packed
-        plan = network_plan(f, g, nl, nb, weights[0].shape[-1])
         # channels_last: the op copies x0 into its buffer and writes its output without a transpose, and the
         # tail reads that output as a [pixels, channels] matrix
         x0 = conv2d(conv1[0], x, "relu").contiguous(memory_format=torch.channels_last)
-        y = ops.dense_block(x0, weights, biases, plan, fuse_weight=fuse_w, fuse_bias=conv2.bias)
+        # CPU inference: the permuted weights, in the kernel's layout, built once (ops.dense_block.cpu_layout)
+        params = [c.weight for _, _, c in convs] + [conv2.weight]
+        fuse_b = conv2.bias
+        # CPU autocast inference: the same, cast once to the autocast dtype with the biases (nn/_amp.py)
+        amp = _amp.cached(self, x0, [*params, *biases, fuse_b], lambda: (*cpu_layout(*permuted()), biases, fuse_b),
+                          "_srk_amp_dense")
+        if amp is not None:
+            packed, (weights, fuse_w, biases, fuse_b) = True, amp[1]
+        else:
+            packed = _inference_cache(self, x0, params, lambda: cpu_layout(*permuted()))
+            weights, fuse_w = permuted() if packed is None else packed
+        plan = network_plan(f, g, nl, nb, weights[0].shape[-1])
+        y = ops.dense_block(x0, weights, biases, plan, fuse_weight=fuse_w, fuse_bias=fuse_b)
         if packed is not None:  # CPU inference
             return self._tail_onednn(y)
         return self._tail_gemm(y)
@@ -174,6 +182,9 @@ class SRDenseNetNetwork(R.SRDenseNetNetwork):
             c = co
         k, cout = c3.kernel_size[0], c3.out_channels
         wz = c3.weight.reshape(cout, c, k * k).transpose(0, 1).reshape(c, cout * k * k)
+        if torch.is_autocast_enabled(u.device.type):  # the GEMMs' autocast casts, made before the Function: its
+            dt = torch.get_autocast_dtype(u.device.type)  # backward then gets one dtype (autograd casts back)
+            u, wz, wb = u.to(dt), wz.to(dt), [None if t is None else t.to(dt) for t in wb]
         z = _GemmTail.apply(u, wz, tuple(couts), *wb)
         m = len(subs)
         z = z.view(n, h, w, *[v for s in subs for v in (s, s)], cout * k * k)

@@ -12,6 +12,7 @@ from torch._prims_common import suggest_memory_format
 
 from .. import ops
 from ..reference import upsample as R
+from . import _amp
 from .conv import conv2d
 
 __all__ = ["Upsampler", "UPNet", "PixelShuffleUpsampler", "MeanShift", "MeanPaddedConv2d", "fold_mean_shift", "icnr_",
@@ -20,7 +21,10 @@ __all__ = ["Upsampler", "UPNet", "PixelShuffleUpsampler", "MeanShift", "MeanPadd
 
 def _stage(conv: nn.Conv2d, shuffle: nn.PixelShuffle, x: Tensor) -> Tensor:
     y = conv2d(conv, x, with_bias=False)
-    return ops.pixel_shuffle(y, shuffle.upscale_factor, bias=conv.bias)
+    bias = conv.bias
+    if bias is not None and bias.dtype != y.dtype and _amp.dtype(y, bias) == y.dtype:
+        bias = _amp.conv_twin(conv, y.dtype).bias  # CPU autocast: conv2d's cached cast of conv (nn/_amp.py)
+    return ops.pixel_shuffle(y, shuffle.upscale_factor, bias=bias)
 
 
 def _run(seq: nn.Sequential, x: Tensor) -> Tensor:

@@ -3,7 +3,7 @@ by listing this package (no hand-kept list). From the specs alone, and in one lo
 
 - defines the schemas of ``torch.ops.srkernels`` (csrc/ holds only ``TORCH_LIBRARY_IMPL`` kernels; the
   dispatcher accepts kernels registered before their schema, so _C may load before or after this runs) and
-  registers their fakes and autograd;
+  registers their fakes, autograd and autocast rules;
 - registers the Triton implementations (``srkernels/triton/<op>.py``, a function per dispatcher op, same
   name) as ``torch.ops.srkernels_triton`` with ``triton_op``, the same schemas, fakes and autograd.
 
@@ -24,6 +24,8 @@ from .. import _backend
 from .._util import triton_interpret
 
 BACKENDS = ("cpu", "cuda", "triton")
+AUTOCAST_POLICIES = ("lower", "fp32", None)
+AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class OpSpec:
       implement every op of ``schemas``.
     - ``kernels``: op name -> {dispatch key: Python kernel}, for an op whose implementation is a library call
       rather than a kernel of ours (``conv2d_pointwise``: oneDNN on CPU, cuDNN on CUDA; ``backends=()``).
+    - ``autocast``: op name -> policy under ``torch.autocast`` (CPU and CUDA), overriding the default: every
+      public op (``public``) is ``"lower"``, run in the autocast dtype like the convolutions and matmuls torch
+      lists as lower precision (the ops are convs, or a conv's epilogue, or an attention MLP; reductions run in
+      fp32 inside the kernels anyway); ``"fp32"`` runs the op in float32 (torch's fp32 list); None: no rule, the
+      op runs in the dtypes it is given (backwards, ``_out`` variants: an ``out`` buffer fixes the dtype).
     """
 
     name: str
@@ -53,6 +60,7 @@ class OpSpec:
     out: bool = False
     backends: tuple[str, ...] = BACKENDS
     kernels: dict[str, dict[str, Callable]] = field(default_factory=dict)
+    autocast: dict[str, str | None] = field(default_factory=dict)
     module: str = field(default="", compare=False)  # set by discovery: the ops module (= triton module) name
 
     def __post_init__(self) -> None:
@@ -78,6 +86,14 @@ class OpSpec:
     def public(self) -> tuple[str, ...]:
         """The functions ``srkernels.ops`` exports: every dispatcher op that is not a backward or ``_out``."""
         return tuple(n for n in self.schemas if not n.endswith(("_backward", "_out")))
+
+    def autocast_policy(self, op: str) -> str | None:
+        """``"lower"``, ``"fp32"`` or None (see ``autocast``) for dispatcher op ``op``."""
+        policy = self.autocast.get(op, "lower" if op in self.public else None)
+        if policy not in AUTOCAST_POLICIES:
+            raise ValueError(f"srkernels/ops/{self.module}.py: autocast policy of {op} must be one of "
+                             f"{AUTOCAST_POLICIES}, got {policy!r}")
+        return policy
 
     def fake(self, op: str) -> Callable:
         if op in self.fakes:
@@ -120,6 +136,74 @@ def _register_autograd(namespace: str, spec: OpSpec, lib) -> None:
                                         setup_context=setup_context, lib=lib)
 
 
+def autocast_dtype(policy: str | None, device_type: str) -> torch.dtype | None:
+    """The dtype an op of ``policy`` runs in on ``device_type`` now: None outside autocast (or no rule)."""
+    if policy is None or device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
+
+
+def autocast_cast(value, device_type: str, dtype: torch.dtype):
+    """``value`` (a tensor, or a list/tuple of them, or anything else) with its floating tensors on
+    ``device_type`` cast to ``dtype``; float64 is left alone, as torch's own autocast does."""
+    if isinstance(value, torch.Tensor):
+        dt = value.dtype
+        if dt != dtype and dt != torch.float64 and value.is_floating_point() and value.device.type == device_type:
+            return value.to(dtype)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)([autocast_cast(v, device_type, dtype) for v in value])
+    return value
+
+
+@functools.cache
+def autocast_keyset(device_type: str):
+    """The dispatch key set of ``device_type``'s autocast (to exclude it for a call already cast)."""
+    return torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(
+        device_type)))
+
+
+_POLICIES: dict[str, str | None] = {}  # dispatcher op -> autocast policy, filled on first use (a plain dict:
+# torch.compile traces the front ends, and would warn about a functools.cache)
+
+
+def autocast_args(op: str, x: torch.Tensor, *values) -> tuple:
+    """``(x, *values)`` as dispatcher op ``op``'s autocast rule would cast them, for the Python front ends: under
+    autocast they take inputs of mixed dtypes (a bf16 activation, float32 parameters) as the rule does, before
+    the checks that want one dtype. Unchanged outside autocast."""
+    if not _POLICIES:
+        _POLICIES.update({o: spec.autocast_policy(o) for spec in SPECS.values() for o in spec.schemas})
+    dtype = autocast_dtype(_POLICIES[op], x.device.type)
+    if dtype is None:
+        return (x, *values)
+    return autocast_cast((x, *values), x.device.type, dtype)
+
+
+def _register_autocast(namespace: str, spec: OpSpec, lib) -> None:
+    """An Autocast<device> kernel per op with a policy: cast the floating inputs, then run the op with that
+    autocast key excluded (below it, autograd records the casts: gradients reach the float32 parameters).
+    ``torch.library.register_autocast`` casts to one fixed dtype; "lower" follows ``torch.autocast(dtype=)``."""
+    for op in spec.schemas:
+        policy = spec.autocast_policy(op)
+        if policy is None:
+            continue
+        handle = getattr(getattr(torch.ops, namespace), op).default
+        for dev in AUTOCAST_DEVICES:
+            if not torch._C._is_autocast_available(dev):
+                continue
+            key = "Autocast" + torch._C._dispatch_key_for_device(dev)
+            excluded = autocast_keyset(dev)
+
+            def kernel(_keyset, *args, _dev=dev, _policy=policy, _excluded=excluded, _op=handle):
+                dtype = autocast_dtype(_policy, _dev)
+                if dtype is not None:
+                    args = autocast_cast(args, _dev, dtype)
+                with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                    return _op(*args)
+
+            lib.impl(op, kernel, key, with_keyset=True)
+
+
 SPECS: dict[str, OpSpec] = {}
 _libs: dict[str, torch.library.Library] = {}
 
@@ -140,6 +224,7 @@ def register_compiled() -> None:
             for key, kernel in spec.kernels.get(op, {}).items():
                 lib.impl(op, kernel, key)
         _register_autograd("srkernels", spec, lib)
+        _register_autocast("srkernels", spec, lib)
 
 
 @functools.cache
@@ -168,6 +253,7 @@ def load_triton() -> bool:
                                              schema=schema)
             _common.finish_registration(custom, spec.fake(op))
         _register_autograd("srkernels_triton", spec, lib)
+        _register_autocast("srkernels_triton", spec, lib)
     return True
 
 

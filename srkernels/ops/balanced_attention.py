@@ -30,6 +30,8 @@ def balanced_attention(x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa:
         out: optional caller-owned result buffer (inference only; may be ``residual`` itself).
     """
     _checks.feature_map("x", x)
+    if out is None:  # with out=, the buffer fixes the dtype (no autocast)
+        x, w1, prelu_w, w2, w_sa, residual = _dispatch.autocast_args(OP, x, w1, prelu_w, w2, w_sa, residual)
     w1, w2, _, Cr = _checks.fc_pair(x, w1, w2)
     prelu_w = _checks.slopes("prelu_w", prelu_w, x, Cr)
     _checks.like("w_sa", w_sa, x)

@@ -37,6 +37,9 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: 
     Returns a tensor shaped like ``x``, in ``x``'s memory format (or ``out``).
     """
     _checks.feature_map("x", x)
+    if out is None:  # with out=, the buffer fixes the dtype (no autocast)
+        x, w1, b1, w2, b2, residual, act_weight = _dispatch.autocast_args(OP, x, w1, b1, w2, b2, residual,
+                                                                          act_weight)
     w1, w2, C, Cr = _checks.fc_pair(x, w1, w2)
     if b1 is not None:
         _checks.like("b1", b1, x, ((Cr,),))

@@ -204,6 +204,7 @@ def conv2d_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
         residual: optional tensor of the output's shape.
     """
     _checks.feature_map("x", x)
+    x, weight, bias, residual = _dispatch.autocast_args(OP, x, weight, bias, residual)
     _checks.like("weight", weight, x)
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D [Cout, C/groups, kh, kw], got shape {list(weight.shape)}")

@@ -77,6 +77,8 @@ def dense_block(
     Returns ``[N, Cout or fuse_len, H, W]`` in ``x``'s memory format.
     """
     _checks.feature_map("x", x)
+    x, weights, biases, fuse_weight, fuse_bias, gate, residual = _dispatch.autocast_args(
+        OP, x, weights, biases, fuse_weight, fuse_bias, gate, residual)
     if not isinstance(plan, DensePlan):
         raise TypeError(f"plan must be a DensePlan, got {type(plan).__name__}")
     N, Cx, H, W = x.shape

@@ -35,6 +35,8 @@ def pixel_shuffle(x: Tensor, r: int, *, bias: Tensor | None = None, act: str | N
     Returns ``[N, C, H*r, W*r]`` in ``x``'s memory format (or ``out``).
     """
     _checks.feature_map("x", x)
+    if out is None:  # with out=, the buffer fixes the dtype (no autocast)
+        x, bias, act_weight, residual = _dispatch.autocast_args(OP, x, bias, act_weight, residual)
     r = positive_int("r", r)
     N, Cin, H, W = x.shape
     if Cin % (r * r):
@@ -128,4 +130,7 @@ SPEC = OpSpec(
     out=True,
     autograd={OP: (_setup_context, _backward), "pixel_unshuffle": (_unshuffle_setup, _unshuffle_backward)},
     reference=RF.pixel_shuffle,
+    # pixel_shuffle is a conv's epilogue (its bias): the conv's precision. pixel_unshuffle only moves data, and
+    # runs in its input's dtype as F.pixel_unshuffle does under autocast
+    autocast={"pixel_unshuffle": None},
 )

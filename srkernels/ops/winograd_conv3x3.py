@@ -127,6 +127,7 @@ def winograd_conv3x3(
     kernel; a call that needs a gradient runs the (differentiable, slow) torch reference instead.
     """
     _checks.feature_map("x", x)
+    x, weight_t, bias, residual = _dispatch.autocast_args(OP, x, weight_t, bias, residual)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (or float64 for the reference), got dtype {x.dtype}")
     _checks.like("weight_t", weight_t, x)
@@ -184,4 +185,7 @@ SPEC = OpSpec(
     autograd={},
     reference=reference,
     backends=("cpu",),  # a CPU algorithm: no CUDA or Triton kernel (cuDNN has its own Winograd)
+    # float32 under autocast too: the kernel is float32-only, and a bf16 transformed weight would round F(4,3)'s
+    # already larger error further (autocast's bf16 convs take oneDNN, srkernels/ops/conv2d_pointwise.py)
+    autocast={OP: "fp32"},
 )
