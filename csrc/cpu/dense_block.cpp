@@ -13,6 +13,7 @@
 // thread count: every output element is produced by one thread in a fixed order and reductions are chunked by
 // shape.
 #include "dense_block_common.h"
+#include "cpu/winograd.h"
 #include "runtime/cpu_dispatch.h"
 
 #include <ATen/Context.h>
@@ -438,6 +439,46 @@ void layer_forward_fast(at::Tensor& buf, const Geom& g, const Layer& l, const at
   });
 }
 
+// A 3x3 (padding 1) fp32 layer by Winograd F(m x m, 3 x 3), m = 2 or 4 (csrc/cpu/winograd.h, the kernel of
+// winograd_conv3x3): the input transform reads the layer's input range straight from the buffer rows (the
+// border pixels hold zeros: they are the padding), the output transform writes the epilogue (bias, residual,
+// ReLU, split destinations) into its slices. Each layer transforms its own input range (the transform is a
+// few % of the GEMM; keeping the Winograd-domain buffer across layers would cost (m+2)^2/m^2 x the buffer in
+// memory). The weight is transformed per call in fp32 (tap-major [3, 3, C, G]: the layout cpu_layout caches,
+// so the permute below copies nothing in inference).
+void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w,
+                            const at::Tensor& bias, int m) {
+  const int64_t Tc = buf.size(1), C = l.in_len, K = l.G, Kp = div_up(K, 16) * 16, T = m + 2, P = T * T;
+  const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();
+  // U kept per thread between calls (MBs: fresh pages would cost first-touch faults every layer)
+  thread_local std::vector<float> ubuf;
+  if (ubuf.size() < size_t(P * C * Kp)) ubuf.resize(size_t(P * C * Kp));
+  float* U = ubuf.data();
+  if (m == 2) {
+    wino::transform_weight<2>(wt.const_data_ptr<float>(), C * K, C, K, Kp, U);
+  } else {
+    wino::transform_weight<4>(wt.const_data_ptr<float>(), C * K, C, K, Kp, U);
+  }
+  const at::Tensor bf = bias.to(at::kFloat).contiguous();
+  float* origin = buf.data_ptr<float>() + (g.margin + g.p * g.Wp + g.p) * Tc;  // interior pixel (0, 0)
+  const int64_t ns = g.Hp * g.Wp * Tc, hs = g.Wp * Tc;
+  const wino::Pixels px{origin + l.in_start, ns, hs, Tc, -g.p, g.p};
+  float* out = origin + l.out_start;
+  const wino::Epilogue ep{out,  l.out_split < K ? origin + l.out2_start : out, l.out_split,
+                          l.res_start >= 0 ? origin + l.res_start : nullptr, /*res_first=*/true,
+                          l.relu ? wino::Act::Relu : wino::Act::None, bf.const_data_ptr<float>(), ns, hs, Tc};
+  const wino::Geo geo{g.N, C, g.H, g.W, K, Kp, div_up(C, wino::VW) * wino::VW, div_up(g.H, m), div_up(g.W, m)};
+  static const int64_t budget = [] {
+    const char* s = std::getenv("SRKERNELS_DENSE_WINOGRAD_KB");
+    return (s ? std::atoll(s) : 384) * 1024 / 4;
+  }();
+  if (m == 2) {
+    wino::run<2>(px, U, geo, ep, budget);
+  } else {
+    wino::run<4>(px, U, geo, ep, budget);
+  }
+}
+
 // ---------------------------------------------------------------------------------------- forward: fusion
 
 // out = F @ Wt + bias (+ residual) straight into the NCHW or NHWC output, F = the fusion range of the buffer,
@@ -774,8 +815,20 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
   at::Tensor buf = new_buffer_fast(x, pl, g);
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    // fp32 3x3 layers by Winograd where winograd_conv3x3 would run them (SRKERNELS_WINOGRAD, winograd_use)
+    int wtile = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      wtile = pl.k == 3 ? wino::tile_from_env() : 0;
+    }
     for (const auto i : c10::irange(pl.layers.size())) {
-      layer_forward_fast<T>(buf, g, pl.layers[i], weights[i], biases[i]);
+      const Layer& l = pl.layers[i];
+      if constexpr (std::is_same_v<T, float>) {
+        if (wtile != 0 && wino::use(l.in_len, l.G, g.H, g.W)) {
+          layer_forward_winograd(buf, g, l, weights[i], biases[i], wtile);
+          continue;
+        }
+      }
+      layer_forward_fast<T>(buf, g, l, weights[i], biases[i]);
     }
   });
   at::Tensor out, stats = at::empty({0}, x.options().dtype(at::kFloat));
