@@ -26,6 +26,7 @@
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -439,26 +440,81 @@ void layer_forward_fast(at::Tensor& buf, const Geom& g, const Layer& l, const at
   });
 }
 
+// Winograd weights U = G w G^T ([P][C][Kp], csrc/cpu/winograd.h) kept between calls: the op gets plain conv
+// weights, and transforming them costs ~25% of an RDB forward at LR 48 (U is (m+2)^2/9 x the weight's bytes,
+// written to L3 every layer; measured with perf). Keyed on the weight's storage (a weak reference: entries of
+// freed weights go at the next insert), data pointer, version counter, sizes, strides and m, so an in-place
+// update (optimizer step, load_state_dict) misses; writes that bypass the version counter (through .data) are
+// not seen, as with srkernels/nn/dense.py's cache. Bounded: the least recently used entries go past
+// kUCacheBytes. Inference tensors (no version counter) are transformed per call.
+constexpr int64_t kUCacheBytes = int64_t(1) << 30;
+
+struct UEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* ptr;
+  uint32_t version;
+  std::vector<int64_t> sizes, strides;
+  int m;
+  at::Tensor u;
+  uint64_t used;
+};
+
+at::Tensor winograd_u_compute(const at::Tensor& w, int m, int64_t Kp) {
+  const int64_t K = w.size(0), C = w.size(1), P = (m + 2) * (m + 2);
+  const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C, K]: no copy for cpu_layout weights
+  at::Tensor u = at::empty({P * C * Kp}, w.options());
+  if (m == 2) {
+    wino::transform_weight<2>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
+  } else {
+    wino::transform_weight<4>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
+  }
+  return u;
+}
+
+at::Tensor winograd_u(const at::Tensor& w, int m, int64_t Kp) {
+  if (w.is_inference()) return winograd_u_compute(w, m, Kp);
+  static std::mutex mu;
+  static std::vector<UEntry> cache;
+  static uint64_t clock = 0;
+  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  c10::StorageImpl* st = w.storage().unsafeGetStorageImpl();
+  auto same = [&](const UEntry& e) {
+    return e.ptr == w.const_data_ptr() && e.m == m && w.sizes().equals(e.sizes) && w.strides().equals(e.strides);
+  };
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    for (UEntry& e : cache) {
+      if (same(e) && e.version == version && e.storage.lock().get() == st) {
+        e.used = ++clock;
+        return e.u;
+      }
+    }
+  }
+  at::Tensor u = winograd_u_compute(w, m, Kp);
+  const std::lock_guard<std::mutex> lock(mu);
+  cache.erase(std::remove_if(cache.begin(), cache.end(), [&](const UEntry& e) { return e.storage.expired() || same(e); }),
+              cache.end());
+  cache.push_back(UEntry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
+                         w.const_data_ptr(), version, w.sizes().vec(), w.strides().vec(), m, u, ++clock});
+  int64_t bytes = 0;
+  for (const UEntry& e : cache) bytes += e.u.nbytes();
+  while (bytes > kUCacheBytes && cache.size() > 1) {
+    auto old = std::min_element(cache.begin(), cache.end(), [](const UEntry& a, const UEntry& b) { return a.used < b.used; });
+    bytes -= old->u.nbytes();
+    cache.erase(old);
+  }
+  return u;
+}
+
 // A 3x3 (padding 1) fp32 layer by Winograd F(m x m, 3 x 3), m = 2 or 4 (csrc/cpu/winograd.h, the kernel of
 // winograd_conv3x3): the input transform reads the layer's input range straight from the buffer rows (the
 // border pixels hold zeros: they are the padding), the output transform writes the epilogue (bias, residual,
-// ReLU, split destinations) into its slices. Each layer transforms its own input range (the transform is a
-// few % of the GEMM; keeping the Winograd-domain buffer across layers would cost (m+2)^2/m^2 x the buffer in
-// memory). The weight is transformed per call in fp32 (tap-major [3, 3, C, G]: the layout cpu_layout caches,
-// so the permute below copies nothing in inference).
+// ReLU, split destinations) into its slices. Each layer transforms its own input range (keeping the
+// Winograd-domain buffer across layers instead would hold (m+2)^2/m^2 x the whole buffer in memory).
 void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w,
                             const at::Tensor& bias, int m) {
-  const int64_t Tc = buf.size(1), C = l.in_len, K = l.G, Kp = div_up(K, 16) * 16, T = m + 2, P = T * T;
-  const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();
-  // U kept per thread between calls (MBs: fresh pages would cost first-touch faults every layer)
-  thread_local std::vector<float> ubuf;
-  if (ubuf.size() < size_t(P * C * Kp)) ubuf.resize(size_t(P * C * Kp));
-  float* U = ubuf.data();
-  if (m == 2) {
-    wino::transform_weight<2>(wt.const_data_ptr<float>(), C * K, C, K, Kp, U);
-  } else {
-    wino::transform_weight<4>(wt.const_data_ptr<float>(), C * K, C, K, Kp, U);
-  }
+  const int64_t Tc = buf.size(1), C = l.in_len, K = l.G, Kp = div_up(K, 16) * 16;
+  const at::Tensor u = winograd_u(w, m, Kp);
   const at::Tensor bf = bias.to(at::kFloat).contiguous();
   float* origin = buf.data_ptr<float>() + (g.margin + g.p * g.Wp + g.p) * Tc;  // interior pixel (0, 0)
   const int64_t ns = g.Hp * g.Wp * Tc, hs = g.Wp * Tc;
@@ -468,14 +524,11 @@ void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, cons
                           l.res_start >= 0 ? origin + l.res_start : nullptr, /*res_first=*/true,
                           l.relu ? wino::Act::Relu : wino::Act::None, bf.const_data_ptr<float>(), ns, hs, Tc};
   const wino::Geo geo{g.N, C, g.H, g.W, K, Kp, div_up(C, wino::VW) * wino::VW, div_up(g.H, m), div_up(g.W, m)};
-  static const int64_t budget = [] {
-    const char* s = std::getenv("SRKERNELS_DENSE_WINOGRAD_KB");
-    return (s ? std::atoll(s) : 384) * 1024 / 4;
-  }();
+  const float* pu = u.const_data_ptr<float>();
   if (m == 2) {
-    wino::run<2>(px, U, geo, ep, budget);
+    wino::run<2>(px, pu, geo, ep, wino::block_budget());
   } else {
-    wino::run<4>(px, U, geo, ep, budget);
+    wino::run<4>(px, pu, geo, ep, wino::block_budget());
   }
 }
 

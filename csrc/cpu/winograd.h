@@ -213,41 +213,46 @@ struct Epilogue {
 };
 
 // Input transform of tiles [t0, t0 + tb) into V[p][t - t0][0..Cp) (row stride Cp, position stride tb * Cp).
+// Columns first, each loaded and transformed at once (rows and columns outside the readable range are zero).
 template <int M>
 void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, float* V) {
   constexpr int T = Wino<M>::T;
-  const int64_t C = g.C, Cp = g.Cp, ps = tb * Cp;
+  const int64_t C = g.C, Cp = g.Cp, ps = tb * Cp, hs = x.hs, ws = x.ws;
   const int64_t hmin = x.lo, hmax = g.H + x.hi_pad, wmax = g.W + x.hi_pad;
   for (int64_t i = 0; i < tb; ++i) {
     const int64_t t = t0 + i;
     const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
     const int64_t h0 = ty * M - 1, w0 = tx * M - 1;
-    const bool inside = h0 >= hmin && w0 >= hmin && h0 + T <= hmax && w0 + T <= wmax;
-    const float* xn = x.base + n * x.ns;
+    // readable rows [a0, a1) and columns [b0, b1) of the patch
+    const int a0 = static_cast<int>(std::max<int64_t>(0, hmin - h0));
+    const int a1 = static_cast<int>(std::min<int64_t>(T, hmax - h0));
+    const int b0 = static_cast<int>(std::max<int64_t>(0, hmin - w0));
+    const int b1 = static_cast<int>(std::min<int64_t>(T, wmax - w0));
+    const bool inside = a0 == 0 && b0 == 0 && a1 == T && b1 == T;
+    const float* xt = x.base + n * x.ns;  // + (h0 + a) * hs + (w0 + b) * ws: only formed for readable pixels
     float* vt = V + i * Cp;
     for (int64_t c = 0; c < Cp; c += VW) {
       const int64_t cnt = std::min(VW, C - c);
-      Vec d[T][T];
-      for (int a = 0; a < T; ++a) {
-        for (int b = 0; b < T; ++b) {
-          const int64_t h = h0 + a, w = w0 + b;
-          if (inside || (h >= hmin && h < hmax && w >= hmin && w < wmax)) {
-            const float* p = xn + h * x.hs + w * x.ws + c;
-            d[a][b] = cnt == VW ? Vec::loadu(p) : Vec::loadu(p, cnt);
-          } else {
-            d[a][b] = Vec(0.f);
-          }
-        }
-      }
-      // columns: e[.][b] = B^T d[.][b]; rows: o[a][.] = e[a][.] B  (i.e. B^T applied to the row)
       Vec e[T][T];
       for (int b = 0; b < T; ++b) {
         Vec col[T], o[T];
-        for (int a = 0; a < T; ++a) col[a] = d[a][b];
-        Wino<M>::bt(col, o);
+        if (inside && cnt == VW) {
+          const float* p = xt + h0 * hs + (w0 + b) * ws + c;
+          for (int a = 0; a < T; ++a) col[a] = Vec::loadu(p + a * hs);
+        } else {
+          for (int a = 0; a < T; ++a) {
+            if (a >= a0 && a < a1 && b >= b0 && b < b1) {
+              const float* p = xt + (h0 + a) * hs + (w0 + b) * ws + c;
+              col[a] = cnt == VW ? Vec::loadu(p) : Vec::loadu(p, cnt);
+            } else {
+              col[a] = Vec(0.f);
+            }
+          }
+        }
+        Wino<M>::bt(col, o);  // B^T d[.][b]
         for (int a = 0; a < T; ++a) e[a][b] = o[a];
       }
-      for (int a = 0; a < T; ++a) {
+      for (int a = 0; a < T; ++a) {  // rows: e[a][.] B
         Vec o[T];
         Wino<M>::bt(e[a], o);
         for (int b = 0; b < T; ++b) o[b].store(vt + (a * T + b) * ps + c);
@@ -320,6 +325,17 @@ inline int64_t tile_block(int64_t P, int64_t Cp, int64_t Kp, int64_t tiles, int6
   return std::min(tb, std::max<int64_t>(kR, div_up(div_up(tiles, threads), kR) * kR));
 }
 
+// V and M of a block within this many floats: SRKERNELS_WINOGRAD_BLOCK_KB (a tuning knob, default 384 KB)
+// leaves L2 room for U. Measured on RDN's RDB at LR 32-64 (AVX-512 / forced AVX2): 1024 KB was up to ~10%
+// faster on AVX-512 and ~7% slower on AVX2, within the noise of this shared machine otherwise.
+inline int64_t block_budget() {
+  static const int64_t budget = [] {
+    const char* s = std::getenv("SRKERNELS_WINOGRAD_BLOCK_KB");
+    return (s ? std::atoll(s) : 384) * 1024 / 4;
+  }();
+  return budget;
+}
+
 // The whole conv: x -> epilogue, with U [P][C][Kp]; blocks of tile_block(.., budget) tiles over the threads.
 template <int M>
 void run(const Pixels& x, const float* u, const Geo& g, const Epilogue& ep, int64_t budget) {
@@ -355,19 +371,20 @@ void run(const Pixels& x, const float* u, const Geo& g, const Epilogue& ep, int6
 template <int M>
 void transform_weight(const float* w, int64_t tap_stride, int64_t C, int64_t K, int64_t Kp, float* U) {
   constexpr int T = Wino<M>::T;
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, 16, [=](int64_t c0, int64_t c1) {  // by value: no reloads of C, K.. around the stores
+    const int64_t ps = C * Kp;  // position stride of U
     for (int64_t c = c0; c < c1; ++c) {
+      float* uc = U + c * Kp;
+      const float* wc = w + c * K;
       for (int64_t k = 0; k < Kp; k += VW) {
         const int64_t cnt = std::max<int64_t>(0, std::min(VW, K - k));
-        Vec g[3][3];
-        for (int i = 0; i < 3; ++i)
-          for (int j = 0; j < 3; ++j) {
-            const float* p = w + (i * 3 + j) * tap_stride + c * K + k;
-            g[i][j] = cnt == VW ? Vec::loadu(p) : (cnt > 0 ? Vec::loadu(p, cnt) : Vec(0.f));
-          }
-        Vec e[T][3];  // G g (columns)
+        Vec e[T][3];  // G g, column by column
         for (int j = 0; j < 3; ++j) {
-          const Vec col[3] = {g[0][j], g[1][j], g[2][j]};
+          Vec col[3];
+          for (int i = 0; i < 3; ++i) {
+            const float* p = wc + (i * 3 + j) * tap_stride + k;
+            col[i] = cnt == VW ? Vec::loadu(p) : (cnt > 0 ? Vec::loadu(p, cnt) : Vec(0.f));
+          }
           Vec o[T];
           Wino<M>::g(col, o);
           for (int a = 0; a < T; ++a) e[a][j] = o[a];
@@ -375,7 +392,8 @@ void transform_weight(const float* w, int64_t tap_stride, int64_t C, int64_t K, 
         for (int a = 0; a < T; ++a) {
           Vec o[T];
           Wino<M>::g(e[a], o);
-          for (int b = 0; b < T; ++b) o[b].store(U + ((a * T + b) * C + c) * Kp + k);
+          float* ua = uc + a * T * ps + k;
+          for (int b = 0; b < T; ++b) o[b].store(ua + b * ps);
         }
       }
     }

@@ -30,15 +30,6 @@ namespace {
 
 using namespace wino;
 
-// V and M of a block within this many KB (SRKERNELS_WINOGRAD_BLOCK_KB, default 384): leaves L2 room for U.
-int64_t block_budget() {
-  static const int64_t budget = [] {
-    const char* s = std::getenv("SRKERNELS_WINOGRAD_BLOCK_KB");
-    return (s ? std::atoll(s) : 384) * 1024 / 4;
-  }();
-  return budget;
-}
-
 // x [N, C, H, W] (any layout; computed channels_last), weight_t [P, C, K] fp32 (P = 16: F(2,3), 36: F(4,3)).
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
                                 const std::optional<at::Tensor>& bias_in, c10::string_view act_s,
