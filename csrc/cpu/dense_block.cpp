@@ -4,7 +4,8 @@
 // float32 / bfloat16 take the micro-kernel path: every conv is run tile by tile with oneDNN's brgemm ukernel
 // (at::native::cpublas::brgemm; bf16 on AMX or AVX512-BF16, see bf16_brgemm_ok) reading its A operand straight from the buffer (a channel range
 // of the pixel rows, leading dimension T), one call per conv tap, accumulating in an fp32 tile that the
-// epilogue (bias, residual, ReLU, rounding) writes into the layer's slice. Backward: dZ = dY * (Y > 0) in one
+// epilogue (bias, residual, ReLU, rounding) writes into the layer's slice; float32 3x3 layers run as Winograd
+// F(4,3) / F(2,3) instead where winograd_conv3x3 would (layer_forward_winograd, csrc/cpu/winograd.h). Backward: dZ = dY * (Y > 0) in one
 // pass (masks recomputed from the stored post-ReLU outputs; dZ^T for the weight gradient in the same pass),
 // weight gradients by brgemm in one pass over the layer's input range for all taps, input gradients by brgemm
 // into an L1 tile added in place into the fp32 gradient buffer (leading dimension T, so every layer adds into
@@ -214,14 +215,10 @@ constexpr int64_t kTileMin = 256, kTileMax = int64_t(1) << 24;
 // [kTileMin, kTileMax], surrounding whitespace allowed; anything else is a ValueError naming the variable
 // (atoll read "abc" as 0, "1e3" as 1 and clamped both to 256 without a word).
 int64_t tile_elems_from_env() {
+  const std::optional<std::string> t = wino::env_trimmed("SRKERNELS_DENSE_TILE");
+  if (!t) return kTileElems;
+  const std::string& v = *t;
   const char* e = std::getenv("SRKERNELS_DENSE_TILE");
-  if (e == nullptr) return kTileElems;
-  std::string v(e);
-  const auto ws = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
-  while (!v.empty() && ws(v.back())) v.pop_back();
-  size_t b = 0;
-  while (b < v.size() && ws(v[b])) ++b;
-  v = v.substr(b);
   bool ok = !v.empty() && v.size() <= 9;  // kTileMax has 8 digits: no overflow below
   for (const char c : v) ok = ok && c >= '0' && c <= '9';
   const int64_t n = ok ? std::stoll(v) : 0;

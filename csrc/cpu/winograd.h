@@ -23,6 +23,7 @@
 #include <cctype>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,20 +46,27 @@ constexpr bool kIsaOk = false;
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// SRKERNELS_WINOGRAD, the same rule as srkernels/ops/conv2d_pointwise.py winograd_tile: 4 (default), 2 or 0
-// (off); anything else is a ValueError naming the variable.
-inline int tile_from_env() {
-  const char* e = std::getenv("SRKERNELS_WINOGRAD");
-  if (e == nullptr) return 4;
+// The value of environment variable `name` without surrounding whitespace, or nullopt when unset (also used by
+// dense_block's SRKERNELS_DENSE_TILE).
+inline std::optional<std::string> env_trimmed(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr) return std::nullopt;
   std::string v(e);
   const auto ws = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
   while (!v.empty() && ws(v.back())) v.pop_back();
   size_t b = 0;
   while (b < v.size() && ws(v[b])) ++b;
-  v = v.substr(b);
-  TORCH_CHECK_VALUE(v == "0" || v == "2" || v == "4", "SRKERNELS_WINOGRAD must be 4 (F(4x4,3x3), the default), ",
-                    "2 (F(2x2,3x3)) or 0 (off), got '", std::string(e), "'");
-  return v[0] - '0';
+  return v.substr(b);
+}
+
+// SRKERNELS_WINOGRAD, the same rule as srkernels/ops/conv2d_pointwise.py winograd_tile: 4 (default), 2 or 0
+// (off); anything else is a ValueError naming the variable.
+inline int tile_from_env() {
+  const std::optional<std::string> v = env_trimmed("SRKERNELS_WINOGRAD");
+  if (!v) return 4;
+  TORCH_CHECK_VALUE(*v == "0" || *v == "2" || *v == "4", "SRKERNELS_WINOGRAD must be 4 (F(4x4,3x3), the default), ",
+                    "2 (F(2x2,3x3)) or 0 (off), got '", std::getenv("SRKERNELS_WINOGRAD"), "'");
+  return (*v)[0] - '0';
 }
 
 // The measured rule of winograd_use (srkernels/ops/winograd_conv3x3.py): >= 16 channels in and out, >= 64 pixels.
