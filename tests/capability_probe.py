@@ -35,6 +35,8 @@ def _cases():
         "pixel_unshuffle": (lambda x: ops.pixel_unshuffle(x, 2) * 1.0, (2, 5, 10, 14)),
         "dense_block": (nn.ResidualDenseBlock(16, 8, 3), (2, 16, 13, 15)),
         "dense_block_rdcab": (nn.RDCAB(16, 8, 3, reduction=4), (1, 16, 11, 9)),
+        # float32 layers by Winograd on avx2/avx512 (>= 16 channels, >= 64 pixels), brgemm on default
+        "dense_wino": (nn.ResidualDenseBlock(16, 16, 2), (1, 16, 9, 10)),
     }
 
 

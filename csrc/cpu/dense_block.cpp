@@ -4,7 +4,8 @@
 // float32 / bfloat16 take the micro-kernel path: every conv is run tile by tile with oneDNN's brgemm ukernel
 // (at::native::cpublas::brgemm; bf16 on AMX or AVX512-BF16, see bf16_brgemm_ok) reading its A operand straight from the buffer (a channel range
 // of the pixel rows, leading dimension T), one call per conv tap, accumulating in an fp32 tile that the
-// epilogue (bias, residual, ReLU, rounding) writes into the layer's slice. Backward: dZ = dY * (Y > 0) in one
+// epilogue (bias, residual, ReLU, rounding) writes into the layer's slice; float32 3x3 layers run as Winograd
+// F(4,3) / F(2,3) instead where winograd_conv3x3 would (layer_forward_winograd, csrc/cpu/winograd.h). Backward: dZ = dY * (Y > 0) in one
 // pass (masks recomputed from the stored post-ReLU outputs; dZ^T for the weight gradient in the same pass),
 // weight gradients by brgemm in one pass over the layer's input range for all taps, input gradients by brgemm
 // into an L1 tile added in place into the fp32 gradient buffer (leading dimension T, so every layer adds into
@@ -13,6 +14,7 @@
 // thread count: every output element is produced by one thread in a fixed order and reductions are chunked by
 // shape.
 #include "dense_block_common.h"
+#include "cpu/winograd.h"
 #include "runtime/cpu_dispatch.h"
 
 #include <ATen/Context.h>
@@ -25,6 +27,7 @@
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -212,14 +215,10 @@ constexpr int64_t kTileMin = 256, kTileMax = int64_t(1) << 24;
 // [kTileMin, kTileMax], surrounding whitespace allowed; anything else is a ValueError naming the variable
 // (atoll read "abc" as 0, "1e3" as 1 and clamped both to 256 without a word).
 int64_t tile_elems_from_env() {
+  const std::optional<std::string> t = wino::env_trimmed("SRKERNELS_DENSE_TILE");
+  if (!t) return kTileElems;
+  const std::string& v = *t;
   const char* e = std::getenv("SRKERNELS_DENSE_TILE");
-  if (e == nullptr) return kTileElems;
-  std::string v(e);
-  const auto ws = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
-  while (!v.empty() && ws(v.back())) v.pop_back();
-  size_t b = 0;
-  while (b < v.size() && ws(v[b])) ++b;
-  v = v.substr(b);
   bool ok = !v.empty() && v.size() <= 9;  // kTileMax has 8 digits: no overflow below
   for (const char c : v) ok = ok && c >= '0' && c <= '9';
   const int64_t n = ok ? std::stoll(v) : 0;
@@ -436,6 +435,98 @@ void layer_forward_fast(at::Tensor& buf, const Geom& g, const Layer& l, const at
     }
     if (vnni) blas::brgemm_release(true);
   });
+}
+
+// Winograd weights U = G w G^T ([P][C][Kp], csrc/cpu/winograd.h) kept between calls: the op gets plain conv
+// weights, and transforming them costs ~25% of an RDB forward at LR 48 (U is (m+2)^2/9 x the weight's bytes,
+// written to L3 every layer; measured with perf). Keyed on the weight's storage (a weak reference: entries of
+// freed weights go at the next insert), data pointer, version counter, sizes, strides and m, so an in-place
+// update (optimizer step, load_state_dict) misses; writes that bypass the version counter (through .data) are
+// not seen, as with srkernels/nn/dense.py's cache. Bounded: the least recently used entries go past
+// kUCacheBytes. Inference tensors (no version counter) are transformed per call.
+constexpr int64_t kUCacheBytes = int64_t(1) << 30;
+
+struct UEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* ptr;
+  uint32_t version;
+  std::vector<int64_t> sizes, strides;
+  int m;
+  at::Tensor u;
+  uint64_t used;
+};
+
+at::Tensor winograd_u_compute(const at::Tensor& w, int m, int64_t Kp) {
+  const int64_t K = w.size(0), C = w.size(1), P = (m + 2) * (m + 2);
+  const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C, K]: no copy for cpu_layout weights
+  at::Tensor u = at::empty({P * C * Kp}, w.options());
+  if (m == 2) {
+    wino::transform_weight<2>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
+  } else {
+    wino::transform_weight<4>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
+  }
+  return u;
+}
+
+at::Tensor winograd_u(const at::Tensor& w, int m, int64_t Kp) {
+  if (w.is_inference()) return winograd_u_compute(w, m, Kp);
+  static std::mutex mu;
+  static std::vector<UEntry> cache;
+  static uint64_t clock = 0;
+  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  c10::StorageImpl* st = w.storage().unsafeGetStorageImpl();
+  auto same = [&](const UEntry& e) {
+    return e.ptr == w.const_data_ptr() && e.m == m && w.sizes().equals(e.sizes) && w.strides().equals(e.strides);
+  };
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    for (UEntry& e : cache) {
+      if (same(e) && e.version == version && e.storage.lock().get() == st) {
+        e.used = ++clock;
+        return e.u;
+      }
+    }
+  }
+  at::Tensor u = winograd_u_compute(w, m, Kp);
+  const std::lock_guard<std::mutex> lock(mu);
+  cache.erase(std::remove_if(cache.begin(), cache.end(), [&](const UEntry& e) { return e.storage.expired() || same(e); }),
+              cache.end());
+  cache.push_back(UEntry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
+                         w.const_data_ptr(), version, w.sizes().vec(), w.strides().vec(), m, u, ++clock});
+  int64_t bytes = 0;
+  for (const UEntry& e : cache) bytes += e.u.nbytes();
+  while (bytes > kUCacheBytes && cache.size() > 1) {
+    auto old = std::min_element(cache.begin(), cache.end(), [](const UEntry& a, const UEntry& b) { return a.used < b.used; });
+    bytes -= old->u.nbytes();
+    cache.erase(old);
+  }
+  return u;
+}
+
+// A 3x3 (padding 1) fp32 layer by Winograd F(m x m, 3 x 3), m = 2 or 4 (csrc/cpu/winograd.h, the kernel of
+// winograd_conv3x3): the input transform reads the layer's input range straight from the buffer rows (the
+// border pixels hold zeros: they are the padding), the output transform writes the epilogue (bias, residual,
+// ReLU, split destinations) into its slices. Each layer transforms its own input range (keeping the
+// Winograd-domain buffer across layers instead would hold (m+2)^2/m^2 x the whole buffer in memory).
+void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w,
+                            const at::Tensor& bias, int m) {
+  const int64_t Tc = buf.size(1), C = l.in_len, K = l.G, Kp = div_up(K, 16) * 16;
+  const at::Tensor u = winograd_u(w, m, Kp);
+  const at::Tensor bf = bias.to(at::kFloat).contiguous();
+  float* origin = buf.data_ptr<float>() + (g.margin + g.p * g.Wp + g.p) * Tc;  // interior pixel (0, 0)
+  const int64_t ns = g.Hp * g.Wp * Tc, hs = g.Wp * Tc;
+  const wino::Pixels px{origin + l.in_start, ns, hs, Tc, -g.p, g.p};
+  float* out = origin + l.out_start;
+  const wino::Epilogue ep{out,  l.out_split < K ? origin + l.out2_start : out, l.out_split,
+                          l.res_start >= 0 ? origin + l.res_start : nullptr, /*res_first=*/true,
+                          l.relu ? wino::Act::Relu : wino::Act::None, bf.const_data_ptr<float>(), ns, hs, Tc};
+  const wino::Geo geo{g.N, C, g.H, g.W, K, Kp, div_up(C, wino::VW) * wino::VW, div_up(g.H, m), div_up(g.W, m)};
+  const float* pu = u.const_data_ptr<float>();
+  if (m == 2) {
+    wino::run<2>(px, pu, geo, ep, wino::block_budget());
+  } else {
+    wino::run<4>(px, pu, geo, ep, wino::block_budget());
+  }
 }
 
 // ---------------------------------------------------------------------------------------- forward: fusion
@@ -774,8 +865,20 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
   at::Tensor buf = new_buffer_fast(x, pl, g);
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    // fp32 3x3 layers by Winograd where winograd_conv3x3 would run them (SRKERNELS_WINOGRAD, winograd_use)
+    int wtile = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      wtile = pl.k == 3 ? wino::tile_from_env() : 0;
+    }
     for (const auto i : c10::irange(pl.layers.size())) {
-      layer_forward_fast<T>(buf, g, pl.layers[i], weights[i], biases[i]);
+      const Layer& l = pl.layers[i];
+      if constexpr (std::is_same_v<T, float>) {
+        if (wtile != 0 && wino::use(l.in_len, l.G, g.H, g.W)) {
+          layer_forward_winograd(buf, g, l, weights[i], biases[i], wtile);
+          continue;
+        }
+      }
+      layer_forward_fast<T>(buf, g, l, weights[i], biases[i]);
     }
   });
   at::Tensor out, stats = at::empty({0}, x.options().dtype(at::kFloat));

@@ -469,3 +469,119 @@ def test_validation(change, exc, match):
 def test_plan_validation(layers, match):
     with pytest.raises(ValueError, match=match):
         DensePlan(8, 4, 3, layers, 0, 6)
+
+
+# ---- Winograd: float32 3x3 layers of the compiled CPU path run as Winograd F(4,3) / F(2,3) (csrc/cpu/winograd.h)
+# where winograd_conv3x3 would (SRKERNELS_WINOGRAD, winograd_use: avx2/avx512 builds, >= 16 channels in and out,
+# >= 64 pixels). The shapes above are mostly below 64 pixels (the brgemm path); these cover the Winograd one.
+
+def _winograd_capability():
+    return srkernels._backend._C is not None and srkernels._backend._C.cpu_capability() in ("avx2", "avx512")
+
+
+needs_winograd = pytest.mark.skipif(not _winograd_capability(),
+                                    reason="Winograd runs on the avx2/avx512 variants of the compiled extension only")
+
+# Every plan the models build (srkernels/models/rdn.py, rdcab.py): RDN's RDB (G0 = G = 64, C = 8), RDCAB
+# (64, 64, 8; its gated fusion), the Split block (16 distilled + 48 remaining: split destinations) and FD-IRB
+# (residual layers, a last layer without ReLU); plus a split of 24 that straddles a 16-lane vector.
+WINO_CONFIGS = {
+    "rdb": ((64, 64, 8), {}),
+    "rdcab": ((64, 64, 8), {}),
+    "split": ((64, 8), {}),
+    "fdirb": ((64, 8), dict(sub_channels=32)),
+    "split-24": ((48, 3), dict(distillation_rate=0.5)),
+}
+# F(4,3) rounding: ~3e-6 of the output range on these (float64 reference); the brgemm path ~3e-7.
+WINO_TOL = {4: 3e-5, 2: 1e-5}
+
+
+def _wino_module(flavour):
+    base = "split" if flavour == "split-24" else flavour
+    args, kwargs = WINO_CONFIGS[flavour]
+    return make_pair(base, torch.float32, cfg=(args, kwargs))
+
+
+def _forward_err(fused, ref, extra, shape, fmt, seed=0):
+    Nb, H, W = shape
+    C = ref.channels
+    xs = [randn(Nb, C, H, W, seed=seed)] + ([randn(Nb, C, H, W, seed=seed + 7)] if extra else [])
+    with torch.no_grad():
+        out = fused(*[layout(x.float(), fmt) for x in xs])
+        expected = ref(*[x.double() for x in xs])
+    if fmt == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    return out, (out.double() - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+
+
+@needs_winograd
+@pytest.mark.parametrize("m", [4, 2])
+@pytest.mark.parametrize("flavour,shape,fmt", [
+    ("rdb", (1, 9, 11), "contiguous"),  # odd H and W: partial tiles on both far edges
+    ("rdcab", (2, 8, 13), "channels_last"),  # N > 1: tiles of two samples in one block
+    ("split", (1, 13, 7), "channels_last"),
+    ("fdirb", (2, 11, 9), "contiguous"),
+    ("split-24", (1, 10, 10), "contiguous"),
+])
+def test_winograd_forward(backend_ctx, monkeypatch, m, flavour, shape, fmt):
+    """Forward vs float64 within WINO_TOL, and really Winograd: not the brgemm result (SRKERNELS_WINOGRAD=0),
+    which stays within the float32 tolerance."""
+    ref, fused, extra = _wino_module(flavour)
+    with backend_ctx("compiled"):
+        monkeypatch.setenv("SRKERNELS_WINOGRAD", str(m))
+        out, err = _forward_err(fused, ref, extra, shape, fmt)
+        monkeypatch.setenv("SRKERNELS_WINOGRAD", "0")
+        direct, err0 = _forward_err(fused, ref, extra, shape, fmt)
+    assert err <= WINO_TOL[m], f"F({m},3): relative max error {err:.3g} > {WINO_TOL[m]}"
+    assert err0 <= 2e-6, f"brgemm path: relative max error {err0:.3g}"
+    assert not torch.equal(out, direct), "the Winograd path did not run"
+
+
+@needs_winograd
+@pytest.mark.parametrize("flavour", ["rdcab", "split", "fdirb"])
+def test_winograd_training(backend_ctx, monkeypatch, flavour):
+    """Training uses the Winograd forward too (the saved buffer holds its outputs; backward is the brgemm one):
+    every gradient vs float64 within 1e-4 of its scale (measured ~1e-6 .. 1e-5)."""
+    monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
+    ref, fused, extra = _wino_module(flavour)
+    Nb, H, W = 1, 9, 10
+    xs = [randn(Nb, 64, H, W, seed=3)] + ([randn(Nb, 64, H, W, seed=4)] if extra else [])
+    fin = [x.float().requires_grad_(True) for x in xs]
+    rin = [x.double().requires_grad_(True) for x in xs]
+    with backend_ctx("compiled"):
+        out = fused(*fin)
+    expected = ref(*rin)
+    g = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out.backward(g.float())
+    expected.backward(g)
+    pairs = [(a.grad, b.grad) for a, b in zip(fin, rin)]
+    pairs += [(p.grad, q.grad) for p, q in zip(fused.parameters(), ref.parameters())]
+    for a, e in pairs:
+        err = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item())
+        assert err <= 1e-4, err
+
+
+@needs_winograd
+def test_winograd_weight_cache_sees_updates(backend_ctx, monkeypatch):
+    """The transformed weights are cached in C++ per weight (storage, version, shape): an in-place update and a
+    new weight at the same address must both be seen."""
+    monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
+    ref, fused, extra = _wino_module("rdb")
+    shape = (1, 8, 9)
+    with backend_ctx("compiled"):
+        _, err = _forward_err(fused, ref, extra, shape, "contiguous")
+        assert err <= WINO_TOL[4]
+        with torch.no_grad():
+            for p in fused.parameters():
+                p.mul_(1.5)
+        ref.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+        _, err = _forward_err(fused, ref, extra, shape, "contiguous")
+        assert err <= WINO_TOL[4]
+
+
+def test_winograd_env_validation(backend_ctx, monkeypatch):
+    """SRKERNELS_WINOGRAD is checked as conv2d_pointwise checks it: a ValueError naming the variable."""
+    monkeypatch.setenv("SRKERNELS_WINOGRAD", "3")
+    _, fused, _ = make_pair("rdb", torch.float32, cfg=((16, 16, 2), {}))
+    with backend_ctx("compiled"), torch.no_grad(), pytest.raises(ValueError, match="SRKERNELS_WINOGRAD"):
+        fused(torch.randn(1, 16, 8, 8))

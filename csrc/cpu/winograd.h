@@ -1,0 +1,413 @@
+// Winograd minimal filtering F(m x m, 3 x 3), m = 2 (4x4 input tiles) or m = 4 (6x6), fp32, one copy per
+// compiled capability: the core shared by winograd_conv3x3 (csrc/cpu/winograd_conv.cpp, NHWC tensors) and the
+// 3x3 layers of dense_block (csrc/cpu/dense_block.cpp, channel ranges of its padded row buffer).
+//
+// Pixels are addressed by strides (Pixels, Epilogue below), so the transforms read and write either layout.
+// Per block of TB output tiles (one thread):
+//   1. input transform: V[p][t][c] = (B^T d_t B)[p] for the T x T input patch d_t of tile t (zero outside);
+//   2. P independent GEMMs M[p] = V[p] @ U[p] ([TB x C] @ [C x Kp]): the hot loop, a register-blocked
+//      micro-kernel (R tiles x NV vectors of output channels held in registers, one broadcast per tile and
+//      input channel);
+//   3. output transform y_t = A^T M_t A and the conv epilogue (bias, ReLU, residual, split destinations),
+//      stored to the m x m output pixels.
+// U = G g G^T is [P][C][Kp] (Kp: output channels padded with zeros to a multiple of 16).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace srkernels::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per compiled capability (runtime/cpu_dispatch.h)
+namespace wino {
+
+using at::vec::Vectorized;
+using Vec = Vectorized<float>;
+constexpr int64_t VW = Vec::size();  // 16 (AVX-512), 8 otherwise
+
+// Whether this capability runs Winograd at all: the `default` compile is at::vec's portable code, ~12x slower
+// than oneDNN (srkernels/ops/winograd_conv3x3.py winograd_use).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kIsaOk = true;
+#else
+constexpr bool kIsaOk = false;
+#endif
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The value of environment variable `name` without surrounding whitespace, or nullopt when unset (also used by
+// dense_block's SRKERNELS_DENSE_TILE).
+inline std::optional<std::string> env_trimmed(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr) return std::nullopt;
+  std::string v(e);
+  const auto ws = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!v.empty() && ws(v.back())) v.pop_back();
+  size_t b = 0;
+  while (b < v.size() && ws(v[b])) ++b;
+  return v.substr(b);
+}
+
+// SRKERNELS_WINOGRAD, the same rule as srkernels/ops/conv2d_pointwise.py winograd_tile: 4 (default), 2 or 0
+// (off); anything else is a ValueError naming the variable.
+inline int tile_from_env() {
+  const std::optional<std::string> v = env_trimmed("SRKERNELS_WINOGRAD");
+  if (!v) return 4;
+  TORCH_CHECK_VALUE(*v == "0" || *v == "2" || *v == "4", "SRKERNELS_WINOGRAD must be 4 (F(4x4,3x3), the default), ",
+                    "2 (F(2x2,3x3)) or 0 (off), got '", std::getenv("SRKERNELS_WINOGRAD"), "'");
+  return (*v)[0] - '0';
+}
+
+// The measured rule of winograd_use (srkernels/ops/winograd_conv3x3.py): >= 16 channels in and out, >= 64 pixels.
+inline bool use(int64_t c_in, int64_t c_out, int64_t H, int64_t W) {
+  return kIsaOk && std::min(c_in, c_out) >= 16 && H * W >= 64;
+}
+
+// Micro-kernel shape: R tile rows x NV vectors of output channels in registers (accumulators R * NV, plus NV
+// weight vectors and one broadcast): 24 + 5 of AVX-512's 32 registers, 12 + 3 of AVX2's 16.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kR = 6, kNV = 4;
+#else
+constexpr int kR = 6, kNV = 2;
+#endif
+
+// acc[r][j] over c < C: M[r][k0 + j*VW ..] = sum_c V[r][c] * U[c][k0 + j*VW ..]. Rows of V are vs apart,
+// rows of U and M are ks apart (ks a multiple of VW).
+template <int R, int NV>
+inline void micro(const float* __restrict v, int64_t vs, const float* __restrict u, int64_t ks, int64_t C,
+                  float* __restrict m) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = Vec(0.f);
+  for (int64_t c = 0; c < C; ++c) {
+    Vec b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = Vec::loadu(u + c * ks + j * VW);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(v[r * vs + c]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(a, b[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j].store(m + r * ks + j * VW);
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+
+template <int R, int... NV>
+constexpr std::array<MicroFn, sizeof...(NV)> row_table(std::integer_sequence<int, NV...>) {
+  return {&micro<R, NV + 1>...};
+}
+template <int... R>
+constexpr std::array<std::array<MicroFn, kNV>, sizeof...(R)> micro_table(std::integer_sequence<int, R...>) {
+  return {row_table<R + 1>(std::make_integer_sequence<int, kNV>{})...};
+}
+// kMicro[r - 1][nv - 1]: the kernel for r rows and nv vectors (block edges).
+inline constexpr auto kMicro = micro_table(std::make_integer_sequence<int, kR>{});
+
+// M[t][0..Kp) = V[t][0..C) @ U for tb rows: Kp (a multiple of VW) in chunks of kNV vectors, rows in kR.
+inline void gemm(const float* v, int64_t vs, const float* u, int64_t C, int64_t Kp, float* m, int64_t tb) {
+  const int64_t nvk = Kp / VW;
+  for (int64_t k0 = 0; k0 < nvk; k0 += kNV) {
+    const int nv = static_cast<int>(std::min<int64_t>(kNV, nvk - k0));
+    for (int64_t r0 = 0; r0 < tb; r0 += kR) {
+      const int r = static_cast<int>(std::min<int64_t>(kR, tb - r0));
+      kMicro[r - 1][nv - 1](v + r0 * vs, vs, u + k0 * VW, Kp, C, m + r0 * Kp + k0 * VW);
+    }
+  }
+}
+
+// ---- transforms, one vector of channels at a time -------------------------------------------------------
+// 1-D transforms of a column / row of T values; the 2-D ones apply them to columns, then rows.
+
+template <int M>
+struct Wino;
+
+template <>
+struct Wino<2> {  // F(2, 3): points 0, 1, -1, inf
+  static constexpr int T = 4;
+  static inline void bt(const Vec* d, Vec* o) {  // B^T d
+    o[0] = d[0] - d[2];
+    o[1] = d[1] + d[2];
+    o[2] = d[2] - d[1];
+    o[3] = d[1] - d[3];
+  }
+  static inline void at(const Vec* s, Vec* y) {  // A^T s
+    y[0] = s[0] + s[1] + s[2];
+    y[1] = s[1] - s[2] - s[3];
+  }
+  static inline void g(const Vec* w, Vec* o) {  // G w (3 -> 4)
+    const Vec h(0.5f);
+    const Vec s = h * (w[0] + w[2]);
+    o[0] = w[0];
+    o[1] = at::vec::fmadd(h, w[1], s);
+    o[2] = at::vec::fnmadd(h, w[1], s);
+    o[3] = w[2];
+  }
+};
+
+template <>
+struct Wino<4> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
+  static constexpr int T = 6;
+  static inline void bt(const Vec* d, Vec* o) {
+    const Vec four(4.f), two(2.f), five(5.f);
+    const Vec t1 = at::vec::fnmadd(four, d[2], d[4]);  // d4 - 4 d2
+    const Vec t2 = at::vec::fnmadd(four, d[1], d[3]);  // d3 - 4 d1
+    const Vec t3 = d[4] - d[2];
+    const Vec t4 = two * (d[3] - d[1]);
+    o[0] = at::vec::fmadd(four, d[0], at::vec::fnmadd(five, d[2], d[4]));
+    o[1] = t1 + t2;
+    o[2] = t1 - t2;
+    o[3] = t3 + t4;
+    o[4] = t3 - t4;
+    o[5] = at::vec::fmadd(four, d[1], at::vec::fnmadd(five, d[3], d[5]));
+  }
+  static inline void at(const Vec* s, Vec* y) {
+    const Vec a = s[1] + s[2], b = s[1] - s[2], c = s[3] + s[4], d = s[3] - s[4];
+    y[0] = s[0] + a + c;
+    y[1] = at::vec::fmadd(Vec(2.f), d, b);
+    y[2] = at::vec::fmadd(Vec(4.f), c, a);
+    y[3] = at::vec::fmadd(Vec(8.f), d, b) + s[5];
+  }
+  static inline void g(const Vec* w, Vec* o) {  // G w (3 -> 6), rows of G in winograd_conv3x3.py _G
+    const Vec s02 = w[0] + w[2];
+    const Vec e = Vec(1.f / 6.f) * (s02 + w[1]), f = Vec(1.f / 6.f) * (s02 - w[1]);
+    const Vec q = at::vec::fmadd(Vec(1.f / 24.f), w[0], Vec(1.f / 6.f) * w[2]);
+    const Vec r = Vec(1.f / 12.f) * w[1];
+    o[0] = Vec(0.25f) * w[0];
+    o[1] = Vec(0.f) - e;
+    o[2] = Vec(0.f) - f;
+    o[3] = q + r;
+    o[4] = q - r;
+    o[5] = w[2];
+  }
+};
+
+// Output tiles of an N x H x W image: th x tw per sample.
+struct Geo {
+  int64_t N, C, H, W, K, Kp, Cp, th, tw;  // C input channels (V rows padded to Cp), K output channels (Kp)
+};
+
+// Where input pixels live: pixel (n, h, w), channel c at base + n * ns + h * hs + w * ws + c, readable for h in
+// [lo, H + hi_pad), w in [lo, W + hi_pad) (a padded buffer whose border holds zeros: lo = -1, hi_pad = 1), zero
+// elsewhere.
+struct Pixels {
+  const float* base;
+  int64_t ns, hs, ws, lo, hi_pad;
+};
+
+// The epilogue: z = conv + bias; y = act(z) + res, or act(z + res) (res_first); channels k < split go to out,
+// the rest to out2 (channel k - split). out, out2 and res share the strides of Pixels (ns, hs, ws).
+enum class Act { None, Relu };
+struct Epilogue {
+  float* out;
+  float* out2;
+  int64_t split;
+  const float* res;
+  bool res_first;
+  Act act;
+  const float* bias;
+  int64_t ns, hs, ws;
+};
+
+// Input transform of tiles [t0, t0 + tb) into V[p][t - t0][0..Cp) (row stride Cp, position stride tb * Cp).
+// Columns first, each loaded and transformed at once (rows and columns outside the readable range are zero).
+template <int M>
+void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, float* V) {
+  constexpr int T = Wino<M>::T;
+  const int64_t C = g.C, Cp = g.Cp, ps = tb * Cp, hs = x.hs, ws = x.ws;
+  const int64_t hmin = x.lo, hmax = g.H + x.hi_pad, wmax = g.W + x.hi_pad;
+  for (int64_t i = 0; i < tb; ++i) {
+    const int64_t t = t0 + i;
+    const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
+    const int64_t h0 = ty * M - 1, w0 = tx * M - 1;
+    // readable rows [a0, a1) and columns [b0, b1) of the patch
+    const int a0 = static_cast<int>(std::max<int64_t>(0, hmin - h0));
+    const int a1 = static_cast<int>(std::min<int64_t>(T, hmax - h0));
+    const int b0 = static_cast<int>(std::max<int64_t>(0, hmin - w0));
+    const int b1 = static_cast<int>(std::min<int64_t>(T, wmax - w0));
+    const bool inside = a0 == 0 && b0 == 0 && a1 == T && b1 == T;
+    const float* xt = x.base + n * x.ns;  // + (h0 + a) * hs + (w0 + b) * ws: only formed for readable pixels
+    float* vt = V + i * Cp;
+    for (int64_t c = 0; c < Cp; c += VW) {
+      const int64_t cnt = std::min(VW, C - c);
+      Vec e[T][T];
+      for (int b = 0; b < T; ++b) {
+        Vec col[T], o[T];
+        if (inside && cnt == VW) {
+          const float* p = xt + h0 * hs + (w0 + b) * ws + c;
+          for (int a = 0; a < T; ++a) col[a] = Vec::loadu(p + a * hs);
+        } else {
+          for (int a = 0; a < T; ++a) {
+            if (a >= a0 && a < a1 && b >= b0 && b < b1) {
+              const float* p = xt + (h0 + a) * hs + (w0 + b) * ws + c;
+              col[a] = cnt == VW ? Vec::loadu(p) : Vec::loadu(p, cnt);
+            } else {
+              col[a] = Vec(0.f);
+            }
+          }
+        }
+        Wino<M>::bt(col, o);  // B^T d[.][b]
+        for (int a = 0; a < T; ++a) e[a][b] = o[a];
+      }
+      for (int a = 0; a < T; ++a) {  // rows: e[a][.] B
+        Vec o[T];
+        Wino<M>::bt(e[a], o);
+        for (int b = 0; b < T; ++b) o[b].store(vt + (a * T + b) * ps + c);
+      }
+    }
+  }
+}
+
+inline void store_n(float* p, const Vec& v, int64_t cnt) {
+  if (cnt == VW) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
+// Output transform of tiles [t0, t0 + tb) from M[p][t - t0][0..Kp) with the epilogue.
+template <int M>
+void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, const Epilogue& ep) {
+  constexpr int T = Wino<M>::T;
+  const int64_t K = g.K, Kp = g.Kp, ps = tb * Kp;
+  const Vec zero(0.f);
+  for (int64_t i = 0; i < tb; ++i) {
+    const int64_t t = t0 + i;
+    const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
+    const int64_t h0 = ty * M, w0 = tx * M;
+    const int64_t mh = std::min<int64_t>(M, g.H - h0), mw = std::min<int64_t>(M, g.W - w0);
+    const float* mt = Mb + i * Kp;
+    for (int64_t k = 0; k < K; k += VW) {  // M's padding columns past K are never read
+      const int64_t cnt = std::min(VW, K - k);
+      Vec e[M][T];
+      for (int b = 0; b < T; ++b) {
+        Vec col[T], y[M];
+        for (int a = 0; a < T; ++a) col[a] = Vec::loadu(mt + (a * T + b) * ps + k);
+        Wino<M>::at(col, y);
+        for (int a = 0; a < M; ++a) e[a][b] = y[a];
+      }
+      const Vec vb = ep.bias ? (cnt == VW ? Vec::loadu(ep.bias + k) : Vec::loadu(ep.bias + k, cnt)) : zero;
+      for (int a = 0; a < mh; ++a) {
+        Vec y[M];
+        Wino<M>::at(e[a], y);
+        for (int b = 0; b < mw; ++b) {
+          const int64_t off = n * ep.ns + (h0 + a) * ep.hs + (w0 + b) * ep.ws;
+          Vec v = y[b] + vb;
+          const Vec r = ep.res ? (cnt == VW ? Vec::loadu(ep.res + off + k) : Vec::loadu(ep.res + off + k, cnt)) : zero;
+          if (ep.res_first) v = v + r;
+          if (ep.act == Act::Relu) v = at::vec::clamp_min(v, zero);
+          if (!ep.res_first) v = v + r;
+          if (k + cnt <= ep.split) {
+            store_n(ep.out + off + k, v, cnt);
+          } else if (k >= ep.split) {
+            store_n(ep.out2 + off + k - ep.split, v, cnt);
+          } else {  // the vector straddles the split
+            alignas(64) float tmp[VW];
+            v.store(tmp);
+            const int64_t n1 = ep.split - k;
+            for (int64_t j = 0; j < n1; ++j) ep.out[off + k + j] = tmp[j];
+            for (int64_t j = n1; j < cnt; ++j) ep.out2[off + k + j - ep.split] = tmp[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Tiles per block: V and M of a block (P * TB * (Cp + Kp) floats) within `budget` floats, a multiple of kR,
+// and enough blocks for every thread.
+inline int64_t tile_block(int64_t P, int64_t Cp, int64_t Kp, int64_t tiles, int64_t threads, int64_t budget) {
+  int64_t tb = std::max<int64_t>(kR, budget / (P * (Cp + Kp)) / kR * kR);
+  return std::min(tb, std::max<int64_t>(kR, div_up(div_up(tiles, threads), kR) * kR));
+}
+
+// V and M of a block within this many floats: SRKERNELS_WINOGRAD_BLOCK_KB (a tuning knob, default 384 KB)
+// leaves L2 room for U. Measured on RDN's RDB at LR 32-64 (AVX-512 / forced AVX2): 1024 KB was up to ~10%
+// faster on AVX-512 and ~7% slower on AVX2, within the noise of this shared machine otherwise.
+inline int64_t block_budget() {
+  static const int64_t budget = [] {
+    const char* s = std::getenv("SRKERNELS_WINOGRAD_BLOCK_KB");
+    return (s ? std::atoll(s) : 384) * 1024 / 4;
+  }();
+  return budget;
+}
+
+// The whole conv: x -> epilogue, with U [P][C][Kp]; blocks of tile_block(.., budget) tiles over the threads.
+template <int M>
+void run(const Pixels& x, const float* u, const Geo& g, const Epilogue& ep, int64_t budget) {
+  constexpr int64_t P = Wino<M>::T * Wino<M>::T;
+  const int64_t tiles = g.N * g.th * g.tw;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t TB = tile_block(P, g.Cp, g.Kp, tiles, threads, budget);
+  const int64_t nb = div_up(tiles, TB);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    // Per-thread scratch kept between calls: a fresh ~0.3-1 MB buffer per call costs page faults and zeroing
+    // comparable to a small conv. Every element read is written first in the same block.
+    // Aligned to 64 bytes: V's rows are whole vectors apart, so no vector load splits a cache line.
+    thread_local std::vector<float> scratch;
+    const size_t need = static_cast<size_t>(P * TB * (g.Cp + g.Kp)) + 16;
+    if (scratch.size() < need) scratch.resize(need);
+    float* V = scratch.data();
+    V += (64 - reinterpret_cast<uintptr_t>(V) % 64) % 64 / sizeof(float);
+    float* Mb = V + P * TB * g.Cp;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * TB, tb = std::min(TB, tiles - t0);
+      input_transform<M>(x, g, t0, tb, V);
+      for (int64_t p = 0; p < P; ++p)
+        gemm(V + p * tb * g.Cp, g.Cp, u + p * g.C * g.Kp, g.C, g.Kp, Mb + p * tb * g.Kp, tb);
+      output_transform<M>(Mb, g, t0, tb, ep);
+    }
+  });
+}
+
+// U[p][c][0..Kp) = (G w_c G^T)[p] from a 3x3 weight stored tap-major: tap (i, j), input channel c, output
+// channel k at w[(i * 3 + j) * tap_stride + c * K + k]; columns [K, Kp) zero. fp32 vector arithmetic over the
+// output channels (rounding a few ulp, against the ~1e-6 relative error of F(4,3) itself); cheap next to the
+// conv (9 -> P values per weight pair).
+template <int M>
+void transform_weight(const float* w, int64_t tap_stride, int64_t C, int64_t K, int64_t Kp, float* U) {
+  constexpr int T = Wino<M>::T;
+  at::parallel_for(0, C, 16, [=](int64_t c0, int64_t c1) {  // by value: no reloads of C, K.. around the stores
+    const int64_t ps = C * Kp;  // position stride of U
+    for (int64_t c = c0; c < c1; ++c) {
+      float* uc = U + c * Kp;
+      const float* wc = w + c * K;
+      for (int64_t k = 0; k < Kp; k += VW) {
+        const int64_t cnt = std::max<int64_t>(0, std::min(VW, K - k));
+        Vec e[T][3];  // G g, column by column
+        for (int j = 0; j < 3; ++j) {
+          Vec col[3];
+          for (int i = 0; i < 3; ++i) {
+            const float* p = wc + (i * 3 + j) * tap_stride + k;
+            col[i] = cnt == VW ? Vec::loadu(p) : (cnt > 0 ? Vec::loadu(p, cnt) : Vec(0.f));
+          }
+          Vec o[T];
+          Wino<M>::g(col, o);
+          for (int a = 0; a < T; ++a) e[a][j] = o[a];
+        }
+        for (int a = 0; a < T; ++a) {
+          Vec o[T];
+          Wino<M>::g(e[a], o);
+          float* ua = uc + a * T * ps + k;
+          for (int b = 0; b < T; ++b) o[b].store(ua + b * ps);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace wino
+}  // namespace CPU_CAPABILITY
+}  // namespace srkernels::cpu
