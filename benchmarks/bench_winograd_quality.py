@@ -1,8 +1,9 @@
 """What Winograd costs in image quality: each fused model's float32 output with its 3x3 convs as Winograd
 F(4x4,3x3) (the default) and F(2x2,3x3), against the same fused model with Winograd off (prepacked oneDNN
-direct convs) and the eager reference, as Y-PSNR between the outputs and each against the HR photograph
+direct convs, dense_block's brgemm layers) and the eager reference, as Y-PSNR between the outputs and each against the HR photograph
 (scikit-image's astronaut, chelsea, coffee; 192x192 centre crops, bicubic LR; seeded random weights: no
-pretrained file here). The tile is switched per call through ``conv2d_pointwise.winograd_tile``.
+pretrained file here). The tile is switched per model copy through ``conv2d_pointwise.winograd_tile`` (the
+Python convs) and ``SRKERNELS_WINOGRAD`` (dense_block's layers read it per call).
 
     python benchmarks/bench_winograd_quality.py [--models rcan,rdn] [--scale 4]
 """
@@ -13,6 +14,7 @@ import copy
 import importlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,15 +34,20 @@ conv_op = importlib.import_module("srkernels.ops.conv2d_pointwise")
 def outputs(key: str, scale: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
     ref, fused = bench_models.model_pair(key, scale, train=False)
     res = {}
-    orig = conv_op.winograd_tile
+    orig, env = conv_op.winograd_tile, os.environ.get(conv_op.WINOGRAD_ENV)
     try:
-        for name, m in (("winograd F(4,3)", 4), ("winograd F(2,3)", 2), ("direct (oneDNN)", 0)):
-            conv_op.winograd_tile = lambda m=m: m
+        for name, m in (("winograd F(4,3)", 4), ("winograd F(2,3)", 2), ("direct (oneDNN / brgemm)", 0)):
+            conv_op.winograd_tile = lambda m=m: m  # the Python convs read it once per process ...
+            os.environ[conv_op.WINOGRAD_ENV] = str(m)  # ... dense_block's C++ layers per call
             f = copy.deepcopy(fused)  # fresh pack caches for each tile
             with torch.no_grad():
                 res[name] = f(x * fused.input_range) / fused.input_range
     finally:
         conv_op.winograd_tile = orig
+        if env is None:
+            os.environ.pop(conv_op.WINOGRAD_ENV, None)
+        else:
+            os.environ[conv_op.WINOGRAD_ENV] = env
     with torch.no_grad():
         res["eager reference"] = ref(x * ref.input_range) / ref.input_range
     return res
@@ -67,9 +74,9 @@ def main(argv=None) -> None:
             if probe.in_channels == 1:
                 continue  # Y-channel models (SRCNN, SRDenseNet): bench_models --bf16 has their Y handling
             out = outputs(key, args.scale, lr)
-            direct = out["direct (oneDNN)"]
+            direct = out["direct (oneDNN / brgemm)"]
             for name, y in out.items():
-                if name == "direct (oneDNN)":
+                if name == "direct (oneDNN / brgemm)":
                     continue
                 row = {"case": f"{key} x{args.scale} {pname}", "variant": name,
                        "psnr_vs_direct_db": round(bench_models.y_psnr(y, direct, args.scale), 2),
