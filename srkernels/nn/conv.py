@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, cpu_algorithm, reference
+from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, Winograd, cpu_algorithm, reference
 
 __all__ = ["Conv2d", "conv2d", "apply_conv"]
 
@@ -152,8 +152,29 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
                 b = b.detach()  # a trainable bias on a frozen weight: the algorithms record no autograd
             return entry[0].run(x, entry[1], b, conv.stride, conv.padding, conv.dilation, conv.groups,
                                 activation or "none", residual)
+    elif x.is_cpu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        y = _train_conv2d(conv, x, b, activation, residual)
+        if y is not None:
+            return y
     return reference(x, conv.weight, b, conv.stride, conv.padding, conv.dilation, conv.groups, activation or "none",
                      residual)
+
+
+def _train_conv2d(conv: nn.Conv2d, x: Tensor, b: Tensor | None, activation: str | None,
+                  residual: Tensor | None) -> Tensor | None:
+    """CPU training of a conv Winograd serves: the ``conv2d_pointwise`` op through its autograd (Winograd
+    forward and input gradient, ATen weight gradient; saves what the reference saves), channels_last (the
+    kernel's layout; the models restore the caller's at the end). None when Winograd does not serve it (the
+    reference runs: oneDNN's conv under autograd is what the op's other algorithm would run anyway)."""
+    w = conv.weight
+    if not (x.dim() == 4 and w.dtype == x.dtype and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple)):
+        return None
+    meta = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    if not isinstance(cpu_algorithm(x, w, *meta, training=True), Winograd):
+        return None
+    return torch.ops.srkernels.conv2d_pointwise(x.contiguous(memory_format=torch.channels_last), w, b, *meta,
+                                                activation or "none", residual)
 
 
 def apply_conv(m: nn.Module, x: Tensor, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
