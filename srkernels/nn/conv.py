@@ -1,7 +1,9 @@
 """``Conv2d``: a drop-in ``nn.Conv2d`` (same keys) with a fused epilogue -- bias, ReLU and a residual add -- run
 by the ``conv2d_pointwise`` op's CPU algorithm (srkernels/ops/conv2d_pointwise.py: oneDNN's convolution with
-post-ops, the path TorchInductor takes) on weights packed once per module and input shape. Training, other
-devices and calls no algorithm supports run the op's reference (eager ``F.conv2d``) with the same result.
+post-ops, the path TorchInductor takes) on weights packed once per module and input shape. CPU training of a
+conv Winograd fits runs the op itself, through its autograd (``_train_conv2d``; its weight changes every
+step, so nothing is packed); other training, other devices and calls no algorithm supports run the op's
+reference (eager ``F.conv2d``) with the same result.
 
 The hot call (``conv2d``) runs the algorithm from Python, not through the dispatcher op
 ``torch.ops.srkernels.conv2d_pointwise``: a dispatcher op with a Python kernel adds ~3.5 us per call on top of

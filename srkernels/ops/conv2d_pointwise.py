@@ -7,12 +7,13 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   the bias, ReLU and residual add as post-ops (the primitive TorchInductor emits for the same pattern). An
   algorithm may ``pack`` the weight into its own layout for one input shape; a caller that keeps the packed
   weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
-  ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``) comes first.
+  ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``, in training
+  ``SRKERNELS_WINOGRAD_TRAIN``) comes first.
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
-gradients; the input gradient too, except where ``Winograd`` serves the forward call: then it is a second
-Winograd conv with the weight rotated and transposed (training, issue 13).
+gradients; the input gradient too, except where ``Winograd`` fits the call: then it is a second Winograd conv
+with the weight rotated and transposed (training, issue 13).
 """
 from __future__ import annotations
 
@@ -134,8 +135,8 @@ WINOGRAD_TRAIN_ENV = "SRKERNELS_WINOGRAD_TRAIN"
 def winograd_train_tile() -> int:
     """The Winograd tile of training (``SRKERNELS_WINOGRAD_TRAIN``): 2 (default, F(2x2,3x3)), 4 or 0 (off);
     0 whenever ``SRKERNELS_WINOGRAD=0``. F(2,3) by default: its forward rounds less than oneDNN's, so RCAN's
-    fp32 gradients stay as close to float64 as the oneDNN path's; F(4,3) roughly doubles that error for
-    ~10% more speed (docs/ops.md, "Training"). Read once per process."""
+    fp32 gradients stay as close to float64 as the oneDNN path's; F(4,3) puts them 1-3x further for a
+    12-14% faster RCAN step (docs/ops.md, ``## conv2d_pointwise``). Read once per process."""
     raw = os.environ.get(WINOGRAD_TRAIN_ENV, "2").strip()
     if raw not in ("0", "2", "4"):
         raise ValueError(f"{WINOGRAD_TRAIN_ENV} must be 2 (F(2x2,3x3), the default), 4 (F(4x4,3x3)) or 0 (off), "
@@ -207,7 +208,9 @@ def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, strid
     ``winograd_train_tile()``, whatever ran the forward: the same gradient up to rounding), else ATen;
     grad_weight and grad_bias by ATen (oneDNN on CPU)."""
     gx = None
-    alg = cpu_algorithm(x, weight, stride, padding, dilation, groups, training=True) if mask[0] and x.is_cpu else None
+    alg = None
+    if mask[0] and x.is_cpu:
+        alg = cpu_algorithm(x, weight, stride, padding, dilation, groups, training=True)
     if isinstance(alg, Winograd):
         gx = alg.grad_input(grad, weight, grad_x_plus)
         mask = (False, mask[1], mask[2])
