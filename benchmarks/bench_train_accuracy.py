@@ -1,6 +1,7 @@
 """How close a float32 training step's gradients are to float64, per conv algorithm (issue 13): the eager
-reference in float32, and the fused model with its training convs as oneDNN (Winograd off), Winograd F(2,3)
-and F(4,3) (``SRKERNELS_WINOGRAD_TRAIN``), all against the eager reference in float64 with the same weights
+reference in float32, and the fused model with its training convs' forward as oneDNN (Winograd off),
+Winograd F(2,3) and F(4,3) (``SRKERNELS_WINOGRAD_TRAIN``; the input gradient is F(4,3) whenever Winograd
+is on), all against the eager reference in float64 with the same weights
 and input (``bench_models.model_pair``: seeded random init; L1 loss, as the train table of bench_models.py).
 
 Printed per variant: the output's relative error; the gradients' max |diff| over all parameters / max |grad|

@@ -13,15 +13,15 @@ needs_winograd = pytest.mark.skipif(srkernels.build_info().get("cpu_capability")
 
 @pytest.fixture
 def count_winograd(monkeypatch):
-    """Counts the Winograd algorithm's forward runs and input-gradient convs, and collects the tiles they ran
-    under "tiles" (a dict, updated in place)."""
-    calls = {"run": 0, "grad_input": 0, "tiles": set()}
-    for name in ("run", "grad_input"):
+    """Counts the Winograd algorithm's forward runs and input-gradient convs, and collects the tiles each ran
+    ("run_tiles", "grad_tiles"; a dict, updated in place)."""
+    calls = {"run": 0, "grad_input": 0, "run_tiles": set(), "grad_tiles": set()}
+    for name, tiles in (("run", "run_tiles"), ("grad_input", "grad_tiles")):
         orig = getattr(conv_op.Winograd, name)
 
-        def wrapped(self, *a, _orig=orig, _name=name, **kw):
+        def wrapped(self, *a, _orig=orig, _name=name, _tiles=tiles, **kw):
             calls[_name] += 1
-            calls["tiles"].add(self.m)
+            calls[_tiles].add(self.m)
             return _orig(self, *a, **kw)
         monkeypatch.setattr(conv_op.Winograd, name, wrapped)
     return calls

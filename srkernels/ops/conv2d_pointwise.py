@@ -12,8 +12,8 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
-gradients; the input gradient too, except where ``Winograd`` fits the call: then it is a second Winograd conv
-with the weight rotated and transposed (training, issue 13).
+gradients; the input gradient too, except where training runs ``Winograd``: then it is a second Winograd conv
+(F(4,3)) with the weight rotated and transposed (issue 13).
 """
 from __future__ import annotations
 
@@ -183,6 +183,10 @@ class Winograd(CpuAlgorithm):
 
 
 ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), ONEDNN]  # best first
+# The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
+# gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
+# same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).
+GRAD_INPUT_WINOGRAD = Winograd(4)
 
 
 def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, *,
@@ -204,15 +208,15 @@ def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, strid
                   mask: tuple[bool, bool, bool], grad_x_plus: Tensor | None = None) -> tuple:
     """``(grad_x, grad_weight, grad_bias)`` of ``F.conv2d(x, weight, bias)`` for the output gradient ``grad``
     (``mask`` says which are needed; the others are None). ``grad_x_plus`` is added to grad_x (a skip path's
-    gradient; the Winograd kernel adds it in its epilogue). grad_x by Winograd where it fits the call (tile
-    ``winograd_train_tile()``, whatever ran the forward: the same gradient up to rounding), else ATen;
-    grad_weight and grad_bias by ATen (oneDNN on CPU)."""
+    gradient; the Winograd kernel adds it in its epilogue). grad_x by Winograd F(4,3) (``GRAD_INPUT_WINOGRAD``)
+    where training runs Winograd (``winograd_train_tile()`` not 0 and the call fits), else ATen; grad_weight and
+    grad_bias by ATen (oneDNN on CPU)."""
     gx = None
     alg = None
     if mask[0] and x.is_cpu:
         alg = cpu_algorithm(x, weight, stride, padding, dilation, groups, training=True)
     if isinstance(alg, Winograd):
-        gx = alg.grad_input(grad, weight, grad_x_plus)
+        gx = GRAD_INPUT_WINOGRAD.grad_input(grad, weight, grad_x_plus)
         mask = (False, mask[1], mask[2])
     bias_sizes = [weight.shape[0]] if has_bias else None
     if mask[0] or mask[1] or (mask[2] and has_bias):

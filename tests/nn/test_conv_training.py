@@ -52,7 +52,8 @@ def test_gradients_match_float64(winograd_env, count_winograd, env, tile, act, r
         assert_close(a, e, torch.float32, f"grad {name}")
     on = tile != 0
     assert count_winograd["grad_input"] == on and count_winograd["run"] >= on
-    assert count_winograd["tiles"] == ({tile} if on else set())
+    assert count_winograd["run_tiles"] == ({tile} if on else set())
+    assert count_winograd["grad_tiles"] == ({4} if on else set())
     if on:  # the kernel's layout (as the packed inference path): models restore the caller's at their end
         assert y.is_contiguous(memory_format=torch.channels_last)
 

@@ -121,9 +121,9 @@ def test_falls_back_when_it_does_not_apply():
 @needs_winograd
 @pytest.mark.parametrize("env, tile", TRAIN_ENVS, ids=str)
 def test_winograd_convs_match_float64(winograd_env, count_winograd, env, tile):
-    """At >= 16 channels and >= 64 pixels every 3x3 conv of the group runs Winograd forward and for its input
-    gradient at the training tile (off: none, oneDNN); output and every gradient against float64 within fp32
-    TOL."""
+    """At >= 16 channels and >= 64 pixels every 3x3 conv of the group runs Winograd forward (the training
+    tile) and for its input gradient (F(4,3)); off: none, oneDNN. Output and every gradient against float64
+    within fp32 TOL."""
     winograd_env(*env)
     n = 3
     blocks, tail = _group(n=n, c=16, reduction=4)
@@ -143,4 +143,5 @@ def test_winograd_convs_match_float64(winograd_env, count_winograd, env, tile):
     for k, a, e in zip(names, got, want):
         assert_close(a, e, torch.float32, f"grad {k}")
     convs = (2 * n + 1) * (tile != 0)
-    assert count_winograd == {"run": convs, "grad_input": convs, "tiles": {tile} if convs else set()}
+    assert count_winograd == {"run": convs, "grad_input": convs, "run_tiles": {tile} if convs else set(),
+                              "grad_tiles": {4} if convs else set()}

@@ -159,9 +159,9 @@ def test_winograd_is_the_float32_3x3_algorithm(winograd_env, env, want):
 @pytest.mark.parametrize("env, tile", TRAIN_ENVS, ids=str)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_training_runs_winograd_forward_and_input_gradient(winograd_env, count_winograd, env, tile, variant):
-    """Training through the op (what srkernels.nn.conv2d runs for a Winograd conv): Winograd forward and input
-    gradient at the training tile (ReLU + residual: the mask recomputed by Winograd too), ATen weight and bias
-    gradients; every gradient against float64 within fp32 TOL (conftest.py); off: none runs."""
+    """Training through the op (what srkernels.nn.conv2d runs for a Winograd conv): Winograd forward at the
+    training tile (ReLU + residual: the mask recomputed by it too), input gradient by Winograd F(4,3), ATen
+    weight and bias gradients; every gradient against float64 within fp32 TOL (conftest.py); off: none runs."""
     winograd_env(*env)
     bias, act, residual = variant
     inputs = make_inputs(2, 16, 9, 11, 24, 3, 1, 1, 1, 1, bias, residual, seed=3)
@@ -170,7 +170,8 @@ def test_training_runs_winograd_forward_and_input_gradient(winograd_env, count_w
                backend="compiled", dtype=torch.float32, fmt="channels_last")
     on = tile != 0
     mask_again = act == "relu" and residual
-    assert count_winograd == {"run": on * (1 + mask_again), "grad_input": on, "tiles": {tile} if on else set()}
+    assert count_winograd == {"run": on * (1 + mask_again), "grad_input": on, "run_tiles": {tile} if on else set(),
+                              "grad_tiles": {4} if on else set()}  # the input gradient: F(4,3) (GRAD_INPUT_WINOGRAD)
 
 
 def test_inference_and_training_tiles(winograd_env):
