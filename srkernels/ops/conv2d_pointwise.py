@@ -136,7 +136,7 @@ def winograd_train_tile() -> int:
     """The Winograd tile of training (``SRKERNELS_WINOGRAD_TRAIN``): 2 (default, F(2x2,3x3)), 4 or 0 (off);
     0 whenever ``SRKERNELS_WINOGRAD=0``. F(2,3) by default: its forward rounds less than oneDNN's, so RCAN's
     fp32 gradients stay as close to float64 as the oneDNN path's; F(4,3) puts them 1.3-5x further for a
-    12-14% faster RCAN step (docs/ops.md, ``## conv2d_pointwise``). Read once per process."""
+    ~6% faster RCAN step (docs/ops.md, ``## conv2d_pointwise``). Read once per process."""
     raw = os.environ.get(WINOGRAD_TRAIN_ENV, "2").strip()
     if raw not in ("0", "2", "4"):
         raise ValueError(f"{WINOGRAD_TRAIN_ENV} must be 2 (F(2x2,3x3), the default), 4 (F(4x4,3x3)) or 0 (off), "
