@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend, ops
 from ..ops import _dispatch
-from ..ops.conv2d_pointwise import ONEDNN
+from ..ops.conv2d_pointwise import conv_backward, run_cpu
 from ..reference import attention as R
 from . import _amp
 from .conv import conv2d
@@ -70,20 +70,20 @@ def _conv_meta(c: nn.Conv2d) -> tuple:
     return (list(c.stride), list(c.padding), list(c.dilation), c.groups)
 
 
-def _conv_fwd(x: Tensor, w: Tensor, b: Tensor | None, meta: tuple, relu: bool) -> Tensor:
-    stride, padding, dilation, groups = meta
-    if x.device.type == "cpu" and ONEDNN.supports(x, w, stride, padding, dilation, groups):
-        # conv + bias + ReLU as one oneDNN primitive (the same one mkldnn_convolution runs, with a post-op)
-        return ONEDNN.run(x, w, b, stride, padding, dilation, groups, "relu" if relu else "none", None)
-    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return y.relu_() if relu else y
+def _conv_fwd(x: Tensor, w: Tensor, b: Tensor | None, meta: tuple, relu: bool, residual: Tensor | None = None
+              ) -> Tensor:
+    if x.device.type == "cpu":
+        # the conv2d_pointwise op's CPU algorithm in training (Winograd for 3x3 fp32, else oneDNN with post-ops)
+        return run_cpu(x, w, b, *meta, "relu" if relu else "none", residual, training=True)
+    y = F.conv2d(x, w, b, *meta)
+    y = y.relu_() if relu else y
+    return y if residual is None else y.add_(residual)
 
 
-def _conv_bwd(g: Tensor, x: Tensor, w: Tensor, has_bias: bool, meta: tuple, mask: tuple) -> tuple:
-    stride, padding, dilation, groups = meta
-    return torch.ops.aten.convolution_backward(
-        g, x, w, [w.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], groups,
-        [mask[0], mask[1], mask[2] and has_bias])
+def _conv_bwd(g: Tensor, x: Tensor, w: Tensor, has_bias: bool, meta: tuple, mask: tuple,
+              grad_x_plus: Tensor | None = None) -> tuple:
+    # the op's backward: Winograd input gradient where it fits (srkernels/ops/conv2d_pointwise.py)
+    return conv_backward(g, x, w, has_bias, *meta, mask, grad_x_plus)
 
 
 class _RCABGroup(torch.autograd.Function):
@@ -103,7 +103,7 @@ class _RCABGroup(torch.autograd.Function):
             x, stats = ca(y, fw1, fb1, fw2, fb2, x, None, pool)
             saved += [r, y, stats]
         tw, tb = params[8 * nblocks:]
-        out = _conv_fwd(x, tw, tb, metas[-1], relu=False).add_(x0)
+        out = _conv_fwd(x, tw, tb, metas[-1], relu=False, residual=x0)
         ctx.save_for_backward(x0, *saved, *params)
         ctx.meta = (backend, pool, metas, nblocks, fmt)
         return out
@@ -142,9 +142,9 @@ class _RCABGroup(torch.autograd.Function):
             del gy
             gc = torch.ops.aten.threshold_backward(gr, r, 0)
             del gr
-            gin, gw1, gb1 = _conv_bwd(gc, xs.pop(), w1, b1 is not None, metas[2 * k],
-                                      (True, need[8 * k], need[8 * k + 1]))
-            gx = gin.add_(gx)  # the block's identity path
+            # + gx: the block's identity path
+            gx, gw1, gb1 = _conv_bwd(gc, xs.pop(), w1, b1 is not None, metas[2 * k],
+                                     (True, need[8 * k], need[8 * k + 1]), gx)
             grads[8 * k:8 * k + 8] = [gw1, gb1, gw2, gb2, gfw1, gfb1 if fb1 is not None else None, gfw2,
                                       gfb2 if fb2 is not None else None]
         gx0 = gx.add_(g)  # the group's skip

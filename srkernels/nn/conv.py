@@ -1,7 +1,9 @@
 """``Conv2d``: a drop-in ``nn.Conv2d`` (same keys) with a fused epilogue -- bias, ReLU and a residual add -- run
 by the ``conv2d_pointwise`` op's CPU algorithm (srkernels/ops/conv2d_pointwise.py: oneDNN's convolution with
-post-ops, the path TorchInductor takes) on weights packed once per module and input shape. Training, other
-devices and calls no algorithm supports run the op's reference (eager ``F.conv2d``) with the same result.
+post-ops, the path TorchInductor takes) on weights packed once per module and input shape. CPU training of a
+conv Winograd fits runs the op itself, through its autograd (``_train_conv2d``; its weight changes every
+step, so nothing is packed); other training, other devices and calls no algorithm supports run the op's
+reference (eager ``F.conv2d``) with the same result.
 
 The hot call (``conv2d``) runs the algorithm from Python, not through the dispatcher op
 ``torch.ops.srkernels.conv2d_pointwise``: a dispatcher op with a Python kernel adds ~3.5 us per call on top of
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, cpu_algorithm, reference
+from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, Winograd, cpu_algorithm, reference
 
 __all__ = ["Conv2d", "conv2d", "apply_conv"]
 
@@ -163,6 +165,10 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
                 b = b.detach()  # a trainable bias on a frozen weight: the algorithms record no autograd
             return entry[0].run(x, entry[1], b, conv.stride, conv.padding, conv.dilation, conv.groups,
                                 activation or "none", residual)
+    elif x.is_cpu and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        y = _train_conv2d(conv, x, b, activation, residual)
+        if y is not None:
+            return y
     return reference(x, conv.weight, b, conv.stride, conv.padding, conv.dilation, conv.groups, activation or "none",
                      residual)
 
@@ -183,6 +189,24 @@ def _autocast_conv(fn, conv, x: Tensor, activation, residual: Tensor | None, **k
         x = x.to(dt)
     y = fn(twin, x, activation, **kw) if fused is None else fn(twin, x, activation, fused, **kw)
     return _amp.add_late(y, late)
+
+
+def _train_conv2d(conv: nn.Conv2d, x: Tensor, b: Tensor | None, activation: str | None,
+                  residual: Tensor | None) -> Tensor | None:
+    """CPU training of a conv Winograd serves: the ``conv2d_pointwise`` op through its autograd (Winograd
+    forward and input gradient, ATen weight gradient; saves what the reference saves), channels_last (the
+    kernel's layout; the models restore the caller's at the end). None when Winograd does not serve it (the
+    reference runs: oneDNN's conv under autograd is what the op's other algorithm would run anyway)."""
+    w = conv.weight
+    # cheapest tests first: every other conv of a training step pays them (SRCNN's 9x9 / 5x5 / 1x1 convs)
+    if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and x.dim() == 4 and w.dtype == x.dtype
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):
+        return None
+    meta = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    if not isinstance(cpu_algorithm(x, w, *meta, training=True), Winograd):
+        return None
+    return torch.ops.srkernels.conv2d_pointwise(x.contiguous(memory_format=torch.channels_last), w, b, *meta,
+                                                activation or "none", residual)
 
 
 def apply_conv(m: nn.Module, x: Tensor, activation: str | None = None, residual: Tensor | None = None) -> Tensor:

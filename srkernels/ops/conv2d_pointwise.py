@@ -7,10 +7,13 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   the bias, ReLU and residual add as post-ops (the primitive TorchInductor emits for the same pattern). An
   algorithm may ``pack`` the weight into its own layout for one input shape; a caller that keeps the packed
   weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
-  ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``) comes first.
+  ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``, in training
+  ``SRKERNELS_WINOGRAD_TRAIN``) comes first.
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
-Backward (any device) is ATen's ``convolution_backward`` behind the ReLU mask.
+Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
+gradients; the input gradient too, except where training runs ``Winograd``: then it is a second Winograd conv
+(F(4,3)) with the weight rotated and transposed (issue 13).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import Tensor
 
 from . import _checks, _dispatch
 from ._registry import OpSpec
-from .winograd_conv3x3 import winograd_use, winograd_weight
+from .winograd_conv3x3 import winograd_use, winograd_weight, winograd_weight_step
 
 OP = "conv2d_pointwise"
 ACTIVATIONS = ("none", "relu")
@@ -125,6 +128,22 @@ def winograd_tile() -> int:
     return int(raw)
 
 
+WINOGRAD_TRAIN_ENV = "SRKERNELS_WINOGRAD_TRAIN"
+
+
+@functools.cache
+def winograd_train_tile() -> int:
+    """The Winograd tile of training (``SRKERNELS_WINOGRAD_TRAIN``): 2 (default, F(2x2,3x3)), 4 or 0 (off);
+    0 whenever ``SRKERNELS_WINOGRAD=0``. F(2,3) by default: its forward rounds less than oneDNN's, so RCAN's
+    fp32 gradients stay as close to float64 as the oneDNN path's; F(4,3) puts them 1.3-5x further for a
+    ~6% faster RCAN step (docs/ops.md, ``## conv2d_pointwise``). Read once per process."""
+    raw = os.environ.get(WINOGRAD_TRAIN_ENV, "2").strip()
+    if raw not in ("0", "2", "4"):
+        raise ValueError(f"{WINOGRAD_TRAIN_ENV} must be 2 (F(2x2,3x3), the default), 4 (F(4x4,3x3)) or 0 (off), "
+                         f"got {raw!r}")
+    return int(raw) if winograd_tile() else 0
+
+
 class Winograd(CpuAlgorithm):
     """The ``winograd_conv3x3`` kernel (csrc/cpu/winograd_conv.cpp) for float32 3x3 convs with stride 1, zero
     padding 1, no dilation or groups, where ``winograd_use`` measured it faster than oneDNN (AVX2 / AVX-512
@@ -138,7 +157,11 @@ class Winograd(CpuAlgorithm):
         self.m = m
 
     def supports(self, x, weight, stride, padding, dilation, groups):
-        return (winograd_tile() == self.m and x.dtype == torch.float32 and weight.dtype == torch.float32
+        return winograd_tile() == self.m and self.fits(x, weight, stride, padding, dilation, groups)
+
+    def fits(self, x, weight, stride, padding, dilation, groups) -> bool:
+        """The call is one the kernel runs and ``winograd_use`` measured faster (whatever the tile setting)."""
+        return (x.dtype == torch.float32 and weight.dtype == torch.float32
                 and groups == 1 and weight.shape[2] == 3 and weight.shape[3] == 3 and tuple(stride) == (1, 1)
                 and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
                 and winograd_use(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]))
@@ -147,24 +170,74 @@ class Winograd(CpuAlgorithm):
         return winograd_weight(weight.detach(), self.m)
 
     def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
-        if weight.dim() == 4:  # an unpacked weight (the op called directly): transform per call
-            weight = winograd_weight(weight.detach(), self.m)
+        if weight.dim() == 4:  # an unpacked weight (the op called directly, training): transform per call
+            weight = winograd_weight_step(weight, self.m)
         return torch.ops.srkernels.winograd_conv3x3(x, weight, bias, activation, residual)
+
+    def grad_input(self, grad: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The input gradient of a conv this algorithm ``supports`` (3x3, stride 1, padding 1), ``+ residual``:
+        ``conv3x3(grad, weight.flip(2, 3).transpose(0, 1), padding=1)``, the same Winograd kernel (its
+        ``winograd_use`` rule is symmetric in the channel counts). ``weight`` is the plain 4-D weight."""
+        return torch.ops.srkernels.winograd_conv3x3(
+            grad, winograd_weight_step(weight, self.m, grad_input=True), None, "none", residual)
 
 
 ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), ONEDNN]  # best first
+# The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
+# gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
+# same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).
+GRAD_INPUT_WINOGRAD = Winograd(4)
 
 
-def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> CpuAlgorithm | None:
-    """The first of ``ALGORITHMS`` that supports this CPU call, or None (then the reference runs)."""
+def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, *,
+                  training: bool = False) -> CpuAlgorithm | None:
+    """The first of ``ALGORITHMS`` that supports this CPU call, or None (then the reference runs).
+    ``training``: a call autograd records (forward or backward); Winograd's tile is then
+    ``winograd_train_tile()`` instead of ``winograd_tile()``."""
+    tile = winograd_train_tile() if training else None
     for alg in ALGORITHMS:
-        if alg.supports(x, weight, stride, padding, dilation, groups):
+        if training and isinstance(alg, Winograd):
+            if alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
+                return alg
+        elif alg.supports(x, weight, stride, padding, dilation, groups):
             return alg
     return None
 
 
-def _cpu(x, weight, bias, stride, padding, dilation, groups, activation, residual):
-    alg = cpu_algorithm(x, weight, stride, padding, dilation, groups)
+def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, stride, padding, dilation, groups: int,
+                  mask: tuple[bool, bool, bool], grad_x_plus: Tensor | None = None) -> tuple:
+    """``(grad_x, grad_weight, grad_bias)`` of ``F.conv2d(x, weight, bias)`` for the output gradient ``grad``
+    (``mask`` says which are needed; the others are None). ``grad_x_plus`` is added to grad_x (a skip path's
+    gradient; the Winograd kernel adds it in its epilogue). grad_x by Winograd F(4,3) (``GRAD_INPUT_WINOGRAD``)
+    where training runs Winograd (``winograd_train_tile()`` not 0 and the call fits), else ATen; grad_weight and
+    grad_bias by ATen (oneDNN on CPU)."""
+    gx = None
+    alg = None
+    if mask[0] and x.is_cpu:
+        alg = cpu_algorithm(x, weight, stride, padding, dilation, groups, training=True)
+    if isinstance(alg, Winograd):
+        gx = GRAD_INPUT_WINOGRAD.grad_input(grad, weight, grad_x_plus)
+        mask = (False, mask[1], mask[2])
+    bias_sizes = [weight.shape[0]] if has_bias else None
+    if mask[0] or mask[1] or (mask[2] and has_bias):
+        gx2, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+            [mask[0], mask[1], mask[2] and has_bias])
+    else:
+        gx2 = gw = gb = None
+    if gx is None:
+        gx = gx2 if grad_x_plus is None or gx2 is None else gx2.add_(grad_x_plus)
+    return gx, gw, gb
+
+
+def run_cpu(x, weight, bias, stride, padding, dilation, groups, activation, residual, *,
+            training: bool | None = None):
+    """The op's CPU kernel (no validation, no autograd): the first supporting algorithm, else the reference.
+    ``training`` (``cpu_algorithm``) defaults to whether any tensor requires grad: the kernel cannot see grad
+    mode (the autograd layer turns it off before calling it), so a no_grad call on such tensors counts too."""
+    if training is None:
+        training = any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    alg = cpu_algorithm(x, weight, stride, padding, dilation, groups, training=training)
     if alg is None:
         return reference(x, weight, bias, stride, padding, dilation, groups, activation, residual)
     return alg.run(x, weight, bias, stride, padding, dilation, groups, activation, residual)
@@ -242,6 +315,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mask)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.activation, ctx.has_residual = activation, residual is not None
+    # the algorithm rule the forward kernel applied (run_cpu), for a mask recomputed in backward
+    ctx.training = any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
 
 
 def _backward(ns, ctx, grad):
@@ -249,14 +324,15 @@ def _backward(ns, ctx, grad):
     stride, padding, dilation, groups = ctx.conv
     g = grad
     if ctx.activation == "relu":
-        if mask is None:
+        if mask is None:  # the conv output again, by the forward's own algorithm (the same bits)
             with torch.no_grad():
-                mask = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+                mask = (run_cpu(x, weight, bias, stride, padding, dilation, groups, "none", None,
+                                training=ctx.training) if x.is_cpu
+                        else reference(x, weight, bias, stride, padding, dilation, groups, "none", None))
         g = torch.ops.aten.threshold_backward(grad, mask, 0)
     need = ctx.needs_input_grad
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        g, x, weight, None if bias is None else [bias.shape[0]], stride, padding, dilation, False, [0, 0], groups,
-        [need[0], need[1], bias is not None and need[2]])
+    gx, gw, gb = conv_backward(g, x, weight, bias is not None, stride, padding, dilation, groups,
+                               (need[0], need[1], need[2]))
     return gx, gw, gb, None, None, None, None, None, grad if ctx.has_residual else None
 
 
@@ -268,5 +344,5 @@ SPEC = OpSpec(
     autograd={OP: (_setup_context, _backward)},
     reference=reference,
     backends=(),
-    kernels={OP: {"CPU": _cpu, "CUDA": _other_device}},
+    kernels={OP: {"CPU": run_cpu, "CUDA": _other_device}},
 )

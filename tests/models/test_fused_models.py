@@ -6,6 +6,7 @@ the fused model loads its state_dict, so any difference is the fused kernels' ro
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from srkernels.models import build
 
+from .._winograd import TRAIN_ENVS, count_winograd, needs_winograd, winograd_env  # noqa: F401 (fixtures)
 from .test_models import SMALL, cases
 
 pytest.importorskip("srkernels._C", reason="the fused models need the compiled extension")
@@ -78,6 +80,37 @@ def test_outputs_and_gradients(name, scale, cfg):
             continue
         assert fp[k].grad is not None, f"{k}: no gradient in the fused model"
         close(fp[k].grad, p.grad, f"grad {k}")
+
+
+@needs_winograd
+@pytest.mark.parametrize("env, tile", TRAIN_ENVS[:2], ids=str)
+@pytest.mark.parametrize("cfg", [{}, dict(bam=True)], ids=["rcan", "rcan_bam"])
+def test_training_with_winograd_convs(winograd_env, count_winograd, cfg, env, tile):
+    """Train mode at >= 64 pixels (16 channels): RCAN's convs run Winograd forward and for their input
+    gradients (the residual-group node for RCAN, the conv2d_pointwise op per layer for RCAN-BAM); the output
+    and every gradient against the reference within the parity bound, and against float64."""
+    winograd_env(*env)
+    ref, fused = pair("rcan", 2, cfg)
+    x = model_input(ref, h=9, w=8)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fused(xf)
+    close(yf.detach(), yr.detach(), "output")
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    assert count_winograd["run"] > 0 and count_winograd["grad_input"] > 0 and count_winograd["run_tiles"] == {tile}
+    assert count_winograd["grad_tiles"] == {4}
+    close(xf.grad, xr.grad, "input grad")
+    rd = copy.deepcopy(ref).double()
+    xd = x.double().requires_grad_()
+    rd(xd).backward(g.double())
+    close(xf.grad, xd.grad, "input grad vs float64")
+    fp, dp = dict(fused.named_parameters()), dict(rd.named_parameters())
+    for k, p in ref.named_parameters():
+        if p.grad is None:
+            continue
+        close(fp[k].grad, p.grad, f"grad {k}")
+        close(fp[k].grad, dp[k].grad, f"grad {k} vs float64")
 
 
 @pytest.mark.parametrize("name, scale, cfg", [

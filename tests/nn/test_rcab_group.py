@@ -10,6 +10,7 @@ from srkernels.benchmark import saved_bytes
 from srkernels.nn import RCAB
 from srkernels.nn.attention import rcab_group
 
+from .._winograd import TRAIN_ENVS, count_winograd, needs_winograd, winograd_env  # noqa: F401 (fixtures)
 from ..conftest import assert_close, cpu_backends
 
 pytestmark = pytest.mark.skipif(not cpu_backends("channel_attention"),
@@ -115,3 +116,32 @@ def test_falls_back_when_it_does_not_apply():
     bam = nn.ModuleList([RCAB(8, 4, attention="bam")])
     assert rcab_group(bam, tail, x) is None
     assert rcab_group(blocks, nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), x) is None
+
+
+@needs_winograd
+@pytest.mark.parametrize("env, tile", TRAIN_ENVS, ids=str)
+def test_winograd_convs_match_float64(winograd_env, count_winograd, env, tile):
+    """At >= 16 channels and >= 64 pixels every 3x3 conv of the group runs Winograd forward (the training
+    tile) and for its input gradient (F(4,3)); off: none, oneDNN. Output and every gradient against float64
+    within fp32 TOL."""
+    winograd_env(*env)
+    n = 3
+    blocks, tail = _group(n=n, c=16, reduction=4)
+    params = [*blocks.parameters(), *tail.parameters()]
+    x = torch.randn(2, 16, 9, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y = rcab_group(blocks, tail, x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(y, [x, *params], g)
+    bd, td = _group(n=n, c=16, reduction=4)
+    bd.load_state_dict(blocks.state_dict()), td.load_state_dict(tail.state_dict())
+    bd, td = bd.double(), td.double()
+    xd = x.detach().double().requires_grad_()
+    yd = _eager(bd, td, xd)
+    want = torch.autograd.grad(yd, [xd, *bd.parameters(), *td.parameters()], g.double())
+    assert_close(y, yd, torch.float32, "output")
+    names = ["x"] + [k for k, _ in [*blocks.named_parameters(), *tail.named_parameters()]]
+    for k, a, e in zip(names, got, want):
+        assert_close(a, e, torch.float32, f"grad {k}")
+    convs = (2 * n + 1) * (tile != 0)
+    assert count_winograd == {"run": convs, "grad_input": convs, "run_tiles": {tile} if convs else set(),
+                              "grad_tiles": {4} if convs else set()}

@@ -9,6 +9,7 @@ import torch
 import srkernels
 from srkernels import ops
 
+from .._winograd import TRAIN_ENVS, count_winograd, needs_winograd, winograd_env  # noqa: F401 (fixtures)
 from ._parity import FORMATS, randn, run_parity
 
 conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]  # (srkernels.ops.conv2d_pointwise is the function)
@@ -124,17 +125,6 @@ def test_a_plugged_in_cpu_algorithm_serves_the_op_and_nn(monkeypatch):
         assert (alg.packs, alg.plain_runs, alg.packed_runs) == (1, 1, 3)
 
 
-@pytest.fixture
-def winograd_env(monkeypatch):
-    """Set SRKERNELS_WINOGRAD for one test (read once per process: the cache is cleared before and after)."""
-    def set_(value):
-        monkeypatch.setenv("SRKERNELS_WINOGRAD", value)
-        conv_op.winograd_tile.cache_clear()
-    yield set_
-    monkeypatch.delenv("SRKERNELS_WINOGRAD", raising=False)
-    conv_op.winograd_tile.cache_clear()
-
-
 @pytest.mark.skipif(srkernels.build_info().get("cpu_capability") not in ("avx2", "avx512"),
                     reason="Winograd serves the avx2 and avx512 builds only (winograd_use)")
 @pytest.mark.parametrize("env, want", [(None, "winograd4"), ("4", "winograd4"), ("2", "winograd2"),
@@ -163,6 +153,39 @@ def test_winograd_is_the_float32_3x3_algorithm(winograd_env, env, want):
     assert list(packs) == [tuple(x.shape)] and packs[tuple(x.shape)][0] is alg
     if alg.name == "winograd":
         assert packs[tuple(x.shape)][1].shape == ((alg.m + 2) ** 2, 16, 24)
+
+
+@needs_winograd
+@pytest.mark.parametrize("env, tile", TRAIN_ENVS, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_training_runs_winograd_forward_and_input_gradient(winograd_env, count_winograd, env, tile, variant):
+    """Training through the op (what srkernels.nn.conv2d runs for a Winograd conv): Winograd forward at the
+    training tile (ReLU + residual: the mask recomputed by it too), input gradient by Winograd F(4,3), ATen
+    weight and bias gradients; every gradient against float64 within fp32 TOL (conftest.py); off: none runs."""
+    winograd_env(*env)
+    bias, act, residual = variant
+    inputs = make_inputs(2, 16, 9, 11, 24, 3, 1, 1, 1, 1, bias, residual, seed=3)
+    inputs["weight"] = inputs["weight"] / 4  # ~1/sqrt(9 C): unit-scale outputs, as in a trained network
+    run_parity(_fn(ops.conv2d_pointwise, 1, 1, 1, 1, act), _fn(_reference, 1, 1, 1, 1, act), inputs,
+               backend="compiled", dtype=torch.float32, fmt="channels_last")
+    on = tile != 0
+    mask_again = act == "relu" and residual
+    assert count_winograd == {"run": on * (1 + mask_again), "grad_input": on, "run_tiles": {tile} if on else set(),
+                              "grad_tiles": {4} if on else set()}  # the input gradient: F(4,3) (GRAD_INPUT_WINOGRAD)
+
+
+def test_inference_and_training_tiles(winograd_env):
+    """No tensor requiring grad: SRKERNELS_WINOGRAD's tile; one that does: SRKERNELS_WINOGRAD_TRAIN's."""
+    x, w = torch.randn(1, 16, 9, 9), torch.randn(16, 16, 3, 3)
+    meta = ([1, 1], [1, 1], [1, 1], 1)
+    winograd_env("4")
+    cap = srkernels.build_info().get("cpu_capability")
+    for training, want in ((False, 4), (True, 2)):
+        alg = conv_op.cpu_algorithm(x, w, *meta, training=training)
+        assert getattr(alg, "m", None) == (want if cap in ("avx2", "avx512") else None)
+    winograd_env("4", "x")
+    with pytest.raises(ValueError, match="SRKERNELS_WINOGRAD_TRAIN"):
+        conv_op.winograd_train_tile()
 
 
 def test_winograd_env_is_checked(winograd_env):

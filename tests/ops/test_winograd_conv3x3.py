@@ -211,3 +211,34 @@ def test_bad_weight(kw, exc, match):
     args = dict(weight=torch.randn(6, 4, 3, 3), m=4) | kw
     with pytest.raises(exc, match=match):
         W.winograd_weight(**args)
+
+
+@pytest.mark.parametrize("m", W.TILES)
+def test_weight_step_is_the_float64_transform(m):
+    """``winograd_weight_step`` (one float32 matmul, training) agrees with ``winograd_weight`` (float64, rounded
+    once) to a few float32 ulps, also for the input-gradient conv (weight rotated 180 degrees, C_in <-> C_out),
+    on a non-contiguous weight too; it records no autograd."""
+    w = randn(24, 17, 3, 3, seed=3, scale=0.2).float().requires_grad_(True)
+    for weight in (w, w.detach().contiguous(memory_format=torch.channels_last)):
+        for grad_input, want in ((False, W.winograd_weight(weight.detach(), m)),
+                                 (True, W.winograd_weight(weight.detach().flip(2, 3).transpose(0, 1), m))):
+            got = W.winograd_weight_step(weight, m, grad_input=grad_input)
+            assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+            assert not got.requires_grad
+            assert (got - want).abs().max().item() <= 8 * torch.finfo(torch.float32).eps * want.abs().max().item()
+    with pytest.raises(ValueError, match="m must be"):
+        W.winograd_weight_step(w, 3)
+
+
+@compiled
+@pytest.mark.parametrize("m", W.TILES)
+def test_grad_input_weight_runs_the_input_gradient(m):
+    """The kernel on ``winograd_weight_step(w, m, grad_input=True)`` is the input gradient of the 3x3 conv
+    (float64 ATen ``convolution_backward``), + a residual."""
+    x, w, _, _, _ = _inputs(2, 20, 24, 9, 10, m, False, False)
+    g = randn(2, 24, 9, 10, seed=11).float()
+    r = randn(2, 20, 9, 10, seed=12).float()
+    got = W.winograd_conv3x3(g, W.winograd_weight_step(w, m, grad_input=True), None, residual=r)
+    want = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1],
+                                               False, [0, 0], 1, [True, False, False])[0] + r.double()
+    assert _err(got, want) <= TOL[m]
