@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import SRModel, positive_int
@@ -72,16 +71,9 @@ class SRCNN(SRModel):
         if min(x.shape[-2:]) <= 2 * self.border:
             raise ValueError(f"x must be larger than {2 * self.border} px per side for padding='valid', "
                              f"got {tuple(x.shape[-2:])}")
-        convs = (self.features[0], self.map[0], self.reconstruction)
-        if self.fused and torch.is_grad_enabled() and all(type(c) is nn.Conv2d and c.padding_mode == "zeros"
-                                                          for c in convs):
-            # training: three eager convs with in-place ReLUs (nothing to fuse that autograd would not save anyway;
-            # the per-layer dispatch and out-of-place ReLUs of the inference path cost ~3% of this 5 ms step)
-            f, m, r = convs
-            h = F.conv2d(x, f.weight, f.bias, f.stride, f.padding, f.dilation, f.groups).relu_()
-            h = F.conv2d(h, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups).relu_()
-            return F.conv2d(h, r.weight, r.bias, r.stride, r.padding, r.dilation, r.groups)
-        if self.fused:  # conv + bias + ReLU as one call each (prepacked oneDNN in CPU inference)
+        # with autograd recording there is nothing to fuse (three convs and in-place ReLUs, all saved anyway): the
+        # fused model runs the reference's own layers, so its training step is the reference's
+        if self.fused and not torch.is_grad_enabled():  # conv + bias + ReLU as one call each (prepacked oneDNN)
             from ..nn.conv import apply_conv
 
             h = apply_conv(self.map[0], apply_conv(self.features[0], x, "relu"), "relu")
