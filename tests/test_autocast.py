@@ -19,6 +19,7 @@ from srkernels import ops
 from srkernels.models import build
 from srkernels.ops.winograd_conv3x3 import winograd_weight
 
+from ._models import SMALL_MODELS
 from .conftest import assert_close
 
 conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]
@@ -161,18 +162,7 @@ def test_opcheck_under_autocast():
 
 # ---- the fused models -----------------------------------------------------------------------------------------
 
-# small configs of every architecture, scales whose tails differ (as tests/nn/test_conv_packing.py)
-MODELS = {
-    "srcnn": ("srcnn", 3, {}),
-    "srdensenet": ("srdensenet", 4, dict(num_features=32, num_blocks=2, num_layers=3, growth=8, bottleneck=16)),
-    "rcan": ("rcan", 2, dict(n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4)),
-    "rcan_bam": ("rcan", 4, dict(bam=True, n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4)),
-    "rdn": ("rdn", 4, dict(num_features=16, num_blocks=2, num_layers=3, growth=8)),
-    "rdcab_ipiu": ("rdcab", 2, dict(num_features=16, growth=16, num_layers=3, num_recursions=2, num_blocks=2)),
-    "rdcab_split": ("rdcab", 4, dict(variant="split", num_features=16, growth=16, num_layers=3, num_recursions=2)),
-    "rdcab_fd_irb": ("rdcab", 3, dict(variant="fd_irb", num_features=16, growth=16, num_layers=3,
-                                      num_recursions=2)),
-}
+MODELS = SMALL_MODELS  # tests/_models.py
 # the ops that do a fused model's work (not the model-level eager glue: cat, bicubic, views)
 KERNELS = ("mkldnn._convolution_pointwise", "mkldnn._convolution_transpose_pointwise", "srkernels.", "aten.convolution")
 

@@ -51,6 +51,18 @@ def model_input(m, n=2, h=7, w=6, seed=1):
     return torch.rand(n, m.in_channels, h, w, generator=g) * m.input_range
 
 
+def train_both(ref, fused, x):
+    """Forward (outputs compared) and backward of the same random gradient through both models; returns the two
+    inputs (with their gradients) and that gradient."""
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yf = ref(xr), fused(xf)
+    close(yf.detach(), yr.detach(), "output")
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    return xr, xf, g
+
+
 def all_cases():
     yield from cases()
     yield "srcnn", 2, dict(kernel_sizes=(9, 1, 5))
@@ -66,12 +78,7 @@ def test_outputs_and_gradients(name, scale, cfg):
     ref, fused = pair(name, scale, cfg)
     h = 21 if cfg.get("padding") == "valid" else 7  # SRCNN "valid" shrinks by 16 pixels
     x = model_input(ref, h=h, w=h - 1)
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yr, yf = ref(xr), fused(xf)
-    close(yf.detach(), yr.detach(), "output")
-    g = torch.randn_like(yr)
-    yr.backward(g)
-    yf.backward(g)
+    xr, xf, g = train_both(ref, fused, x)
     close(xf.grad, xr.grad, "input grad")
     fp = dict(fused.named_parameters())
     for k, p in ref.named_parameters():
@@ -92,12 +99,7 @@ def test_training_with_winograd_convs(winograd_env, count_winograd, cfg, env, ti
     winograd_env(*env)
     ref, fused = pair("rcan", 2, cfg)
     x = model_input(ref, h=9, w=8)
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yr, yf = ref(xr), fused(xf)
-    close(yf.detach(), yr.detach(), "output")
-    g = torch.randn_like(yr)
-    yr.backward(g)
-    yf.backward(g)
+    xr, xf, g = train_both(ref, fused, x)
     assert count_winograd["run"] > 0 and count_winograd["grad_input"] > 0 and count_winograd["run_tiles"] == {tile}
     assert count_winograd["grad_tiles"] == {4}
     close(xf.grad, xr.grad, "input grad")

@@ -21,6 +21,7 @@ from srkernels.nn import conv as conv_mod
 
 conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]  # (srkernels.ops.conv2d_pointwise is the function)
 
+from .._models import SMALL_MODELS
 from ..conftest import assert_close
 
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -293,18 +294,7 @@ def test_packed_fast_path_never_serves_a_stale_weight():
 
 # --- issue 13: every conv of a fused model on the prepacked path --------------------------------------------------
 
-# small configs of every architecture (as tests/models' SMALL), at scales whose tails differ
-_MODEL_CASES = {
-    "srcnn": ("srcnn", 3, {}),
-    "srdensenet": ("srdensenet", 4, dict(num_features=32, num_blocks=2, num_layers=3, growth=8, bottleneck=16)),
-    "rcan": ("rcan", 2, dict(n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4)),
-    "rcan_bam": ("rcan", 4, dict(bam=True, n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4)),
-    "rdn": ("rdn", 4, dict(num_features=16, num_blocks=2, num_layers=3, growth=8)),
-    "rdcab_ipiu": ("rdcab", 2, dict(num_features=16, growth=16, num_layers=3, num_recursions=2, num_blocks=2)),
-    "rdcab_split": ("rdcab", 4, dict(variant="split", num_features=16, growth=16, num_layers=3, num_recursions=2)),
-    "rdcab_fd_irb": ("rdcab", 3, dict(variant="fd_irb", num_features=16, growth=16, num_layers=3,
-                                      num_recursions=2)),
-}
+_MODEL_CASES = SMALL_MODELS  # tests/_models.py
 
 _MODELS_WARM_THEN_MEASURE = """
     import sys, torch
