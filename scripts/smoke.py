@@ -142,6 +142,20 @@ def op_cases():
         x=randn(N, C, H, W, seed=51), fw=randn(C, K, seed=70, scale=K ** -0.5), fb=randn(C, seed=71, scale=0.1),
         gw1=randn(4, K, seed=72, scale=K ** -0.5), gb1=randn(4, seed=73, scale=0.1), gw2=randn(K, 4, seed=74, scale=0.5),
         gb2=randn(K, seed=75, scale=0.1), **ws, **bs), ("x",))
+    # >= 16 channels per layer and >= 64 pixels: the avx2 / avx512 builds run these float32 layers by Winograd
+    # F(4x4,3x3) (csrc/cpu/winograd.h, winograd_use), which the block above (4 channels per layer) never reaches
+    cw, gw, lw, hw, ww = 16, 16, 2, 9, 8
+    plan_w = rdb_plan(cw, gw, lw)
+    ws_w = {f"w{i}": randn(gw, cw + i * gw, 3, 3, seed=80 + i, scale=(9 * (cw + i * gw)) ** -0.5) for i in range(lw)}
+    bs_w = {f"b{i}": randn(gw, seed=90 + i, scale=0.1) for i in range(lw)}
+
+    def dense_w(x, fw, **wb):
+        return ops.dense_block(x, [wb[f"w{i}"] for i in range(lw)], [wb[f"b{i}"] for i in range(lw)], plan_w,
+                               fuse_weight=fw, residual=x)
+
+    Kw = cw + lw * gw
+    yield ("dense_block winograd layers", dense_w, dict(
+        x=randn(N, cw, hw, ww, seed=81), fw=randn(cw, Kw, seed=82, scale=Kw ** -0.5), **ws_w, **bs_w), ("x",))
 
 
 def check_op(name, fn, inputs, maps, dtype, fmt) -> str:
@@ -183,7 +197,8 @@ def check_model(name, cfg, dtype) -> str:
             p.add_(0.02 * torch.randn_like(p))
     fused.to(dtype)
     ref.double().load_state_dict({k: v.double() for k, v in fused.state_dict().items()})  # the rounded weights
-    x = (torch.rand(1, fused.in_channels, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # 9 x 8 = 72 pixels and 16 channels: RCAN's 3x3 convs take the Winograd training path (winograd_use)
+    x = (torch.rand(1, fused.in_channels, 9, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
          * fused.input_range)
     xf = x.to(dtype).requires_grad_()
     xr = xf.detach().double().requires_grad_()
