@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .conv import PackCache, _module_cache  # (conv.py imports this module after defining them)
+from ._cache import PackCache, _module_cache
 
 
 def dtype(x: Tensor, *params: Tensor | None) -> torch.dtype | None:

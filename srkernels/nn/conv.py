@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _amp
+from ._cache import PackCache, _module_cache
 from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, Winograd, cpu_algorithm, reference
 
 __all__ = ["Conv2d", "conv2d", "apply_conv"]
@@ -27,38 +29,6 @@ ACTIVATIONS = (None, "relu")
 # weight, so this bounds memory when every image has its own size (then each forward packs once, about what
 # eager pays per call anyway); tiled inference runs one tile size, and a few sizes in rotation still hit.
 _PACK_CACHE_SIZE = 4
-
-
-class PackCache:
-    """Holds derived weights (oneDNN-packed, relaid) on a module: ``key`` says which weights they came from,
-    ``data`` what was built. A module copy or pickle gets an empty cache (packed oneDNN tensors have no storage
-    to copy, and a copy rebuilds on first use anyway)."""
-
-    __slots__ = ("key", "data")
-
-    def __init__(self, key=None, data=None) -> None:
-        self.key, self.data = key, data
-
-    def __deepcopy__(self, memo) -> "PackCache":
-        return PackCache()
-
-    def __copy__(self) -> "PackCache":
-        return PackCache()
-
-    def __reduce__(self):
-        return (PackCache, ())
-
-
-def _module_cache(m: nn.Module, attr: str, key, build):
-    """``build()`` cached on ``m`` under ``attr`` while ``key`` stays the same."""
-    c = m.__dict__.get(attr)
-    if c is None or c.key != key:
-        c = PackCache(key, build())
-        m.__dict__[attr] = c
-    return c.data
-
-
-from . import _amp  # noqa: E402  (after PackCache and _module_cache, which nn/_amp.py imports)
 
 
 def _packable(conv: nn.Module, x: Tensor, residual: Tensor | None) -> bool:

@@ -12,7 +12,7 @@ from ..dense_plan import fdirb_plan, rdb_plan, split_plan, srdense_plan
 from ..ops.dense_block import cpu_layout
 from ..reference import dense as R
 from . import _amp
-from .conv import _module_cache
+from ._cache import _module_cache
 
 __all__ = ["ResidualDenseBlock", "RDCAB", "SRDenseBlock", "SplitBlock", "FDIRB"]
 

@@ -24,7 +24,8 @@ from ..dense_plan import DenseLayer, DensePlan, cached_plan
 from ..ops.dense_block import cpu_layout
 from ..reference import srdensenet as R
 from . import _amp
-from .conv import _module_cache, conv2d, conv_transpose2d
+from ._cache import _module_cache
+from .conv import conv2d, conv_transpose2d
 from .dense import _inference_cache
 
 __all__ = ["SRDenseNetNetwork"]
