@@ -132,12 +132,28 @@ def markdown(rows: list[dict]) -> str:
     ])
 
 
+def portable(value):
+    """``value`` (nested dicts/lists) with every absolute path string made portable for a tracked record: relative
+    to the repository when inside it, else ``<outside>/`` + its file name (no machine's local paths)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        p = Path(value).resolve()
+        try:
+            return str(p.relative_to(HERE.parent))
+        except ValueError:
+            return "<outside>/" + p.name
+    return value
+
+
 def record(bench: str, rows: list[dict], extra: dict) -> Path:
-    """Append one JSON line per run under benchmarks/results/<bench>.jsonl."""
+    """Append one JSON line per run under benchmarks/results/<bench>.jsonl (paths made ``portable``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{bench}.jsonl"
-    entry = {"bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": git_sha(),
-             "srkernels": srkernels.build_info(), "machine": describe_machine(), **extra, "rows": rows}
+    entry = portable({"bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git": git_sha(),
+                      "srkernels": srkernels.build_info(), "machine": describe_machine(), **extra, "rows": rows})
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
     return path

@@ -121,3 +121,40 @@ def test_bench_models_upscale_row_runs(monkeypatch):
     assert [r["variant"] for r in rows] == ["reference", "fused"]
     assert all(r["out_shape"] == [1, 3, 80, 112] for r in rows)
     assert float(rows[1]["note"].split()[-1]) < 1e-4  # fused output checked against the reference in the run
+
+
+# --- tracked benchmark records name no machine's local paths --------------------------------------------------
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_recorded_results_hold_no_absolute_paths():
+    import json
+
+    records = sorted((BENCH_DIR / "results").glob("*.jsonl"))
+    assert records
+    for f in records:
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            bad = [s for s in _strings(json.loads(line)) if s.startswith("/")]
+            assert not bad, f"{f.name}:{i}: absolute paths {bad}"
+
+
+def test_harness_record_makes_paths_portable(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import harness
+
+    inside = str(BENCH_DIR / "results" / "models.png")
+    got = harness.portable({"args": {"plot": inside, "other": "/tmp/x/p.png", "n": 3, "rel": "a/b"}, "l": ["/y/z"]})
+    assert got == {"args": {"plot": "benchmarks/results/models.png", "other": "<outside>/p.png", "n": 3,
+                            "rel": "a/b"}, "l": ["<outside>/z"]}
