@@ -150,11 +150,11 @@ def test_recorded_results_hold_no_absolute_paths():
             assert not bad, f"{f.name}:{i}: absolute paths {bad}"
 
 
-def test_harness_record_makes_paths_portable(monkeypatch):
+def test_harness_record_makes_paths_portable(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCH_DIR))
     import harness
 
-    inside = str(BENCH_DIR / "results" / "models.png")
-    got = harness.portable({"args": {"plot": inside, "other": "/tmp/x/p.png", "n": 3, "rel": "a/b"}, "l": ["/y/z"]})
+    inside, outside = str(BENCH_DIR / "results" / "models.png"), str(tmp_path / "p.png")  # tmp_path: not in the repo
+    got = harness.portable({"args": {"plot": inside, "other": outside, "n": 3, "rel": "a/b"}, "l": [outside]})
     assert got == {"args": {"plot": "benchmarks/results/models.png", "other": "<outside>/p.png", "n": 3,
-                            "rel": "a/b"}, "l": ["<outside>/z"]}
+                            "rel": "a/b"}, "l": ["<outside>/p.png"]}
