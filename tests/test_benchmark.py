@@ -123,6 +123,27 @@ def test_bench_models_upscale_row_runs(monkeypatch):
     assert float(rows[1]["note"].split()[-1]) < 1e-4  # fused output checked against the reference in the run
 
 
+# --- benchmarks/bench_winograd_bf16.py: its simulation is the Winograd conv, and bf16 rounding is where it says ----
+
+
+def test_bench_winograd_bf16_simulation(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import torch
+    import torch.nn.functional as F
+
+    import bench_winograd_bf16 as b
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 5, 3, 3, generator=g, dtype=torch.float64)
+    for m in (2, 4):  # without rounding: the conv itself, odd sizes included
+        torch.testing.assert_close(b.winograd_sim(x, w, m, lambda t: t), F.conv2d(x, w, padding=1), rtol=1e-12,
+                                   atol=1e-12)
+    err = b.single_conv()
+    assert err["fp32 direct"] < 1e-6 and err["fp32 F(4,3)"] < 1e-5  # float32 stays float32
+    assert err["bf16 direct"] < err["bf16 F(2,3)"] < err["bf16 F(4,3)"]  # rounding V and U costs accuracy
+
+
 # --- tracked benchmark records name no machine's local paths --------------------------------------------------
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
