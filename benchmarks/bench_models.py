@@ -332,6 +332,16 @@ def y_psnr(a: torch.Tensor, b: torch.Tensor, border: int) -> float:
     return 10 * math.log10(1.0 / ((ya - yb) ** 2).mean().item())
 
 
+def photo_pair(img, scale: int, side: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HR, LR) [1, 3, H, W] float tensors on [0, 1] from an HxWx3 uint8 photograph: its centre ``side`` x ``side``
+    crop, and that crop downscaled by bicubic with antialiasing (clamped)."""
+    hr = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    h, w = hr.shape[-2:]
+    hr = hr[..., (h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
+    lr = F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+    return hr, lr.clamp(0, 1)
+
+
 def bench_bf16_quality(names, scale) -> list[dict]:
     """Y-PSNR of the fused model's fp32 and bf16 outputs against the HR photograph (scikit-image's bundled
     astronaut, chelsea, coffee; 192x192 centre crops, LR by bicubic antialiased downscaling), and of bf16
@@ -351,11 +361,7 @@ def bench_bf16_quality(names, scale) -> list[dict]:
         _, fused = model_pair(key, scale, train=False)
         fb = copy.deepcopy(fused).to(torch.bfloat16)
         for pname, img in photos.items():
-            hr = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
-            h, w = hr.shape[-2:]
-            side = 192
-            hr = hr[..., (h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
-            lr = F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+            hr, lr = photo_pair(img, scale)
             if fused.in_channels == 1:  # Y-channel models: feed Y, compare Y
                 wts = torch.tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1) / 255.0
                 lr = (lr.clamp(0, 1) * wts).sum(1, keepdim=True) + 16 / 255

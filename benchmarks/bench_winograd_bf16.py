@@ -133,11 +133,7 @@ def main(argv=None) -> None:
         ref64 = copy.deepcopy(ref).double()
         for pname in args.photos.split(","):
             img = getattr(data, pname)()
-            hr = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
-            h, w = hr.shape[-2:]
-            hr = hr[..., (h - 192) // 2:(h + 192) // 2, (w - 192) // 2:(w + 192) // 2]
-            lr = F.interpolate(hr, scale_factor=1 / args.scale, mode="bicubic", antialias=True,
-                               align_corners=False).clamp(0, 1)
+            _, lr = bench_models.photo_pair(img, args.scale)
             with torch.no_grad():
                 y64 = ref64(lr.double() * ref.input_range) / ref.input_range
                 for name in VARIANTS:

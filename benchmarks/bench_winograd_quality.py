@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -65,11 +64,7 @@ def main(argv=None) -> None:
     for key in args.models.split(","):
         for pname in ("astronaut", "chelsea", "coffee"):
             img = getattr(data, pname)()
-            hr = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
-            h, w = hr.shape[-2:]
-            hr = hr[..., (h - 192) // 2:(h + 192) // 2, (w - 192) // 2:(w + 192) // 2]
-            lr = F.interpolate(hr, scale_factor=1 / args.scale, mode="bicubic", antialias=True,
-                               align_corners=False).clamp(0, 1)
+            hr, lr = bench_models.photo_pair(img, args.scale)
             probe = bench_models.model_pair(key, args.scale, train=False)[1]
             if probe.in_channels == 1:
                 continue  # Y-channel models (SRCNN, SRDenseNet): bench_models --bf16 has their Y handling
