@@ -8,7 +8,8 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   algorithm may ``pack`` the weight into its own layout for one input shape; a caller that keeps the packed
   weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
   ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``, in training
-  ``SRKERNELS_WINOGRAD_TRAIN``) comes first.
+  ``SRKERNELS_WINOGRAD_TRAIN``; and in inference float32 5x5 convs by F(2x2,5x5), off with
+  ``SRKERNELS_WINOGRAD=0``) comes first.
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
@@ -27,6 +28,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 from ._registry import OpSpec
 from .winograd_conv3x3 import winograd_use, winograd_weight, winograd_weight_step
+from .winograd_conv5x5 import winograd5_use, winograd_weight5
 
 OP = "conv2d_pointwise"
 ACTIVATIONS = ("none", "relu")
@@ -153,23 +155,32 @@ class Winograd(CpuAlgorithm):
 
     name = "winograd"
 
-    def __init__(self, m: int) -> None:
-        self.m = m
+    def __init__(self, m: int, r: int = 3) -> None:
+        self.m, self.r = m, r  # F(m x m, r x r): (4, 3), (2, 3) or (2, 5) (winograd_conv5x5, inference only)
 
     def supports(self, x, weight, stride, padding, dilation, groups):
-        return winograd_tile() == self.m and self.fits(x, weight, stride, padding, dilation, groups)
+        tile = winograd_tile()
+        return (tile == self.m if self.r == 3 else tile != 0) and self.fits(x, weight, stride, padding, dilation,
+                                                                            groups)
 
     def fits(self, x, weight, stride, padding, dilation, groups) -> bool:
-        """The call is one the kernel runs and ``winograd_use`` measured faster (whatever the tile setting)."""
+        """The call is one the kernel runs and its rule (``winograd_use``, ``winograd5_use``) measured faster
+        (whatever the tile setting)."""
+        r = self.r
+        use = winograd_use if r == 3 else winograd5_use
         return (x.dtype == torch.float32 and weight.dtype == torch.float32
-                and groups == 1 and weight.shape[2] == 3 and weight.shape[3] == 3 and tuple(stride) == (1, 1)
-                and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
-                and winograd_use(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]))
+                and groups == 1 and weight.shape[2] == r and weight.shape[3] == r and tuple(stride) == (1, 1)
+                and tuple(padding) == (r // 2, r // 2) and tuple(dilation) == (1, 1)
+                and use(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]))
 
     def pack(self, weight, stride, padding, dilation, groups, input_shape):
-        return winograd_weight(weight.detach(), self.m)
+        return winograd_weight(weight.detach(), self.m) if self.r == 3 else winograd_weight5(weight.detach())
 
     def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
+        if self.r == 5:
+            if weight.dim() == 4:  # the op called directly: transform per call
+                weight = winograd_weight5(weight.detach())
+            return torch.ops.srkernels.winograd_conv5x5(x, weight, bias, activation, residual)
         if weight.dim() == 4:  # an unpacked weight (the op called directly, training): transform per call
             weight = winograd_weight_step(weight, self.m)
         return torch.ops.srkernels.winograd_conv3x3(x, weight, bias, activation, residual)
@@ -182,7 +193,7 @@ class Winograd(CpuAlgorithm):
             grad, winograd_weight_step(weight, self.m, grad_input=True), None, "none", residual)
 
 
-ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), ONEDNN]  # best first
+ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), Winograd(2, 5), ONEDNN]  # best first
 # The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
 # gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
 # same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).
@@ -196,8 +207,8 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
     ``winograd_train_tile()`` instead of ``winograd_tile()``."""
     tile = winograd_train_tile() if training else None
     for alg in ALGORITHMS:
-        if training and isinstance(alg, Winograd):
-            if alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
+        if training and isinstance(alg, Winograd):  # 3x3 only: no Winograd input gradient for 5x5 yet
+            if alg.r == 3 and alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
                 return alg
         elif alg.supports(x, weight, stride, padding, dilation, groups):
             return alg

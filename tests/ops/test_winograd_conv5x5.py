@@ -1,0 +1,271 @@
+"""winograd_conv5x5 (CPU, float32, inference, F(2x2, 5x5)): the kernel against its float64 torch reference on
+the same transformed weight and against float64 F.conv2d on the original weight, every compiled capability,
+layouts, odd sizes, epilogues, opcheck, argument errors, the conv2d_pointwise routing and the fused SRCNN."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srkernels
+from srkernels import _backend, use_backend
+
+from .._winograd import conv_op, count_winograd, needs_winograd, winograd_env  # noqa: F401 (fixtures)
+from ..conftest import layout
+from ._parity import assert_thread_independent, randn
+
+W5 = importlib.import_module("srkernels.ops.winograd_conv5x5")  # the module: ops.<name> is the function
+W3 = importlib.import_module("srkernels.ops.winograd_conv3x3")
+
+compiled = pytest.mark.skipif(not _backend.has_compiled("winograd_conv5x5", "cpu"),
+                              reason="the compiled extension has no winograd_conv5x5 CPU kernel")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# max |y - ref| <= TOL * max(1, max |ref|), against both the float64 reference on the same float32 weight_t and
+# float64 F.conv2d on the original weight. Measured (64 -> 32, unit-scale data, weights ~ 1/sqrt(25 C)):
+# ~6e-7 relative, oneDNN's own float32 conv ~5e-7 (test_error_is_bounded_like_onednn).
+TOL = 4e-6
+
+# (N, C_in, C_out, H, W): odd sizes, C not a multiple of 8 or 16, one pixel, fewer pixels than a tile or the
+# padding, one row
+SHAPES = [(1, 64, 32, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1), (2, 3, 20, 6, 3), (1, 24, 1, 2, 2),
+          (1, 9, 16, 1, 7)]
+EPILOGUES = [(False, "none", False), (True, "none", False), (True, "relu", False), (True, "none", True),
+             (True, "relu", True), (False, "relu", True)]
+
+
+def _inputs(N, C, K, H, Wd, bias, res, seed=0):
+    x = randn(N, C, H, Wd, seed=seed).float()
+    w = randn(K, C, 5, 5, seed=seed + 1, scale=1 / (5 * C ** 0.5)).float()
+    b = randn(K, seed=seed + 2).float() if bias else None
+    r = randn(N, K, H, Wd, seed=seed + 3).float() if res else None
+    return x, w, W5.winograd_weight5(w), b, r
+
+
+def _err(y, ref):
+    return (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+@compiled
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity(shape, fmt):
+    for i, (bias, act, res) in enumerate(EPILOGUES):
+        x, w, u, b, r = _inputs(*shape, bias, res, seed=10 * i)
+        x = layout(x, fmt)
+        if r is not None and i % 2:
+            r = r.contiguous(memory_format=torch.channels_last)  # a residual in the other layout
+        y = W5.winograd_conv5x5(x, u, b, act=act, residual=r)
+        assert y.dtype == torch.float32 and y.shape == (shape[0], shape[2], *shape[3:])
+        want_cl = fmt == "channels_last" or (fmt == "strided" and x.is_contiguous(memory_format=torch.channels_last))
+        if shape[2] > 1 and shape[3] * shape[4] > 1 and fmt != "strided":
+            assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+        same_algo = W5.reference(x.double(), u.double(), _d(b), act, _d(r))
+        direct = W3.conv_reference(x.double(), w.double(), _d(b), act, _d(r))
+        assert _err(y, same_algo) <= TOL, (i, _err(y, same_algo))
+        assert _err(y, direct) <= TOL, (i, _err(y, direct))
+
+
+@compiled
+@pytest.mark.parametrize("K", [1, 2, 15, 16, 17, 31, 32, 33])
+def test_output_channel_counts(K):
+    # every masked edge of the output channels (VW 8 or 16, padded to 16)
+    x, w, u, b, r = _inputs(1, 12, K, 7, 9, True, True, seed=K)
+    y = W5.winograd_conv5x5(x, u, b, act="relu", residual=r)
+    assert _err(y, W3.conv_reference(x.double(), w.double(), b.double(), "relu", r.double())) <= TOL
+
+
+def test_reference_is_the_conv():
+    # the matrices: the torch reference in float64 is the direct 5x5 conv (padding 2) to float64 rounding
+    x, w, _, b, r = _inputs(2, 6, 5, 7, 9, True, True)
+    x, w, b, r = x.double(), w.double(), b.double(), r.double()
+    got = W5.reference(x, W5.winograd_weight5(w), b, "relu", r)
+    torch.testing.assert_close(got, W3.conv_reference(x, w, b, "relu", r), rtol=1e-12, atol=1e-12)
+    assert W3.conv_reference(x, w).shape[2:] == x.shape[2:]  # padding 2
+
+
+def test_gradcheck_float64():
+    # float64 runs the differentiable reference: gradients w.r.t. x, the original weight (through
+    # winograd_weight5), bias and residual
+    x, w, _, b, r = _inputs(1, 3, 2, 5, 4, True, True)
+    args = [t.double().requires_grad_(True) for t in (x, w, b, r)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: W5.winograd_conv5x5(x, W5.winograd_weight5(w), b, act="relu", residual=r), args)
+
+
+@compiled
+def test_error_is_bounded_like_onednn():
+    # the documented accuracy claim on SRCNN's layer (64 -> 32, 48x48): within 4x oneDNN's float32 error
+    x, w, u, b, _ = _inputs(1, 64, 32, 48, 48, True, False)
+    x = x.contiguous(memory_format=torch.channels_last)
+    direct = W3.conv_reference(x.double(), w.double(), b.double())
+    onednn = _err(F.conv2d(x, w, b, padding=2), direct)
+    wino = _err(W5.winograd_conv5x5(x, u, b), direct)
+    assert wino <= 4 * onednn, (wino, onednn)
+
+
+@compiled
+def test_thread_independent():
+    x, _, u, b, r = _inputs(2, 32, 24, 23, 17, True, True)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert_thread_independent(lambda: (W5.winograd_conv5x5(x, u, b, act="relu", residual=r),))
+
+
+_CAP_SCRIPT = r"""
+import importlib, sys, torch, srkernels
+W5 = importlib.import_module("srkernels.ops.winograd_conv5x5")
+assert srkernels.build_info()["cpu_capability"] == sys.argv[1]
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for (N, C, K, H, Wd) in [(1, 64, 32, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1)]:
+    x = torch.randn(N, C, H, Wd, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(K, C, 5, 5, generator=g) / (5 * C ** 0.5)
+    b, r = torch.randn(K, generator=g), torch.randn(N, K, H, Wd, generator=g)
+    u = W5.winograd_weight5(w)
+    y = W5.winograd_conv5x5(x, u, b, act="relu", residual=r)
+    ref = W5.reference(x.double(), u.double(), b.double(), "relu", r.double())
+    err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    assert err <= float(sys.argv[2]), (N, C, K, H, Wd, err)
+    worst = max(worst, err)
+print("ok", worst)
+"""
+
+
+@compiled
+def test_every_capability():
+    caps = [c for c in srkernels.build_info()["cpu_capabilities"] if c in _backend._C.supported_cpu_capabilities()]
+    env = {k: v for k, v in os.environ.items() if k not in ("SRKERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
+    procs = {c: subprocess.Popen([sys.executable, "-c", _CAP_SCRIPT, c, str(TOL)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={**env, "SRKERNELS_CPU_CAPABILITY": c, "OMP_NUM_THREADS": "1"})
+             for c in caps}
+    for c, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.startswith("ok"), f"{c}: {err[-2000:]}"
+
+
+@compiled
+def test_opcheck():
+    x, _, u, b, r = _inputs(2, 5, 6, 7, 6, True, True)
+    for args in [(x, u, b, "relu", r), (x.contiguous(memory_format=torch.channels_last), u, None, "none", None)]:
+        torch.library.opcheck(torch.ops.srkernels.winograd_conv5x5, args)
+
+
+def test_gradient_runs_the_reference():
+    # no autograd through the kernel: a float32 call that needs a gradient takes the differentiable reference
+    x, w, _, b, _ = _inputs(1, 4, 3, 5, 6, True, False)
+    wd = w.clone().requires_grad_(True)
+    y = W5.winograd_conv5x5(x, W5.winograd_weight5(wd), b, act="relu")
+    assert y.requires_grad
+    y.sum().backward()
+    w2 = w.double().requires_grad_(True)
+    W3.conv_reference(x.double(), w2, b.double(), "relu").sum().backward()
+    torch.testing.assert_close(wd.grad.double(), w2.grad, rtol=1e-4, atol=1e-4)
+
+
+@compiled
+def test_reference_backend_forced():
+    x, _, u, b, r = _inputs(1, 8, 8, 9, 7, True, True)
+    with use_backend("reference"):
+        got = W5.winograd_conv5x5(x, u, b, act="relu", residual=r)
+    torch.testing.assert_close(got, W5.winograd_conv5x5(x, u, b, act="relu", residual=r), rtol=1e-5, atol=1e-5)
+
+
+def test_use_rule():
+    assert W5.winograd5_use(64, 32, 48, 48, "avx512") and W5.winograd5_use(64, 32, 32, 32, "avx2")
+    assert not W5.winograd5_use(64, 32, 48, 48, "default")
+    assert not W5.winograd5_use(1, 64, 48, 48, "avx512") and not W5.winograd5_use(32, 1, 48, 48, "avx2")
+    assert not W5.winograd5_use(64, 32, 4, 4, "avx512")
+
+
+_x, _u = torch.randn(1, 4, 5, 5), W5.winograd_weight5(torch.randn(6, 4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(x=torch.randn(4, 5, 5)), ValueError, "x must be 4-D"),
+        (dict(x=_x.half()), TypeError, "x must be float32"),
+        (dict(x=_x.long()), TypeError, "x must be a floating"),
+        (dict(weight_t=_u.double()), TypeError, "weight_t has dtype"),
+        (dict(weight_t=_u[0]), ValueError, "weight_t must be 3-D"),
+        (dict(weight_t=_u[:16]), ValueError, "weight_t must have 36 .*F\\(2x2,5x5\\)"),
+        (dict(weight_t=W5.winograd_weight5(torch.randn(6, 3, 5, 5))), ValueError, "weight_t has 3 input channels"),
+        (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
+        (dict(act="gelu"), ValueError, "act must be one of"),
+        (dict(residual=torch.randn(1, 4, 5, 5)), ValueError, "residual must have shape"),
+        (dict(residual=torch.randn(1, 6, 5, 5).double()), TypeError, "residual has dtype"),
+    ],
+)
+def test_bad_input(kw, exc, match):
+    args = dict(x=_x, weight_t=_u, bias=None, act=None, residual=None) | kw
+    x, u = args.pop("x"), args.pop("weight_t")
+    with pytest.raises(exc, match=match):
+        W5.winograd_conv5x5(x, u, args.pop("bias"), **args)
+
+
+@pytest.mark.parametrize(
+    "weight,exc,match",
+    [
+        (torch.randn(6, 4, 3, 3), ValueError, "weight must be \\[C_out, C_in, 5, 5\\]"),
+        (torch.ones(6, 4, 5, 5, dtype=torch.int32), TypeError, "weight must be floating"),
+        ([1.0], TypeError, "weight must be a torch.Tensor"),
+    ],
+)
+def test_bad_weight(weight, exc, match):
+    with pytest.raises(exc, match=match):
+        W5.winograd_weight5(weight)
+
+
+# ---- routing: conv2d_pointwise and the fused SRCNN ----
+
+
+@needs_winograd
+def test_conv2d_pointwise_routes_5x5(winograd_env, count_winograd):
+    """float32 5x5 stride-1 padding-2 convs the rule accepts run winograd_conv5x5 (inference), others oneDNN;
+    SRKERNELS_WINOGRAD=0 switches it off; training never takes it (no Winograd 5x5 input gradient)."""
+    winograd_env("4")
+    x, w, _, b, r = _inputs(1, 32, 16, 12, 10, True, True)
+    want = W3.conv_reference(x.double(), w.double(), b.double(), "relu", r.double())
+    y = srkernels.ops.conv2d_pointwise(x, w, b, padding=2, activation="relu", residual=r)
+    assert count_winograd["run"] == 1 and _err(y, want) <= TOL
+    for stride, padding in (([1, 1], [1, 1]), ([2, 2], [2, 2]), ([1, 1], [2, 1])):  # not the kernel's conv
+        conv_op.run_cpu(x, w, b, stride, padding, [1, 1], 1, "none", None)
+    assert count_winograd["run"] == 1
+    assert isinstance(conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1), conv_op.Winograd)
+    assert not isinstance(conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1, training=True), conv_op.Winograd)
+    assert not isinstance(conv_op.cpu_algorithm(x[..., :4, :4], w, [1, 1], [2, 2], [1, 1], 1), conv_op.Winograd)
+    winograd_env("0")
+    assert conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1) is conv_op.ONEDNN
+
+
+@needs_winograd
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_fused_srcnn_runs_winograd5(winograd_env, count_winograd, fmt):
+    """The published SRCNN (9-5-5, 64-32): the fused inference runs its 64->32 5x5 layer by winograd_conv5x5
+    (input above the rule's 64 pixels) and matches the reference model within the fused models' fp32 bound
+    (tests/models/test_fused_models.py RTOL)."""
+    from srkernels.models import build
+
+    winograd_env("4")
+    torch.manual_seed(0)
+    ref = build("srcnn", 3, fused=False).eval()
+    fused = build("srcnn", 3, fused=True).eval()
+    fused.load_state_dict(ref.state_dict())
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = torch.rand(1, 1, 24, 19, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=mf)
+    with torch.no_grad():
+        y, want = fused(x), ref(x)
+    assert count_winograd["run"] == 1 and count_winograd["run_tiles"] == {2}
+    assert y.is_contiguous(memory_format=mf)
+    err = (y - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), err
