@@ -225,15 +225,21 @@ def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str
 
 
 def vector_isa(capability: str | None = None) -> bool:
-    """Whether ``capability`` (default: the one srkernels runs; False without the compiled extension) is one
-    the Winograd kernels run on: ``avx2`` or ``avx512``."""
+    """Whether ``capability`` (default: the one srkernels runs) is one the Winograd kernels run on: ``avx2`` or
+    ``avx512``."""
+    return current_capability(capability) in ("avx2", "avx512")
+
+
+def current_capability(capability: str | None = None) -> str | None:
+    """``capability``, or the one srkernels runs (``srkernels.build_info()["cpu_capability"]``; None without the
+    compiled extension)."""
     if capability is None:
         from .. import _backend
 
         if _backend._C is None:
-            return False
+            return None
         capability = _backend._C.cpu_capability()
-    return capability in ("avx2", "avx512")
+    return capability
 
 
 # ---- the spec (srkernels/ops/_registry.py registers it) ----

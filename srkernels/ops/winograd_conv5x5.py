@@ -13,7 +13,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._registry import OpSpec
-from .winograd_conv3x3 import _check_weight, fake_for, run_op, tiled_reference, transform_weight, vector_isa
+from .winograd_conv3x3 import (_check_weight, current_capability, fake_for, run_op, tiled_reference,
+                               transform_weight)
 
 OP = "winograd_conv5x5"
 M, R = 2, 5  # F(2x2, 5x5)
@@ -70,10 +71,18 @@ def winograd_conv5x5(
 
 def winograd5_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None) -> bool:
     """Whether to run this float32 5x5 stride-1 padding-2 conv as ``winograd_conv5x5`` rather than the
-    prepacked oneDNN conv: the ``avx2`` / ``avx512`` builds, at least 16 input and output channels and at least
-    64 pixels. Measured (benchmarks/bench_winograd_conv3x3.py --r 5, docs/ops.md "winograd_conv5x5").
-    ``capability`` defaults to the one srkernels runs."""
-    return vector_isa(capability) and min(c_in, c_out) >= 16 and height * width >= 64
+    prepacked oneDNN conv: the ``avx2`` / ``avx512`` builds, at least 16 input and output channels, and on
+    ``avx512`` more than 16 output channels. Measured on an AMD EPYC (Zen 5), one thread, against the prepacked
+    oneDNN conv (``benchmarks/bench_winograd_conv3x3.py --kernel 5``; docs/ops.md "winograd_conv5x5"): C_in 16-32
+    x C_out 24-48 1.3-1.6x (AVX-512) and 1.3-2.4x (forced AVX2) at 12 and 48 px, 64->32 (SRCNN) 1.4-1.5x and
+    1.6-1.9x at 32-192 px; 16 output channels at 48 px 0.89-1.05x on AVX-512 (one vector of output channels:
+    oneDNN's best case), 1.5-1.7x on AVX2; 1->64, 3->64, 8->8 and 32->1 lose or tie from 16 px. No pixel
+    threshold: 64->32 wins 1.5-1.8x even at 2x2-6x6 (oneDNN's per-call cost). ``height``/``width`` are kept for
+    the signature of ``winograd_use``. ``capability`` defaults to the one srkernels runs."""
+    cap = current_capability(capability)
+    if cap not in ("avx2", "avx512"):
+        return False
+    return min(c_in, c_out) >= 16 and (cap == "avx2" or c_out > 16)
 
 
 # ---- the spec (srkernels/ops/_registry.py registers it) ----

@@ -184,7 +184,8 @@ def test_use_rule():
     assert W5.winograd5_use(64, 32, 48, 48, "avx512") and W5.winograd5_use(64, 32, 32, 32, "avx2")
     assert not W5.winograd5_use(64, 32, 48, 48, "default")
     assert not W5.winograd5_use(1, 64, 48, 48, "avx512") and not W5.winograd5_use(32, 1, 48, 48, "avx2")
-    assert not W5.winograd5_use(64, 32, 4, 4, "avx512")
+    assert W5.winograd5_use(16, 16, 48, 48, "avx2") and not W5.winograd5_use(16, 16, 48, 48, "avx512")
+    assert W5.winograd5_use(16, 24, 48, 48, "avx512") and W5.winograd5_use(64, 32, 2, 2, "avx512")
 
 
 _x, _u = torch.randn(1, 4, 5, 5), W5.winograd_weight5(torch.randn(6, 4, 5, 5))
@@ -234,7 +235,7 @@ def test_conv2d_pointwise_routes_5x5(winograd_env, count_winograd):
     """float32 5x5 stride-1 padding-2 convs the rule accepts run winograd_conv5x5 (inference), others oneDNN;
     SRKERNELS_WINOGRAD=0 switches it off; training never takes it (no Winograd 5x5 input gradient)."""
     winograd_env("4")
-    x, w, _, b, r = _inputs(1, 32, 16, 12, 10, True, True)
+    x, w, _, b, r = _inputs(1, 32, 24, 12, 10, True, True)
     want = W3.conv_reference(x.double(), w.double(), b.double(), "relu", r.double())
     y = srkernels.ops.conv2d_pointwise(x, w, b, padding=2, activation="relu", residual=r)
     assert count_winograd["run"] == 1 and _err(y, want) <= TOL
@@ -243,7 +244,7 @@ def test_conv2d_pointwise_routes_5x5(winograd_env, count_winograd):
     assert count_winograd["run"] == 1
     assert isinstance(conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1), conv_op.Winograd)
     assert not isinstance(conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1, training=True), conv_op.Winograd)
-    assert not isinstance(conv_op.cpu_algorithm(x[..., :4, :4], w, [1, 1], [2, 2], [1, 1], 1), conv_op.Winograd)
+    assert not isinstance(conv_op.cpu_algorithm(x[:, :8], w[:, :8], [1, 1], [2, 2], [1, 1], 1), conv_op.Winograd)
     winograd_env("0")
     assert conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1) is conv_op.ONEDNN
 
