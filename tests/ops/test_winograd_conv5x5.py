@@ -4,9 +4,6 @@ layouts, odd sizes, epilogues, opcheck, argument errors, the conv2d_pointwise ro
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,9 +12,12 @@ import torch.nn.functional as F
 import srkernels
 from srkernels import _backend, use_backend
 
-from .._winograd import conv_op, count_winograd, needs_winograd, winograd_env  # noqa: F401 (fixtures)
+from .._winograd import (EPILOGUES, bad_input_cases, check_bad_input, check_every_capability, check_parity,
+                         conv_inputs, conv_op, count_winograd, needs_winograd, winograd_env)  # noqa: F401
+from .._winograd import as_double as _d
+from .._winograd import rel_err as _err
 from ..conftest import layout
-from ._parity import assert_thread_independent, randn
+from ._parity import assert_thread_independent
 
 W5 = importlib.import_module("srkernels.ops.winograd_conv5x5")  # the module: ops.<name> is the function
 W3 = importlib.import_module("srkernels.ops.winograd_conv3x3")
@@ -35,24 +35,11 @@ TOL = 4e-6
 # padding, one row
 SHAPES = [(1, 64, 32, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1), (2, 3, 20, 6, 3), (1, 24, 1, 2, 2),
           (1, 9, 16, 1, 7)]
-EPILOGUES = [(False, "none", False), (True, "none", False), (True, "relu", False), (True, "none", True),
-             (True, "relu", True), (False, "relu", True)]
 
 
 def _inputs(N, C, K, H, Wd, bias, res, seed=0):
-    x = randn(N, C, H, Wd, seed=seed).float()
-    w = randn(K, C, 5, 5, seed=seed + 1, scale=1 / (5 * C ** 0.5)).float()
-    b = randn(K, seed=seed + 2).float() if bias else None
-    r = randn(N, K, H, Wd, seed=seed + 3).float() if res else None
+    x, w, b, r = conv_inputs(N, C, K, H, Wd, 5, bias, res, seed)
     return x, w, W5.winograd_weight5(w), b, r
-
-
-def _err(y, ref):
-    return (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
-
-
-def _d(t):
-    return None if t is None else t.double()
 
 
 @compiled
@@ -64,15 +51,7 @@ def test_parity(shape, fmt):
         x = layout(x, fmt)
         if r is not None and i % 2:
             r = r.contiguous(memory_format=torch.channels_last)  # a residual in the other layout
-        y = W5.winograd_conv5x5(x, u, b, act=act, residual=r)
-        assert y.dtype == torch.float32 and y.shape == (shape[0], shape[2], *shape[3:])
-        want_cl = fmt == "channels_last" or (fmt == "strided" and x.is_contiguous(memory_format=torch.channels_last))
-        if shape[2] > 1 and shape[3] * shape[4] > 1 and fmt != "strided":
-            assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
-        same_algo = W5.reference(x.double(), u.double(), _d(b), act, _d(r))
-        direct = W3.conv_reference(x.double(), w.double(), _d(b), act, _d(r))
-        assert _err(y, same_algo) <= TOL, (i, _err(y, same_algo))
-        assert _err(y, direct) <= TOL, (i, _err(y, direct))
+        check_parity(W5.winograd_conv5x5, W5.reference, W3.conv_reference, x, w, u, b, act, r, TOL, fmt)
 
 
 @compiled
@@ -142,15 +121,7 @@ print("ok", worst)
 
 @compiled
 def test_every_capability():
-    caps = [c for c in srkernels.build_info()["cpu_capabilities"] if c in _backend._C.supported_cpu_capabilities()]
-    env = {k: v for k, v in os.environ.items() if k not in ("SRKERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
-    procs = {c: subprocess.Popen([sys.executable, "-c", _CAP_SCRIPT, c, str(TOL)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True,
-                                 env={**env, "SRKERNELS_CPU_CAPABILITY": c, "OMP_NUM_THREADS": "1"})
-             for c in caps}
-    for c, p in procs.items():
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0 and out.startswith("ok"), f"{c}: {err[-2000:]}"
+    check_every_capability(_CAP_SCRIPT, str(TOL))
 
 
 @compiled
@@ -191,27 +162,10 @@ def test_use_rule():
 _x, _u = torch.randn(1, 4, 5, 5), W5.winograd_weight5(torch.randn(6, 4, 5, 5))
 
 
-@pytest.mark.parametrize(
-    "kw,exc,match",
-    [
-        (dict(x=torch.randn(4, 5, 5)), ValueError, "x must be 4-D"),
-        (dict(x=_x.half()), TypeError, "x must be float32"),
-        (dict(x=_x.long()), TypeError, "x must be a floating"),
-        (dict(weight_t=_u.double()), TypeError, "weight_t has dtype"),
-        (dict(weight_t=_u[0]), ValueError, "weight_t must be 3-D"),
-        (dict(weight_t=_u[:16]), ValueError, "weight_t must have 36 .*F\\(2x2,5x5\\)"),
-        (dict(weight_t=W5.winograd_weight5(torch.randn(6, 3, 5, 5))), ValueError, "weight_t has 3 input channels"),
-        (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
-        (dict(act="gelu"), ValueError, "act must be one of"),
-        (dict(residual=torch.randn(1, 4, 5, 5)), ValueError, "residual must have shape"),
-        (dict(residual=torch.randn(1, 6, 5, 5).double()), TypeError, "residual has dtype"),
-    ],
-)
+@pytest.mark.parametrize("kw,exc,match", bad_input_cases(
+    _x, _u, W5.winograd_weight5(torch.randn(6, 3, 5, 5)), (slice(0, 16), "weight_t must have 36 .*F\\(2x2,5x5\\)")))
 def test_bad_input(kw, exc, match):
-    args = dict(x=_x, weight_t=_u, bias=None, act=None, residual=None) | kw
-    x, u = args.pop("x"), args.pop("weight_t")
-    with pytest.raises(exc, match=match):
-        W5.winograd_conv5x5(x, u, args.pop("bias"), **args)
+    check_bad_input(W5.winograd_conv5x5, _x, _u, kw, exc, match)
 
 
 @pytest.mark.parametrize(
