@@ -83,12 +83,14 @@ def run_case(cin, cout, size, threads, rounds, k=3):
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(kernel: int = 3, channels=(64, 64), sizes=(32, 48, 96), doc: str = __doc__) -> None:
+    """The command line; ``kernel``, ``channels``, ``sizes``: the defaults (benchmarks/bench_winograd_conv5x5.py
+    passes the 5x5 ones)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 48, 96])
-    ap.add_argument("--channels", type=int, nargs=2, default=[64, 64], metavar=("C_IN", "C_OUT"))
-    ap.add_argument("--kernel", type=int, choices=(3, 5), default=3, help="conv kernel size (5: winograd_conv5x5)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(sizes))
+    ap.add_argument("--channels", type=int, nargs=2, default=list(channels), metavar=("C_IN", "C_OUT"))
+    ap.add_argument("--kernel", type=int, choices=(3, 5), default=kernel, help="conv kernel size (5: winograd_conv5x5)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args()

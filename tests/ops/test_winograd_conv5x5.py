@@ -27,9 +27,10 @@ compiled = pytest.mark.skipif(not _backend.has_compiled("winograd_conv5x5", "cpu
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # max |y - ref| <= TOL * max(1, max |ref|), against both the float64 reference on the same float32 weight_t and
-# float64 F.conv2d on the original weight. Measured (64 -> 32, unit-scale data, weights ~ 1/sqrt(25 C)):
-# ~6e-7 relative, oneDNN's own float32 conv ~5e-7 (test_error_is_bounded_like_onednn).
-TOL = 4e-6
+# float64 F.conv2d on the original weight. Measured (AVX-512, unit-scale data, weights ~ 1/(5 sqrt(C_in)), every
+# epilogue): up to 3.4e-6 on SHAPES, 4.9e-6 for 64 -> 32 at 48x48; oneDNN's own float32 conv ~1e-6
+# (test_error_is_bounded_like_onednn). 2x headroom for other CPUs' summation.
+TOL = 1e-5
 
 # (N, C_in, C_out, H, W): odd sizes, C not a multiple of 8 or 16, one pixel, fewer pixels than a tile or the
 # padding, one row
