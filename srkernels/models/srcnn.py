@@ -73,7 +73,9 @@ class SRCNN(SRModel):
                              f"got {tuple(x.shape[-2:])}")
         # with autograd recording there is nothing to fuse (three convs and in-place ReLUs, all saved anyway): the
         # fused model runs the reference's own layers, so its training step is the reference's
-        if self.fused and not torch.is_grad_enabled():  # conv + bias + ReLU as one call each (prepacked oneDNN)
+        # conv + bias + ReLU as one call each: prepacked oneDNN, the 5x5 64->32 layer Winograd F(2x2,5x5)
+        # (srkernels/ops/conv2d_pointwise.py, winograd5_use)
+        if self.fused and not torch.is_grad_enabled():
             from ..nn.conv import apply_conv
 
             h = apply_conv(self.map[0], apply_conv(self.features[0], x, "relu"), "relu")

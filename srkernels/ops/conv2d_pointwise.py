@@ -151,7 +151,10 @@ class Winograd(CpuAlgorithm):
     padding 1, no dilation or groups, where ``winograd_use`` measured it faster than oneDNN (AVX2 / AVX-512
     builds, >= 16 channels in and out, >= 64 pixels): 2.2-2.9x a prepacked oneDNN 64->64 conv with F(4,3), one
     thread (benchmarks/results/winograd_models.md). The packed weight is ``winograd_weight(weight, m)``.
-    Rounding: F(4,3) ~4x oneDNN's float32 error against float64, F(2,3) below it (docs/ops.md)."""
+    Rounding: F(4,3) ~4x oneDNN's float32 error against float64, F(2,3) below it (docs/ops.md).
+    ``Winograd(2, 5)``: the ``winograd_conv5x5`` kernel, F(2x2,5x5), for float32 5x5 convs with stride 1, zero
+    padding 2 where ``winograd5_use`` measured it faster (SRCNN's 64->32 layer: 1.4-1.5x AVX-512, 1.6-1.9x
+    AVX2); packed weight ``winograd_weight5(weight)``; ~3x oneDNN's float32 error."""
 
     name = "winograd"
 
