@@ -28,7 +28,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 from ._registry import OpSpec
 from .winograd_conv3x3 import winograd_use, winograd_weight, winograd_weight_step
-from .winograd_conv5x5 import winograd5_use, winograd_weight5
+from .winograd_conv5x5 import winograd5_use, winograd_weight5, winograd_weight5_step
 
 OP = "conv2d_pointwise"
 ACTIVATIONS = ("none", "relu")
@@ -159,7 +159,7 @@ class Winograd(CpuAlgorithm):
     name = "winograd"
 
     def __init__(self, m: int, r: int = 3) -> None:
-        self.m, self.r = m, r  # F(m x m, r x r): (4, 3), (2, 3) or (2, 5) (winograd_conv5x5, inference only)
+        self.m, self.r = m, r  # F(m x m, r x r): (4, 3), (2, 3) or (2, 5) (winograd_conv5x5)
 
     def supports(self, x, weight, stride, padding, dilation, groups):
         tile = winograd_tile()
@@ -179,24 +179,29 @@ class Winograd(CpuAlgorithm):
     def pack(self, weight, stride, padding, dilation, groups, input_shape):
         return winograd_weight(weight.detach(), self.m) if self.r == 3 else winograd_weight5(weight.detach())
 
-    def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    def weight_step(self, weight: Tensor, grad_input: bool = False) -> Tensor:
+        """The transformed weight of a plain 4-D ``weight`` per call (one float32 matmul, no autograd);
+        ``grad_input``: of the input-gradient conv (weight rotated and transposed)."""
         if self.r == 5:
-            if weight.dim() == 4:  # the op called directly: transform per call
-                weight = winograd_weight5(weight.detach())
-            return torch.ops.srkernels.winograd_conv5x5(x, weight, bias, activation, residual)
+            return winograd_weight5_step(weight, grad_input=grad_input)
+        return winograd_weight_step(weight, self.m, grad_input=grad_input)
+
+    def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
         if weight.dim() == 4:  # an unpacked weight (the op called directly, training): transform per call
-            weight = winograd_weight_step(weight, self.m)
-        return torch.ops.srkernels.winograd_conv3x3(x, weight, bias, activation, residual)
+            weight = self.weight_step(weight)
+        op = torch.ops.srkernels.winograd_conv5x5 if self.r == 5 else torch.ops.srkernels.winograd_conv3x3
+        return op(x, weight, bias, activation, residual)
 
     def grad_input(self, grad: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
-        """The input gradient of a conv this algorithm ``supports`` (3x3, stride 1, padding 1), ``+ residual``:
-        ``conv3x3(grad, weight.flip(2, 3).transpose(0, 1), padding=1)``, the same Winograd kernel (its
-        ``winograd_use`` rule is symmetric in the channel counts). ``weight`` is the plain 4-D weight."""
-        return torch.ops.srkernels.winograd_conv3x3(
-            grad, winograd_weight_step(weight, self.m, grad_input=True), None, "none", residual)
+        """The input gradient of a conv this algorithm ``supports`` (r x r, stride 1, padding r // 2),
+        ``+ residual``: ``conv(grad, weight.flip(2, 3).transpose(0, 1), padding=r // 2)``, the same Winograd
+        kernel. ``weight`` is the plain 4-D weight."""
+        op = torch.ops.srkernels.winograd_conv5x5 if self.r == 5 else torch.ops.srkernels.winograd_conv3x3
+        return op(grad, self.weight_step(weight, grad_input=True), None, "none", residual)
 
 
-ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), Winograd(2, 5), ONEDNN]  # best first
+WINOGRAD5 = Winograd(2, 5)
+ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), WINOGRAD5, ONEDNN]  # best first
 # The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
 # gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
 # same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).
@@ -210,8 +215,13 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
     ``winograd_train_tile()`` instead of ``winograd_tile()``."""
     tile = winograd_train_tile() if training else None
     for alg in ALGORITHMS:
-        if training and isinstance(alg, Winograd):  # 3x3 only: no Winograd input gradient for 5x5 yet
+        if training and isinstance(alg, Winograd):
             if alg.r == 3 and alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
+                return alg
+            # 5x5: F(2,5) whenever training runs Winograd; its input-gradient conv (C_out -> C_in) must fit the
+            # rule as well (winograd5_use is not symmetric on AVX-512)
+            if (alg.r == 5 and tile and alg.fits(x, weight, stride, padding, dilation, groups)
+                    and winograd5_use(weight.shape[0], weight.shape[1], x.shape[2], x.shape[3])):
                 return alg
         elif alg.supports(x, weight, stride, padding, dilation, groups):
             return alg
@@ -229,8 +239,8 @@ def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, strid
     alg = None
     if mask[0] and x.is_cpu:
         alg = cpu_algorithm(x, weight, stride, padding, dilation, groups, training=True)
-    if isinstance(alg, Winograd):
-        gx = GRAD_INPUT_WINOGRAD.grad_input(grad, weight, grad_x_plus)
+    if isinstance(alg, Winograd):  # 3x3: F(4,3) whatever the forward's tile; 5x5: F(2,5)
+        gx = (GRAD_INPUT_WINOGRAD if alg.r == 3 else alg).grad_input(grad, weight, grad_x_plus)
         mask = (False, mask[1], mask[2])
     bias_sizes = [weight.shape[0]] if has_bias else None
     if mask[0] or mask[1] or (mask[2] and has_bias):

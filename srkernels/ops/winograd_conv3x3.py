@@ -89,12 +89,25 @@ def winograd_weight(weight: Tensor, m: int = 4) -> Tensor:
 
 
 @functools.cache
-def _kron_g(m: int, flip: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``G (x) G`` as a ``[(m+2)^2, 9]`` matrix (row ``a * (m+2) + b``, column ``i * 3 + j``: ``G[a, i] G[b, j]``),
-    built in float64; ``flip`` reverses the columns, i.e. transforms the kernel rotated by 180 degrees."""
-    g = torch.tensor(_G[(m, 3)], dtype=torch.float64)
+def _kron_g(m: int, flip: bool, dtype: torch.dtype, device: torch.device, r: int = 3) -> Tensor:
+    """``G (x) G`` of F(m, r) as a ``[(m+r-1)^2, r^2]`` matrix (row ``a * T + b``, column ``i * r + j``:
+    ``G[a, i] G[b, j]``), built in float64; ``flip`` reverses the columns, i.e. transforms the kernel rotated by
+    180 degrees."""
+    g = torch.tensor(_G[(m, r)], dtype=torch.float64)
     k = torch.kron(g, g)
     return (k.flip(1) if flip else k).to(dtype=dtype, device=device)
+
+
+def transform_weight_step(weight: Tensor, m: int, r: int, grad_input: bool) -> Tensor:
+    """The body of ``winograd_weight_step`` for F(m, r) (also ``winograd_conv5x5.winograd_weight5_step``):
+    one matmul in ``weight``'s dtype, no autograd; the weight is checked by the callers."""
+    w = weight.detach()
+    k, c = w.shape[:2]
+    T = m + r - 1
+    mat = _kron_g(m, grad_input, w.dtype, w.device, r)
+    if grad_input:  # out[p, k, c] = sum_j flipped[p, j] w[k, c, j]: w's own memory order
+        return torch.mm(mat, w.reshape(k * c, r * r).t()).view(T * T, k, c)
+    return torch.mm(mat, w.transpose(0, 1).reshape(c * k, r * r).t()).view(T * T, c, k)
 
 
 def winograd_weight_step(weight: Tensor, m: int = 4, *, grad_input: bool = False) -> Tensor:
@@ -106,13 +119,7 @@ def winograd_weight_step(weight: Tensor, m: int = 4, *, grad_input: bool = False
     padding-1 conv, ``conv3x3(grad_y, weight.flip(2, 3).transpose(0, 1), padding=1)``: ``[(m+2)^2, C_out,
     C_in]``, flip and transpose folded into the matmul (no copy of the weight)."""
     _check_weight(weight, m)
-    w = weight.detach()
-    k, c = w.shape[:2]
-    T = m + 2
-    mat = _kron_g(m, grad_input, w.dtype, w.device)
-    if grad_input:  # out[p, k, c] = sum_j flipped[p, j] w[k, c, j]: w's own memory order
-        return torch.mm(mat, w.reshape(k * c, 9).t()).view(T * T, k, c)
-    return torch.mm(mat, w.transpose(0, 1).reshape(c * k, 9).t()).view(T * T, c, k)
+    return transform_weight_step(weight, m, 3, grad_input)
 
 
 def tiled_reference(x: Tensor, weight_t: Tensor, bias: Tensor | None, act: str, residual: Tensor | None, m: int,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._registry import OpSpec
 from .winograd_conv3x3 import (_check_weight, current_capability, fake_for, run_op, tiled_reference,
-                               transform_weight)
+                               transform_weight, transform_weight_step)
 
 OP = "winograd_conv5x5"
 M, R = 2, 5  # F(2x2, 5x5)
@@ -27,6 +27,15 @@ def winograd_weight5(weight: Tensor) -> Tensor:
     Position ``p = a * 6 + b`` of the 6x6 tile."""
     _check_weight(weight, M, R, (M,))
     return transform_weight(weight, M, R)
+
+
+def winograd_weight5_step(weight: Tensor, *, grad_input: bool = False) -> Tensor:
+    """``winograd_weight5`` for a weight that changes every training step: one matmul in ``weight``'s dtype
+    (``winograd_conv3x3.winograd_weight_step``'s rules), no autograd. ``grad_input=True``: the weight of the
+    input-gradient conv ``conv5x5(grad_y, weight.flip(2, 3).transpose(0, 1), padding=2)``, ``[36, C_out,
+    C_in]``."""
+    _check_weight(weight, M, R, (M,))
+    return transform_weight_step(weight, M, R, grad_input)
 
 
 def check_positions(weight_t: Tensor) -> int:

@@ -187,8 +187,8 @@ def test_bad_weight(weight, exc, match):
 
 @needs_winograd
 def test_conv2d_pointwise_routes_5x5(winograd_env, count_winograd):
-    """float32 5x5 stride-1 padding-2 convs the rule accepts run winograd_conv5x5 (inference), others oneDNN;
-    SRKERNELS_WINOGRAD=0 switches it off; training never takes it (no Winograd 5x5 input gradient)."""
+    """float32 5x5 stride-1 padding-2 convs the rule accepts run winograd_conv5x5, others oneDNN; training takes
+    it too unless SRKERNELS_WINOGRAD_TRAIN=0; SRKERNELS_WINOGRAD=0 switches it off."""
     winograd_env("4")
     x, w, _, b, r = _inputs(1, 32, 24, 12, 10, True, True)
     want = W3.conv_reference(x.double(), w.double(), b.double(), "relu", r.double())
@@ -198,8 +198,11 @@ def test_conv2d_pointwise_routes_5x5(winograd_env, count_winograd):
         conv_op.run_cpu(x, w, b, stride, padding, [1, 1], 1, "none", None)
     assert count_winograd["run"] == 1
     assert isinstance(conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1), conv_op.Winograd)
-    assert not isinstance(conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1, training=True), conv_op.Winograd)
+    assert conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1, training=True) is conv_op.WINOGRAD5
     assert not isinstance(conv_op.cpu_algorithm(x[:, :8], w[:, :8], [1, 1], [2, 2], [1, 1], 1), conv_op.Winograd)
+    winograd_env("4", "0")  # training off, inference on
+    assert conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1, training=True) is conv_op.ONEDNN
+    assert conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1) is conv_op.WINOGRAD5
     winograd_env("0")
     assert conv_op.cpu_algorithm(x, w, [1, 1], [2, 2], [1, 1], 1) is conv_op.ONEDNN
 
@@ -225,3 +228,69 @@ def test_fused_srcnn_runs_winograd5(winograd_env, count_winograd, fmt):
     assert y.is_contiguous(memory_format=mf)
     err = (y - want).abs().max().item()
     assert err <= 1e-4 * want.abs().max().item(), err
+
+
+# ---- training: conv2d_pointwise's autograd with a Winograd 5x5 forward and input gradient ----
+
+
+def test_weight_step_is_the_float64_transform():
+    """``winograd_weight5_step`` (one float32 matmul) agrees with ``winograd_weight5`` (float64, rounded once) to
+    a few float32 ulps, also for the input-gradient conv (weight rotated 180 degrees, C_in <-> C_out), on a
+    non-contiguous weight too; no autograd."""
+    w = (torch.randn(24, 17, 5, 5, generator=torch.Generator().manual_seed(3)) * 0.2).requires_grad_(True)
+    for weight in (w, w.detach().contiguous(memory_format=torch.channels_last)):
+        for grad_input, want in ((False, W5.winograd_weight5(weight.detach())),
+                                 (True, W5.winograd_weight5(weight.detach().flip(2, 3).transpose(0, 1)))):
+            got = W5.winograd_weight5_step(weight, grad_input=grad_input)
+            assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+            assert not got.requires_grad
+            assert (got - want).abs().max().item() <= 8 * torch.finfo(torch.float32).eps * want.abs().max().item()
+    with pytest.raises(ValueError, match="weight must be \\[C_out, C_in, 5, 5\\]"):
+        W5.winograd_weight5_step(w[..., :3, :3])
+
+
+@compiled
+def test_grad_input_weight_runs_the_input_gradient():
+    """The kernel on ``winograd_weight5_step(w, grad_input=True)`` is the input gradient of the 5x5 conv
+    (float64 ATen ``convolution_backward``), + a residual."""
+    x, w, _, _, _ = _inputs(2, 20, 24, 9, 10, False, False)
+    g = torch.randn(2, 24, 9, 10, generator=torch.Generator().manual_seed(11))
+    r = torch.randn(2, 20, 9, 10, generator=torch.Generator().manual_seed(12))
+    got = W5.winograd_conv5x5(g, W5.winograd_weight5_step(w, grad_input=True), None, residual=r)
+    want = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [1, 1], [2, 2], [1, 1],
+                                               False, [0, 0], 1, [True, False, False])[0] + r.double()
+    assert _err(got, want) <= TOL
+
+
+@needs_winograd
+def test_fused_srcnn_training_runs_winograd5(winograd_env, count_winograd):
+    """CPU training of the fused published SRCNN: the 64->32 5x5 layer runs Winograd F(2,5) forward and for its
+    input gradient (conv2d_pointwise's autograd); output and every gradient within the fused models' fp32 bound
+    of the reference model and of the reference in float64; the SRKERNELS_WINOGRAD_TRAIN=0 switch is obeyed."""
+    import copy
+
+    from srkernels.models import build
+
+    for env, runs in ((("4", None), 1), (("4", "0"), 0)):
+        winograd_env(*env)
+        count_winograd.update(run=0, grad_input=0)
+        torch.manual_seed(0)
+        ref = build("srcnn", 3, fused=False)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        fused = build("srcnn", 3, fused=True)
+        fused.load_state_dict(ref.state_dict())
+        x = torch.rand(2, 1, 20, 17, generator=torch.Generator().manual_seed(1))
+        g = torch.randn(2, 1, 20, 17, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        results = []
+        for m, dt in ((ref, torch.float32), (fused, torch.float32), (copy.deepcopy(ref).double(), torch.float64)):
+            xx = x.detach().to(dt).requires_grad_(True)
+            y = m(xx)
+            y.backward(g.to(dt))
+            results.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+        assert count_winograd["run"] == runs and count_winograd["grad_input"] == runs, (env, count_winograd)
+        assert results[1][0].is_contiguous()  # NCHW in, NCHW out
+        for want in (results[0], results[2]):
+            for a, b in zip(results[1], want):
+                assert (a.double() - b.double()).abs().max().item() <= 1e-4 * b.abs().max().item()
