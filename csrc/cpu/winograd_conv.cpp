@@ -90,7 +90,7 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
   float* o = out.mutable_data_ptr<float>();
   const Epilogue ep{o, o, K, r, /*res_first=*/false, act, b, H * W * K, W * K, K};
   if (R == 5) {
-    run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget());
+    run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(5));
   } else if (M == 2) {
     run<2>(px, u.const_data_ptr<float>(), g, ep, block_budget());
   } else {

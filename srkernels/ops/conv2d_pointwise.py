@@ -153,7 +153,7 @@ class Winograd(CpuAlgorithm):
     thread (benchmarks/results/winograd_models.md). The packed weight is ``winograd_weight(weight, m)``.
     Rounding: F(4,3) ~4x oneDNN's float32 error against float64, F(2,3) below it (docs/ops.md).
     ``Winograd(2, 5)``: the ``winograd_conv5x5`` kernel, F(2x2,5x5), for float32 5x5 convs with stride 1, zero
-    padding 2 where ``winograd5_use`` measured it faster (SRCNN's 64->32 layer: 1.4-1.5x AVX-512, 1.6-1.9x
+    padding 2 where ``winograd5_use`` measured it faster (SRCNN's 64->32 layer: 1.6-1.7x AVX-512, 2.2-2.7x
     AVX2); packed weight ``winograd_weight5(weight)``; ~3x oneDNN's float32 error."""
 
     name = "winograd"

@@ -82,11 +82,11 @@ def winograd5_use(c_in: int, c_out: int, height: int, width: int, capability: st
     """Whether to run this float32 5x5 stride-1 padding-2 conv as ``winograd_conv5x5`` rather than the
     prepacked oneDNN conv: the ``avx2`` / ``avx512`` builds, at least 16 input and output channels, and on
     ``avx512`` more than 16 output channels. Measured on an AMD EPYC (Zen 5), one thread, against the prepacked
-    oneDNN conv (``benchmarks/bench_winograd_conv3x3.py --kernel 5``; docs/ops.md "winograd_conv5x5"): C_in 16-32
-    x C_out 24-48 1.3-1.6x (AVX-512) and 1.3-2.4x (forced AVX2) at 12 and 48 px, 64->32 (SRCNN) 1.4-1.5x and
-    1.6-1.9x at 32-192 px; 16 output channels at 48 px 0.89-1.05x on AVX-512 (one vector of output channels:
-    oneDNN's best case), 1.5-1.7x on AVX2; 1->64, 3->64, 8->8 and 32->1 lose or tie from 16 px. No pixel
-    threshold: 64->32 wins 1.5-1.8x even at 2x2-6x6 (oneDNN's per-call cost). ``height``/``width`` are kept for
+    oneDNN conv (``benchmarks/bench_winograd_conv5x5.py``; docs/ops.md "winograd_conv5x5"): 64->32 (SRCNN)
+    1.6-1.7x (AVX-512) and 2.2-2.7x (forced AVX2) at 32-192 px, C_in 16-32 x C_out 24-48 1.3-1.6x and 1.3-2.4x;
+    16 output channels at 48-96 px 0.83-1.04x on AVX-512 (one vector of output channels: oneDNN's best case),
+    1.5-1.7x on AVX2; 8->8, 3->64, 32->1 lose or tie at 48 px. No pixel threshold: 64->32 wins 1.5-1.7x
+    even at 2x2-6x6 (oneDNN's per-call cost). ``height``/``width`` are kept for
     the signature of ``winograd_use``. ``capability`` defaults to the one srkernels runs."""
     cap = current_capability(capability)
     if cap not in ("avx2", "avx512"):
