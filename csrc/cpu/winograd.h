@@ -350,16 +350,17 @@ inline int64_t tile_block(int64_t P, int64_t Cp, int64_t Kp, int64_t tiles, int6
   return std::min(tb, std::max<int64_t>(kR, div_up(div_up(tiles, threads), kR) * kR));
 }
 
-// V and M of a block within this many floats: SRKERNELS_WINOGRAD_BLOCK_KB (a tuning knob, for every kernel
-// size), else 384 KB for 3x3 and 128 KB for 5x5. 3x3: leaves L2 room for U; measured on RDN's RDB at LR 32-64
-// (AVX-512 / forced AVX2): 1024 KB was up to ~10% faster on AVX-512 and ~7% slower on AVX2, within the noise of
-// this shared machine otherwise. 5x5 (F(2,5): 4 outputs per 36-position tile, 4x the V and M per output pixel of
-// F(4,3)): SRCNN's 64->32 layer at 32-96 px ran 1.45x -> 1.65x oneDNN on AVX-512 and 1.9x -> 2.6x on forced
-// AVX2 with 96-192 KB instead of 384 KB (benchmarks/bench_winograd_conv5x5.py).
-inline int64_t block_budget(int R = 3) {
+// V and M of a block within this many floats for output tiles m x m: SRKERNELS_WINOGRAD_BLOCK_KB (a tuning knob,
+// for every tile), else 384 KB for m = 4 and 128 KB for m = 2. m = 4 (F(4,3)): leaves L2 room for U; measured on
+// RDN's RDB at LR 32-64 (AVX-512 / forced AVX2): 1024 KB was up to ~10% faster on AVX-512 and ~7% slower on
+// AVX2, within the noise of this shared machine otherwise. m = 2 (F(2,3), F(2,5): 4 outputs per tile, 4x the V
+// and M per output pixel of F(4,3)), 128 KB instead of 384 KB (benchmarks/bench_winograd_conv5x5.py, _conv3x3.py,
+// one thread): SRCNN's 5x5 64->32 layer at 32-96 px 1.45 -> 1.65x oneDNN on AVX-512, 1.9 -> 2.6x forced AVX2;
+// F(2,3) 64->64 at 32-96 px 1.5 -> 1.65x and 1.6 -> 1.85x; F(4,3) unchanged at 128 KB.
+inline int64_t block_budget(int m = 4) {
   static const char* s = std::getenv("SRKERNELS_WINOGRAD_BLOCK_KB");
   static const int64_t set = s ? std::atoll(s) * 1024 / 4 : 0;
-  return set ? set : (R == 5 ? 128 : 384) * 1024 / 4;
+  return set ? set : (m == 2 ? 128 : 384) * 1024 / 4;
 }
 
 // The whole conv: x -> epilogue, with U [P][C][Kp]; blocks of tile_block(.., budget) tiles over the threads.

@@ -90,11 +90,11 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
   float* o = out.mutable_data_ptr<float>();
   const Epilogue ep{o, o, K, r, /*res_first=*/false, act, b, H * W * K, W * K, K};
   if (R == 5) {
-    run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(5));
+    run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
   } else if (M == 2) {
-    run<2>(px, u.const_data_ptr<float>(), g, ep, block_budget());
+    run<2>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
   } else {
-    run<4>(px, u.const_data_ptr<float>(), g, ep, block_budget());
+    run<4>(px, u.const_data_ptr<float>(), g, ep, block_budget(4));
   }
   return finish();
 }
