@@ -8,13 +8,13 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   algorithm may ``pack`` the weight into its own layout for one input shape; a caller that keeps the packed
   weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
   ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``, in training
-  ``SRKERNELS_WINOGRAD_TRAIN``; and in inference float32 5x5 convs by F(2x2,5x5), off with
-  ``SRKERNELS_WINOGRAD=0``) comes first.
+  ``SRKERNELS_WINOGRAD_TRAIN``; and float32 5x5 convs by F(2x2,5x5), off with ``SRKERNELS_WINOGRAD=0``, in
+  training with ``SRKERNELS_WINOGRAD_TRAIN=0``) comes first.
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
 gradients; the input gradient too, except where training runs ``Winograd``: then it is a second Winograd conv
-(F(4,3)) with the weight rotated and transposed (issue 13).
+(F(4,3); F(2,5) for 5x5) with the weight rotated and transposed (issue 13).
 """
 from __future__ import annotations
 
