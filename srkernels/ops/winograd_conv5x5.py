@@ -64,16 +64,8 @@ def winograd_conv5x5(
 ) -> Tensor:
     """``act(conv5x5(x) + bias) (+ residual)``, stride 1, zero padding 2, by Winograd F(2x2, 5x5).
 
-    Args:
-        x: ``[N, C_in, H, W]`` float32 (float64 runs the torch reference), any layout (channels_last is the
-            kernel's native one; others are converted first).
-        weight_t: ``winograd_weight5(weight)``, ``[36, C_in, C_out]``, x's dtype.
-        bias: ``(C_out,)`` or None.
-        act: None/``"none"`` or ``"relu"`` (applied before the residual add).
-        residual: optional ``[N, C_out, H, W]`` tensor added last (any layout).
-
-    Returns ``[N, C_out, H, W]`` in ``x``'s memory format. Inference: a call that needs a gradient runs the
-    (differentiable, slow) torch reference instead of the compiled kernel.
+    Arguments, result and gradient rule as ``winograd_conv3x3`` (float32; float64 or a call that needs a
+    gradient runs the torch reference), with ``weight_t = winograd_weight5(weight)``, ``[36, C_in, C_out]``.
     """
     return run_op(OP, check_positions, reference, x, weight_t, bias, act, residual)
 
