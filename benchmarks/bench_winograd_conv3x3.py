@@ -1,12 +1,14 @@
 """3x3 64->64 conv (RCAN's body conv), float32, channels_last, CPU inference: Winograd (srkernels
 ``winograd_conv3x3``, F(2,3) and F(4,3)) against ``F.conv2d`` and the prepacked oneDNN conv the fused models use
-(``mkldnn._convolution_pointwise`` on a weight packed for the input size, srkernels/nn/conv.py).
+(``mkldnn._convolution_pointwise`` on a weight packed for the input size, srkernels/nn/conv.py). ``--kernel 5``:
+the 5x5 conv (padding 2; SRCNN's 64->32 layer with ``--channels 64 32``) by ``winograd_conv5x5`` (F(2,5)).
 
     python benchmarks/bench_winograd_conv3x3.py [--threads 1 2] [--sizes 32 48 96] [--rounds 15] [--channels 64 64]
+    python benchmarks/bench_winograd_conv3x3.py --kernel 5 --channels 64 32 --sizes 32 48 96 192 --threads 1
     SRKERNELS_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_winograd_conv3x3.py
 
 Time: process CPU time of all threads (``time.process_time``: the machine is shared) and wall time, variants
-interleaved, min and median of the rounds; the rate counts the direct conv's FLOPs (2 * 9 * C_in * C_out * H * W)
+interleaved, min and median of the rounds; the rate counts the direct conv's FLOPs (2 * k^2 * C_in * C_out * H * W)
 for every variant, so Winograd's rate is "effective". Error: max |y - float64 F.conv2d| / max(1, max |ref|) for each variant. Each
 result row is appended to benchmarks/results/winograd_conv.jsonl with the machine, capability and threads.
 """
@@ -29,31 +31,38 @@ sys.path.insert(0, str(ROOT))
 import srkernels  # noqa: E402
 from srkernels.benchmark import describe_machine  # noqa: E402
 W = importlib.import_module("srkernels.ops.winograd_conv3x3")  # the module: ops.<name> is the function
+W5 = importlib.import_module("srkernels.ops.winograd_conv5x5")
 
 
 def variants(x, w, b):
-    pad = [1, 1]
+    k = w.shape[-1]
+    pad = [k // 2] * 2
     pw = torch.ops.mkldnn._reorder_convolution_weight(w, pad, [1, 1], [1, 1], 1, list(x.shape))
-    u2, u4 = W.winograd_weight(w, 2), W.winograd_weight(w, 4)
-    return {
-        "F.conv2d": lambda: F.conv2d(x, w, b, padding=1),
+    fns = {
+        "F.conv2d": lambda: F.conv2d(x, w, b, padding=k // 2),
         "onednn prepacked": lambda: torch.ops.mkldnn._convolution_pointwise(x, pw, b, pad, [1, 1], [1, 1], 1, "none",
                                                                            [None], ""),
-        "winograd F(2,3)": lambda: W.winograd_conv3x3(x, u2, b),
-        "winograd F(4,3)": lambda: W.winograd_conv3x3(x, u4, b),
     }
+    if k == 5:
+        u = W5.winograd_weight5(w)
+        fns["winograd F(2,5)"] = lambda: W5.winograd_conv5x5(x, u, b)
+    else:
+        u2, u4 = W.winograd_weight(w, 2), W.winograd_weight(w, 4)
+        fns["winograd F(2,3)"] = lambda: W.winograd_conv3x3(x, u2, b)
+        fns["winograd F(4,3)"] = lambda: W.winograd_conv3x3(x, u4, b)
+    return fns
 
 
-def run_case(cin, cout, size, threads, rounds):
+def run_case(cin, cout, size, threads, rounds, k=3):
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cin, size, size, generator=g).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(cout, cin, 3, 3, generator=g) / (3 * cin ** 0.5)
+    w = torch.randn(cout, cin, k, k, generator=g) / (k * cin ** 0.5)
     b = torch.randn(cout, generator=g)
     fns = variants(x, w, b)
-    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
-    err = {k: ((f().double() - ref).abs().max() / max(1.0, ref.abs().max().item())).item() for k, f in fns.items()}
-    flop = 2 * 9 * cin * cout * size * size
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=k // 2)
+    err = {n: ((f().double() - ref).abs().max() / max(1.0, ref.abs().max().item())).item() for n, f in fns.items()}
+    flop = 2 * k * k * cin * cout * size * size
     inner = max(1, int(1e8 / flop))  # ~0.5 ms or more per timed sample
     times = {k: [] for k in fns}
     walls = {k: [] for k in fns}
@@ -74,11 +83,14 @@ def run_case(cin, cout, size, threads, rounds):
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(kernel: int = 3, channels=(64, 64), sizes=(32, 48, 96), doc: str = __doc__) -> None:
+    """The command line; ``kernel``, ``channels``, ``sizes``: the defaults (benchmarks/bench_winograd_conv5x5.py
+    passes the 5x5 ones)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 48, 96])
-    ap.add_argument("--channels", type=int, nargs=2, default=[64, 64], metavar=("C_IN", "C_OUT"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(sizes))
+    ap.add_argument("--channels", type=int, nargs=2, default=list(channels), metavar=("C_IN", "C_OUT"))
+    ap.add_argument("--kernel", type=int, choices=(3, 5), default=kernel, help="conv kernel size (5: winograd_conv5x5)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args()
@@ -86,12 +98,13 @@ def main() -> None:
     cap = srkernels.build_info()["cpu_capability"]
     print(f"# {info.get('cpu')} srkernels capability {cap}, torch {info['cpu_capability']}, {a.rounds} interleaved "
           f"rounds; CPU ms = process CPU time of all threads per call, GFLOP per CPU-second; wall ms min")
+    print(f"# {a.kernel}x{a.kernel} conv")
     print("| C_in->C_out | LR | threads | variant | CPU ms min | CPU ms median | GFLOP/CPU-s | vs oneDNN (CPU) | "
           "wall ms min | vs oneDNN (wall) | max rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for threads in a.threads:
         for size in a.sizes:
-            rows = run_case(*a.channels, size, threads, a.rounds)
+            rows = run_case(*a.channels, size, threads, a.rounds, a.kernel)
             for r in rows:
                 print(f"| {a.channels[0]}->{a.channels[1]} | {size} | {threads} | {r['variant']} | "
                       f"{r['cpu_ms_min']:.3f} | {r['cpu_ms_median']:.3f} | {r['gflops_per_cpu_s']:.0f} | "
@@ -100,7 +113,7 @@ def main() -> None:
             if not a.no_save:
                 with open(ROOT / "benchmarks" / "results" / "winograd_conv.jsonl", "a") as f:
                     f.write(json.dumps(dict(machine=info, srkernels_capability=cap, threads=threads, size=size,
-                                            channels=a.channels, time=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                            channels=a.channels, kernel=a.kernel, time=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                     time.gmtime()),
                                             rows=rows)) + "\n")
 

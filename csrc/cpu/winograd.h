@@ -1,6 +1,8 @@
-// Winograd minimal filtering F(m x m, 3 x 3), m = 2 (4x4 input tiles) or m = 4 (6x6), fp32, one copy per
-// compiled capability: the core shared by winograd_conv3x3 (csrc/cpu/winograd_conv.cpp, NHWC tensors) and the
-// 3x3 layers of dense_block (csrc/cpu/dense_block.cpp, channel ranges of its padded row buffer).
+// Winograd minimal filtering F(m x m, r x r): F(2x2, 3x3) (4x4 input tiles), F(4x4, 3x3) and F(2x2, 5x5) (both
+// 6x6 tiles, the same points and input transform), fp32, one copy per compiled capability: the core shared by
+// winograd_conv3x3 / winograd_conv5x5 (csrc/cpu/winograd_conv.cpp, NHWC tensors) and the 3x3 layers of
+// dense_block (csrc/cpu/dense_block.cpp, channel ranges of its padded row buffer). The kernel size R is a
+// template argument defaulting to 3, so the 3x3 entry points keep their names.
 //
 // Pixels are addressed by strides (Pixels, Epilogue below), so the transforms read and write either layout.
 // Per block of TB output tiles (one thread):
@@ -130,11 +132,11 @@ inline void gemm(const float* v, int64_t vs, const float* u, int64_t C, int64_t 
 // ---- transforms, one vector of channels at a time -------------------------------------------------------
 // 1-D transforms of a column / row of T values; the 2-D ones apply them to columns, then rows.
 
-template <int M>
+template <int M, int R = 3>
 struct Wino;
 
 template <>
-struct Wino<2> {  // F(2, 3): points 0, 1, -1, inf
+struct Wino<2, 3> {  // F(2, 3): points 0, 1, -1, inf
   static constexpr int T = 4;
   static inline void bt(const Vec* d, Vec* o) {  // B^T d
     o[0] = d[0] - d[2];
@@ -157,7 +159,7 @@ struct Wino<2> {  // F(2, 3): points 0, 1, -1, inf
 };
 
 template <>
-struct Wino<4> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
+struct Wino<4, 3> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
   static constexpr int T = 6;
   static inline void bt(const Vec* d, Vec* o) {
     const Vec four(4.f), two(2.f), five(5.f);
@@ -193,6 +195,19 @@ struct Wino<4> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
   }
 };
 
+// F(2, 5): the points of F(4, 3), so the same 6-point input transform; A^T rows p^0, p^1 (plus the inf column).
+// G is not needed here: the 5x5 weight is transformed in Python (srkernels/ops/winograd_conv3x3.py _G).
+template <>
+struct Wino<2, 5> {
+  static constexpr int T = 6;
+  static inline void bt(const Vec* d, Vec* o) { Wino<4, 3>::bt(d, o); }
+  static inline void at(const Vec* s, Vec* y) {
+    const Vec a = s[1] + s[2], b = s[1] - s[2], c = s[3] + s[4], d = s[3] - s[4];
+    y[0] = s[0] + a + c;
+    y[1] = at::vec::fmadd(Vec(2.f), d, b) + s[5];
+  }
+};
+
 // Output tiles of an N x H x W image: th x tw per sample.
 struct Geo {
   int64_t N, C, H, W, K, Kp, Cp, th, tw;  // C input channels (V rows padded to Cp), K output channels (Kp)
@@ -222,15 +237,16 @@ struct Epilogue {
 
 // Input transform of tiles [t0, t0 + tb) into V[p][t - t0][0..Cp) (row stride Cp, position stride tb * Cp).
 // Columns first, each loaded and transformed at once (rows and columns outside the readable range are zero).
-template <int M>
+template <int M, int R = 3>
 void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, float* V) {
-  constexpr int T = Wino<M>::T;
+  using Wn = Wino<M, R>;
+  constexpr int T = Wn::T;
   const int64_t C = g.C, Cp = g.Cp, ps = tb * Cp, hs = x.hs, ws = x.ws;
   const int64_t hmin = x.lo, hmax = g.H + x.hi_pad, wmax = g.W + x.hi_pad;
   for (int64_t i = 0; i < tb; ++i) {
     const int64_t t = t0 + i;
     const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
-    const int64_t h0 = ty * M - 1, w0 = tx * M - 1;
+    const int64_t h0 = ty * M - R / 2, w0 = tx * M - R / 2;  // padding R / 2
     // readable rows [a0, a1) and columns [b0, b1) of the patch
     const int a0 = static_cast<int>(std::max<int64_t>(0, hmin - h0));
     const int a1 = static_cast<int>(std::min<int64_t>(T, hmax - h0));
@@ -257,12 +273,12 @@ void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, floa
             }
           }
         }
-        Wino<M>::bt(col, o);  // B^T d[.][b]
+        Wn::bt(col, o);  // B^T d[.][b]
         for (int a = 0; a < T; ++a) e[a][b] = o[a];
       }
       for (int a = 0; a < T; ++a) {  // rows: e[a][.] B
         Vec o[T];
-        Wino<M>::bt(e[a], o);
+        Wn::bt(e[a], o);
         for (int b = 0; b < T; ++b) o[b].store(vt + (a * T + b) * ps + c);
       }
     }
@@ -278,9 +294,10 @@ inline void store_n(float* p, const Vec& v, int64_t cnt) {
 }
 
 // Output transform of tiles [t0, t0 + tb) from M[p][t - t0][0..Kp) with the epilogue.
-template <int M>
+template <int M, int R = 3>
 void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, const Epilogue& ep) {
-  constexpr int T = Wino<M>::T;
+  using Wn = Wino<M, R>;
+  constexpr int T = Wn::T;
   const int64_t K = g.K, Kp = g.Kp, ps = tb * Kp;
   const Vec zero(0.f);
   for (int64_t i = 0; i < tb; ++i) {
@@ -295,13 +312,13 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, con
       for (int b = 0; b < T; ++b) {
         Vec col[T], y[M];
         for (int a = 0; a < T; ++a) col[a] = Vec::loadu(mt + (a * T + b) * ps + k);
-        Wino<M>::at(col, y);
+        Wn::at(col, y);
         for (int a = 0; a < M; ++a) e[a][b] = y[a];
       }
       const Vec vb = ep.bias ? (cnt == VW ? Vec::loadu(ep.bias + k) : Vec::loadu(ep.bias + k, cnt)) : zero;
       for (int a = 0; a < mh; ++a) {
         Vec y[M];
-        Wino<M>::at(e[a], y);
+        Wn::at(e[a], y);
         for (int b = 0; b < mw; ++b) {
           const int64_t off = n * ep.ns + (h0 + a) * ep.hs + (w0 + b) * ep.ws;
           Vec v = y[b] + vb;
@@ -333,21 +350,24 @@ inline int64_t tile_block(int64_t P, int64_t Cp, int64_t Kp, int64_t tiles, int6
   return std::min(tb, std::max<int64_t>(kR, div_up(div_up(tiles, threads), kR) * kR));
 }
 
-// V and M of a block within this many floats: SRKERNELS_WINOGRAD_BLOCK_KB (a tuning knob, default 384 KB)
-// leaves L2 room for U. Measured on RDN's RDB at LR 32-64 (AVX-512 / forced AVX2): 1024 KB was up to ~10%
-// faster on AVX-512 and ~7% slower on AVX2, within the noise of this shared machine otherwise.
-inline int64_t block_budget() {
-  static const int64_t budget = [] {
-    const char* s = std::getenv("SRKERNELS_WINOGRAD_BLOCK_KB");
-    return (s ? std::atoll(s) : 384) * 1024 / 4;
-  }();
-  return budget;
+// V and M of a block within this many floats for output tiles m x m: SRKERNELS_WINOGRAD_BLOCK_KB (a tuning knob,
+// for every tile), else 384 KB for m = 4 and 128 KB for m = 2. m = 4 (F(4,3)): leaves L2 room for U; measured on
+// RDN's RDB at LR 32-64 (AVX-512 / forced AVX2): 1024 KB was up to ~10% faster on AVX-512 and ~7% slower on
+// AVX2, within the noise of this shared machine otherwise. m = 2 (F(2,3), F(2,5): 4 outputs per tile, 4x the V
+// and M per output pixel of F(4,3)), 128 KB instead of 384 KB (benchmarks/bench_winograd_conv5x5.py, _conv3x3.py,
+// one thread): SRCNN's 5x5 64->32 layer at 32-96 px 1.45 -> 1.65x oneDNN on AVX-512, 1.9 -> 2.6x forced AVX2;
+// F(2,3) 64->64 at 32-96 px 1.5 -> 1.65x and 1.6 -> 1.85x; F(4,3) unchanged at 128 KB.
+inline int64_t block_budget(int m = 4) {
+  static const char* s = std::getenv("SRKERNELS_WINOGRAD_BLOCK_KB");
+  static const int64_t set = s ? std::atoll(s) * 1024 / 4 : 0;
+  return set ? set : (m == 2 ? 128 : 384) * 1024 / 4;
 }
 
 // The whole conv: x -> epilogue, with U [P][C][Kp]; blocks of tile_block(.., budget) tiles over the threads.
-template <int M>
+// R x R kernel, zero padding R / 2.
+template <int M, int R = 3>
 void run(const Pixels& x, const float* u, const Geo& g, const Epilogue& ep, int64_t budget) {
-  constexpr int64_t P = Wino<M>::T * Wino<M>::T;
+  constexpr int64_t P = Wino<M, R>::T * Wino<M, R>::T;
   const int64_t tiles = g.N * g.th * g.tw;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t TB = tile_block(P, g.Cp, g.Kp, tiles, threads, budget);
@@ -364,10 +384,10 @@ void run(const Pixels& x, const float* u, const Geo& g, const Epilogue& ep, int6
     float* Mb = V + P * TB * g.Cp;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * TB, tb = std::min(TB, tiles - t0);
-      input_transform<M>(x, g, t0, tb, V);
+      input_transform<M, R>(x, g, t0, tb, V);
       for (int64_t p = 0; p < P; ++p)
         gemm(V + p * tb * g.Cp, g.Cp, u + p * g.C * g.Kp, g.C, g.Kp, Mb + p * tb * g.Kp, tb);
-      output_transform<M>(Mb, g, t0, tb, ep);
+      output_transform<M, R>(Mb, g, t0, tb, ep);
     }
   });
 }

@@ -1,6 +1,8 @@
 // winograd_conv3x3 on CPU: 3x3, stride 1, zero padding 1 convolution, fp32, forward only, by Winograd's
 // minimal filtering F(m x m, 3 x 3) with m = 2 (4x4 input tiles) or m = 4 (6x6), and the conv epilogue
 // act(conv + bias) (+ residual) fused into the output transform. Contract: docs/ops.md "winograd_conv3x3".
+// winograd_conv5x5: the same for a 5x5, zero padding 2 conv by F(2x2, 5x5) (6x6 tiles; docs/ops.md
+// "winograd_conv5x5").
 //
 // Layout: activations channels_last (NHWC), so every transform runs on vectors of channels. The weight comes
 // pre-transformed (Python, float64 then rounded once: srkernels/ops/winograd_conv3x3.py) as U[P][C][K], P =
@@ -30,22 +32,25 @@ namespace {
 
 using namespace wino;
 
-// x [N, C, H, W] (any layout; computed channels_last), weight_t [P, C, K] fp32 (P = 16: F(2,3), 36: F(4,3)).
-at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
-                                const std::optional<at::Tensor>& bias_in, c10::string_view act_s,
-                                const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, "winograd_conv3x3: x must be 4-D float32");
-  TORCH_CHECK(weight_t.dim() == 3 && weight_t.scalar_type() == at::kFloat,
-              "winograd_conv3x3: weight_t must be 3-D float32 [P, C_in, C_out]");
-  TORCH_CHECK(act_s == "none" || act_s == "relu", "winograd_conv3x3: act must be none or relu, got ", act_s);
+// x [N, C, H, W] (any layout; computed channels_last), weight_t [P, C, K] fp32; an R x R kernel (3: P = 16
+// F(2,3) or 36 F(4,3); 5: P = 36 F(2,5)).
+at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, const at::Tensor& weight_t,
+                             const std::optional<at::Tensor>& bias_in, c10::string_view act_s,
+                             const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, name, ": x must be 4-D float32");
+  TORCH_CHECK(weight_t.dim() == 3 && weight_t.scalar_type() == at::kFloat, name,
+              ": weight_t must be 3-D float32 [P, C_in, C_out]");
+  TORCH_CHECK(act_s == "none" || act_s == "relu", name, ": act must be none or relu, got ", act_s);
   const Act act = act_s == "relu" ? Act::Relu : Act::None;
   const int64_t P = weight_t.size(0);
-  TORCH_CHECK(P == 16 || P == 36, "winograd_conv3x3: weight_t must have 16 (F(2,3)) or 36 (F(4,3)) positions, got ",
-              P);
-  const int M = P == 16 ? 2 : 4;
+  if (R == 3) {
+    TORCH_CHECK(P == 16 || P == 36, name, ": weight_t must have 16 (F(2,3)) or 36 (F(4,3)) positions, got ", P);
+  } else {
+    TORCH_CHECK(P == 36, name, ": weight_t must have 36 (F(2,5)) positions, got ", P);
+  }
+  const int M = R == 5 ? 2 : P == 16 ? 2 : 4;
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = weight_t.size(2);
-  TORCH_CHECK(weight_t.size(1) == C, "winograd_conv3x3: weight_t has ", weight_t.size(1), " input channels, x has ",
-              C);
+  TORCH_CHECK(weight_t.size(1) == C, name, ": weight_t has ", weight_t.size(1), " input channels, x has ", C);
   // computed channels_last; returned in x's suggested format (the fake's rule: srkernels/ops/winograd_conv3x3.py)
   const auto fmt = x_in.suggest_memory_format();
   const auto cl = at::MemoryFormat::ChannelsLast;
@@ -69,12 +74,12 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight
   at::Tensor bias;
   if (bias_in) {
     bias = bias_in->contiguous();
-    TORCH_CHECK(bias.numel() == K && bias.scalar_type() == at::kFloat, "winograd_conv3x3: bias must be [", K, "]");
+    TORCH_CHECK(bias.numel() == K && bias.scalar_type() == at::kFloat, name, ": bias must be [", K, "]");
   }
   at::Tensor res;
   if (residual) {
-    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == at::kFloat,
-                "winograd_conv3x3: residual must be float32 of shape ", out.sizes());
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == at::kFloat, name,
+                ": residual must be float32 of shape ", out.sizes());
     res = residual->contiguous(cl);
   }
   const Geo g{N, C, H, W, K, Kp, div_up(C, VW) * VW, div_up(H, M), div_up(W, M)};
@@ -84,12 +89,24 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const Pixels px{x.const_data_ptr<float>(), H * W * C, W * C, C, 0, 0};
   float* o = out.mutable_data_ptr<float>();
   const Epilogue ep{o, o, K, r, /*res_first=*/false, act, b, H * W * K, W * K, K};
-  if (M == 2) {
-    run<2>(px, u.const_data_ptr<float>(), g, ep, block_budget());
+  if (R == 5) {
+    run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
+  } else if (M == 2) {
+    run<2>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
   } else {
-    run<4>(px, u.const_data_ptr<float>(), g, ep, block_budget());
+    run<4>(px, u.const_data_ptr<float>(), g, ep, block_budget(4));
   }
   return finish();
+}
+
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight_t, const std::optional<at::Tensor>& bias,
+                                c10::string_view act, const std::optional<at::Tensor>& residual) {
+  return winograd_conv_cpu("winograd_conv3x3", 3, x, weight_t, bias, act, residual);
+}
+
+at::Tensor winograd_conv5x5_cpu(const at::Tensor& x, const at::Tensor& weight_t, const std::optional<at::Tensor>& bias,
+                                c10::string_view act, const std::optional<at::Tensor>& residual) {
+  return winograd_conv_cpu("winograd_conv5x5", 5, x, weight_t, bias, act, residual);
 }
 
 }  // namespace
@@ -98,4 +115,5 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight
 
 #ifndef SRK_WINOGRAD_PROTOTYPE
 SRK_CPU_OP(winograd_conv3x3, winograd_conv3x3_cpu)
+SRK_CPU_OP(winograd_conv5x5, winograd_conv5x5_cpu)
 #endif

@@ -71,11 +71,17 @@ class SRCNN(SRModel):
         if min(x.shape[-2:]) <= 2 * self.border:
             raise ValueError(f"x must be larger than {2 * self.border} px per side for padding='valid', "
                              f"got {tuple(x.shape[-2:])}")
-        # with autograd recording there is nothing to fuse (three convs and in-place ReLUs, all saved anyway): the
-        # fused model runs the reference's own layers, so its training step is the reference's
-        if self.fused and not torch.is_grad_enabled():  # conv + bias + ReLU as one call each (prepacked oneDNN)
+        # conv + bias + ReLU as one call each: prepacked oneDNN, the 5x5 64->32 layer Winograd F(2x2,5x5)
+        # (srkernels/ops/conv2d_pointwise.py, winograd5_use). CPU training: the same calls through autograd, where
+        # only the 5x5 layer differs from the reference (Winograd forward and input gradient, nn/conv.py
+        # _train_conv2d); the input goes channels_last (1-3 channels: cheap), so oneDNN's 9x9 conv hands the
+        # Winograd kernel its own layout (else _train_conv2d copies and saves a 64-channel map).
+        if self.fused and (not torch.is_grad_enabled() or x.is_cpu):
             from ..nn.conv import apply_conv
 
-            h = apply_conv(self.map[0], apply_conv(self.features[0], x, "relu"), "relu")
+            xin = x
+            if torch.is_grad_enabled() and x.stride(1) != 1:  # (.contiguous keeps a 1-channel NCHW tensor as is)
+                xin = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+            h = apply_conv(self.map[0], apply_conv(self.features[0], xin, "relu"), "relu")
             return self.output_like(apply_conv(self.reconstruction, h), x)
         return self.reconstruction(self.map(self.features(x)))

@@ -168,8 +168,8 @@ def _train_conv2d(conv: nn.Conv2d, x: Tensor, b: Tensor | None, activation: str 
     kernel's layout; the models restore the caller's at the end). None when Winograd does not serve it (the
     reference runs: oneDNN's conv under autograd is what the op's other algorithm would run anyway)."""
     w = conv.weight
-    # cheapest tests first: every other conv of a training step pays them (SRCNN's 9x9 / 5x5 / 1x1 convs)
-    if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and x.dim() == 4 and w.dtype == x.dtype
+    # cheapest tests first: every other conv of a training step pays them (SRCNN's 9x9 and 1x1 convs)
+    if not (conv.kernel_size in ((3, 3), (5, 5)) and conv.stride == (1, 1) and x.dim() == 4 and w.dtype == x.dtype
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):
         return None
     meta = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)

@@ -8,12 +8,13 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   algorithm may ``pack`` the weight into its own layout for one input shape; a caller that keeps the packed
   weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
   ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``, in training
-  ``SRKERNELS_WINOGRAD_TRAIN``) comes first.
+  ``SRKERNELS_WINOGRAD_TRAIN``; and float32 5x5 convs by F(2x2,5x5), off with ``SRKERNELS_WINOGRAD=0``, in
+  training with ``SRKERNELS_WINOGRAD_TRAIN=0``) comes first.
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
 gradients; the input gradient too, except where training runs ``Winograd``: then it is a second Winograd conv
-(F(4,3)) with the weight rotated and transposed (issue 13).
+(F(4,3); F(2,5) for 5x5) with the weight rotated and transposed (issue 13).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 from ._registry import OpSpec
 from .winograd_conv3x3 import winograd_use, winograd_weight, winograd_weight_step
+from .winograd_conv5x5 import winograd5_use, winograd_weight5, winograd_weight5_step
 
 OP = "conv2d_pointwise"
 ACTIVATIONS = ("none", "relu")
@@ -149,40 +151,57 @@ class Winograd(CpuAlgorithm):
     padding 1, no dilation or groups, where ``winograd_use`` measured it faster than oneDNN (AVX2 / AVX-512
     builds, >= 16 channels in and out, >= 64 pixels): 2.2-2.9x a prepacked oneDNN 64->64 conv with F(4,3), one
     thread (benchmarks/results/winograd_models.md). The packed weight is ``winograd_weight(weight, m)``.
-    Rounding: F(4,3) ~4x oneDNN's float32 error against float64, F(2,3) below it (docs/ops.md)."""
+    Rounding: F(4,3) ~4x oneDNN's float32 error against float64, F(2,3) below it (docs/ops.md).
+    ``Winograd(2, 5)``: the ``winograd_conv5x5`` kernel, F(2x2,5x5), for float32 5x5 convs with stride 1, zero
+    padding 2 where ``winograd5_use`` measured it faster (SRCNN's 64->32 layer: 1.6-1.7x AVX-512, 2.2-2.7x
+    AVX2); packed weight ``winograd_weight5(weight)``; ~3x oneDNN's float32 error."""
 
     name = "winograd"
 
-    def __init__(self, m: int) -> None:
-        self.m = m
+    def __init__(self, m: int, r: int = 3) -> None:
+        self.m, self.r = m, r  # F(m x m, r x r): (4, 3), (2, 3) or (2, 5) (winograd_conv5x5)
 
     def supports(self, x, weight, stride, padding, dilation, groups):
-        return winograd_tile() == self.m and self.fits(x, weight, stride, padding, dilation, groups)
+        tile = winograd_tile()
+        return (tile == self.m if self.r == 3 else tile != 0) and self.fits(x, weight, stride, padding, dilation,
+                                                                            groups)
 
     def fits(self, x, weight, stride, padding, dilation, groups) -> bool:
-        """The call is one the kernel runs and ``winograd_use`` measured faster (whatever the tile setting)."""
+        """The call is one the kernel runs and its rule (``winograd_use``, ``winograd5_use``) measured faster
+        (whatever the tile setting)."""
+        r = self.r
+        use = winograd_use if r == 3 else winograd5_use
         return (x.dtype == torch.float32 and weight.dtype == torch.float32
-                and groups == 1 and weight.shape[2] == 3 and weight.shape[3] == 3 and tuple(stride) == (1, 1)
-                and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
-                and winograd_use(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]))
+                and groups == 1 and weight.shape[2] == r and weight.shape[3] == r and tuple(stride) == (1, 1)
+                and tuple(padding) == (r // 2, r // 2) and tuple(dilation) == (1, 1)
+                and use(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]))
 
     def pack(self, weight, stride, padding, dilation, groups, input_shape):
-        return winograd_weight(weight.detach(), self.m)
+        return winograd_weight(weight.detach(), self.m) if self.r == 3 else winograd_weight5(weight.detach())
+
+    def weight_step(self, weight: Tensor, grad_input: bool = False) -> Tensor:
+        """The transformed weight of a plain 4-D ``weight`` per call (one float32 matmul, no autograd);
+        ``grad_input``: of the input-gradient conv (weight rotated and transposed)."""
+        if self.r == 5:
+            return winograd_weight5_step(weight, grad_input=grad_input)
+        return winograd_weight_step(weight, self.m, grad_input=grad_input)
 
     def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
         if weight.dim() == 4:  # an unpacked weight (the op called directly, training): transform per call
-            weight = winograd_weight_step(weight, self.m)
-        return torch.ops.srkernels.winograd_conv3x3(x, weight, bias, activation, residual)
+            weight = self.weight_step(weight)
+        op = torch.ops.srkernels.winograd_conv5x5 if self.r == 5 else torch.ops.srkernels.winograd_conv3x3
+        return op(x, weight, bias, activation, residual)
 
     def grad_input(self, grad: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
-        """The input gradient of a conv this algorithm ``supports`` (3x3, stride 1, padding 1), ``+ residual``:
-        ``conv3x3(grad, weight.flip(2, 3).transpose(0, 1), padding=1)``, the same Winograd kernel (its
-        ``winograd_use`` rule is symmetric in the channel counts). ``weight`` is the plain 4-D weight."""
-        return torch.ops.srkernels.winograd_conv3x3(
-            grad, winograd_weight_step(weight, self.m, grad_input=True), None, "none", residual)
+        """The input gradient of a conv this algorithm ``supports`` (r x r, stride 1, padding r // 2),
+        ``+ residual``: ``conv(grad, weight.flip(2, 3).transpose(0, 1), padding=r // 2)``, the same Winograd
+        kernel. ``weight`` is the plain 4-D weight."""
+        op = torch.ops.srkernels.winograd_conv5x5 if self.r == 5 else torch.ops.srkernels.winograd_conv3x3
+        return op(grad, self.weight_step(weight, grad_input=True), None, "none", residual)
 
 
-ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), ONEDNN]  # best first
+WINOGRAD5 = Winograd(2, 5)
+ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), WINOGRAD5, ONEDNN]  # best first
 # The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
 # gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
 # same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).
@@ -197,7 +216,12 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
     tile = winograd_train_tile() if training else None
     for alg in ALGORITHMS:
         if training and isinstance(alg, Winograd):
-            if alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
+            if alg.r == 3 and alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
+                return alg
+            # 5x5: F(2,5) whenever training runs Winograd; its input-gradient conv (C_out -> C_in) must fit the
+            # rule as well (winograd5_use is not symmetric on AVX-512)
+            if (alg.r == 5 and tile and alg.fits(x, weight, stride, padding, dilation, groups)
+                    and winograd5_use(weight.shape[0], weight.shape[1], x.shape[2], x.shape[3])):
                 return alg
         elif alg.supports(x, weight, stride, padding, dilation, groups):
             return alg
@@ -215,8 +239,8 @@ def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, strid
     alg = None
     if mask[0] and x.is_cpu:
         alg = cpu_algorithm(x, weight, stride, padding, dilation, groups, training=True)
-    if isinstance(alg, Winograd):
-        gx = GRAD_INPUT_WINOGRAD.grad_input(grad, weight, grad_x_plus)
+    if isinstance(alg, Winograd):  # 3x3: F(4,3) whatever the forward's tile; 5x5: F(2,5)
+        gx = (GRAD_INPUT_WINOGRAD if alg.r == 3 else alg).grad_input(grad, weight, grad_x_plus)
         mask = (False, mask[1], mask[2])
     bias_sizes = [weight.shape[0]] if has_bias else None
     if mask[0] or mask[1] or (mask[2] and has_bias):

@@ -23,25 +23,31 @@ OP = "winograd_conv3x3"
 ACTS = ("none", "relu")
 TILES = (2, 4)  # output tile size m: F(2x2, 3x3) and F(4x4, 3x3)
 
-# Lavin & Gray's matrices (points 0, +-1, +-2, inf). y = A^T [(G g G^T) * (B^T d B)] A for one tile.
+# Lavin & Gray's matrices (points 0, +-1, +-2, inf), keyed by (m, r): y = A^T [(G g G^T) * (B^T d B)] A for
+# one tile, T = m + r - 1. B^T depends only on the points, so F(2,5) shares F(4,3)'s; A^T row i is p^i on the
+# finite points (plus 1 in the inf column of the last row); G row p is [1, p, .., p^(r-1)] / prod_{q != p}(p - q)
+# over the finite points, the inf row picks the last tap (tests check each pair against F.conv2d in float64).
 _G = {
-    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
-    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
-        (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    (2, 3): ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+    (4, 3): ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+             (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    (2, 5): ((1 / 4, 0, 0, 0, 0), (-1 / 6, -1 / 6, -1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6, 1 / 6, -1 / 6),
+             (1 / 24, 1 / 12, 1 / 6, 1 / 3, 2 / 3), (1 / 24, -1 / 12, 1 / 6, -1 / 3, 2 / 3), (0, 0, 0, 0, 1)),
 }
-_BT = {
-    2: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
-    4: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+_BT = {  # by tile size T
+    4: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    6: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
         (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
 }
 _AT = {
-    2: ((1, 1, 1, 0), (0, 1, -1, -1)),
-    4: ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+    (2, 3): ((1, 1, 1, 0), (0, 1, -1, -1)),
+    (4, 3): ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+    (2, 5): ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 1)),
 }
 
 
-def _mat(table: dict, m: int, like: Tensor) -> Tensor:
-    return torch.tensor(table[m], dtype=like.dtype, device=like.device)
+def _mat(table: dict, key, like: Tensor) -> Tensor:
+    return torch.tensor(table[key], dtype=like.dtype, device=like.device)
 
 
 def tile_of(weight_t: Tensor) -> int:
@@ -52,15 +58,26 @@ def tile_of(weight_t: Tensor) -> int:
     return 2 if P == 16 else 4
 
 
-def _check_weight(weight, m: int) -> None:
+def _check_weight(weight, m: int, r: int = 3, tiles: tuple = TILES) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must be floating, got dtype {weight.dtype}")
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"weight must be [C_out, C_in, 3, 3], got shape {list(weight.shape)}")
-    if m not in TILES:
-        raise ValueError(f"m must be one of {TILES}, got {m!r}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (r, r):
+        raise ValueError(f"weight must be [C_out, C_in, {r}, {r}], got shape {list(weight.shape)}")
+    if m not in tiles:
+        raise ValueError(f"m must be one of {tiles}, got {m!r}")
+
+
+def transform_weight(weight: Tensor, m: int, r: int) -> Tensor:
+    """``[C_out, C_in, r, r]`` -> ``[(m+r-1)^2, C_in, C_out]``, ``U = G g G^T`` of F(m x m, r x r) in float64,
+    rounded once to ``weight``'s dtype; contiguous, differentiable (the shared body of ``winograd_weight`` and
+    ``winograd_conv5x5.winograd_weight5``; the weight is checked by them)."""
+    w = weight.double()
+    g = _mat(_G, (m, r), w)
+    u = torch.einsum("ai,kcij,bj->abck", g, w, g)
+    T = m + r - 1
+    return u.reshape(T * T, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
 def winograd_weight(weight: Tensor, m: int = 4) -> Tensor:
@@ -68,20 +85,29 @@ def winograd_weight(weight: Tensor, m: int = 4) -> Tensor:
     computed in float64 and rounded once to ``weight``'s dtype; contiguous. Differentiable (plain torch ops).
     Position ``p = a * (m+2) + b`` of the ``(m+2) x (m+2)`` tile."""
     _check_weight(weight, m)
-    w = weight.double()
-    g = _mat(_G, m, w)
-    u = torch.einsum("ai,kcij,bj->abck", g, w, g)
-    T = m + 2
-    return u.reshape(T * T, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    return transform_weight(weight, m, 3)
 
 
 @functools.cache
-def _kron_g(m: int, flip: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``G (x) G`` as a ``[(m+2)^2, 9]`` matrix (row ``a * (m+2) + b``, column ``i * 3 + j``: ``G[a, i] G[b, j]``),
-    built in float64; ``flip`` reverses the columns, i.e. transforms the kernel rotated by 180 degrees."""
-    g = torch.tensor(_G[m], dtype=torch.float64)
+def _kron_g(m: int, flip: bool, dtype: torch.dtype, device: torch.device, r: int = 3) -> Tensor:
+    """``G (x) G`` of F(m, r) as a ``[(m+r-1)^2, r^2]`` matrix (row ``a * T + b``, column ``i * r + j``:
+    ``G[a, i] G[b, j]``), built in float64; ``flip`` reverses the columns, i.e. transforms the kernel rotated by
+    180 degrees."""
+    g = torch.tensor(_G[(m, r)], dtype=torch.float64)
     k = torch.kron(g, g)
     return (k.flip(1) if flip else k).to(dtype=dtype, device=device)
+
+
+def transform_weight_step(weight: Tensor, m: int, r: int, grad_input: bool) -> Tensor:
+    """The body of ``winograd_weight_step`` for F(m, r) (also ``winograd_conv5x5.winograd_weight5_step``):
+    one matmul in ``weight``'s dtype, no autograd; the weight is checked by the callers."""
+    w = weight.detach()
+    k, c = w.shape[:2]
+    T = m + r - 1
+    mat = _kron_g(m, grad_input, w.dtype, w.device, r)
+    if grad_input:  # out[p, k, c] = sum_j flipped[p, j] w[k, c, j]: w's own memory order
+        return torch.mm(mat, w.reshape(k * c, r * r).t()).view(T * T, k, c)
+    return torch.mm(mat, w.transpose(0, 1).reshape(c * k, r * r).t()).view(T * T, c, k)
 
 
 def winograd_weight_step(weight: Tensor, m: int = 4, *, grad_input: bool = False) -> Tensor:
@@ -93,29 +119,23 @@ def winograd_weight_step(weight: Tensor, m: int = 4, *, grad_input: bool = False
     padding-1 conv, ``conv3x3(grad_y, weight.flip(2, 3).transpose(0, 1), padding=1)``: ``[(m+2)^2, C_out,
     C_in]``, flip and transpose folded into the matmul (no copy of the weight)."""
     _check_weight(weight, m)
-    w = weight.detach()
-    k, c = w.shape[:2]
-    T = m + 2
-    mat = _kron_g(m, grad_input, w.dtype, w.device)
-    if grad_input:  # out[p, k, c] = sum_j flipped[p, j] w[k, c, j]: w's own memory order
-        return torch.mm(mat, w.reshape(k * c, 9).t()).view(T * T, k, c)
-    return torch.mm(mat, w.transpose(0, 1).reshape(c * k, 9).t()).view(T * T, c, k)
+    return transform_weight_step(weight, m, 3, grad_input)
 
 
-def reference(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, act: str = "none",
-              residual: Tensor | None = None) -> Tensor:
-    """The op in plain torch ops on ``weight_t`` (any dtype and device, differentiable): the same tiles and
-    transforms as the kernel, in ``x``'s dtype. The exact-arithmetic equal of
-    ``act(F.conv2d(x, w, bias, padding=1)) (+ residual)`` for ``weight_t = winograd_weight(w, m)``."""
-    m = tile_of(weight_t)
-    T = m + 2
+def tiled_reference(x: Tensor, weight_t: Tensor, bias: Tensor | None, act: str, residual: Tensor | None, m: int,
+                    r: int) -> Tensor:
+    """F(m x m, r x r) on ``weight_t`` in plain torch ops (any dtype and device, differentiable; zero padding
+    r // 2): the same tiles and transforms as the kernel, in ``x``'s dtype. The body of ``reference`` here and
+    in winograd_conv5x5.py."""
+    T = m + r - 1
     N, C, H, W = x.shape
     K = weight_t.shape[2]
     th, tw = -(-H // m), -(-W // m)
-    # pad 1 on top / left and up to the last tile's far edge on the bottom / right
-    xp = F.pad(x, (1, tw * m + 1 - W, 1, th * m + 1 - H))
+    # pad r // 2 on top / left and up to the last tile's far edge on the bottom / right
+    p = r // 2
+    xp = F.pad(x, (p, tw * m + T - m - p - W, p, th * m + T - m - p - H))
     d = xp.unfold(2, T, m).unfold(3, T, m)  # [N, C, th, tw, T, T]
-    bt, at = _mat(_BT, m, x), _mat(_AT, m, x)
+    bt, at = _mat(_BT, T, x), _mat(_AT, (m, r), x)
     v = torch.einsum("ai,nchwij,bj->abnhwc", bt, d, bt)
     mm = torch.einsum("abnhwc,abck->abnhwk", v, weight_t.reshape(T, T, C, K).to(x.dtype))
     y = torch.einsum("ia,abnhwk,jb->nkhiwj", at, mm, at).reshape(N, K, th * m, tw * m)[:, :, :H, :W]
@@ -128,11 +148,20 @@ def reference(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, act: str 
     return y.contiguous(memory_format=_checks.suggest_memory_format(x))
 
 
+def reference(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, act: str = "none",
+              residual: Tensor | None = None) -> Tensor:
+    """The op in plain torch ops on ``weight_t`` (any dtype and device, differentiable): the same tiles and
+    transforms as the kernel, in ``x``'s dtype. The exact-arithmetic equal of
+    ``act(F.conv2d(x, w, bias, padding=1)) (+ residual)`` for ``weight_t = winograd_weight(w, m)``."""
+    return tiled_reference(x, weight_t, bias, act, residual, tile_of(weight_t), 3)
+
+
 def conv_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none",
                    residual: Tensor | None = None) -> Tensor:
     """What the op approximates, with the original weight: ``act(F.conv2d(x, weight, bias, padding=1))
-    (+ residual)``, the formula of ``srkernels.nn.conv.conv2d``."""
-    y = F.conv2d(x, weight, bias, padding=1)
+    (+ residual)``, the formula of ``srkernels.nn.conv.conv2d`` (padding ``weight``'s size // 2: also the 5x5
+    op's)."""
+    y = F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
     if act == "relu":
         y = torch.relu(y)
     return y if residual is None else y + residual
@@ -159,15 +188,21 @@ def winograd_conv3x3(
     Returns ``[N, C_out, H, W]`` in ``x``'s memory format. Inference: no autograd through the compiled
     kernel; a call that needs a gradient runs the (differentiable, slow) torch reference instead.
     """
+    return run_op(OP, tile_of, reference, x, weight_t, bias, act, residual)
+
+
+def run_op(op: str, tile_of_fn, ref, x, weight_t, bias, act, residual) -> Tensor:
+    """Validate and run ``op`` (winograd_conv3x3 or winograd_conv5x5; ``tile_of_fn`` checks weight_t's
+    positions, ``ref`` is the op's reference): the body of both public functions."""
     _checks.feature_map("x", x)
-    x, weight_t, bias, residual = _dispatch.autocast_args(OP, x, weight_t, bias, residual)
+    x, weight_t, bias, residual = _dispatch.autocast_args(op, x, weight_t, bias, residual)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be float32 (or float64 for the reference), got dtype {x.dtype}")
     _checks.like("weight_t", weight_t, x)
     if weight_t.dim() != 3:
-        raise ValueError(f"weight_t must be 3-D [(m+2)^2, C_in, C_out] (from winograd_weight), got shape "
+        raise ValueError(f"weight_t must be 3-D [P, C_in, C_out] (from the op's weight transform), got shape "
                          f"{list(weight_t.shape)}")
-    tile_of(weight_t)
+    tile_of_fn(weight_t)
     N, C, H, W = x.shape
     if weight_t.shape[1] != C:
         raise ValueError(f"weight_t has {weight_t.shape[1]} input channels but x has {C}")
@@ -181,8 +216,8 @@ def winograd_conv3x3(
         _checks.like("residual", residual, x, ((N, K, H, W),))
     args = (x, weight_t, bias, act, residual)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3] + args[4:])
-    backend = "reference" if needs_grad or x.dtype != torch.float32 else _dispatch.choose(OP, x.device.type)
-    return _dispatch.run(backend, OP, args, lambda: reference(*args))
+    backend = "reference" if needs_grad or x.dtype != torch.float32 else _dispatch.choose(op, x.device.type)
+    return _dispatch.run(backend, op, args, lambda: ref(*args))
 
 
 def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None) -> bool:
@@ -193,28 +228,43 @@ def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str
     benchmarks/bench_winograd_conv3x3.py): 64->64 at LR 8-192 1.7-3.6x faster, 16->16 and 32->32 1.6-2.7x,
     64->256 2.1-2.4x; 3->64 and 8->8 only 1.0-1.5x (left to oneDNN). ``capability`` defaults to the one
     srkernels runs (``srkernels.build_info()["cpu_capability"]``)."""
+    return vector_isa(capability) and min(c_in, c_out) >= 16 and height * width >= 64
+
+
+def vector_isa(capability: str | None = None) -> bool:
+    """Whether ``capability`` (default: the one srkernels runs) is one the Winograd kernels run on: ``avx2`` or
+    ``avx512``."""
+    return current_capability(capability) in ("avx2", "avx512")
+
+
+def current_capability(capability: str | None = None) -> str | None:
+    """``capability``, or the one srkernels runs (``srkernels.build_info()["cpu_capability"]``; None without the
+    compiled extension)."""
     if capability is None:
         from .. import _backend
 
         if _backend._C is None:
-            return False
+            return None
         capability = _backend._C.cpu_capability()
-    return capability in ("avx2", "avx512") and min(c_in, c_out) >= 16 and height * width >= 64
+    return capability
 
 
 # ---- the spec (srkernels/ops/_registry.py registers it) ----
 
 
-def _fake(x, weight_t, bias, act, residual):
-    torch._check(act in ACTS, lambda: f"{OP}: act must be one of {ACTS}, got {act!r}")
-    N, _, H, W = x.shape
-    return x.new_empty((N, weight_t.shape[2], H, W)).contiguous(memory_format=_checks.suggest_memory_format(x))
+def fake_for(op: str):
+    """The fake (meta) kernel of ``op``: this op's and winograd_conv5x5's (the same output rule)."""
+    def _fake(x, weight_t, bias, act, residual):
+        torch._check(act in ACTS, lambda: f"{op}: act must be one of {ACTS}, got {act!r}")
+        N, _, H, W = x.shape
+        return x.new_empty((N, weight_t.shape[2], H, W)).contiguous(memory_format=_checks.suggest_memory_format(x))
+    return _fake
 
 
 SPEC = OpSpec(
     name=OP,
     schemas={OP: "(Tensor x, Tensor weight_t, Tensor? bias, str act, Tensor? residual) -> Tensor"},
-    fakes={OP: _fake},
+    fakes={OP: fake_for(OP)},
     autograd={},
     reference=reference,
     backends=("cpu",),  # a CPU algorithm: no CUDA or Triton kernel (cuDNN has its own Winograd)

@@ -5,18 +5,17 @@ epilogue combinations, opcheck and argument errors."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import srkernels
 from srkernels import _backend, use_backend
 W = importlib.import_module("srkernels.ops.winograd_conv3x3")  # the module: ops.<name> is the function
 
+from .._winograd import (EPILOGUES, bad_input_cases, check_bad_input, check_every_capability, check_parity,
+                         conv_inputs)
+from .._winograd import rel_err as _err
 from ..conftest import layout
 from ._parity import assert_thread_independent, randn
 
@@ -32,24 +31,11 @@ TOL = {2: 2e-6, 4: 2e-5}
 
 # (N, C_in, C_out, H, W): odd sizes, C not a multiple of 8 or 16, one pixel, fewer pixels than a tile
 SHAPES = [(1, 64, 64, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1), (2, 3, 20, 6, 3), (1, 24, 16, 4, 4)]
-EPILOGUES = [(False, "none", False), (True, "none", False), (True, "relu", False), (True, "none", True),
-             (True, "relu", True), (False, "relu", True)]
 
 
 def _inputs(N, C, K, H, Wd, m, bias, res, seed=0):
-    x = randn(N, C, H, Wd, seed=seed).float()
-    w = randn(K, C, 3, 3, seed=seed + 1, scale=1 / (3 * C ** 0.5)).float()
-    b = randn(K, seed=seed + 2).float() if bias else None
-    r = randn(N, K, H, Wd, seed=seed + 3).float() if res else None
+    x, w, b, r = conv_inputs(N, C, K, H, Wd, 3, bias, res, seed)
     return x, w, W.winograd_weight(w, m), b, r
-
-
-def _err(y, ref):
-    return (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
-
-
-def _d(t):
-    return None if t is None else t.double()
 
 
 @compiled
@@ -62,15 +48,7 @@ def test_parity(shape, fmt, m):
         x = layout(x, fmt)
         if r is not None and i % 2:
             r = r.contiguous(memory_format=torch.channels_last)  # a residual in the other layout
-        y = W.winograd_conv3x3(x, u, b, act=act, residual=r)
-        assert y.dtype == torch.float32 and y.shape == (shape[0], shape[2], *shape[3:])
-        want_cl = fmt == "channels_last" or (fmt == "strided" and x.is_contiguous(memory_format=torch.channels_last))
-        if shape[3] * shape[4] > 1 and fmt != "strided":
-            assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
-        same_algo = W.reference(x.double(), u.double(), _d(b), act, _d(r))
-        direct = W.conv_reference(x.double(), w.double(), _d(b), act, _d(r))
-        assert _err(y, same_algo) <= TOL[m], (i, _err(y, same_algo))
-        assert _err(y, direct) <= TOL[m], (i, _err(y, direct))
+        check_parity(W.winograd_conv3x3, W.reference, W.conv_reference, x, w, u, b, act, r, TOL[m], fmt)
 
 
 def test_reference_is_the_conv():
@@ -125,15 +103,7 @@ print("ok", worst)
 
 @compiled
 def test_every_capability():
-    caps = [c for c in srkernels.build_info()["cpu_capabilities"] if c in _backend._C.supported_cpu_capabilities()]
-    env = {k: v for k, v in os.environ.items() if k not in ("SRKERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
-    procs = {c: subprocess.Popen([sys.executable, "-c", _CAP_SCRIPT, c], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True,
-                                 env={**env, "SRKERNELS_CPU_CAPABILITY": c, "OMP_NUM_THREADS": "1"})
-             for c in caps}
-    for c, p in procs.items():
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0 and out.startswith("ok"), f"{c}: {err[-2000:]}"
+    check_every_capability(_CAP_SCRIPT)
 
 
 @compiled
@@ -175,27 +145,10 @@ def test_use_rule():
 _x, _u = torch.randn(1, 4, 5, 5), W.winograd_weight(torch.randn(6, 4, 3, 3), 4)
 
 
-@pytest.mark.parametrize(
-    "kw,exc,match",
-    [
-        (dict(x=torch.randn(4, 5, 5)), ValueError, "x must be 4-D"),
-        (dict(x=_x.half()), TypeError, "x must be float32"),
-        (dict(x=_x.long()), TypeError, "x must be a floating"),
-        (dict(weight_t=_u.double()), TypeError, "weight_t has dtype"),
-        (dict(weight_t=_u[0]), ValueError, "weight_t must be 3-D"),
-        (dict(weight_t=_u[:20]), ValueError, "weight_t must have 16 .* or 36"),
-        (dict(weight_t=W.winograd_weight(torch.randn(6, 3, 3, 3), 4)), ValueError, "weight_t has 3 input channels"),
-        (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
-        (dict(act="gelu"), ValueError, "act must be one of"),
-        (dict(residual=torch.randn(1, 4, 5, 5)), ValueError, "residual must have shape"),
-        (dict(residual=torch.randn(1, 6, 5, 5).double()), TypeError, "residual has dtype"),
-    ],
-)
+@pytest.mark.parametrize("kw,exc,match", bad_input_cases(
+    _x, _u, W.winograd_weight(torch.randn(6, 3, 3, 3), 4), (slice(0, 20), "weight_t must have 16 .* or 36")))
 def test_bad_input(kw, exc, match):
-    args = dict(x=_x, weight_t=_u, bias=None, act=None, residual=None) | kw
-    x, u = args.pop("x"), args.pop("weight_t")
-    with pytest.raises(exc, match=match):
-        W.winograd_conv3x3(x, u, args.pop("bias"), **args)
+    check_bad_input(W.winograd_conv3x3, _x, _u, kw, exc, match)
 
 
 @pytest.mark.parametrize(

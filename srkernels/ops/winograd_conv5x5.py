@@ -1,0 +1,100 @@
+"""``winograd_conv5x5``: a 5x5, stride 1, zero-padding 2 convolution by Winograd's minimal filtering F(2x2, 5x5),
+with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32, inference.
+
+The 5x5 sibling of ``winograd_conv3x3`` (srkernels/ops/winograd_conv3x3.py, whose matrices, reference and
+argument checks it shares): F(2x2, 5x5) takes 6x6 input tiles on the same points (0, +-1, +-2, inf) as F(4x4,
+3x3), so the same input transform; 36 multiplies per 2x2 outputs instead of 100, 2.78x fewer than a direct conv.
+Used for SRCNN's 5x5 64->32 layer (~89% of its FLOPs). ``winograd_weight5(weight)`` transforms a ``[C_out,
+C_in, 5, 5]`` weight once (float64, rounded once); ``winograd5_use`` is the measured rule for when it beats
+oneDNN. Kernel contract: docs/ops.md.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._registry import OpSpec
+from .winograd_conv3x3 import (_check_weight, current_capability, fake_for, run_op, tiled_reference,
+                               transform_weight, transform_weight_step)
+
+OP = "winograd_conv5x5"
+M, R = 2, 5  # F(2x2, 5x5)
+P = (M + R - 1) ** 2  # 36 transform positions
+
+
+def winograd_weight5(weight: Tensor) -> Tensor:
+    """``[C_out, C_in, 5, 5]`` conv weight -> ``[36, C_in, C_out]`` transformed weight ``U = G g G^T`` of
+    F(2x2, 5x5), computed in float64 and rounded once to ``weight``'s dtype; contiguous, differentiable.
+    Position ``p = a * 6 + b`` of the 6x6 tile."""
+    _check_weight(weight, M, R, (M,))
+    return transform_weight(weight, M, R)
+
+
+def winograd_weight5_step(weight: Tensor, *, grad_input: bool = False) -> Tensor:
+    """``winograd_weight5`` for a weight that changes every training step: one matmul in ``weight``'s dtype
+    (``winograd_conv3x3.winograd_weight_step``'s rules), no autograd. ``grad_input=True``: the weight of the
+    input-gradient conv ``conv5x5(grad_y, weight.flip(2, 3).transpose(0, 1), padding=2)``, ``[36, C_out,
+    C_in]``."""
+    _check_weight(weight, M, R, (M,))
+    return transform_weight_step(weight, M, R, grad_input)
+
+
+def check_positions(weight_t: Tensor) -> int:
+    """The output tile size (2) of a transformed weight with 36 positions in dim 0, else a ValueError."""
+    if weight_t.shape[0] != P:
+        raise ValueError(f"weight_t must have 36 (F(2x2,5x5)) transform positions in dim 0, got {weight_t.shape[0]}")
+    return M
+
+
+def reference(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, act: str = "none",
+              residual: Tensor | None = None) -> Tensor:
+    """The op in plain torch ops on ``weight_t`` (any dtype and device, differentiable): the kernel's tiles and
+    transforms in ``x``'s dtype; in exact arithmetic ``act(F.conv2d(x, w, bias, padding=2)) (+ residual)`` for
+    ``weight_t = winograd_weight5(w)``."""
+    check_positions(weight_t)
+    return tiled_reference(x, weight_t, bias, act, residual, M, R)
+
+
+def winograd_conv5x5(
+    x: Tensor,
+    weight_t: Tensor,
+    bias: Tensor | None = None,
+    *,
+    act: str | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(conv5x5(x) + bias) (+ residual)``, stride 1, zero padding 2, by Winograd F(2x2, 5x5).
+
+    Arguments, result and gradient rule as ``winograd_conv3x3`` (float32; float64 or a call that needs a
+    gradient runs the torch reference), with ``weight_t = winograd_weight5(weight)``, ``[36, C_in, C_out]``.
+    """
+    return run_op(OP, check_positions, reference, x, weight_t, bias, act, residual)
+
+
+def winograd5_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None) -> bool:
+    """Whether to run this float32 5x5 stride-1 padding-2 conv as ``winograd_conv5x5`` rather than the
+    prepacked oneDNN conv: the ``avx2`` / ``avx512`` builds, at least 16 input and output channels, and on
+    ``avx512`` more than 16 output channels. Measured on an AMD EPYC (Zen 5), one thread, against the prepacked
+    oneDNN conv (``benchmarks/bench_winograd_conv5x5.py``; docs/ops.md "winograd_conv5x5"): 64->32 (SRCNN)
+    1.6-1.7x (AVX-512) and 2.2-2.7x (forced AVX2) at 32-192 px, C_in 16-32 x C_out 24-48 1.3-1.6x and 1.3-2.4x;
+    16 output channels at 48-96 px 0.83-1.04x on AVX-512 (one vector of output channels: oneDNN's best case),
+    1.5-1.7x on AVX2; 8->8, 3->64, 32->1 lose or tie at 48 px. No pixel threshold: 64->32 wins 1.5-1.7x
+    even at 2x2-6x6 (oneDNN's per-call cost). ``height``/``width`` are kept for
+    the signature of ``winograd_use``. ``capability`` defaults to the one srkernels runs."""
+    cap = current_capability(capability)
+    if cap not in ("avx2", "avx512"):
+        return False
+    return min(c_in, c_out) >= 16 and (cap == "avx2" or c_out > 16)
+
+
+# ---- the spec (srkernels/ops/_registry.py registers it) ----
+
+
+SPEC = OpSpec(
+    name=OP,
+    schemas={OP: "(Tensor x, Tensor weight_t, Tensor? bias, str act, Tensor? residual) -> Tensor"},
+    fakes={OP: fake_for(OP)},
+    autograd={},
+    reference=reference,
+    backends=("cpu",),  # a CPU algorithm, like winograd_conv3x3
+    autocast={OP: "fp32"},  # the kernel is float32-only (winograd_conv3x3's reasoning)
+)
