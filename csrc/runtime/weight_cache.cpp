@@ -43,6 +43,7 @@ struct Cache {
   // The caller holds mu. The released tensors are returned so that they are freed after the lock is dropped.
   std::vector<at::Tensor> drop_expired_locked() {
     std::vector<at::Tensor> gone;
+    if (std::none_of(entries.begin(), entries.end(), [](const Entry& e) { return e.storage.expired(); })) return gone;
     auto dead = std::stable_partition(entries.begin(), entries.end(),
                                       [](const Entry& e) { return !e.storage.expired(); });
     for (auto it = dead; it != entries.end(); ++it) {
