@@ -75,6 +75,10 @@ def dense_block(
         residual: ``[N, Cout, H, W]`` added at the end; needs ``fuse_weight``.
 
     Returns ``[N, Cout or fuse_len, H, W]`` in ``x``'s memory format.
+
+    On CPU, float32 3x3 layers run as Winograd convolutions where ``winograd_conv3x3`` would: tile from
+    ``SRKERNELS_WINOGRAD`` (default F(4,3)), or in a call autograd records from ``SRKERNELS_WINOGRAD_TRAIN``
+    (default F(2,3)), as the 3x3 convs of ``conv2d_pointwise`` (docs/ops.md, ``## dense_block``).
     """
     _checks.feature_map("x", x)
     x, weights, biases, fuse_weight, fuse_bias, gate, residual = _dispatch.autocast_args(
