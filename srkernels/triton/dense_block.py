@@ -50,7 +50,8 @@ from ._common import acc as _acc
 from ._common import merge_partials_kernel
 
 OP = "dense_block"
-_HEAD, _LAYER = 6, 8  # the flat int[] plan: 6 header ints (the last, training, unused here), 8 per layer (DensePlan.ints)
+# the flat int[] plan (DensePlan.ints): 6 header ints (the last, training, unused here), 8 per layer
+_HEAD, _LAYER = 6, 8
 
 # Tile caps: pixels x output channels x reduction chunk. tl.dot needs every dim >= 16.
 _BM, _BN, _BK = 64, 64, 32
