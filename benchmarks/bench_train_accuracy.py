@@ -6,7 +6,8 @@ and input (``bench_models.model_pair``: seeded random init; L1 loss, as the trai
 
 Printed per variant: the output's relative error; the gradients' max |diff| over all parameters / max |grad|
 ("global"), and per parameter max |diff| / its max |grad| (median and worst over parameters); the input
-gradient's relative error. The tile is switched per call through ``conv2d_pointwise.winograd_train_tile``.
+gradient's relative error. The tile is switched per call through ``conv2d_pointwise.winograd_train_tile`` and,
+for ``dense_block``'s layers (RDN, RDCAB: "oneDNN" is then its brgemm path), ``SRKERNELS_WINOGRAD_TRAIN``.
 Prints only (the numbers are in docs/ops.md, ``## conv2d_pointwise``).
 
     python benchmarks/bench_train_accuracy.py [--models rcan,rcan_bam] [--lr 32] [--seeds 0,3,7]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_models  # noqa: E402  (model_pair)
 
+TRAIN_ENV = "SRKERNELS_WINOGRAD_TRAIN"
 conv_op = sys.modules[__import__("srkernels.ops.conv2d_pointwise", fromlist=["_"]).__name__]
 
 
@@ -62,12 +65,18 @@ def main(argv=None) -> None:
             x = torch.rand(2, ref.in_channels, args.lr, args.lr, generator=gen) * ref.input_range
             yd, gd = grads(ref64, x.double())
             rows = [("eager fp32", errors(*grads(ref, x), yd, gd))]
+            env = os.environ.get(TRAIN_ENV)
             try:
                 for name, m in (("fused, oneDNN", 0), ("fused, F(2,3)", 2), ("fused, F(4,3)", 4)):
                     conv_op.winograd_train_tile = lambda m=m: m
+                    os.environ[TRAIN_ENV] = str(m)  # dense_block reads it per call (0: its brgemm path)
                     rows.append((name, errors(*grads(fused, x), yd, gd)))
             finally:
                 conv_op.winograd_train_tile = orig
+                if env is None:
+                    os.environ.pop(TRAIN_ENV, None)
+                else:
+                    os.environ[TRAIN_ENV] = env
             print(f"{key} x{args.scale} LR {args.lr} batch 2, input seed {seed}")
             for name, e in rows:
                 print(f"  {name:14s} out {e['out']:.1e} | grads global {e['global']:.1e}, per-param median "

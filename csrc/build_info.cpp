@@ -4,6 +4,7 @@
 
 #include "runtime/cpu_dispatch.h"
 #include "runtime/output_cache.h"
+#include "runtime/weight_cache.h"
 
 #include <pybind11/stl.h>
 
@@ -50,6 +51,21 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("set_cpu_cache_limit", &srkernels::cpu::set_output_cache_limit, py::arg("bytes"));
-  m.def("empty_cpu_cache", &srkernels::cpu::empty_output_cache);
+  // Both caches: the output cache's freed blocks and the derived weights (csrc/runtime/weight_cache.h).
+  m.def("empty_cpu_cache", [] {
+    srkernels::cpu::empty_output_cache();
+    srkernels::cpu::empty_weight_cache();
+  });
+  // The derived-weight cache (dense_block's Winograd weights, csrc/runtime/weight_cache.h).
+  m.def("weight_cache_stats", [] {
+    auto s = srkernels::cpu::weight_cache_stats();
+    py::dict d;
+    d["limit_bytes"] = s.limit_bytes;
+    d["bytes"] = s.bytes;
+    d["entries"] = s.entries;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  });
   m.def("pause_cpu_cache", &srkernels::cpu::pause_output_cache, py::arg("paused"));
 }

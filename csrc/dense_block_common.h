@@ -42,7 +42,8 @@ inline namespace SRK_DENSE_ISA {
 
 constexpr const char* kOp = "dense_block";
 constexpr const char* kOpBw = "dense_block_backward";
-constexpr int64_t kHead = 5;   // channels, in_channels, kernel_size, fuse_start, fuse_len
+// channels, in_channels, kernel_size, fuse_start, fuse_len, training (srkernels/dense_plan.py DensePlan.ints)
+constexpr int64_t kHead = 6;
 constexpr int64_t kLayer = 8;  // in_start, in_len, out_start, out_channels, out_split, out2_start, res_start, relu
 
 struct Layer {
@@ -52,6 +53,9 @@ struct Layer {
 
 struct Plan {
   int64_t T, Cx, k, p, fuse_start, fuse_len;
+  // The forward of a call autograd records (ops.dense_block sets it): the CPU kernel picks its Winograd tile
+  // from SRKERNELS_WINOGRAD_TRAIN then (csrc/cpu/dense_block.cpp winograd_tile); other kernels ignore it.
+  bool training;
   std::vector<Layer> layers;
 };
 
@@ -67,6 +71,8 @@ inline Plan parse_plan(at::IntArrayRef v, at::TensorList weights, const char* op
   pl.p = pl.k / 2;
   pl.fuse_start = v[3];
   pl.fuse_len = v[4];
+  TORCH_CHECK(v[5] == 0 || v[5] == 1, op, ": the plan's training flag must be 0 or 1, got ", v[5]);
+  pl.training = v[5] != 0;
   const int64_t L = (int64_t(v.size()) - kHead) / kLayer;
   TORCH_CHECK(L >= 1 && L == int64_t(weights.size()), op, ": the plan has ", L, " layers, got ", weights.size(),
               " weights");

@@ -55,15 +55,23 @@ def build_info() -> dict:
 
 
 def cpu_cache_info() -> dict:
-    """The cache of large CPU outputs (``limit_bytes``, ``cached_bytes``, ``hits``, ``misses``, ``paused``).
+    """The cache of large CPU outputs (``limit_bytes``, ``cached_bytes``, ``hits``, ``misses``, ``paused``),
+    and under ``"weights"`` the cache of transformed weights (``limit_bytes``, ``bytes``, ``entries``,
+    ``hits``, ``misses``).
 
     The compiled CPU kernels take outputs of 1 MiB and more from a bounded cache of freed blocks instead of
     PyTorch's default allocator, whose large blocks are often fresh mmaps or trimmed heap (a page fault per
     4 KiB on first touch: ~8 ms for 38 MB). The default limit is
-    ``SRKERNELS_CPU_CACHE_MB`` (1024); tensors alive in your program are never counted against it."""
+    ``SRKERNELS_CPU_CACHE_MB`` (1024); tensors alive in your program are never counted against it.
+
+    ``dense_block`` keeps the Winograd transform of its float32 3x3 weights per weight (up to 1 GiB, least
+    recently used out; RDN F(4,3): ~350 MB): an in-place update of a weight misses, and the entries of freed
+    weights are released at the next ``dense_block`` call or by ``empty_cpu_cache()`` (``bytes`` and ``entries``:
+    what it holds now)."""
     if _backend._C is None:
-        return {"limit_bytes": 0, "cached_bytes": 0, "hits": 0, "misses": 0, "paused": False}
-    return dict(_backend._C.cpu_cache_stats())
+        return {"limit_bytes": 0, "cached_bytes": 0, "hits": 0, "misses": 0, "paused": False,
+                "weights": {"limit_bytes": 0, "bytes": 0, "entries": 0, "hits": 0, "misses": 0}}
+    return {**_backend._C.cpu_cache_stats(), "weights": dict(_backend._C.weight_cache_stats())}
 
 
 def set_cpu_cache_limit(nbytes: int) -> None:
@@ -75,7 +83,10 @@ def set_cpu_cache_limit(nbytes: int) -> None:
 
 
 def empty_cpu_cache() -> None:
-    """Free the blocks the CPU output cache holds (tensors in use are unaffected)."""
+    """Free what the CPU caches hold: the output cache's blocks and every transformed weight of
+    ``dense_block`` (its Winograd weights: up to ~350 MB for RDN, held until the next ``dense_block`` call
+    after a model is deleted; live weights are transformed again at their next call). Tensors in use are
+    unaffected."""
     if _backend._C is not None:
         _backend._C.empty_cpu_cache()
 

@@ -60,11 +60,13 @@ class DensePlan:
     def __post_init__(self) -> None:
         _check_plan(self)
 
-    def ints(self) -> list[int]:
+    def ints(self, training: bool = False) -> list[int]:
         """The flat ``int[] plan`` of the dispatcher op: ``channels, in_channels, kernel_size, fuse_start,
-        fuse_len``, then per layer ``in_start, in_len, out_start, out_channels, out_split, out2_start,
-        res_start, relu``."""
-        out = [self.channels, self.in_channels, self.kernel_size, self.fuse_start, self.fuse_len]
+        fuse_len, training``, then per layer ``in_start, in_len, out_start, out_channels, out_split, out2_start,
+        res_start, relu``. ``training`` (0/1): the call is one autograd records (``ops.dense_block`` sets it);
+        the CPU kernel then takes its Winograd tile from ``SRKERNELS_WINOGRAD_TRAIN`` instead of
+        ``SRKERNELS_WINOGRAD``, as the 3x3 convs do; the other kernels ignore it."""
+        out = [self.channels, self.in_channels, self.kernel_size, self.fuse_start, self.fuse_len, int(training)]
         for lay in self.layers:
             out += [lay.in_start, lay.in_len, lay.out_start, lay.out_channels, lay.out_split, lay.out2_start,
                     lay.res_start, int(lay.relu)]
@@ -177,7 +179,8 @@ def fdirb_plan(channels: int, num_layers: int, sub_channels: int, kernel_size: i
 
 
 def parse(plan_ints):
-    """The head of ``DensePlan.ints()``: channels, in_channels, kernel_size, fuse_start, fuse_len."""
+    """The head of ``DensePlan.ints()`` but its training flag: channels, in_channels, kernel_size, fuse_start,
+    fuse_len."""
     return plan_ints[0], plan_ints[1], plan_ints[2], plan_ints[3], plan_ints[4]
 
 

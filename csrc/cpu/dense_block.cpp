@@ -16,6 +16,7 @@
 #include "dense_block_common.h"
 #include "cpu/winograd.h"
 #include "runtime/cpu_dispatch.h"
+#include "runtime/weight_cache.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -439,23 +440,8 @@ void layer_forward_fast(at::Tensor& buf, const Geom& g, const Layer& l, const at
 
 // Winograd weights U = G w G^T ([P][C][Kp], csrc/cpu/winograd.h) kept between calls: the op gets plain conv
 // weights, and transforming them costs ~25% of an RDB forward at LR 48 (U is (m+2)^2/9 x the weight's bytes,
-// written to L3 every layer; measured with perf). Keyed on the weight's storage (a weak reference: entries of
-// freed weights go at the next insert), data pointer, version counter, sizes, strides and m, so an in-place
-// update (optimizer step, load_state_dict) misses; writes that bypass the version counter (through .data) are
-// not seen, as with srkernels/nn/dense.py's cache. Bounded: the least recently used entries go past
-// kUCacheBytes. Inference tensors (no version counter) are transformed per call.
-constexpr int64_t kUCacheBytes = int64_t(1) << 30;
-
-struct UEntry {
-  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-  const void* ptr;
-  uint32_t version;
-  std::vector<int64_t> sizes, strides;
-  int m;
-  at::Tensor u;
-  uint64_t used;
-};
-
+// written to L3 every layer; measured with perf). Cached per weight and m by csrc/runtime/weight_cache.h (an
+// in-place update misses; entries of freed weights go at the next call; srkernels.empty_cpu_cache() drops all).
 at::Tensor winograd_u_compute(const at::Tensor& w, int m, int64_t Kp) {
   const int64_t K = w.size(0), C = w.size(1), P = (m + 2) * (m + 2);
   const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C, K]: no copy for cpu_layout weights
@@ -469,38 +455,8 @@ at::Tensor winograd_u_compute(const at::Tensor& w, int m, int64_t Kp) {
 }
 
 at::Tensor winograd_u(const at::Tensor& w, int m, int64_t Kp) {
-  if (w.is_inference()) return winograd_u_compute(w, m, Kp);
-  static std::mutex mu;
-  static std::vector<UEntry> cache;
-  static uint64_t clock = 0;
-  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
-  c10::StorageImpl* st = w.storage().unsafeGetStorageImpl();
-  auto same = [&](const UEntry& e) {
-    return e.ptr == w.const_data_ptr() && e.m == m && w.sizes().equals(e.sizes) && w.strides().equals(e.strides);
-  };
-  {
-    const std::lock_guard<std::mutex> lock(mu);
-    for (UEntry& e : cache) {
-      if (same(e) && e.version == version && e.storage.lock().get() == st) {
-        e.used = ++clock;
-        return e.u;
-      }
-    }
-  }
-  at::Tensor u = winograd_u_compute(w, m, Kp);
-  const std::lock_guard<std::mutex> lock(mu);
-  cache.erase(std::remove_if(cache.begin(), cache.end(), [&](const UEntry& e) { return e.storage.expired() || same(e); }),
-              cache.end());
-  cache.push_back(UEntry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
-                         w.const_data_ptr(), version, w.sizes().vec(), w.strides().vec(), m, u, ++clock});
-  int64_t bytes = 0;
-  for (const UEntry& e : cache) bytes += e.u.nbytes();
-  while (bytes > kUCacheBytes && cache.size() > 1) {
-    auto old = std::min_element(cache.begin(), cache.end(), [](const UEntry& a, const UEntry& b) { return a.used < b.used; });
-    bytes -= old->u.nbytes();
-    cache.erase(old);
-  }
-  return u;
+  // tag m: the cache's only user is this transform (Kp follows from the weight's shape)
+  return cached_weight_transform(w, m, [&] { return winograd_u_compute(w, m, Kp); });
 }
 
 // A 3x3 (padding 1) fp32 layer by Winograd F(m x m, 3 x 3), m = 2 or 4 (csrc/cpu/winograd.h, the kernel of
@@ -832,6 +788,24 @@ void zero_outside_fusion(at::Tensor& gbuf, const Geom& g, const Plan& pl) {
 
 // ---------------------------------------------------------------------------------------- entry points
 
+// The Winograd tile of the fp32 3x3 layers, by srkernels/ops/conv2d_pointwise.py's rule for 3x3 convs: a call
+// autograd records (the plan's training flag: ops.dense_block sees grad mode, this kernel does not) takes
+// SRKERNELS_WINOGRAD_TRAIN (2, the default: F(4,3)'s forward flips ReLU masks and moves gradients further from
+// float64, docs/ops.md ## conv2d_pointwise; 4; 0 = brgemm), 0 whenever SRKERNELS_WINOGRAD is 0; other calls
+// SRKERNELS_WINOGRAD. Both read per call; a bad value is a ValueError naming the variable.
+int winograd_tile(bool training) {
+  const int inference = wino::tile_from_env();
+  if (!training) return inference;
+  const char* raw = std::getenv("SRKERNELS_WINOGRAD_TRAIN");
+  std::string v = raw == nullptr ? "2" : raw;
+  const auto space = [](unsigned char c) { return std::isspace(c) != 0; };
+  v.erase(std::find_if_not(v.rbegin(), v.rend(), space).base(), v.end());
+  v.erase(v.begin(), std::find_if_not(v.begin(), v.end(), space));
+  TORCH_CHECK_VALUE(v == "0" || v == "2" || v == "4", "SRKERNELS_WINOGRAD_TRAIN must be 2 (F(2x2,3x3), the default), ",
+                    "4 (F(4x4,3x3)) or 0 (off), got '", raw, "'");
+  return inference == 0 ? 0 : v[0] - '0';
+}
+
 bool fast_ok(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor>& fuse_w) {
   if (force_generic() || x.size(0) == 0) return false;
   if (x.scalar_type() == at::kFloat) return true;
@@ -865,10 +839,10 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
   at::Tensor buf = new_buffer_fast(x, pl, g);
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    // fp32 3x3 layers by Winograd where winograd_conv3x3 would run them (SRKERNELS_WINOGRAD, winograd_use)
+    // fp32 3x3 layers by Winograd where winograd_conv3x3 would run them (winograd_tile, winograd_use)
     int wtile = 0;
     if constexpr (std::is_same_v<T, float>) {
-      wtile = pl.k == 3 ? wino::tile_from_env() : 0;
+      wtile = pl.k == 3 ? winograd_tile(pl.training) : 0;
     }
     for (const auto i : c10::irange(pl.layers.size())) {
       const Layer& l = pl.layers[i];

@@ -75,6 +75,10 @@ def dense_block(
         residual: ``[N, Cout, H, W]`` added at the end; needs ``fuse_weight``.
 
     Returns ``[N, Cout or fuse_len, H, W]`` in ``x``'s memory format.
+
+    On CPU, float32 3x3 layers run as Winograd convolutions where ``winograd_conv3x3`` would: tile from
+    ``SRKERNELS_WINOGRAD`` (default F(4,3)), or in a call autograd records from ``SRKERNELS_WINOGRAD_TRAIN``
+    (default F(2,3)), as the 3x3 convs of ``conv2d_pointwise`` (docs/ops.md, ``## dense_block``).
     """
     _checks.feature_map("x", x)
     x, weights, biases, fuse_weight, fuse_bias, gate, residual = _dispatch.autocast_args(
@@ -132,12 +136,16 @@ def dense_block(
 
     backend = _dispatch.choose(OP, x.device.type)
     gate = None if gate is None else (gw1, gb1, gw2, gb2)
+    # a call autograd records: the CPU kernel's Winograd tile is then SRKERNELS_WINOGRAD_TRAIN's (DensePlan.ints)
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, *weights, *biases, fuse_weight, fuse_bias, gw1, gb1, gw2, gb2, residual))
     ref_biases = biases
     if backend != "reference":
         # the schema takes a bias per layer (optional tensors inside lists cannot carry gradients through
         # torch.library autograd): zeros stand in for None
         biases = [b if b is not None else x.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
-    args = (x, weights, biases, plan.ints(), fuse_weight, fuse_bias, gw1, gb1, gw2, gb2, residual)
+    args = (x, weights, biases, plan.ints(training), fuse_weight, fuse_bias, gw1, gb1, gw2, gb2, residual)
     return _dispatch.run(backend, OP, args, lambda: reference(
         x, weights, ref_biases, plan, fuse_weight=fuse_weight, fuse_bias=fuse_bias, gate=gate, residual=residual),
         saves=True)

@@ -50,7 +50,8 @@ from ._common import acc as _acc
 from ._common import merge_partials_kernel
 
 OP = "dense_block"
-_HEAD, _LAYER = 5, 8  # the flat int[] plan: 5 header ints, 8 per layer (DensePlan.ints)
+# the flat int[] plan (DensePlan.ints): 6 header ints (the last, training, unused here), 8 per layer
+_HEAD, _LAYER = 6, 8
 
 # Tile caps: pixels x output channels x reduction chunk. tl.dot needs every dim >= 16.
 _BM, _BN, _BK = 64, 64, 32
@@ -450,7 +451,7 @@ def _parse(plan: list[int], weights: list[Tensor], op: str):
     invariants the kernels rely on for memory safety; Python checked the rest)."""
     torch._check(len(plan) >= _HEAD and (len(plan) - _HEAD) % _LAYER == 0,
                  lambda: f"{op}: malformed plan of {len(plan)} ints")
-    T, Cx, k, fs, fl = plan[:_HEAD]
+    T, Cx, k, fs, fl = plan[:5]
     L = (len(plan) - _HEAD) // _LAYER
     torch._check(L >= 1 and L == len(weights), lambda: f"{op}: the plan has {L} layers, got {len(weights)} weights")
     torch._check(k >= 1 and k % 2 == 1, lambda: f"{op}: kernel_size must be odd, got {k}")

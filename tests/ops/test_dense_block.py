@@ -538,11 +538,14 @@ def test_winograd_forward(backend_ctx, monkeypatch, m, flavour, shape, fmt):
 
 
 @needs_winograd
+@pytest.mark.parametrize("train_tile", ["2", "4"])
 @pytest.mark.parametrize("flavour", ["rdcab", "split", "fdirb"])
-def test_winograd_training(backend_ctx, monkeypatch, flavour):
-    """Training uses the Winograd forward too (the saved buffer holds its outputs; backward is the brgemm one):
-    every gradient vs float64 within 1e-4 of its scale (measured ~1e-6 .. 1e-5)."""
+def test_winograd_training(backend_ctx, monkeypatch, flavour, train_tile):
+    """Training uses the Winograd forward too (SRKERNELS_WINOGRAD_TRAIN's tile; the saved buffer holds its
+    outputs; backward is the brgemm one): every gradient vs float64 within 1e-4 of its scale (measured
+    ~1e-6 .. 1e-5)."""
     monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
+    monkeypatch.setenv("SRKERNELS_WINOGRAD_TRAIN", train_tile)
     ref, fused, extra = _wino_module(flavour)
     Nb, H, W = 1, 9, 10
     xs = [randn(Nb, 64, H, W, seed=3)] + ([randn(Nb, 64, H, W, seed=4)] if extra else [])
@@ -585,3 +588,114 @@ def test_winograd_env_validation(backend_ctx, monkeypatch):
     _, fused, _ = make_pair("rdb", torch.float32, cfg=((16, 16, 2), {}))
     with backend_ctx("compiled"), torch.no_grad(), pytest.raises(ValueError, match="SRKERNELS_WINOGRAD"):
         fused(torch.randn(1, 16, 8, 8))
+
+
+# ---- Winograd tile of training and the transformed-weight cache (csrc/cpu/dense_block.cpp winograd_tile,
+# csrc/runtime/weight_cache.h). An RDB-like plan small enough for a fast test but inside winograd_use
+# (in_len and G >= 16, H*W >= 64).
+
+def _rdb_args(seed=0, requires_grad=False):
+    plan = rdb_plan(16, 16, 2)
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape):
+        return (0.1 * torch.randn(*shape, generator=g)).requires_grad_(requires_grad)
+
+    x = torch.randn(1, 16, 9, 10, generator=g)
+    ws = [t(lay.out_channels, lay.in_len, 3, 3) for lay in plan.layers]
+    bs = [t(lay.out_channels) for lay in plan.layers]
+    return x, ws, bs, plan, t(16, plan.fuse_len), t(16)
+
+
+def _rdb_call(args):
+    x, ws, bs, plan, fw, fb = args
+    return ops.dense_block(x, ws, bs, plan, fuse_weight=fw, fuse_bias=fb).detach()
+
+
+@needs_winograd
+def test_winograd_training_tile(backend_ctx, monkeypatch):
+    """A call autograd records (grad mode on and a tensor requiring grad) takes SRKERNELS_WINOGRAD_TRAIN
+    (default 2: F(2,3); 0 = brgemm; 0 also when SRKERNELS_WINOGRAD=0), any other SRKERNELS_WINOGRAD, as
+    conv2d_pointwise's 3x3 convs do: bit for bit the inference result of that tile."""
+    monkeypatch.delenv("SRKERNELS_WINOGRAD", raising=False)
+    monkeypatch.delenv("SRKERNELS_WINOGRAD_TRAIN", raising=False)
+    infer, train = _rdb_args(), _rdb_args(requires_grad=True)
+    with backend_ctx("compiled"):
+        by_tile = {}
+        for m in ("4", "2", "0"):
+            monkeypatch.setenv("SRKERNELS_WINOGRAD", m)
+            by_tile[m] = _rdb_call(infer)
+        assert not torch.equal(by_tile["4"], by_tile["2"]) and not torch.equal(by_tile["2"], by_tile["0"])
+        monkeypatch.delenv("SRKERNELS_WINOGRAD")
+        assert torch.equal(_rdb_call(infer), by_tile["4"])  # inference default: F(4,3)
+        assert torch.equal(_rdb_call(train), by_tile["2"])  # training default: F(2,3)
+        monkeypatch.setenv("SRKERNELS_WINOGRAD_TRAIN", "0")
+        x_grad = (infer[0].clone().requires_grad_(), *infer[1:])
+        assert torch.equal(_rdb_call(x_grad), by_tile["0"])  # the input alone requiring grad counts too
+        with torch.no_grad():  # not recorded: inference, whatever requires grad
+            assert torch.equal(_rdb_call(train), by_tile["4"])
+        assert torch.equal(_rdb_call(infer), by_tile["4"])
+        for env, train_env, tile in (("4", "4", "4"), ("4", "0", "0"), ("2", "4", "4"), ("0", "4", "0")):
+            monkeypatch.setenv("SRKERNELS_WINOGRAD", env)
+            monkeypatch.setenv("SRKERNELS_WINOGRAD_TRAIN", train_env)
+            assert torch.equal(_rdb_call(train), by_tile[tile]), (env, train_env)
+            assert torch.equal(_rdb_call(infer), by_tile[env]), (env, train_env)  # inference: unaffected
+        monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
+        monkeypatch.setenv("SRKERNELS_WINOGRAD_TRAIN", " 3")
+        assert torch.equal(_rdb_call(infer), by_tile["4"])  # inference does not read it
+        with pytest.raises(ValueError, match="SRKERNELS_WINOGRAD_TRAIN"):
+            _rdb_call(train)
+
+
+@needs_winograd
+def test_winograd_training_tile_module(backend_ctx, monkeypatch):
+    """Through nn.ResidualDenseBlock: its inference (no_grad; parameters that require grad) keeps
+    SRKERNELS_WINOGRAD's F(4,3), its training forward takes F(2,3) by default."""
+    monkeypatch.delenv("SRKERNELS_WINOGRAD", raising=False)
+    monkeypatch.delenv("SRKERNELS_WINOGRAD_TRAIN", raising=False)
+    torch.manual_seed(0)
+    block = N.ResidualDenseBlock(16, 16, 2)
+    x = torch.randn(1, 16, 9, 10)
+    with backend_ctx("compiled"):
+        train = {m: None for m in ("default", "2", "4")}
+        for m in train:
+            if m != "default":
+                monkeypatch.setenv("SRKERNELS_WINOGRAD_TRAIN", m)
+            train[m] = block(x).detach()
+        with torch.no_grad():
+            infer = block(x)
+    assert torch.equal(train["default"], train["2"]) and torch.equal(infer, train["4"])
+    assert not torch.equal(train["2"], train["4"])
+
+
+@needs_winograd
+def test_winograd_weight_cache_release(backend_ctx, monkeypatch):
+    """The transformed weights of freed weights are released at the next dense_block call (the cache keeps
+    hitting for live ones) and by srkernels.empty_cpu_cache(); cpu_cache_info()["weights"] counts them."""
+    monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
+    srkernels.empty_cpu_cache()
+
+    def info():
+        return srkernels.cpu_cache_info()["weights"]
+
+    def u_bytes(args):  # 36 taps x in_len x G rounded up to 16, float32, per 3x3 layer
+        return sum(36 * w.shape[1] * ((w.shape[0] + 15) // 16 * 16) * 4 for w in args[1])
+
+    assert info()["bytes"] == 0 and info()["entries"] == 0
+    live, dead = _rdb_args(seed=1), _rdb_args(seed=2)
+    L = len(live[1])
+    with backend_ctx("compiled"), torch.no_grad():
+        first = _rdb_call(live)
+        _rdb_call(dead)
+        held = info()
+        assert (held["bytes"], held["entries"]) == (u_bytes(live) + u_bytes(dead), 2 * L)
+        del dead
+        again = _rdb_call(live)
+        now = info()
+        assert (now["bytes"], now["entries"]) == (u_bytes(live), L), "the freed weights' entries were kept"
+        assert (now["hits"], now["misses"]) == (held["hits"] + L, held["misses"]), "a live weight was re-transformed"
+        assert torch.equal(again, first)
+        srkernels.empty_cpu_cache()
+        assert (info()["bytes"], info()["entries"]) == (0, 0)
+        assert torch.equal(_rdb_call(live), first)
+        assert info()["misses"] == now["misses"] + L
