@@ -183,6 +183,8 @@ def check_op(name, fn, inputs, maps, dtype, fmt) -> str:
 MODELS = {
     "rcan": dict(n_resgroups=1, n_resblocks=1, n_feats=16, reduction=4),
     "rdn": dict(num_features=16, num_blocks=1, num_layers=2, growth=8),
+    # 5x5 convs 32->24 (and 24->32 for its input gradient): the Winograd F(2,5) kernel (winograd5_use)
+    "srcnn": dict(channels=(32, 24)),
 }
 
 
@@ -208,7 +210,10 @@ def check_model(name, cfg, dtype) -> str:
     grad = randn(*ref_out.shape, seed=98)
     out.backward(grad.to(dtype))
     ref_out.backward(grad)
-    pairs = [("forward", out, ref_out), ("grad input", xf.grad, xr.grad)]
+    with torch.no_grad(), srkernels.use_backend("compiled"):  # inference: prepacked convs, Winograd ops
+        out_inference = fused(xf.detach())
+    pairs = [("forward", out, ref_out), ("inference forward", out_inference, ref_out),
+             ("grad input", xf.grad, xr.grad)]
     fp = dict(fused.named_parameters())
     for k, p in ref.named_parameters():
         if p.grad is None and fp[k].grad is None:

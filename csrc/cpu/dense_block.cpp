@@ -479,9 +479,9 @@ void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, cons
   const wino::Geo geo{g.N, C, g.H, g.W, K, Kp, div_up(C, wino::VW) * wino::VW, div_up(g.H, m), div_up(g.W, m)};
   const float* pu = u.const_data_ptr<float>();
   if (m == 2) {
-    wino::run<2>(px, pu, geo, ep, wino::block_budget());
+    wino::run<2>(px, pu, geo, ep, wino::block_budget(2));
   } else {
-    wino::run<4>(px, pu, geo, ep, wino::block_budget());
+    wino::run<4>(px, pu, geo, ep, wino::block_budget(4));
   }
 }
 
