@@ -53,7 +53,7 @@ def winograd_sim(x: torch.Tensor, w: torch.Tensor, m: int, round_vu) -> torch.Te
     T = m + 2
     N, C, H, W = x.shape
     K = w.shape[0]
-    g, bt, at = (torch.tensor(t[m], dtype=x.dtype) for t in (_G, _BT, _AT))
+    g, bt, at = (torch.tensor(t[k], dtype=x.dtype) for t, k in ((_G, (m, 3)), (_BT, T), (_AT, (m, 3))))
     u = round_vu(torch.einsum("ai,kcij,bj->abck", g, w, g))
     th, tw = -(-H // m), -(-W // m)
     d = F.pad(x, (1, tw * m + 1 - W, 1, th * m + 1 - H)).unfold(2, T, m).unfold(3, T, m)
