@@ -5,6 +5,7 @@ the 5x5 conv (padding 2; SRCNN's 64->32 layer with ``--channels 64 32``) by ``wi
 
     python benchmarks/bench_winograd_conv3x3.py [--threads 1 2] [--sizes 32 48 96] [--rounds 15] [--channels 64 64]
     python benchmarks/bench_winograd_conv3x3.py --kernel 5 --channels 64 32 --sizes 32 48 96 192 --threads 1
+    python benchmarks/bench_winograd_conv3x3.py --cold --threads 1   # + weights read from memory on every call
     SRKERNELS_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_winograd_conv3x3.py
 
 Time: process CPU time of all threads (``time.process_time``: the machine is shared) and wall time, variants
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import statistics
 import sys
@@ -34,32 +36,60 @@ W = importlib.import_module("srkernels.ops.winograd_conv3x3")  # the module: ops
 W5 = importlib.import_module("srkernels.ops.winograd_conv5x5")
 
 
-def variants(x, w, b):
+COLD_MB = 256  # --cold: distinct weights per variant, more than the last-level cache a core sees
+
+
+def cycling(fn, pool):
+    """A call of ``fn(weight)`` on the next weight of ``pool`` (the first call: pool[0], the measured weight)."""
+    it = itertools.cycle(pool)
+    return lambda: fn(next(it))
+
+
+def variants(x, w, b, cold=False):
     k = w.shape[-1]
     pad = [k // 2] * 2
-    pw = torch.ops.mkldnn._reorder_convolution_weight(w, pad, [1, 1], [1, 1], 1, list(x.shape))
+
+    def pack(wt):
+        return torch.ops.mkldnn._reorder_convolution_weight(wt, pad, [1, 1], [1, 1], 1, list(x.shape))
+
+    def onednn(pw):
+        return torch.ops.mkldnn._convolution_pointwise(x, pw, b, pad, [1, 1], [1, 1], 1, "none", [None], "")
+
+    pw = pack(w)
     fns = {
         "F.conv2d": lambda: F.conv2d(x, w, b, padding=k // 2),
-        "onednn prepacked": lambda: torch.ops.mkldnn._convolution_pointwise(x, pw, b, pad, [1, 1], [1, 1], 1, "none",
-                                                                           [None], ""),
+        "onednn prepacked": lambda: onednn(pw),
     }
     if k == 5:
         u = W5.winograd_weight5(w)
-        fns["winograd F(2,5)"] = lambda: W5.winograd_conv5x5(x, u, b)
+        wino, name, transform = (lambda ut: W5.winograd_conv5x5(x, ut, b)), "winograd F(2,5)", W5.winograd_weight5
+        fns[name] = lambda: wino(u)
     else:
-        u2, u4 = W.winograd_weight(w, 2), W.winograd_weight(w, 4)
+        u2, u = W.winograd_weight(w, 2), W.winograd_weight(w, 4)
+        wino, name, transform = (lambda ut: W.winograd_conv3x3(x, ut, b)), "winograd F(4,3)", (
+            lambda wt: W.winograd_weight(wt, 4))
         fns["winograd F(2,3)"] = lambda: W.winograd_conv3x3(x, u2, b)
-        fns["winograd F(4,3)"] = lambda: W.winograd_conv3x3(x, u4, b)
+        fns[name] = lambda: wino(u)
+    if cold:  # the same calls on weights that are not in any cache
+        g = torch.Generator().manual_seed(1)
+
+        def pool(first, make):  # first + distinct weights up to COLD_MB (RCAN x4's 411 F(4,3) weights: 242 MB)
+            n = max(2, -(-COLD_MB * 2**20 // (first.numel() * first.element_size())))
+            return [first] + [make(torch.randn(w.shape, generator=g) * w.std()) for _ in range(n - 1)]
+
+        pws, us = pool(pw, pack), pool(u, transform)
+        fns["onednn prepacked, cold weights"] = cycling(onednn, pws)
+        fns[f"{name}, cold weights"] = cycling(wino, us)
     return fns
 
 
-def run_case(cin, cout, size, threads, rounds, k=3):
+def run_case(cin, cout, size, threads, rounds, k=3, cold=False):
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cin, size, size, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(cout, cin, k, k, generator=g) / (k * cin ** 0.5)
     b = torch.randn(cout, generator=g)
-    fns = variants(x, w, b)
+    fns = variants(x, w, b, cold)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=k // 2)
     err = {n: ((f().double() - ref).abs().max() / max(1.0, ref.abs().max().item())).item() for n, f in fns.items()}
     flop = 2 * k * k * cin * cout * size * size
@@ -92,6 +122,9 @@ def main(kernel: int = 3, channels=(64, 64), sizes=(32, 48, 96), doc: str = __do
     ap.add_argument("--channels", type=int, nargs=2, default=list(channels), metavar=("C_IN", "C_OUT"))
     ap.add_argument("--kernel", type=int, choices=(3, 5), default=kernel, help="conv kernel size (5: winograd_conv5x5)")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--cold", action="store_true",
+                    help=f"also oneDNN and Winograd F(4,3) / F(2,5) cycling through {COLD_MB} MB of distinct weights "
+                         "(each call reads its weight from memory, as in a network)")
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args()
     info = describe_machine()
@@ -104,7 +137,7 @@ def main(kernel: int = 3, channels=(64, 64), sizes=(32, 48, 96), doc: str = __do
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for threads in a.threads:
         for size in a.sizes:
-            rows = run_case(*a.channels, size, threads, a.rounds, a.kernel)
+            rows = run_case(*a.channels, size, threads, a.rounds, a.kernel, a.cold)
             for r in rows:
                 print(f"| {a.channels[0]}->{a.channels[1]} | {size} | {threads} | {r['variant']} | "
                       f"{r['cpu_ms_min']:.3f} | {r['cpu_ms_median']:.3f} | {r['gflops_per_cpu_s']:.0f} | "

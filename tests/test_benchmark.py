@@ -144,6 +144,30 @@ def test_bench_winograd_bf16_simulation(monkeypatch):
     assert err["bf16 direct"] < err["bf16 F(2,3)"] < err["bf16 F(4,3)"]  # rounding V and U costs accuracy
 
 
+# --- benchmarks/bench_winograd_conv3x3.py --cold: the same conv, on a new weight every call ------------------------
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_bench_winograd_cold_weights_cycle(monkeypatch, k):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import torch
+
+    import bench_winograd_conv3x3 as b
+
+    monkeypatch.setattr(b, "COLD_MB", 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    w, bias = torch.randn(24, 16, k, k, generator=g) / (4 * k), torch.randn(24, generator=g)
+    fns = b.variants(x, w, bias, cold=True)
+    hot = {n: f() for n, f in fns.items() if "cold" not in n}
+    cold = [n for n in fns if "cold" in n]
+    assert len(cold) == 2
+    for n in cold:  # the first call is the measured weight (the error column checks it), the next ones are not
+        first, second = fns[n](), fns[n]()
+        torch.testing.assert_close(first, hot[n.removesuffix(", cold weights")])
+        assert (second - first).abs().max() > 1e-2
+
+
 # --- tracked benchmark records name no machine's local paths --------------------------------------------------
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
