@@ -60,6 +60,9 @@ class DensePlan:
     def __post_init__(self) -> None:
         _check_plan(self)
 
+    # the flat plan's layout (csrc/dense_block_common.h kHead, kLayer): HEAD ints, then LAYER per layer
+    HEAD, LAYER = 6, 8
+
     def ints(self, training: bool = False) -> list[int]:
         """The flat ``int[] plan`` of the dispatcher op: ``channels, in_channels, kernel_size, fuse_start,
         fuse_len, training``, then per layer ``in_start, in_len, out_start, out_channels, out_split, out2_start,
@@ -181,7 +184,7 @@ def fdirb_plan(channels: int, num_layers: int, sub_channels: int, kernel_size: i
 def parse(plan_ints):
     """The head of ``DensePlan.ints()`` but its training flag: channels, in_channels, kernel_size, fuse_start,
     fuse_len."""
-    return plan_ints[0], plan_ints[1], plan_ints[2], plan_ints[3], plan_ints[4]
+    return tuple(plan_ints[:5])
 
 
 def buffer_rows(N, H, W, kernel_size):

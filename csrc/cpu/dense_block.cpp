@@ -796,14 +796,8 @@ void zero_outside_fusion(at::Tensor& gbuf, const Geom& g, const Plan& pl) {
 int winograd_tile(bool training) {
   const int inference = wino::tile_from_env();
   if (!training) return inference;
-  const char* raw = std::getenv("SRKERNELS_WINOGRAD_TRAIN");
-  std::string v = raw == nullptr ? "2" : raw;
-  const auto space = [](unsigned char c) { return std::isspace(c) != 0; };
-  v.erase(std::find_if_not(v.rbegin(), v.rend(), space).base(), v.end());
-  v.erase(v.begin(), std::find_if_not(v.begin(), v.end(), space));
-  TORCH_CHECK_VALUE(v == "0" || v == "2" || v == "4", "SRKERNELS_WINOGRAD_TRAIN must be 2 (F(2x2,3x3), the default), ",
-                    "4 (F(4x4,3x3)) or 0 (off), got '", raw, "'");
-  return inference == 0 ? 0 : v[0] - '0';
+  const int train = wino::tile_env("SRKERNELS_WINOGRAD_TRAIN", 2);
+  return inference == 0 ? 0 : train;
 }
 
 bool fast_ok(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor>& fuse_w) {

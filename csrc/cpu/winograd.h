@@ -61,15 +61,18 @@ inline std::optional<std::string> env_trimmed(const char* name) {
   return v.substr(b);
 }
 
-// SRKERNELS_WINOGRAD, the same rule as srkernels/ops/conv2d_pointwise.py winograd_tile: 4 (default), 2 or 0
-// (off); anything else is a ValueError naming the variable.
-inline int tile_from_env() {
-  const std::optional<std::string> v = env_trimmed("SRKERNELS_WINOGRAD");
-  if (!v) return 4;
-  TORCH_CHECK_VALUE(*v == "0" || *v == "2" || *v == "4", "SRKERNELS_WINOGRAD must be 4 (F(4x4,3x3), the default), ",
-                    "2 (F(2x2,3x3)) or 0 (off), got '", std::getenv("SRKERNELS_WINOGRAD"), "'");
+// A Winograd tile variable, as srkernels/ops/conv2d_pointwise.py reads it: 4 (F(4x4,3x3)), 2 (F(2x2,3x3)) or
+// 0 (off), `fallback` when unset; anything else is a ValueError naming the variable.
+inline int tile_env(const char* name, int fallback) {
+  const std::optional<std::string> v = env_trimmed(name);
+  if (!v) return fallback;
+  TORCH_CHECK_VALUE(*v == "0" || *v == "2" || *v == "4", name, " must be 4 (F(4x4,3x3)), 2 (F(2x2,3x3)) or 0 (off; ",
+                    "default ", fallback, "), got '", std::getenv(name), "'");
   return (*v)[0] - '0';
 }
+
+// SRKERNELS_WINOGRAD (conv2d_pointwise.py winograd_tile): default 4.
+inline int tile_from_env() { return tile_env("SRKERNELS_WINOGRAD", 4); }
 
 // The measured rule of winograd_use (srkernels/ops/winograd_conv3x3.py): >= 16 channels in and out, >= 64 pixels.
 inline bool use(int64_t c_in, int64_t c_out, int64_t H, int64_t W) {

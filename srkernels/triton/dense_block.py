@@ -43,15 +43,15 @@ from torch import Tensor
 from torch.library import wrap_triton
 from torch._prims_common import suggest_memory_format
 
-from ..dense_plan import buffer_rows
+from ..dense_plan import DensePlan, buffer_rows, parse
 from . import _common as cm
 from .._util import triton_interpret
 from ._common import acc as _acc
 from ._common import merge_partials_kernel
 
 OP = "dense_block"
-# the flat int[] plan (DensePlan.ints): 6 header ints (the last, training, unused here), 8 per layer
-_HEAD, _LAYER = 6, 8
+# the flat int[] plan (DensePlan.ints; its training flag is unused here)
+_HEAD, _LAYER = DensePlan.HEAD, DensePlan.LAYER
 
 # Tile caps: pixels x output channels x reduction chunk. tl.dot needs every dim >= 16.
 _BM, _BN, _BK = 64, 64, 32
@@ -451,7 +451,7 @@ def _parse(plan: list[int], weights: list[Tensor], op: str):
     invariants the kernels rely on for memory safety; Python checked the rest)."""
     torch._check(len(plan) >= _HEAD and (len(plan) - _HEAD) % _LAYER == 0,
                  lambda: f"{op}: malformed plan of {len(plan)} ints")
-    T, Cx, k, fs, fl = plan[:5]
+    T, Cx, k, fs, fl = parse(plan)
     L = (len(plan) - _HEAD) // _LAYER
     torch._check(L >= 1 and L == len(weights), lambda: f"{op}: the plan has {L} layers, got {len(weights)} weights")
     torch._check(k >= 1 and k % 2 == 1, lambda: f"{op}: kernel_size must be odd, got {k}")
