@@ -199,18 +199,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
-    # what torchrun sets up for each process; forked, so torch is not imported again
+def _ddp_worker(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
+    # what torchrun sets up for each process; forked, so torch is not imported again. The parent's stderr is
+    # pytest's capture, lost with the child: each rank writes its own file, shown when a rank fails.
+    sys.stderr = open(log, "w", buffering=1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sys.exit(train_main(argv))
 
 
-def _ddp(argv: list[str], world: int = 2, timeout: float = 120) -> None:
+def _ddp(argv: list[str], logs: Path, world: int = 2, timeout: float = 120) -> None:
     ctx = mp.get_context("fork")
     port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, argv)) for r in range(world)]
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, argv, str(logs / f"rank{r}.err")))
+             for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -221,16 +225,17 @@ def _ddp(argv: list[str], world: int = 2, timeout: float = 120) -> None:
         for p in alive:
             p.kill()
             p.join()
-    assert not alive, "DDP workers timed out"
-    assert [p.exitcode for p in procs] == [0] * world
+    errs = "\n".join(f"rank {r}: " + (logs / f"rank{r}.err").read_text() for r in range(world))
+    assert not alive, f"DDP workers timed out\n{errs}"
+    assert [p.exitcode for p in procs] == [0] * world, errs
 
 
 def test_ddp_two_cpu_processes_match_one(hr_dir, tmp_path, capsys):
     """Two gloo ranks with half the batch each take the same steps as one process with the whole batch
     (DistributedSampler interleaves one shuffled order); a DDP run stopped and resumed lands there too."""
     cfg = tiny_yaml(tmp_path / "tiny.yaml", hr_dir, ema=0.9)
-    _ddp([str(cfg), "-o", str(tmp_path / "ddp"), "--no-progress", "--stop-after", "2"])
-    _ddp(["--resume", "-o", str(tmp_path / "ddp"), "--no-progress"])
+    _ddp([str(cfg), "-o", str(tmp_path / "ddp"), "--no-progress", "--stop-after", "2"], tmp_path / "logs1")
+    _ddp(["--resume", "-o", str(tmp_path / "ddp"), "--no-progress"], tmp_path / "logs2")
     assert train_main([str(cfg), "-o", str(tmp_path / "single"), "--no-progress"]) == 0
     ddp, single = ckio.load_latest(tmp_path / "ddp")[0], ckio.load_latest(tmp_path / "single")[0]
     assert ddp["world_size"] == 2 and len(ddp["rng"]) == 2 and single["world_size"] == 1

@@ -26,6 +26,7 @@ import io
 import math
 import os
 import random
+import socket
 import sys
 import time
 import warnings
@@ -171,6 +172,12 @@ def _setup_dist(device_pref: str) -> _Dist:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
+        elif "GLOO_SOCKET_IFNAME" not in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == world:
+            # every rank on this machine: gloo's pairs go over loopback. By default gloo binds the address the
+            # hostname resolves to, which a sandbox or firewall may not let a process reach from itself.
+            lo = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), None)
+            if lo is not None:
+                os.environ["GLOO_SOCKET_IFNAME"] = lo
         dist.init_process_group("nccl" if use_cuda else "gloo")
         here = True
     return _Dist(dist.get_rank(), dist.get_world_size(), local, here)
