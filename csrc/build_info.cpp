@@ -1,5 +1,6 @@
 // srkernels._C's own Python surface: what was compiled. The ops themselves are reached through
 // torch.ops.srkernels.* (TORCH_LIBRARY), not through pybind11.
+#include <ATen/native/CPUBlas.h>
 #include <pybind11/pybind11.h>
 
 #include "runtime/cpu_dispatch.h"
@@ -39,6 +40,9 @@ PYBIND11_MODULE(_C, m) {
   // The capability the CPU kernels run; raises ValueError for a bad SRKERNELS_CPU_CAPABILITY.
   m.def("cpu_capability", [] { return std::string(srkernels::cpu::capability_name(srkernels::cpu::selected_capability())); });
   m.def("supported_cpu_capabilities", &srkernels::cpu::supported_capabilities);
+  // Whether ATen's CPU BLAS packs bf16 GEMM operands, which it does on AMX only: then oneDNN's bf16 convs run
+  // on AMX tiles and the float32-arithmetic Winograd is not used for bf16 (srkernels/ops/winograd_conv3x3.py).
+  m.def("amx_bf16", [] { return at::native::cpublas::could_pack(at::kBFloat16); });
   // The cache of large CPU outputs (csrc/runtime/output_cache.h); Python wrappers in srkernels/__init__.py.
   m.def("cpu_cache_stats", [] {
     auto s = srkernels::cpu::output_cache_stats();

@@ -471,9 +471,9 @@ void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, cons
   const at::Tensor bf = bias.to(at::kFloat).contiguous();
   float* origin = buf.data_ptr<float>() + (g.margin + g.p * g.Wp + g.p) * Tc;  // interior pixel (0, 0)
   const int64_t ns = g.Hp * g.Wp * Tc, hs = g.Wp * Tc;
-  const wino::Pixels px{origin + l.in_start, ns, hs, Tc, -g.p, g.p};
+  const wino::Pixels<> px{origin + l.in_start, ns, hs, Tc, -g.p, g.p};
   float* out = origin + l.out_start;
-  const wino::Epilogue ep{out,  l.out_split < K ? origin + l.out2_start : out, l.out_split,
+  const wino::Epilogue<> ep{out,  l.out_split < K ? origin + l.out2_start : out, l.out_split,
                           l.res_start >= 0 ? origin + l.res_start : nullptr, /*res_first=*/true,
                           l.relu ? wino::Act::Relu : wino::Act::None, bf.const_data_ptr<float>(), ns, hs, Tc};
   const wino::Geo geo{g.N, C, g.H, g.W, K, Kp, div_up(C, wino::VW) * wino::VW, div_up(g.H, m), div_up(g.W, m)};

@@ -20,6 +20,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
+#include "cpu/vec_io.h"
+
 #include <algorithm>
 #include <array>
 #include <cctype>
@@ -218,20 +220,24 @@ struct Geo {
 
 // Where input pixels live: pixel (n, h, w), channel c at base + n * ns + h * hs + w * ws + c, readable for h in
 // [lo, H + hi_pad), w in [lo, W + hi_pad) (a padded buffer whose border holds zeros: lo = -1, hi_pad = 1), zero
-// elsewhere.
+// elsewhere. T: the activations' storage type, float or bf16 (widened on load: the transforms and GEMMs always
+// run in float).
+template <typename T = float>
 struct Pixels {
-  const float* base;
+  const T* base;
   int64_t ns, hs, ws, lo, hi_pad;
 };
 
 // The epilogue: z = conv + bias; y = act(z) + res, or act(z + res) (res_first); channels k < split go to out,
-// the rest to out2 (channel k - split). out, out2 and res share the strides of Pixels (ns, hs, ws).
+// the rest to out2 (channel k - split). out, out2 and res share the strides of Pixels (ns, hs, ws) and its
+// storage type T (a bf16 result is rounded once, after the residual add); the bias is float.
 enum class Act { None, Relu };
+template <typename T = float>
 struct Epilogue {
-  float* out;
-  float* out2;
+  T* out;
+  T* out2;
   int64_t split;
-  const float* res;
+  const T* res;
   bool res_first;
   Act act;
   const float* bias;
@@ -240,8 +246,8 @@ struct Epilogue {
 
 // Input transform of tiles [t0, t0 + tb) into V[p][t - t0][0..Cp) (row stride Cp, position stride tb * Cp).
 // Columns first, each loaded and transformed at once (rows and columns outside the readable range are zero).
-template <int M, int R = 3>
-void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, float* V) {
+template <int M, int R, typename S>
+void input_transform(const Pixels<S>& x, const Geo& g, int64_t t0, int64_t tb, float* V) {
   using Wn = Wino<M, R>;
   constexpr int T = Wn::T;
   const int64_t C = g.C, Cp = g.Cp, ps = tb * Cp, hs = x.hs, ws = x.ws;
@@ -256,7 +262,7 @@ void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, floa
     const int b0 = static_cast<int>(std::max<int64_t>(0, hmin - w0));
     const int b1 = static_cast<int>(std::min<int64_t>(T, wmax - w0));
     const bool inside = a0 == 0 && b0 == 0 && a1 == T && b1 == T;
-    const float* xt = x.base + n * x.ns;  // + (h0 + a) * hs + (w0 + b) * ws: only formed for readable pixels
+    const S* xt = x.base + n * x.ns;  // + (h0 + a) * hs + (w0 + b) * ws: only formed for readable pixels
     float* vt = V + i * Cp;
     for (int64_t c = 0; c < Cp; c += VW) {
       const int64_t cnt = std::min(VW, C - c);
@@ -264,13 +270,12 @@ void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, floa
       for (int b = 0; b < T; ++b) {
         Vec col[T], o[T];
         if (inside && cnt == VW) {
-          const float* p = xt + h0 * hs + (w0 + b) * ws + c;
-          for (int a = 0; a < T; ++a) col[a] = Vec::loadu(p + a * hs);
+          const S* p = xt + h0 * hs + (w0 + b) * ws + c;
+          for (int a = 0; a < T; ++a) col[a] = VecIO<S>::load(p + a * hs);
         } else {
           for (int a = 0; a < T; ++a) {
             if (a >= a0 && a < a1 && b >= b0 && b < b1) {
-              const float* p = xt + (h0 + a) * hs + (w0 + b) * ws + c;
-              col[a] = cnt == VW ? Vec::loadu(p) : Vec::loadu(p, cnt);
+              col[a] = load_n(xt + (h0 + a) * hs + (w0 + b) * ws + c, cnt);
             } else {
               col[a] = Vec(0.f);
             }
@@ -288,17 +293,9 @@ void input_transform(const Pixels& x, const Geo& g, int64_t t0, int64_t tb, floa
   }
 }
 
-inline void store_n(float* p, const Vec& v, int64_t cnt) {
-  if (cnt == VW) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
-}
-
 // Output transform of tiles [t0, t0 + tb) from M[p][t - t0][0..Kp) with the epilogue.
-template <int M, int R = 3>
-void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, const Epilogue& ep) {
+template <int M, int R, typename S>
+void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, const Epilogue<S>& ep) {
   using Wn = Wino<M, R>;
   constexpr int T = Wn::T;
   const int64_t K = g.K, Kp = g.Kp, ps = tb * Kp;
@@ -325,7 +322,7 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, con
         for (int b = 0; b < mw; ++b) {
           const int64_t off = n * ep.ns + (h0 + a) * ep.hs + (w0 + b) * ep.ws;
           Vec v = y[b] + vb;
-          const Vec r = ep.res ? (cnt == VW ? Vec::loadu(ep.res + off + k) : Vec::loadu(ep.res + off + k, cnt)) : zero;
+          const Vec r = ep.res ? load_n(ep.res + off + k, cnt) : zero;
           if (ep.res_first) v = v + r;
           if (ep.act == Act::Relu) v = at::vec::clamp_min(v, zero);
           if (!ep.res_first) v = v + r;
@@ -337,8 +334,8 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, con
             alignas(64) float tmp[VW];
             v.store(tmp);
             const int64_t n1 = ep.split - k;
-            for (int64_t j = 0; j < n1; ++j) ep.out[off + k + j] = tmp[j];
-            for (int64_t j = n1; j < cnt; ++j) ep.out2[off + k + j - ep.split] = tmp[j];
+            for (int64_t j = 0; j < n1; ++j) ep.out[off + k + j] = static_cast<S>(tmp[j]);
+            for (int64_t j = n1; j < cnt; ++j) ep.out2[off + k + j - ep.split] = static_cast<S>(tmp[j]);
           }
         }
       }
@@ -368,8 +365,8 @@ inline int64_t block_budget(int m = 4) {
 
 // The whole conv: x -> epilogue, with U [P][C][Kp]; blocks of tile_block(.., budget) tiles over the threads.
 // R x R kernel, zero padding R / 2.
-template <int M, int R = 3>
-void run(const Pixels& x, const float* u, const Geo& g, const Epilogue& ep, int64_t budget) {
+template <int M, int R = 3, typename S = float>
+void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep, int64_t budget) {
   constexpr int64_t P = Wino<M, R>::T * Wino<M, R>::T;
   const int64_t tiles = g.N * g.th * g.tw;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();

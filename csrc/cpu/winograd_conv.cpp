@@ -4,6 +4,8 @@
 // winograd_conv5x5: the same for a 5x5, zero padding 2 conv by F(2x2, 5x5) (6x6 tiles; docs/ops.md
 // "winograd_conv5x5").
 //
+// Activations float32 or bfloat16 (bf16 storage: widened on load, transforms and GEMMs in float32, the result
+// rounded once after the epilogue, so the error is a bf16 rounding of a float32 conv; the weight stays float32).
 // Layout: activations channels_last (NHWC), so every transform runs on vectors of channels. The weight comes
 // pre-transformed (Python, float64 then rounded once: srkernels/ops/winograd_conv3x3.py) as U[P][C][K], P =
 // (m+2)^2 transform positions. Transforms, GEMMs and the tile loop: csrc/cpu/winograd.h (shared with
@@ -32,12 +34,14 @@ namespace {
 
 using namespace wino;
 
-// x [N, C, H, W] (any layout; computed channels_last), weight_t [P, C, K] fp32; an R x R kernel (3: P = 16
-// F(2,3) or 36 F(4,3); 5: P = 36 F(2,5)).
+// x [N, C, H, W] float32 or bfloat16 (any layout; computed channels_last), weight_t [P, C, K] float32; an R x R
+// kernel (3: P = 16 F(2,3) or 36 F(4,3); 5: P = 36 F(2,5)).
 at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, const at::Tensor& weight_t,
                              const std::optional<at::Tensor>& bias_in, c10::string_view act_s,
                              const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat, name, ": x must be 4-D float32");
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(x_in.dim() == 4 && (dt == at::kFloat || dt == at::kBFloat16), name,
+              ": x must be 4-D float32 or bfloat16");
   TORCH_CHECK(weight_t.dim() == 3 && weight_t.scalar_type() == at::kFloat, name,
               ": weight_t must be 3-D float32 [P, C_in, C_out]");
   TORCH_CHECK(act_s == "none" || act_s == "relu", name, ": act must be none or relu, got ", act_s);
@@ -73,28 +77,37 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
   }
   at::Tensor bias;
   if (bias_in) {
-    bias = bias_in->contiguous();
-    TORCH_CHECK(bias.numel() == K && bias.scalar_type() == at::kFloat, name, ": bias must be [", K, "]");
+    TORCH_CHECK(bias_in->numel() == K && (bias_in->scalar_type() == at::kFloat || bias_in->scalar_type() == dt),
+                name, ": bias must be [", K, "] of x's dtype or float32");
+    bias = bias_in->to(at::kFloat).contiguous();
   }
   at::Tensor res;
   if (residual) {
-    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == at::kFloat, name,
-                ": residual must be float32 of shape ", out.sizes());
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == dt, name,
+                ": residual must have x's dtype and shape ", out.sizes());
     res = residual->contiguous(cl);
   }
   const Geo g{N, C, H, W, K, Kp, div_up(C, VW) * VW, div_up(H, M), div_up(W, M)};
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const float* r = res.defined() ? res.const_data_ptr<float>() : nullptr;
-  // NHWC: zero outside the image
-  const Pixels px{x.const_data_ptr<float>(), H * W * C, W * C, C, 0, 0};
-  float* o = out.mutable_data_ptr<float>();
-  const Epilogue ep{o, o, K, r, /*res_first=*/false, act, b, H * W * K, W * K, K};
-  if (R == 5) {
-    run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
-  } else if (M == 2) {
-    run<2>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
+  auto go = [&](auto zero) {
+    using S = decltype(zero);
+    const S* r = res.defined() ? res.const_data_ptr<S>() : nullptr;
+    // NHWC: zero outside the image
+    const Pixels<S> px{x.const_data_ptr<S>(), H * W * C, W * C, C, 0, 0};
+    S* o = out.mutable_data_ptr<S>();
+    const Epilogue<S> ep{o, o, K, r, /*res_first=*/false, act, b, H * W * K, W * K, K};
+    if (R == 5) {
+      run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
+    } else if (M == 2) {
+      run<2, 3>(px, u.const_data_ptr<float>(), g, ep, block_budget(2));
+    } else {
+      run<4, 3>(px, u.const_data_ptr<float>(), g, ep, block_budget(4));
+    }
+  };
+  if (dt == at::kBFloat16) {
+    go(at::BFloat16{});
   } else {
-    run<4>(px, u.const_data_ptr<float>(), g, ep, block_budget(4));
+    go(0.f);
   }
   return finish();
 }

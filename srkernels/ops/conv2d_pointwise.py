@@ -116,6 +116,30 @@ class OneDNN(CpuAlgorithm):
 ONEDNN = OneDNN()
 
 
+def winograd_bf16(m: int, r: int, c_in: int, c_out: int) -> bool:
+    """Whether a bfloat16 conv that the float32 rule (``winograd_use`` 3x3, ``winograd5_use`` 5x5) picks runs as
+    Winograd F(m, r) too (bf16 storage, float32 arithmetic; csrc/cpu/winograd_conv.cpp) rather than oneDNN's bf16
+    conv. Measured on an AMD EPYC (Zen 5), one thread (benchmarks/bench_winograd_conv3x3.py --dtype bfloat16,
+    docs/ops.md ``## winograd_conv3x3``):
+
+    - oneDNN without native bf16 (``onednn_bf16()`` false: AVX2 CPUs, or ONEDNN_MAX_CPU_ISA capped): the eager
+      bf16 conv runs at ~21 GFLOP/s; Winograd is 8-13x faster (F(2,3), F(4,3), F(2,5)): always;
+    - AVX512-BF16 without AMX: F(4,3) with >= 64 channels in and out is 1.1-1.4x oneDNN's bf16 conv (64->64,
+      64->256 at LR 32-96): yes; 32->32 1.06x, 16->16 0.8x, F(2,3) 0.84-0.9x, F(2,5) 0.83x: no;
+    - AMX (``srkernels._C.amx_bf16()``; no such CPU here to measure): oneDNN's tile convs are left to run."""
+    if not onednn_bf16():
+        return True
+    return m == 4 and r == 3 and min(c_in, c_out) >= 64 and not _amx()
+
+
+@functools.cache
+def _amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (also when the compiled extension is missing: then no Winograd)."""
+    from .. import _backend
+
+    return _backend._C is None or _backend._C.amx_bf16()
+
+
 WINOGRAD_ENV = "SRKERNELS_WINOGRAD"
 
 
@@ -167,17 +191,20 @@ class Winograd(CpuAlgorithm):
                                                                             groups)
 
     def fits(self, x, weight, stride, padding, dilation, groups) -> bool:
-        """The call is one the kernel runs and its rule (``winograd_use``, ``winograd5_use``) measured faster
-        (whatever the tile setting)."""
+        """The call is one the kernel runs and its rule (``winograd_use``, ``winograd5_use``; for bfloat16 also
+        ``winograd_bf16``) measured faster (whatever the tile setting)."""
         r = self.r
         use = winograd_use if r == 3 else winograd5_use
-        return (x.dtype == torch.float32 and weight.dtype == torch.float32
+        dt = x.dtype
+        return (weight.dtype == dt and (dt == torch.float32 or (
+                    dt == torch.bfloat16 and winograd_bf16(self.m, r, weight.shape[1], weight.shape[0])))
                 and groups == 1 and weight.shape[2] == r and weight.shape[3] == r and tuple(stride) == (1, 1)
                 and tuple(padding) == (r // 2, r // 2) and tuple(dilation) == (1, 1)
                 and use(weight.shape[1], weight.shape[0], x.shape[2], x.shape[3]))
 
     def pack(self, weight, stride, padding, dilation, groups, input_shape):
-        return winograd_weight(weight.detach(), self.m) if self.r == 3 else winograd_weight5(weight.detach())
+        w = weight.detach().float()  # a bf16 conv keeps its transformed weight in float32 (exact from bf16)
+        return winograd_weight(w, self.m) if self.r == 3 else winograd_weight5(w)
 
     def weight_step(self, weight: Tensor, grad_input: bool = False) -> Tensor:
         """The transformed weight of a plain 4-D ``weight`` per call (one float32 matmul, no autograd);
@@ -216,6 +243,8 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
     tile = winograd_train_tile() if training else None
     for alg in ALGORITHMS:
         if training and isinstance(alg, Winograd):
+            if x.dtype != torch.float32:  # bf16 Winograd serves inference only
+                continue
             if alg.r == 3 and alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
                 return alg
             # 5x5: F(2,5) whenever training runs Winograd; its input-gradient conv (C_out -> C_in) must fit the

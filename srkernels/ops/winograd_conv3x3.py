@@ -125,8 +125,11 @@ def winograd_weight_step(weight: Tensor, m: int = 4, *, grad_input: bool = False
 def tiled_reference(x: Tensor, weight_t: Tensor, bias: Tensor | None, act: str, residual: Tensor | None, m: int,
                     r: int) -> Tensor:
     """F(m x m, r x r) on ``weight_t`` in plain torch ops (any dtype and device, differentiable; zero padding
-    r // 2): the same tiles and transforms as the kernel, in ``x``'s dtype. The body of ``reference`` here and
-    in winograd_conv5x5.py."""
+    r // 2): the same tiles and transforms as the kernel, in ``x``'s dtype (bf16 / fp16: in float32, rounded once
+    at the end, as the kernel does). The body of ``reference`` here and in winograd_conv5x5.py."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        f = (lambda t: None if t is None else t.float())
+        return tiled_reference(x.float(), weight_t.float(), f(bias), act, f(residual), m, r).to(x.dtype)
     T = m + r - 1
     N, C, H, W = x.shape
     K = weight_t.shape[2]
@@ -178,10 +181,12 @@ def winograd_conv3x3(
     """``act(conv3x3(x) + bias) (+ residual)``, stride 1, zero padding 1, by Winograd F(m x m, 3x3).
 
     Args:
-        x: ``[N, C_in, H, W]`` float32 (float64 runs the torch reference), contiguous or channels_last
-            (channels_last is the kernel's native layout; other layouts are converted first).
-        weight_t: ``winograd_weight(weight, m)``, ``[(m+2)^2, C_in, C_out]``, x's dtype.
-        bias: ``(C_out,)`` or None.
+        x: ``[N, C_in, H, W]`` float32 or bfloat16 (float64 runs the torch reference), contiguous or
+            channels_last (channels_last is the kernel's native layout; other layouts are converted first).
+            bfloat16 is storage only: the transforms and GEMMs run in float32 and the result is rounded once.
+        weight_t: ``winograd_weight(weight, m)``, ``[(m+2)^2, C_in, C_out]``, x's dtype; float32 for a
+            bfloat16 x (a bf16 transformed weight would cost F(4,3) ~7x the error of a bf16 conv, docs/ops.md).
+        bias: ``(C_out,)`` of x's dtype or float32, or None.
         act: None/``"none"`` or ``"relu"`` (applied before the residual add).
         residual: optional ``[N, C_out, H, W]`` tensor added last (any layout).
 
@@ -196,9 +201,15 @@ def run_op(op: str, tile_of_fn, ref, x, weight_t, bias, act, residual) -> Tensor
     positions, ``ref`` is the op's reference): the body of both public functions."""
     _checks.feature_map("x", x)
     x, weight_t, bias, residual = _dispatch.autocast_args(op, x, weight_t, bias, residual)
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"x must be float32 (or float64 for the reference), got dtype {x.dtype}")
-    _checks.like("weight_t", weight_t, x)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        raise TypeError(f"x must be float32 or bfloat16 (or float64 for the reference), got dtype {x.dtype}")
+    if x.dtype == torch.bfloat16:  # bf16 storage, float32 arithmetic: the transformed weight stays float32
+        if isinstance(weight_t, Tensor) and weight_t.dtype != torch.float32:
+            raise TypeError(f"weight_t must be float32 for a bfloat16 x (the bf16 weight's transform, "
+                            f"winograd_weight(weight.float(), m)), got dtype {weight_t.dtype}")
+        _checks.like("weight_t", weight_t, x.new_empty((), dtype=torch.float32))
+    else:
+        _checks.like("weight_t", weight_t, x)
     if weight_t.dim() != 3:
         raise ValueError(f"weight_t must be 3-D [P, C_in, C_out] (from the op's weight transform), got shape "
                          f"{list(weight_t.shape)}")
@@ -210,13 +221,16 @@ def run_op(op: str, tile_of_fn, ref, x, weight_t, bias, act, residual) -> Tensor
     if K == 0:
         raise ValueError("weight_t has 0 output channels")
     if bias is not None:
-        _checks.like("bias", bias, x, ((K,),))
+        if isinstance(bias, Tensor) and bias.dtype == torch.float32 and x.dtype == torch.bfloat16:
+            _checks.like("bias", bias, weight_t, ((K,),))
+        else:
+            _checks.like("bias", bias, x, ((K,),))
     act = _checks.choice("act", "none" if act is None else act, ACTS)
     if residual is not None:
         _checks.like("residual", residual, x, ((N, K, H, W),))
     args = (x, weight_t, bias, act, residual)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3] + args[4:])
-    backend = "reference" if needs_grad or x.dtype != torch.float32 else _dispatch.choose(op, x.device.type)
+    backend = "reference" if needs_grad or x.dtype == torch.float64 else _dispatch.choose(op, x.device.type)
     return _dispatch.run(backend, op, args, lambda: ref(*args))
 
 

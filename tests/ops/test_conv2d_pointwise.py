@@ -216,3 +216,37 @@ def test_argument_errors():
         ops.conv2d_pointwise(x, w, padding=1, residual=torch.randn(1, 6, 3, 3))
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         ops.conv2d_pointwise(x, w, dilation=3)
+
+
+@pytest.mark.parametrize("native, amx, want", [
+    (False, False, "all"),                             # eager bf16 convs (no native bf16): always
+    (True, False, {(4, 3, 64, 64), (4, 3, 64, 256)}),  # AVX512-BF16: F(4,3) with >= 64 channels only
+    (True, True, set()),                               # AMX: oneDNN's tile convs
+], ids=["no native bf16", "avx512-bf16", "amx"])
+def test_winograd_bf16_rule(monkeypatch, native, amx, want):
+    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
+    monkeypatch.setattr(conv_op, "_amx", lambda: amx)
+    cases = {(4, 3, 64, 64), (2, 3, 64, 64), (2, 5, 64, 32), (4, 3, 16, 16), (4, 3, 64, 256), (4, 3, 32, 32)}
+    assert {c for c in cases if conv_op.winograd_bf16(*c)} == (cases if want == "all" else want)
+
+
+@needs_winograd
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_inference_runs_winograd(monkeypatch, count_winograd, native):
+    """A bf16 64->64 3x3 conv in inference takes Winograd F(4,3) (bf16 storage, float32 arithmetic) where the
+    rule says so, and is the bf16 conv to a bf16 rounding; with autograd recording it stays on ATen."""
+    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
+    monkeypatch.setattr(conv_op, "_amx", lambda: False)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).bfloat16()
+    x = torch.randn(1, 64, 9, 13).bfloat16()
+    want = conv_op.reference(x.double(), conv.weight.double(), conv.bias.double(), [1, 1], [1, 1], [1, 1], 1,
+                             "relu", None)
+    with torch.no_grad():
+        y = srkernels.nn.conv2d(conv, x, "relu")
+    assert y.dtype == torch.bfloat16 and count_winograd["run"] == 1 and count_winograd["run_tiles"] == {4}
+    assert (y.double() - want).abs().max() <= 2 ** -8 * want.abs().max() + 1e-4
+    packed = conv.__dict__["_srk_packed"].data[tuple(x.shape)][1]
+    assert packed.dtype == torch.float32 and packed.shape == (36, 64, 64)
+    y2 = srkernels.nn.conv2d(conv, x.requires_grad_(True), "relu")  # training: bf16 Winograd is inference-only
+    assert count_winograd["run"] == 1 and y2.requires_grad
+    assert (y2.double() - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-3

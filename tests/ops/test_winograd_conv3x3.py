@@ -1,4 +1,4 @@
-"""winograd_conv3x3 (CPU, float32, inference): the kernel against its float64 torch reference on the same
+"""winograd_conv3x3 (CPU, float32 and bf16 storage, inference): the kernel against its float64 torch reference on the same
 transformed weight (same algorithm: tight) and against float64 F.conv2d on the original weight (what it
 replaces: F(4,3)'s larger rounding error, bounded explicitly), every compiled capability, layouts, odd sizes,
 epilogue combinations, opcheck and argument errors."""
@@ -97,6 +97,11 @@ for (N, C, K, H, Wd) in [(1, 64, 64, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1
         err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
         assert err <= {2: 2e-6, 4: 2e-5}[m], (N, C, K, H, Wd, m, err)
         worst = max(worst, err)
+        # bf16 storage: the same within one bf16 ulp of the reference's float32 arithmetic
+        bf = lambda t: t.bfloat16()
+        yb = W.winograd_conv3x3(bf(x), u, bf(b), act="relu", residual=bf(r)).float()
+        rb = W.reference(bf(x), u, bf(b), "relu", bf(r)).float()
+        assert ((yb - rb).abs() <= rb.abs() * 2 ** -7 + 1e-5).all(), (N, C, K, H, Wd, m, "bf16")
 print("ok", worst)
 """
 
@@ -195,3 +200,56 @@ def test_grad_input_weight_runs_the_input_gradient(m):
     want = torch.ops.aten.convolution_backward(g.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1],
                                                False, [0, 0], 1, [True, False, False])[0] + r.double()
     assert _err(got, want) <= TOL[m]
+
+
+# ---- bfloat16 storage (float32 arithmetic) ----------------------------------------------------------------------
+
+def _bf16_inputs(shape, m, bias, res, seed=0):
+    """bf16 x, weight, bias, residual and the float32 transform of the bf16 weight (exact)."""
+    x, w, _, b, r = _inputs(*shape, m, bias, res, seed)
+    bf = (lambda t: None if t is None else t.bfloat16())
+    x, w, b, r = bf(x), bf(w), bf(b), bf(r)
+    return x, w, W.winograd_weight(w.float(), m), b, r
+
+
+@compiled
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bf16_parity(shape, fmt, m):
+    """bf16 in, bf16 out: against the reference (float32 arithmetic, one rounding) within one bf16 ulp, against
+    float64 F.conv2d of the same bf16 tensors within a bf16 rounding; the layout and dtype of x are kept."""
+    for i, (bias, act, res) in enumerate(EPILOGUES):
+        x, w, u, b, r = _bf16_inputs(shape, m, bias, res, seed=10 * i)
+        x = layout(x, fmt)
+        y = W.winograd_conv3x3(x, u, b, act=act, residual=r)
+        assert y.dtype == torch.bfloat16 and y.shape == (shape[0], shape[2], *shape[3:])
+        if fmt == "channels_last" and min(shape[3:]) > 1:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        ref = W.reference(x, u, b, act, r)
+        assert ref.dtype == torch.bfloat16
+        # one bf16 ulp of |ref| (2^-7 relative), plus float32 arithmetic near zero
+        assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-5).all()
+        exact = W.conv_reference(x.double(), w.double(), None if b is None else b.double(), act,
+                                 None if r is None else r.double())
+        assert _err(y, exact) <= 2 ** -8 + TOL[m], (i, _err(y, exact))
+
+
+@compiled
+def test_bf16_float32_bias_and_opcheck():
+    x, _, u, b, r = _bf16_inputs((2, 5, 6, 7, 6), 4, True, True)
+    y = W.winograd_conv3x3(x, u, b.float(), act="relu", residual=r)  # a float32 bias is taken as is
+    ref = W.reference(x, u, b.float(), "relu", r)
+    assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-5).all()
+    for args in [(x, u, b, "relu", r), (x.contiguous(memory_format=torch.channels_last), u, b.float(), "none", None)]:
+        torch.library.opcheck(torch.ops.srkernels.winograd_conv3x3, args)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(weight_t=_u.bfloat16()), TypeError, "weight_t must be float32 for a bfloat16 x"),
+    (dict(residual=torch.randn(1, 6, 5, 5)), TypeError, "residual has dtype torch.float32"),
+    (dict(bias=torch.randn(6).half()), TypeError, "bias has dtype torch.float16"),
+], ids=["bf16 weight_t", "float32 residual", "fp16 bias"])
+def test_bf16_bad_input(kw, exc, match):
+    # a bf16 x takes a float32 weight_t (a bf16 transform would lose F(4,3)'s accuracy) and a bf16 residual
+    check_bad_input(W.winograd_conv3x3, _x.bfloat16(), _u, kw, exc, match)

@@ -294,3 +294,18 @@ def test_fused_srcnn_training_runs_winograd5(winograd_env, count_winograd):
         for want in (results[0], results[2]):
             for a, b in zip(results[1], want):
                 assert (a.double() - b.double()).abs().max().item() <= 1e-4 * b.abs().max().item()
+
+
+@compiled
+def test_bf16_storage():
+    """bf16 x, bias and residual with the float32 transform of the bf16 weight: one bf16 rounding of the float32
+    reference, and of float64 F.conv2d on the same bf16 tensors within a bf16 rounding."""
+    x, w, b, r = (t.bfloat16() for t in conv_inputs(2, 20, 19, 11, 7, 5, True, True, seed=3))
+    x = x.contiguous(memory_format=torch.channels_last)
+    u = W5.winograd_weight5(w.float())
+    y = W5.winograd_conv5x5(x, u, b, act="relu", residual=r)
+    ref = W5.reference(x, u, b, "relu", r)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-5).all()
+    exact = W3.conv_reference(x.double(), w.double(), b.double(), "relu", r.double())
+    assert _err(y, exact) <= 2 ** -8 + 1e-4
