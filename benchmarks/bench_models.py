@@ -197,16 +197,22 @@ DENSE_MODELS = ("srdensenet", "rdn", "rdcab", "rdcab_split", "rdcab_fd_irb")  # 
 
 def bf16_paths() -> dict[str, str]:
     """Which bf16 kernels run on this CPU: "conv" -- oneDNN's bf16 convolution (``onednn_bf16()``: AVX-512 or
-    AVX-NE-CONVERT) or eager bf16 convs (fallback); "dense" -- ``dense_block``'s bf16 brgemm micro-kernel (AMX or
+    AVX-NE-CONVERT) or eager bf16 convs (fallback), and the 3x3 / 5x5 convs that ``winograd_bf16`` gives to
+    Winograd (bf16 storage, float32 arithmetic; on an avx2 / avx512 build); "dense" -- ``dense_block``'s bf16 brgemm micro-kernel (AMX or
     AVX512-BF16) or its ATen path of fp32 GEMMs on converted operands (fallback, told by the profiler seeing
     ``aten::mm``, as benchmarks/bench_dense_block_bf16.py)."""
-    from srkernels.ops.conv2d_pointwise import onednn_bf16
+    from srkernels.ops.conv2d_pointwise import onednn_bf16, winograd_bf16
+    from srkernels.ops.winograd_conv3x3 import vector_isa
 
     m = srkernels.nn.ResidualDenseBlock(8, 4, 2).to(torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
         m(torch.randn(1, 8, 4, 4, dtype=torch.bfloat16))
     aten = any(e.name == "aten::mm" for e in prof.events())
-    return {"conv": "oneDNN bf16 convs" if onednn_bf16() else "FALLBACK eager bf16 convs (no native bf16)",
+    conv = "oneDNN bf16 convs" if onednn_bf16() else "FALLBACK eager bf16 convs (no native bf16)"
+    if vector_isa() and winograd_bf16(4, 3, 64, 64):
+        conv += (", 3x3 by Winograd F(4,3) on bf16 storage" if onednn_bf16() else
+                 "; 3x3 / 5x5 by Winograd on bf16 storage")
+    return {"conv": conv,
             "dense": "FALLBACK dense_block ATen fp32 GEMMs" if aten else "dense_block bf16 brgemm"}
 
 
