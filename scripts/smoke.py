@@ -5,7 +5,8 @@ Prints the CPU capability ``srkernels.build_info()`` chose (and checks it with `
 op -- channel_attention, balanced_attention, pixel_shuffle, pixel_unshuffle, dense_block -- forward and backward
 through the compiled CPU kernels in float32 and bfloat16, contiguous and channels_last, against the reference
 backend in float64 on the same rounded values, and two tiny fused models (RCAN, RDN) against their ``fused=False``
-twins. One line per check; exit status 1 if any check failed.
+twins; and the Winograd conv kernels F(4,3), F(2,3), F(2,5) in both dtypes (bf16: bf16 storage). One line per
+check; exit status 1 if any check failed.
 
 CI runs it under ``qemu-x86_64 -cpu Haswell`` (AVX2, no AVX-512) and ``-cpu Nehalem`` (SSE4.2): an instruction the
 emulated CPU lacks kills the process with SIGILL. And from a fresh venv holding only the wheel, with
@@ -89,6 +90,8 @@ def compare(pairs, fwd_tol: float, grad_tol: float, grad_metric: str) -> str:
     if bad:
         raise Mismatch("; ".join(bad))
     grads = [v for k, v in worst.items() if k != pairs[0][0]]
+    if len(pairs) == 1:  # a forward-only kernel
+        return f"fwd {worst[pairs[0][0]]:.1e} (tol {fwd_tol:g})"
     return (f"fwd {worst[pairs[0][0]]:.1e} (tol {fwd_tol:g}), {len(grads)} grads <= {max(grads, default=0):.1e} "
             f"({grad_metric}, tol {grad_tol:g})")
 
@@ -178,6 +181,25 @@ def check_op(name, fn, inputs, maps, dtype, fmt) -> str:
     if name.startswith("dense_block") and dtype == torch.bfloat16:
         grad_tol, metric = DENSE_BF16_GRAD
     return compare(pairs, fwd_tol, grad_tol, metric)
+
+
+def check_winograd(r: int, m: int, dtype) -> str:
+    """The Winograd conv kernel F(m, r) called directly (whatever the capability's rule; bf16: bf16 storage with
+    float32 arithmetic) against its float64 reference on the same rounded tensors, channels_last, C = 20."""
+    import importlib
+
+    mod = importlib.import_module(f"srkernels.ops.winograd_conv{r}x{r}")
+    x = to_layout(randn(N, C, H + 4, W + 2, seed=71).to(dtype), "channels_last")
+    w = randn(C + 3, C, r, r, seed=72, scale=(r * r * C) ** -0.5).to(dtype)
+    b, res = randn(C + 3, seed=73, scale=0.1).to(dtype), randn(N, C + 3, H + 4, W + 2, seed=74).to(dtype)
+    u = mod.winograd_weight(w.float(), m) if r == 3 else mod.winograd_weight5(w.float())
+    op = getattr(torch.ops.srkernels, f"winograd_conv{r}x{r}")
+    out = op(x, u, b, "relu", res)
+    ref = mod.reference(x.double(), u.double(), b.double(), "relu", res.double())
+    if out.dtype != dtype:
+        raise Mismatch(f"output dtype {out.dtype}, expected {dtype}")
+    # float32: F(4,3)'s own rounding (tests/ops/test_winograd_conv3x3.py TOL); bf16: one rounding of the output
+    return compare([("forward", out, ref)], 2e-5 if dtype == torch.float32 else 2 ** -7, 0.0, "max")
 
 
 MODELS = {
@@ -305,6 +327,8 @@ def main() -> int:
             for name, fn, inputs, maps in op_cases():
                 for fmt in FORMATS:
                     check(f"{name} {dname} {fmt}", lambda: check_op(name, fn, inputs, maps, dtype, fmt))
+            for r, m in ((3, 4), (3, 2), (5, 2)):
+                check(f"winograd F({m},{r}) {dname}", lambda: check_winograd(r, m, dtype))
             for mname, cfg in MODELS.items():
                 check(f"model {mname} x2 {dname} (fused vs fused=False)", lambda: check_model(mname, cfg, dtype))
 
