@@ -209,9 +209,11 @@ def bf16_paths() -> dict[str, str]:
         m(torch.randn(1, 8, 4, 4, dtype=torch.bfloat16))
     aten = any(e.name == "aten::mm" for e in prof.events())
     conv = "oneDNN bf16 convs" if onednn_bf16() else "FALLBACK eager bf16 convs (no native bf16)"
+    if not onednn_bf16():
+        conv += " in training; inference: oneDNN float32 convs on widened bf16"
     if vector_isa() and winograd_bf16(4, 3, 64, 64):
         conv += (", 3x3 by Winograd F(4,3) on bf16 storage" if onednn_bf16() else
-                 "; 3x3 / 5x5 by Winograd on bf16 storage")
+                 ", 3x3 / 5x5 by Winograd on bf16 storage")
     return {"conv": conv,
             "dense": "FALLBACK dense_block ATen fp32 GEMMs" if aten else "dense_block bf16 brgemm"}
 

@@ -9,7 +9,9 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   weight (``srkernels.nn.conv2d`` does, per module and input shape) passes it to ``run`` instead of the weight.
   ``Winograd`` (float32 3x3 convs where it was measured faster; ``SRKERNELS_WINOGRAD``, in training
   ``SRKERNELS_WINOGRAD_TRAIN``; and float32 5x5 convs by F(2x2,5x5), off with ``SRKERNELS_WINOGRAD=0``, in
-  training with ``SRKERNELS_WINOGRAD_TRAIN=0``) comes first.
+  training with ``SRKERNELS_WINOGRAD_TRAIN=0``) comes first; bf16 inference convs take it too where
+  ``winograd_bf16`` measured it faster. ``OneDNNFloat32`` runs the other bf16 inference convs where oneDNN has no
+  native bf16 (float32 conv between a widening and one rounding).
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
@@ -114,6 +116,32 @@ class OneDNN(CpuAlgorithm):
 
 
 ONEDNN = OneDNN()
+
+
+class OneDNNFloat32(CpuAlgorithm):
+    """bf16 convs where oneDNN has no native bf16 (``onednn_bf16()`` false: AVX2 CPUs), which the eager bf16
+    conv runs at ~21 GFLOP/s: x, bias and residual widened to float32, oneDNN's float32 conv with its post-ops on
+    a float32 packed weight, the result rounded to bf16 once -- a native bf16 conv's arithmetic (float32
+    accumulation, one rounding). Measured 1.6-41x the eager bf16 conv under forced AVX2 (docs/ops.md
+    ``## conv2d_pointwise``). Inference only (``cpu_algorithm``); the 3x3 / 5x5 convs Winograd serves go there
+    first."""
+
+    name = "onednn_fp32"
+
+    def supports(self, x, weight, stride, padding, dilation, groups):
+        return (ONEDNN.available and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+                and not onednn_bf16())
+
+    def pack(self, weight, stride, padding, dilation, groups, input_shape):
+        return ONEDNN.pack(weight.float(), stride, padding, dilation, groups, input_shape)
+
+    def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
+        f = (lambda t: None if t is None else t.float())
+        return ONEDNN.run(x.float(), f(weight), f(bias), stride, padding, dilation, groups, activation,
+                          f(residual)).to(torch.bfloat16)
+
+
+ONEDNN_FP32 = OneDNNFloat32()
 
 
 def winograd_bf16(m: int, r: int, c_in: int, c_out: int) -> bool:
@@ -228,7 +256,7 @@ class Winograd(CpuAlgorithm):
 
 
 WINOGRAD5 = Winograd(2, 5)
-ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), WINOGRAD5, ONEDNN]  # best first
+ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), WINOGRAD5, ONEDNN, ONEDNN_FP32]  # best first
 # The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
 # gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
 # same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).
@@ -252,7 +280,7 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
             if (alg.r == 5 and tile and alg.fits(x, weight, stride, padding, dilation, groups)
                     and winograd5_use(weight.shape[0], weight.shape[1], x.shape[2], x.shape[3])):
                 return alg
-        elif alg.supports(x, weight, stride, padding, dilation, groups):
+        elif not (training and alg is ONEDNN_FP32) and alg.supports(x, weight, stride, padding, dilation, groups):
             return alg
     return None
 

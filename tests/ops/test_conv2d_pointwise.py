@@ -250,3 +250,30 @@ def test_bf16_inference_runs_winograd(monkeypatch, count_winograd, native):
     y2 = srkernels.nn.conv2d(conv, x.requires_grad_(True), "relu")  # training: bf16 Winograd is inference-only
     assert count_winograd["run"] == 1 and y2.requires_grad
     assert (y2.double() - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-3
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch's oneDNN")
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_without_native_bf16_runs_a_float32_onednn_conv(monkeypatch, native):
+    """A bf16 conv Winograd does not serve (3->64, 9x9 as SRCNN's first layer; 64->3) on a CPU whose oneDNN has
+    no native bf16 runs oneDNN's float32 conv between a widening and one rounding (not the slow eager bf16 conv):
+    within a bf16 rounding of float64, residual and ReLU included; with native bf16 oneDNN's own bf16 conv; in
+    training the reference."""
+    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
+    runs = []
+    orig = conv_op.OneDNNFloat32.run
+    monkeypatch.setattr(conv_op.OneDNNFloat32, "run", lambda self, *a: runs.append(1) or orig(self, *a))
+    for cin, cout, k in ((3, 64, 9), (64, 3, 3)):
+        conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2).bfloat16()
+        x = torch.randn(1, cin, 11, 10).bfloat16()
+        r = torch.randn(1, cout, 11, 10).bfloat16()
+        meta = ([1, 1], [k // 2] * 2, [1, 1], 1)
+        want_alg = "onednn" if native else "onednn_fp32"
+        assert conv_op.cpu_algorithm(x, conv.weight, *meta).name == want_alg
+        assert conv_op.cpu_algorithm(x, conv.weight, *meta, training=True) is (conv_op.ONEDNN if native else None)
+        want = conv_op.reference(x.double(), conv.weight.double(), conv.bias.double(), *meta, "relu", r.double())
+        with torch.no_grad():
+            y = srkernels.nn.conv2d(conv, x, "relu", r)
+        assert y.dtype == torch.bfloat16 and y.shape == want.shape
+        assert (y.double() - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-3
+    assert len(runs) == (0 if native else 2)
