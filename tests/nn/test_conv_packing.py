@@ -60,8 +60,9 @@ class _RefuseBf16:
 
 @needs_onednn
 @pytest.mark.parametrize("activation,residual", [(None, False), ("relu", False), (None, True), ("relu", True)])
-def test_bf16_takes_eager_path_without_cpu_support(monkeypatch, activation, residual):
-    """With the feature check saying no, bf16 never reaches oneDNN (which would raise) and matches eager."""
+def test_bf16_never_reaches_onednn_bf16_without_cpu_support(monkeypatch, activation, residual):
+    """With the feature check saying no, no bf16 tensor reaches oneDNN (which would raise): bf16 inference runs
+    its float32 conv on widened tensors (OneDNNFloat32) and matches float64 within bf16 rounding."""
     monkeypatch.setattr(conv_op, "onednn_bf16", lambda: False)
     for name in ("_reorder_convolution_weight", "_convolution_pointwise"):
         monkeypatch.setattr(torch.ops.mkldnn, name, _RefuseBf16(getattr(torch.ops.mkldnn, name)))
@@ -73,7 +74,7 @@ def test_bf16_takes_eager_path_without_cpu_support(monkeypatch, activation, resi
     ref = F.relu(ref) if activation else ref
     ref = ref + r.double() if residual else ref
     with torch.no_grad():
-        assert_close(conv(x, r), ref, torch.bfloat16, "bf16 eager fallback")
+        assert_close(conv(x, r), ref, torch.bfloat16, "bf16 without native bf16")
         # float32 still takes oneDNN (the stand-ins let it through)
         c32 = conv.float()
         assert_close(c32(x.float(), None if r is None else r.float()), ref, torch.float32, "fp32 oneDNN")
@@ -89,9 +90,10 @@ def test_bf16_feature_check_is_torchs():
 
 
 @needs_x86
-def test_bf16_without_avx512_runs_eager():
+def test_bf16_without_native_bf16_runs():
     """For real: oneDNN capped at AVX2 refuses bf16 weight packing; conv2d and a fused bf16 RCAN still run and
-    match float64 (within bf16 tolerance); float32 keeps the oneDNN path."""
+    match float64 (within bf16 tolerance); float32 keeps the oneDNN path, and bf16 inference runs oneDNN's
+    float32 conv on a float32 pack of the bf16 weight (OneDNNFloat32)."""
     out = _run("""
         import torch, torch.nn.functional as F
         import srkernels
@@ -116,13 +118,15 @@ def test_bf16_without_avx512_runs_eager():
                     print(dtype, fmt, "conv err", (got - ref).abs().max().item() / ref.abs().max().item())
                     got = m.to(dtype)(lr.to(dtype).contiguous(memory_format=fmt)).double()
                     print(dtype, fmt, "rcan err", (got - m_ref).abs().max().item() / m_ref.abs().max().item())
-            print("packed fp32:", conv._srk_packed.key[1] == torch.float32 and len(conv._srk_packed.data) > 0)
+                packs = conv._srk_packed
+                print(f"packed {dtype}:", packs.key[1] == dtype and all(a.name == "onednn" + ("_fp32" if dtype ==
+                      torch.bfloat16 else "") and w.dtype == torch.float32 for a, w in packs.data.values()))
     """, ONEDNN_MAX_CPU_ISA="AVX2")
     errs = re.findall(r"(torch\.\w+) .* (conv|rcan) err (\S+)", out)
     assert len(errs) == 8, out
     for dtype, what, err in errs:
         assert float(err) <= (3e-2 if dtype == "torch.bfloat16" else 1e-5), out
-    assert "packed fp32: True" in out, out
+    assert "packed torch.float32: True" in out and "packed torch.bfloat16: True" in out, out
 
 
 # --- issue 13: weights packed for the input the primitive sees -------------------------------------------------
