@@ -220,24 +220,24 @@ struct Geo {
 
 // Where input pixels live: pixel (n, h, w), channel c at base + n * ns + h * hs + w * ws + c, readable for h in
 // [lo, H + hi_pad), w in [lo, W + hi_pad) (a padded buffer whose border holds zeros: lo = -1, hi_pad = 1), zero
-// elsewhere. T: the activations' storage type, float or bf16 (widened on load: the transforms and GEMMs always
+// elsewhere. S: the activations' storage type, float or bf16 (widened on load: the transforms and GEMMs always
 // run in float).
-template <typename T = float>
+template <typename S = float>
 struct Pixels {
-  const T* base;
+  const S* base;
   int64_t ns, hs, ws, lo, hi_pad;
 };
 
 // The epilogue: z = conv + bias; y = act(z) + res, or act(z + res) (res_first); channels k < split go to out,
 // the rest to out2 (channel k - split). out, out2 and res share the strides of Pixels (ns, hs, ws) and its
-// storage type T (a bf16 result is rounded once, after the residual add); the bias is float.
+// storage type S (a bf16 result is rounded once, after the residual add); the bias is float.
 enum class Act { None, Relu };
-template <typename T = float>
+template <typename S = float>
 struct Epilogue {
-  T* out;
-  T* out2;
+  S* out;
+  S* out2;
   int64_t split;
-  const T* res;
+  const S* res;
   bool res_first;
   Act act;
   const float* bias;

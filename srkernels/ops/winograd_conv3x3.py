@@ -1,5 +1,6 @@
 """``winograd_conv3x3``: a 3x3, stride 1, zero-padding 1 convolution by Winograd's minimal filtering F(m x m, 3x3)
-(m = 2 or 4), with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32, inference.
+(m = 2 or 4), with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32 (or bfloat16
+storage with float32 arithmetic), inference.
 
 Two steps: ``winograd_weight(weight, m)`` transforms a ``[C_out, C_in, 3, 3]`` conv weight once (float64, rounded
 once to float32; the caller caches it and rebuilds it when the weight changes), then ``winograd_conv3x3(x,
@@ -282,7 +283,8 @@ SPEC = OpSpec(
     autograd={},
     reference=reference,
     backends=("cpu",),  # a CPU algorithm: no CUDA or Triton kernel (cuDNN has its own Winograd)
-    # float32 under autocast too: the kernel is float32-only, and a bf16 transformed weight would round F(4,3)'s
-    # already larger error further (autocast's bf16 convs take oneDNN, srkernels/ops/conv2d_pointwise.py)
+    # float32 under autocast: the op's own autocast rule keeps the arithmetic of the float32 kernel (a bf16
+    # transformed weight would round F(4,3)'s already larger error further); autocast's bf16 model convs reach
+    # the kernel's bf16 storage through conv2d_pointwise's winograd_bf16 rule instead
     autocast={OP: "fp32"},
 )

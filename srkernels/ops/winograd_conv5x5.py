@@ -1,5 +1,6 @@
 """``winograd_conv5x5``: a 5x5, stride 1, zero-padding 2 convolution by Winograd's minimal filtering F(2x2, 5x5),
-with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32, inference.
+with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32 (or bfloat16 storage with float32
+arithmetic), inference.
 
 The 5x5 sibling of ``winograd_conv3x3`` (srkernels/ops/winograd_conv3x3.py, whose matrices, reference and
 argument checks it shares): F(2x2, 5x5) takes 6x6 input tiles on the same points (0, +-1, +-2, inf) as F(4x4,
@@ -64,8 +65,8 @@ def winograd_conv5x5(
 ) -> Tensor:
     """``act(conv5x5(x) + bias) (+ residual)``, stride 1, zero padding 2, by Winograd F(2x2, 5x5).
 
-    Arguments, result and gradient rule as ``winograd_conv3x3`` (float32; float64 or a call that needs a
-    gradient runs the torch reference), with ``weight_t = winograd_weight5(weight)``, ``[36, C_in, C_out]``.
+    Arguments, result and gradient rule as ``winograd_conv3x3`` (float32 or bfloat16 x with a float32 weight_t;
+    float64 or a call that needs a gradient runs the torch reference), with ``weight_t = winograd_weight5(weight)``, ``[36, C_in, C_out]``.
     """
     return run_op(OP, check_positions, reference, x, weight_t, bias, act, residual)
 
@@ -96,5 +97,5 @@ SPEC = OpSpec(
     autograd={},
     reference=reference,
     backends=("cpu",),  # a CPU algorithm, like winograd_conv3x3
-    autocast={OP: "fp32"},  # the kernel is float32-only (winograd_conv3x3's reasoning)
+    autocast={OP: "fp32"},  # float32 arithmetic under autocast (winograd_conv3x3's reasoning)
 )
