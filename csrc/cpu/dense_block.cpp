@@ -815,6 +815,37 @@ bool fast_ok(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor
   return even(pl.fuse_len) && (!fuse_w.has_value() || even(fuse_w->size(0)));
 }
 
+// bf16 inference on a CPU without the bf16 brgemm (no AVX512-BF16 or AMX): the float32 fast path (its 3x3 layers
+// by Winograd) on widened tensors, the output and buffer rounded to bf16 once, instead of the generic path's ATen
+// bf16 convs. The widened layer weights are cached per weight (weight_cache.h, tag kWidenTag), so their Winograd
+// transforms are cached as well. The rest (bias, fusion and gate weights, residual: small) is widened per call.
+constexpr int64_t kWidenTag = 100;  // not a Winograd tile (winograd_u's tags are m = 2, 4)
+
+Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::TensorList biases,
+                        at::IntArrayRef plan, const std::optional<at::Tensor>& fuse_w,
+                        const std::optional<at::Tensor>& fuse_b, const std::optional<at::Tensor>& gw1,
+                        const std::optional<at::Tensor>& gb1, const std::optional<at::Tensor>& gw2,
+                        const std::optional<at::Tensor>& gb2, const std::optional<at::Tensor>& residual);
+
+Outputs dense_block_bf16_widened(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                                 at::IntArrayRef plan, const std::optional<at::Tensor>& fuse_w,
+                                 const std::optional<at::Tensor>& fuse_b, const std::optional<at::Tensor>& gw1,
+                                 const std::optional<at::Tensor>& gb1, const std::optional<at::Tensor>& gw2,
+                                 const std::optional<at::Tensor>& gb2, const std::optional<at::Tensor>& residual) {
+  auto f = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value()) return std::nullopt;
+    return t->to(at::kFloat);
+  };
+  std::vector<at::Tensor> wf, bf;
+  for (const at::Tensor& w : weights) {
+    wf.push_back(cached_weight_transform(w, kWidenTag, [&] { return w.to(at::kFloat); }));
+  }
+  for (const at::Tensor& b : biases) bf.push_back(b.to(at::kFloat));
+  auto [out, buf, stats] = dense_block_cpu(x.to(at::kFloat), wf, bf, plan, f(fuse_w), f(fuse_b), f(gw1), f(gb1),
+                                           f(gw2), f(gb2), f(residual));
+  return {out.to(at::kBFloat16), buf.to(at::kBFloat16), stats};
+}
+
 Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::TensorList biases,
                         at::IntArrayRef plan, const std::optional<at::Tensor>& fuse_w,
                         const std::optional<at::Tensor>& fuse_b, const std::optional<at::Tensor>& gw1,
@@ -827,6 +858,10 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
   check_forward_args(x_in, pl, fuse_w, fuse_b, gw1, gw2, residual);
   const at::Tensor x = x_in.contiguous(x_in.suggest_memory_format());
   if (!fast_ok(x, pl, fuse_w)) {
+    if (x.scalar_type() == at::kBFloat16 && !pl.training && !force_generic() && x.size(0) > 0 &&
+        !bf16_brgemm_ok() && wino::kIsaOk) {
+      return dense_block_bf16_widened(x, weights, biases, plan, fuse_w, fuse_b, gw1, gb1, gw2, gb2, residual);
+    }
     return forward_generic(x, weights, biases, pl, fuse_w, fuse_b, gw1, gb1, gw2, gb2, residual);
   }
   const Geom g(x.size(0), x.size(2), x.size(3), pl.p);
