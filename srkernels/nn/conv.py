@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import _amp
 from ._cache import PackCache, _module_cache
-from ..ops.conv2d_pointwise import ONEDNN, CpuAlgorithm, Winograd, cpu_algorithm, reference
+from ..ops.conv2d_pointwise import ONEDNN, ONEDNN_FP32, CpuAlgorithm, Winograd, cpu_algorithm, reference
 
 __all__ = ["Conv2d", "conv2d", "apply_conv"]
 
@@ -79,14 +79,15 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> tuple[CpuAlgorithm, object] | 
     return entry
 
 
-def _packed_transpose_weight(deconv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
-    """``_packed_weight`` for a transposed conv (oneDNN deconvolution), same cache rules."""
+def _packed_transpose_weight(deconv: nn.ConvTranspose2d, x: Tensor, alg) -> Tensor:
+    """``_packed_weight`` for a transposed conv (oneDNN deconvolution; ``alg``: ``ONEDNN`` or ``ONEDNN_FP32``, whose
+    packs differ by the weight's dtype, a key of the cache), same cache rules."""
     w = deconv.weight
     packs = _module_cache(deconv, "_srk_packed", (w._version, w.dtype, w.data_ptr()), OrderedDict)
     shape = tuple(x.shape)
     packed = packs.get(shape)
     if packed is None:
-        packed = ONEDNN.pack_transpose(w, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation,
+        packed = alg.pack_transpose(w, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation,
                                        deconv.groups, shape)
         packs[shape] = packed
         if len(packs) > _PACK_CACHE_SIZE:
@@ -105,12 +106,15 @@ def conv_transpose2d(deconv: nn.ConvTranspose2d, x: Tensor, activation: str | No
         y = _autocast_conv(conv_transpose2d, deconv, x, activation, None)
         if y is not None:
             return y
-    if (not torch.compiler.is_compiling() and _packable(deconv, x, None) and isinstance(deconv.output_padding, tuple)
-            and ONEDNN.supports(x, deconv.weight, deconv.stride, deconv.padding, deconv.dilation, deconv.groups)):
-        w = _packed_transpose_weight(deconv, x)
-        b = deconv.bias.detach() if deconv.bias is not None else None
-        return ONEDNN.run_transpose(x, w, b, deconv.stride, deconv.padding, deconv.output_padding, deconv.dilation,
-                                    deconv.groups, activation or "none")
+    if not torch.compiler.is_compiling() and _packable(deconv, x, None) and isinstance(deconv.output_padding, tuple):
+        meta = (deconv.stride, deconv.padding, deconv.dilation, deconv.groups)
+        # bf16 without native bf16: oneDNN's float32 deconvolution between a widening and one rounding
+        alg = next((a for a in (ONEDNN, ONEDNN_FP32) if a.supports(x, deconv.weight, *meta)), None)
+        if alg is not None:
+            w = _packed_transpose_weight(deconv, x, alg)
+            b = deconv.bias.detach() if deconv.bias is not None else None
+            return alg.run_transpose(x, w, b, deconv.stride, deconv.padding, deconv.output_padding,
+                                     deconv.dilation, deconv.groups, activation or "none")
     y = F.conv_transpose2d(x, deconv.weight, deconv.bias, deconv.stride, deconv.padding, deconv.output_padding,
                            deconv.groups, deconv.dilation)
     return F.relu(y) if activation == "relu" else y

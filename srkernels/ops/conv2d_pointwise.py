@@ -140,6 +140,14 @@ class OneDNNFloat32(CpuAlgorithm):
         return ONEDNN.run(x.float(), f(weight), f(bias), stride, padding, dilation, groups, activation,
                           f(residual)).to(torch.bfloat16)
 
+    # the transposed conv (SRDenseNet's deconvolutions), the same widening
+    def pack_transpose(self, weight, stride, padding, output_padding, dilation, groups, input_shape):
+        return ONEDNN.pack_transpose(weight.float(), stride, padding, output_padding, dilation, groups, input_shape)
+
+    def run_transpose(self, x, weight, bias, stride, padding, output_padding, dilation, groups, activation):
+        return ONEDNN.run_transpose(x.float(), weight.float(), None if bias is None else bias.float(), stride,
+                                    padding, output_padding, dilation, groups, activation).to(torch.bfloat16)
+
 
 ONEDNN_FP32 = OneDNNFloat32()
 

@@ -82,6 +82,30 @@ def test_bf16_never_reaches_onednn_bf16_without_cpu_support(monkeypatch, activat
 
 
 @needs_onednn
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_bf16_transposed_conv_without_cpu_support(monkeypatch, activation):
+    """SRDenseNet's deconvolution in bf16 inference on a CPU without native bf16: oneDNN's float32 deconvolution
+    on widened tensors and a float32 pack (no bf16 tensor reaches oneDNN, which would raise; not ATen's
+    slow_conv_transpose2d), one bf16 rounding of float64."""
+    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: False)
+    for name in ("_reorder_convolution_transpose_weight", "_convolution_transpose_pointwise"):
+        monkeypatch.setattr(torch.ops.mkldnn, name, _RefuseBf16(getattr(torch.ops.mkldnn, name)))
+    torch.manual_seed(5)
+    deconv = torch.nn.ConvTranspose2d(12, 10, 3, stride=2, padding=1, output_padding=1).bfloat16()
+    x = torch.randn(1, 12, 5, 7, dtype=torch.bfloat16)
+    ref = F.conv_transpose2d(x.double(), deconv.weight.double(), deconv.bias.double(), 2, 1, 1)
+    ref = F.relu(ref) if activation else ref
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        y = conv_mod.conv_transpose2d(deconv, x, activation)
+    names = {e.name for e in prof.events()}
+    assert "mkldnn::_convolution_transpose_pointwise" in names and "aten::slow_conv_transpose2d" not in names
+    assert y.dtype == torch.bfloat16
+    assert_close(y, ref, torch.bfloat16, "bf16 deconvolution without native bf16")
+    (packed,) = deconv._srk_packed.data.values()
+    assert packed.dtype == torch.float32
+
+
+@needs_onednn
 def test_bf16_feature_check_is_torchs():
     """The check is the one oneDNN's bf16 ops themselves apply, asked once per process."""
     conv_op.onednn_bf16.cache_clear()
