@@ -19,13 +19,17 @@ def feature_map(name: str, x) -> Tensor:
     return x
 
 
-def like(name: str, t, x: Tensor, shapes: tuple[tuple[int, ...], ...] | None = None) -> Tensor:
-    """``t`` is a tensor on ``x``'s device with ``x``'s dtype, and (if given) one of ``shapes``."""
+def like(name: str, t, x: Tensor, shapes: tuple[tuple[int, ...], ...] | None = None,
+         dtype: torch.dtype | None = None) -> Tensor:
+    """``t`` is a tensor on ``x``'s device with ``x``'s dtype (or ``dtype`` if given), and (if given) one of
+    ``shapes``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if t.dtype != x.dtype:
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must be {dtype} for x of dtype {x.dtype}")
+    if dtype is None and t.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
     if shapes is not None and tuple(t.shape) not in shapes:
         want = " or ".join(str(list(s)) for s in shapes)

@@ -208,7 +208,7 @@ def run_op(op: str, tile_of_fn, ref, x, weight_t, bias, act, residual) -> Tensor
         if isinstance(weight_t, Tensor) and weight_t.dtype != torch.float32:
             raise TypeError(f"weight_t must be float32 for a bfloat16 x (the bf16 weight's transform, "
                             f"winograd_weight(weight.float(), m)), got dtype {weight_t.dtype}")
-        _checks.like("weight_t", weight_t, x.new_empty((), dtype=torch.float32))
+        _checks.like("weight_t", weight_t, x, dtype=torch.float32)
     else:
         _checks.like("weight_t", weight_t, x)
     if weight_t.dim() != 3:
@@ -222,10 +222,9 @@ def run_op(op: str, tile_of_fn, ref, x, weight_t, bias, act, residual) -> Tensor
     if K == 0:
         raise ValueError("weight_t has 0 output channels")
     if bias is not None:
-        if isinstance(bias, Tensor) and bias.dtype == torch.float32 and x.dtype == torch.bfloat16:
-            _checks.like("bias", bias, weight_t, ((K,),))
-        else:
-            _checks.like("bias", bias, x, ((K,),))
+        # x's dtype, or float32 (the kernel's arithmetic) for a bf16 x
+        f32_ok = x.dtype == torch.bfloat16 and isinstance(bias, Tensor) and bias.dtype == torch.float32
+        _checks.like("bias", bias, x, ((K,),), dtype=torch.float32 if f32_ok else None)
     act = _checks.choice("act", "none" if act is None else act, ACTS)
     if residual is not None:
         _checks.like("residual", residual, x, ((N, K, H, W),))
