@@ -32,6 +32,19 @@ def balanced_attention(x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa:
     _checks.feature_map("x", x)
     if out is None:  # with out=, the buffer fixes the dtype (no autocast)
         x, w1, prelu_w, w2, w_sa, residual = _dispatch.autocast_args(OP, x, w1, prelu_w, w2, w_sa, residual)
+    args = checked_args(x, w1, prelu_w, w2, w_sa, residual)
+    x, w1, prelu_w, w2, w_sa, residual = args
+    backend = _dispatch.choose(OP, x.device.type)
+    return _dispatch.run(
+        backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True,
+        names=("x", "w1", "prelu_w", "w2", "w_sa", "residual"),
+    )
+
+
+def checked_args(x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa: Tensor, residual: Tensor | None) -> tuple:
+    """The dispatcher op's arguments ``(x, w1, prelu_w, w2, w_sa, residual)`` after the front end's checks (FCs
+    as matrices, ``w_sa`` as ``(K, K)``); raises as ``balanced_attention`` does. For callers that keep them per
+    layer and skip the checks while nothing changed (srkernels/nn/attention.py)."""
     w1, w2, _, Cr = _checks.fc_pair(x, w1, w2)
     prelu_w = _checks.slopes("prelu_w", prelu_w, x, Cr)
     _checks.like("w_sa", w_sa, x)
@@ -41,13 +54,7 @@ def balanced_attention(x: Tensor, w1: Tensor, prelu_w: Tensor, w2: Tensor, w_sa:
     if K % 2 != 1:
         raise ValueError(f"w_sa must be an odd square kernel, got shape {list(w_sa.shape)}")
     w_sa = _checks.like("w_sa", w_sa, x, ((K, K), (1, 1, K, K))).reshape(K, K)
-    residual = _checks.residual(residual, x)
-    args = (x, w1, prelu_w, w2, w_sa, residual)
-    backend = _dispatch.choose(OP, x.device.type)
-    return _dispatch.run(
-        backend, OP, args, lambda: RF.balanced_attention(x, w1, prelu_w, w2, w_sa, residual=residual), out, saves=True,
-        names=("x", "w1", "prelu_w", "w2", "w_sa", "residual"),
-    )
+    return x, w1, prelu_w, w2, w_sa, _checks.residual(residual, x)
 
 
 def _fake(x, w1, prelu_w, w2, w_sa, residual):

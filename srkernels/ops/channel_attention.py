@@ -40,6 +40,21 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: 
     if out is None:  # with out=, the buffer fixes the dtype (no autocast)
         x, w1, b1, w2, b2, residual, act_weight = _dispatch.autocast_args(OP, x, w1, b1, w2, b2, residual,
                                                                           act_weight)
+    args = checked_args(x, w1, b1, w2, b2, residual, act, act_weight, pool)
+    x, w1, b1, w2, b2, residual, act_weight, pool = args
+    backend = _dispatch.choose(OP, x.device.type)
+    return _dispatch.run(
+        backend, OP, args,
+        lambda: RF.channel_attention(x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool),
+        out, saves=True, names=("x", "w1", "b1", "w2", "b2", "residual", "act_weight", "pool"),
+    )
+
+
+def checked_args(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, residual: Tensor | None,
+                 act: str, act_weight: Tensor | None, pool: str) -> tuple:
+    """The dispatcher op's arguments ``(x, w1, b1, w2, b2, residual, act_weight, pool)`` after the front end's
+    checks (FCs as matrices); raises as ``channel_attention`` does. For callers that keep them per layer and
+    skip the checks while nothing changed (srkernels/nn/attention.py)."""
     w1, w2, C, Cr = _checks.fc_pair(x, w1, w2)
     if b1 is not None:
         _checks.like("b1", b1, x, ((Cr,),))
@@ -48,14 +63,7 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: 
     _checks.choice("act", act, ACTS)
     _checks.choice("pool", pool, POOLS)
     act_weight = _checks.activation(act, act_weight, x, Cr, "Cr")
-    residual = _checks.residual(residual, x)
-    args = (x, w1, b1, w2, b2, residual, act_weight, pool)
-    backend = _dispatch.choose(OP, x.device.type)
-    return _dispatch.run(
-        backend, OP, args,
-        lambda: RF.channel_attention(x, w1, b1, w2, b2, residual=residual, act=act, act_weight=act_weight, pool=pool),
-        out, saves=True, names=("x", "w1", "b1", "w2", "b2", "residual", "act_weight", "pool"),
-    )
+    return x, w1, b1, w2, b2, _checks.residual(residual, x), act_weight, pool
 
 
 # ---- the spec: schemas, fakes and autograd of every backend (srkernels/ops/_registry.py registers them) ----

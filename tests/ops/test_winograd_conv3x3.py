@@ -253,3 +253,38 @@ def test_bf16_float32_bias_and_opcheck():
 def test_bf16_bad_input(kw, exc, match):
     # a bf16 x takes a float32 weight_t (a bf16 transform would lose F(4,3)'s accuracy) and a bf16 residual
     check_bad_input(W.winograd_conv3x3, _x.bfloat16(), _u, kw, exc, match)
+
+
+@compiled
+def test_next_weight_prefetch_moves_no_value(monkeypatch):
+    """The kernel prefetches the weight that followed this one last time (csrc/cpu/winograd.h predict_next):
+    a chain of convs repeated, one of its weights freed and another allocated in its place between the passes,
+    gives bit-identical results with the prefetch on (default) and off, each equal to the reference."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 13, 11).contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(32, 32, 3, 3) * 0.06 for _ in range(4)]
+    us = [W.winograd_weight(w, 4) for w in ws]
+
+    def chain():
+        h = x
+        for u in us:
+            h = W.winograd_conv3x3(h, u, None, act="relu")
+        return h
+
+    outs = {}
+    for setting in ("1", "0", None):
+        if setting is None:
+            monkeypatch.delenv("SRKERNELS_WINOGRAD_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("SRKERNELS_WINOGRAD_PREFETCH", setting)
+        first = chain()  # the kernel learns the sequence
+        del us[2]  # a learned successor freed: the predictions now point at released memory
+        us.insert(2, W.winograd_weight(ws[2], 4))
+        outs[setting] = (first, chain(), chain())
+    ref = x
+    for w in ws:
+        ref = W.reference(ref, W.winograd_weight(w, 4), None, "relu", None)
+    for setting, ys in outs.items():
+        for y in ys:
+            assert torch.equal(y, outs["0"][0]), setting
+    assert _err(outs[None][2], ref) <= TOL[4]
