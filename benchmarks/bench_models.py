@@ -24,7 +24,7 @@ line per variant, per model) is written with matplotlib when more than one size 
 GFLOP counts conv MACs (forward hooks on the reference's Conv2d / ConvTranspose2d modules, 2 FLOP per MAC); the
 attention MLPs and elementwise work are left out. "% roofline" compares a variant's GFLOP/s with the best rate of
 a single 64->64 3x3 conv at [1, 64, LR, LR] (eager NCHW, eager channels_last, ``srkernels.nn.conv2d`` prepacked),
-timed in the same process just before the models at that size. A fused row slower (by min) than the faster of
+timed in the same interleaved rounds as each model's variants (so it sees the same machine state). A fused row slower (by min) than the faster of
 the two eager references is FLAGGED. ``--train`` adds a training-step table (forward + backward, batch 2, reference vs fused) with the
 activation bytes autograd saves (``srkernels.benchmark.saved_bytes``).
 """
@@ -86,32 +86,39 @@ def conv_macs(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def conv_roofline(lr: int, rounds: int) -> tuple[float, dict]:
-    """Best GFLOP/s of one 64->64 3x3 conv at [1, 64, lr, lr] over eager NCHW, eager channels_last and the
-    prepacked ``srkernels.nn.conv2d``; (best, {variant: GFLOP/s})."""
+ROOF = "roofline: "  # prefix of the single-conv variants timed beside each model (not rows of the tables)
+
+
+def roofline_convs(lr: int) -> tuple[dict, float]:
+    """The single-conv candidates of the roofline: one 64->64 3x3 conv at [1, 64, lr, lr] by eager NCHW, eager
+    channels_last and the prepacked ``srkernels.nn.conv2d``, as callables named ``ROOF + variant``; and the
+    conv's FLOP."""
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1).eval()
     x = torch.randn(1, 64, lr, lr)
     xcl = x.contiguous(memory_format=torch.channels_last)
     conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
-    flop = 2 * lr * lr * 64 * 64 * 9
-    with torch.no_grad():
-        t = timed({
-            "eager NCHW": lambda: conv(x),
-            "eager channels_last": lambda: conv_cl(xcl),
-            "srkernels conv2d": lambda: srkernels.nn.conv2d(conv, xcl),
-        }, rounds=rounds)
-    rates = {k: flop / (v.min * 1e-3) / 1e9 for k, v in t.items()}
-    return max(rates.values()), rates
+    fns = {
+        ROOF + "eager NCHW": lambda: conv(x),
+        ROOF + "eager channels_last": lambda: conv_cl(xcl),
+        ROOF + "srkernels conv2d": lambda: srkernels.nn.conv2d(conv, xcl),
+    }
+    return fns, 2 * lr * lr * 64 * 64 * 9
+
+
+def roofline_rates(t: dict[str, Timing], flop: float) -> dict[str, float]:
+    """GFLOP/s (by min) of the roofline variants in ``t``, by variant."""
+    return {k[len(ROOF):]: flop / (v.min * 1e-3) / 1e9 for k, v in t.items() if k.startswith(ROOF)}
 
 
 CLOCK = "wall"  # set by --clock
 MIN_ROUND_S = 0.05  # --clock cpu: shortest round (calls of a fast model are repeated, per-call time recorded)
 
 
-def timed(fns: dict, rounds: int, warmup: int = 2) -> dict[str, Timing]:
+def timed(fns: dict, rounds: int, warmup: int = 2, own_reps: set[str] = frozenset()) -> dict[str, Timing]:
     """``interleaved`` on the wall clock, or (``--clock cpu``) the process CPU time of each call, variants
-    interleaved the same way (order alternating per round)."""
+    interleaved the same way (order alternating per round). Variants named in ``own_reps`` (the roofline's
+    single convs) get their own call count per round instead of the models' shared one."""
     if CLOCK == "wall":
         return interleaved(fns, rounds=rounds, warmup=warmup)
     one = {}
@@ -122,15 +129,17 @@ def timed(fns: dict, rounds: int, warmup: int = 2) -> dict[str, Timing]:
             one[k] = time.process_time() - t
     # calls per round: a round of a ms-scale model (SRCNN) lasts >= MIN_ROUND_S, the same count for every variant
     # (one call of 1-2 ms is at the mercy of the other processes' cache pollution on a shared machine)
-    reps = max(1, math.ceil(MIN_ROUND_S / max(min(one.values()), 1e-6))) if one else 1
+    shared = [v for k, v in one.items() if k not in own_reps]
+    reps = max(1, math.ceil(MIN_ROUND_S / max(min(shared), 1e-6))) if shared else 1
+    reps_of = {k: max(1, math.ceil(MIN_ROUND_S / max(one[k], 1e-6))) if k in own_reps else reps for k in fns}
     out = {k: Timing(k) for k in fns}
     for r in range(rounds):
         for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            f = fns[k]
+            f, n = fns[k], reps_of[k]
             t = time.process_time()
-            for _ in range(reps):
+            for _ in range(n):
                 f()
-            out[k].times_ms.append((time.process_time() - t) * 1e3 / reps)
+            out[k].times_ms.append((time.process_time() - t) * 1e3 / n)
     return out
 
 
@@ -238,9 +247,7 @@ def bench_inference(names, sizes, scale, rounds, threads, opts) -> list[dict]:
     use_onnx = opts.onnx or opts.openvino
     rows = []
     for lr in sizes:
-        roof, roof_rates = conv_roofline(lr, rounds)
-        print(f"LR {lr}: conv roofline {roof:.1f} GFLOP/s (" +
-              ", ".join(f"{k} {v:.1f}" for k, v in roof_rates.items()) + ")", flush=True)
+        roof_fns, roof_flop = roofline_convs(lr)
         for key in names:
             ref, fused = model_pair(key, scale, train=False)
             ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
@@ -300,9 +307,16 @@ def bench_inference(names, sizes, scale, rounds, threads, opts) -> list[dict]:
                         y = _autocast(m, x)
                         notes[v] = f"rel err {rel_err(y.float(), y_ref):.1e}; out {str(y.dtype)[6:]}" + (
                             f"; {bf16_note(key, opts.bf16_paths)}" if m is fused else "")
-                t = timed(variants, rounds=rounds)
+                # the roofline's single convs in the same interleaved rounds as the model: a shared machine's
+                # speed drifts over a long run, so a roofline timed once per size would skew the ratios
+                t = timed(variants | roof_fns, rounds=rounds, own_reps=set(roof_fns))
+            roof_rates = roofline_rates(t, roof_flop)
+            roof = max(roof_rates.values())
+            t = {k: v for k, v in t.items() if not k.startswith(ROOF)}
             base = t["reference"]
             case = f"{key} x{scale} LR{lr}"
+            print(f"  {case}: conv roofline {roof:.1f} GFLOP/s (" +
+                  ", ".join(f"{k} {v:.1f}" for k, v in roof_rates.items()) + ")", flush=True)
             for v, tim in t.items():
                 rate = gflop / (tim.min * 1e-3)
                 row = {

@@ -126,6 +126,18 @@ def conv2d(conv: nn.Conv2d, x: Tensor, activation: str | None = None, residual: 
     ``with_bias=False`` skips ``conv.bias`` (for a caller that adds it in its own epilogue)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    # the hot call, first: CPU inference on the weight and input shape of this conv's previous call -- the
+    # tests of _packable and _packed_weight in one (~2 us less per conv; RCAN makes 411 per forward)
+    last = conv.__dict__.get("_srk_last")
+    last = last.data if last is not None else None
+    if (last is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()):
+        w = conv.weight
+        if (last[0] is w and last[1] == w._version and last[3] == w.data_ptr() and x.is_cpu
+                and last[2] == x.shape and x.dtype == w.dtype and conv.padding_mode == "zeros"):
+            alg, packed = last[4]
+            return alg.run(x, packed, conv.bias if with_bias else None, conv.stride, conv.padding, conv.dilation,
+                           conv.groups, activation or "none", residual)
     if torch.is_autocast_enabled("cpu"):  # the only cost autocast adds to the float32 path: this test
         y = _autocast_conv(conv2d, conv, x, activation, residual, with_bias=with_bias)
         if y is not None:

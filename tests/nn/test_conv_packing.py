@@ -314,6 +314,16 @@ def test_packed_fast_path_never_serves_a_stale_weight():
         twin.weight.mul_(3)
         assert_close(twin(x), F.conv2d(x, twin.weight, twin.bias, padding=1), torch.float32, "copy")
         check("original after the copy changed")
+        # the same shape under autocast, or in grad mode, must not take the shortcut
+        with pytest.raises(RuntimeError, match="type"):  # as eager: a float64 input to float32 weights
+            conv(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16
+        check("float32 again")
+    xg = x.clone().requires_grad_()
+    conv(xg).sum().backward()  # grad mode after inference calls: autograd reaches x and the weight
+    assert xg.grad is not None and conv.weight.grad is not None
+    with torch.no_grad():
         if conv_op.onednn_bf16():
             conv.to(torch.bfloat16)
             x = x.to(torch.bfloat16)
