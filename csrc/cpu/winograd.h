@@ -77,7 +77,8 @@ inline int tile_env(const char* name, int fallback) {
 // SRKERNELS_WINOGRAD (conv2d_pointwise.py winograd_tile): default 4.
 inline int tile_from_env() { return tile_env("SRKERNELS_WINOGRAD", 4); }
 
-// The measured rule of winograd_use (srkernels/ops/winograd_conv3x3.py): >= 16 channels in and out, >= 64 pixels.
+// dense_block's 3x3 layers: the main case of winograd_use (srkernels/ops/winograd_conv3x3.py), >= 16 channels in
+// and out, >= 64 pixels (its extension to fewer outputs was measured on single convs only).
 inline bool use(int64_t c_in, int64_t c_out, int64_t H, int64_t W) {
   return kIsaOk && std::min(c_in, c_out) >= 16 && H * W >= 64;
 }
@@ -124,8 +125,19 @@ constexpr std::array<std::array<MicroFn, kNV>, sizeof...(R)> micro_table(std::in
 inline constexpr auto kMicro = micro_table(std::make_integer_sequence<int, kR>{});
 
 // M[t][0..Kp) = V[t][0..C) @ U for tb rows: Kp (a multiple of VW) in chunks of kNV vectors, rows in kR.
+// One vector of output channels (Kp == VW: a conv with <= 16 outputs on AVX-512, e.g. a 64 -> 3 tail) runs
+// 2 * kR rows at a time: kR accumulators alone are too few independent FMA chains to hide the FMA latency.
 inline void gemm(const float* v, int64_t vs, const float* u, int64_t C, int64_t Kp, float* m, int64_t tb) {
   const int64_t nvk = Kp / VW;
+  if (nvk == 1) {
+    int64_t r0 = 0;
+    for (; r0 + 2 * kR <= tb; r0 += 2 * kR) micro<2 * kR, 1>(v + r0 * vs, vs, u, Kp, C, m + r0 * Kp);
+    for (; r0 < tb; r0 += kR) {
+      const int r = static_cast<int>(std::min<int64_t>(kR, tb - r0));
+      kMicro[r - 1][0](v + r0 * vs, vs, u, Kp, C, m + r0 * Kp);
+    }
+    return;
+  }
   for (int64_t k0 = 0; k0 < nvk; k0 += kNV) {
     const int nv = static_cast<int>(std::min<int64_t>(kNV, nvk - k0));
     for (int64_t r0 = 0; r0 < tb; r0 += kR) {

@@ -230,7 +230,7 @@ class Winograd(CpuAlgorithm):
         """The call is one the kernel runs and its rule (``winograd_use``, ``winograd5_use``; for bfloat16 also
         ``winograd_bf16``) measured faster (whatever the tile setting)."""
         r = self.r
-        use = winograd_use if r == 3 else winograd5_use
+        use = functools.partial(winograd_use, m=self.m) if r == 3 else winograd5_use
         dt = x.dtype
         return (weight.dtype == dt and (dt == torch.float32 or (
                     dt == torch.bfloat16 and winograd_bf16(self.m, r, weight.shape[1], weight.shape[0])))
@@ -281,7 +281,10 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
         if training and isinstance(alg, Winograd):
             if x.dtype != torch.float32:  # bf16 Winograd serves inference only
                 continue
-            if alg.r == 3 and alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups):
+            # 3x3: the input-gradient conv (C_out -> C_in, Winograd F(4,3): GRAD_INPUT_WINOGRAD) must fit the
+            # rule as well (winograd_use takes fewer outputs than inputs, not the reverse)
+            if (alg.r == 3 and alg.m == tile and alg.fits(x, weight, stride, padding, dilation, groups)
+                    and winograd_use(weight.shape[0], weight.shape[1], x.shape[2], x.shape[3])):
                 return alg
             # 5x5: F(2,5) whenever training runs Winograd; its input-gradient conv (C_out -> C_in) must fit the
             # rule as well (winograd5_use is not symmetric on AVX-512)

@@ -234,15 +234,21 @@ def run_op(op: str, tile_of_fn, ref, x, weight_t, bias, act, residual) -> Tensor
     return _dispatch.run(backend, op, args, lambda: ref(*args))
 
 
-def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None) -> bool:
-    """Whether to run this float32 3x3 conv as ``winograd_conv3x3`` (F(4,3)) rather than the prepacked oneDNN
+def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None, m: int = 4) -> bool:
+    """Whether to run this float32 3x3 conv as ``winograd_conv3x3`` F(m, 3) rather than the prepacked oneDNN
     conv: the compiled kernel's ``avx2`` / ``avx512`` variants (``default`` is at::vec's portable code, ~12x
-    slower than oneDNN), at least 16 input and output channels and at least 64 pixels. Measured on an AMD EPYC
-    (Zen 5), one thread, AVX-512 and forced AVX2 (benchmarks/results/winograd_models.md,
-    benchmarks/bench_winograd_conv3x3.py): 64->64 at LR 8-192 1.7-3.6x faster, 16->16 and 32->32 1.6-2.7x,
-    64->256 2.1-2.4x; 3->64 and 8->8 only 1.0-1.5x (left to oneDNN). ``capability`` defaults to the one
+    slower than oneDNN), at least 16 input and output channels and at least 64 pixels -- or, for F(4,3) only,
+    fewer than 16 outputs from 32-64 inputs on at least 32x32 pixels (a model's last conv, e.g. 64 -> 3 at the HR
+    size). Measured on an AMD EPYC (Zen 5), one thread, AVX-512 and forced AVX2
+    (benchmarks/results/winograd_models.md, benchmarks/bench_winograd_conv3x3.py): 64->64 at LR 8-192 1.7-3.6x
+    faster, 16->16 and 32->32 1.6-2.7x, 64->256 2.1-2.4x; 3->64 and 8->8 only 1.0-1.5x (left to oneDNN).
+    Fewer outputs (``--channels 64 3``, ``32 3``, ``256 1``, ``16 8``; docs/ops.md ``## winograd_conv3x3``):
+    64->3 and 32->3 at 32-192 px 1.30-1.57x on both; left to oneDNN: 16 px (0.76x with AVX2), 256->1 (0.79-0.90x
+    with AVX2), 16->8 at 32 px (0.82x with AVX2), F(2,3) (0.88-1.25x). ``capability`` defaults to the one
     srkernels runs (``srkernels.build_info()["cpu_capability"]``)."""
-    return vector_isa(capability) and min(c_in, c_out) >= 16 and height * width >= 64
+    if not (vector_isa(capability) and c_in >= 16 and height * width >= 64):
+        return False
+    return c_out >= 16 or (m == 4 and 32 <= c_in <= 64 and height * width >= 32 * 32)
 
 
 def vector_isa(capability: str | None = None) -> bool:

@@ -145,6 +145,36 @@ def test_use_rule():
     assert W.winograd_use(64, 64, 48, 48, "avx512") and W.winograd_use(64, 64, 32, 32, "avx2")
     assert not W.winograd_use(64, 64, 48, 48, "default")
     assert not W.winograd_use(3, 64, 48, 48, "avx512") and not W.winograd_use(64, 64, 4, 4, "avx512")
+    # fewer than 16 outputs: F(4,3) from 32-64 inputs on >= 32x32 pixels (a model's last conv at the HR size)
+    for cap in ("avx2", "avx512"):
+        assert W.winograd_use(64, 3, 192, 192, cap) and W.winograd_use(32, 1, 32, 32, cap)
+        assert not W.winograd_use(16, 8, 32, 32, cap)  # 0.82x with AVX2
+        assert not W.winograd_use(64, 3, 192, 192, cap, m=2)  # F(2,3): no gain measured
+        assert not W.winograd_use(256, 1, 192, 192, cap)  # slower than oneDNN with AVX2
+        assert not W.winograd_use(64, 3, 16, 16, cap)  # 0.92-0.95x with AVX2
+        assert not W.winograd_use(64, 3, 192, 192, "default")
+
+
+@compiled
+def test_small_output_conv_routes_to_winograd_in_inference_only():
+    """A 64 -> 3 conv at 32x32 (a model's last conv) runs F(4,3) in inference (`conv2d_pointwise`'s rule) and
+    matches F.conv2d; training keeps it on ATen (its 3 -> 64 input-gradient conv is outside the rule)."""
+    import srkernels.nn as snn
+    cp = importlib.import_module("srkernels.ops.conv2d_pointwise")
+    if not W.vector_isa():
+        pytest.skip("Winograd serves the avx2 and avx512 builds only")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 3, 3, padding=1)
+    x = torch.randn(1, 64, 32, 32)
+    meta = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    alg = cp.cpu_algorithm(x, conv.weight, *meta)
+    assert isinstance(alg, cp.Winograd) and (alg.m, alg.r) == (4, 3)
+    assert not isinstance(cp.cpu_algorithm(x, conv.weight, *meta, training=True), cp.Winograd)
+    with torch.no_grad():
+        y = snn.conv2d(conv, x)
+    assert isinstance(conv.__dict__["_srk_last"].data[4][0], cp.Winograd)  # what the layer ran
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert _err(y, exact) <= TOL[4]
 
 
 _x, _u = torch.randn(1, 4, 5, 5), W.winograd_weight(torch.randn(6, 4, 3, 3), 4)
