@@ -541,7 +541,8 @@ def main(argv=None) -> None:
     ap.add_argument("--plot", default=str(harness.RESULTS / "models.png"), help="plot path (PNG)")
     ap.add_argument("--train", action="store_true", help="also a training-step table (batch 2, first size)")
     ap.add_argument("--train-only", action="store_true", help="only the training-step table")
-    ap.add_argument("--no-record", action="store_true", help="do not append to results/models.jsonl")
+    ap.add_argument("--no-record", action="store_true",
+                    help="do not append to results/models.jsonl (nor write the plot or benchmarks/README.md)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
@@ -565,7 +566,7 @@ def main(argv=None) -> None:
     rows = [] if args.train_only else bench_inference(names, sizes, args.scale, args.rounds, threads, args)
     if rows:
         print(table(rows))
-        if len(sizes) > 1:
+        if len(sizes) > 1 and not args.no_record:  # --no-record leaves the committed plot alone too
             png = plot(rows, Path(args.plot))
             if png:
                 print(f"plot: {png}")
