@@ -586,10 +586,12 @@ def main(argv=None) -> None:
             "bf16_paths": args.bf16_paths,
             "args": vars(args)})
         print(f"appended to {path}")
-        # one block per capability, so that a forced-AVX2 run does not overwrite the native one
+        # one block per capability, so that a forced-AVX2 run does not overwrite the native one, and per set of
+        # sizes other than the default (an LR 96 run has its own block beside the LR 32/48 one)
         if set(names) == set(MODELS):
             if rows:
-                harness.update_readme(f"{BENCH}-{cap}", readme_text(rows, machine, cap, threads, args))
+                tag = "" if sizes == [32, 48] else "-lr" + "-".join(map(str, sizes))
+                harness.update_readme(f"{BENCH}-{cap}{tag}", readme_text(rows, machine, cap, threads, args))
             if train_rows:
                 harness.update_readme(f"{BENCH}-train-{cap}", train_text(train_rows, machine, cap, args))
 
