@@ -436,3 +436,27 @@ def test_without_native_bf16_for_real():
         line = next(v for v in lines if v.startswith(name + " "))
         _, dtype, err = line.split()
         assert dtype == "torch.bfloat16" and float(err) < 3e-2, line
+
+
+def test_winograd_sized_layers_stay_bf16_under_autocast():
+    """64-channel convs at 12x12 are ones conv2d_pointwise may send to bf16 Winograd (winograd_bf16); under
+    autocast the layer has already cast everything, so no op's own autocast rule (winograd_conv3x3's is "fp32")
+    may widen them again: every kernel sees bf16 only, no casts, and the result is the bf16 model's bit for bit."""
+    torch.manual_seed(0)
+    block = srkernels.nn.RCAB(64, reduction=16).eval()
+    twin = srkernels.nn.RCAB(64, reduction=16).eval().to(torch.bfloat16)
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(1, 64, 12, 12).to(torch.bfloat16)
+    with torch.no_grad():
+        want = twin(x)
+        with autocast():
+            block(x)  # builds the caches
+            with Recorder() as rec:
+                got = block(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    kernels = [(n, d) for n, d in rec.calls if n.startswith(KERNELS)]
+    # bf16 activations everywhere; Winograd's transformed weight is float32 by design (the exact transform)
+    assert kernels and all(d == {BF16} or (n == "srkernels.winograd_conv3x3" and d == {BF16, torch.float32})
+                           for n, d in kernels), kernels
+    assert not [n for n, d in rec.calls if n in ("aten._to_copy", "aten.add")], rec.calls
