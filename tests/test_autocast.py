@@ -449,14 +449,15 @@ def test_winograd_sized_layers_stay_bf16_under_autocast():
     x = torch.randn(1, 64, 12, 12).to(torch.bfloat16)
     with torch.no_grad():
         want = twin(x)
-        with autocast():
-            block(x)  # builds the caches
+    for m in (block, twin):  # float32 weights (cast by the layers), and a bf16 model under autocast
+        with torch.no_grad(), autocast():
+            m(x)  # builds the caches
             with Recorder() as rec:
-                got = block(x)
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, want)
-    kernels = [(n, d) for n, d in rec.calls if n.startswith(KERNELS)]
-    # bf16 activations everywhere; Winograd's transformed weight is float32 by design (the exact transform)
-    assert kernels and all(d == {BF16} or (n == "srkernels.winograd_conv3x3" and d == {BF16, torch.float32})
-                           for n, d in kernels), kernels
-    assert not [n for n, d in rec.calls if n in ("aten._to_copy", "aten.add")], rec.calls
+                got = m(x)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want)
+        kernels = [(n, d) for n, d in rec.calls if n.startswith(KERNELS)]
+        # bf16 activations everywhere; Winograd's transformed weight is float32 by design (the exact transform)
+        assert kernels and all(d == {BF16} or (n == "srkernels.winograd_conv3x3" and d == {BF16, torch.float32})
+                               for n, d in kernels), kernels
+        assert not [n for n, d in rec.calls if n in ("aten._to_copy", "aten.add")], rec.calls

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from . import _amp
 from ._cache import PackCache, _module_cache
-from ..ops._registry import autocast_keyset
 from ..ops.conv2d_pointwise import ONEDNN, ONEDNN_FP32, CpuAlgorithm, Winograd, cpu_algorithm, reference
 
 __all__ = ["Conv2d", "conv2d", "apply_conv"]
@@ -174,10 +173,7 @@ def _autocast_conv(fn, conv, x: Tensor, activation, residual: Tensor | None, **k
     twin = _amp.conv_twin(conv, dt)
     if x.dtype is not dt:
         x = x.to(dt)
-    # everything is in the autocast dtype now: the kernels below must not be cast again by an op's autocast rule
-    # (winograd_conv3x3's "fp32" rule would widen every bf16 conv to float32 and back, ~20% of an RCAN forward)
-    with torch._C._ExcludeDispatchKeyGuard(autocast_keyset("cpu")):
-        y = fn(twin, x, activation, **kw) if fused is None else fn(twin, x, activation, fused, **kw)
+    y = fn(twin, x, activation, **kw) if fused is None else fn(twin, x, activation, fused, **kw)
     return _amp.add_late(y, late)
 
 

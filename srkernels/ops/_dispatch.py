@@ -29,13 +29,19 @@ def run(backend: str, op: str, args: tuple, reference: Callable[[], Tensor], out
         return out
     if backend == "reference":
         return reference()
+    # every front end has cast args by the op's autocast rule already (autocast_args): skip the rule's
+    # dispatcher kernel (~10 us of Python per call; RCAN makes 200 attention calls per forward)
+    result = call_cast(_backend.op_handle(backend, op), *args)
+    return result[0] if saves else result
+
+
+def call_cast(handle, *args):
+    """``handle(*args)`` for arguments the caller has already given their dtypes: under autocast, with the
+    autocast dispatch key excluded, so that the op's own autocast rule does not cast them again (e.g.
+    winograd_conv3x3's "fp32" rule would widen a bf16 conv that conv2d_pointwise chose to run on bf16 storage)."""
     dev = args[0].device.type
     if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) and not torch.compiler.is_compiling():
-        # every front end has cast args by the op's autocast rule already (autocast_args): skip the rule's
-        # dispatcher kernel (~10 us of Python per call; RCAN makes 200 attention calls per forward)
         with torch._C._ExcludeDispatchKeyGuard(autocast_keyset(dev)):
-            result = _backend.op_handle(backend, op)(*args)
-    else:
-        result = _backend.op_handle(backend, op)(*args)
-    return result[0] if saves else result
+            return handle(*args)
+    return handle(*args)
 

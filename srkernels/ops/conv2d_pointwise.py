@@ -253,7 +253,8 @@ class Winograd(CpuAlgorithm):
         if weight.dim() == 4:  # an unpacked weight (the op called directly, training): transform per call
             weight = self.weight_step(weight)
         op = torch.ops.srkernels.winograd_conv5x5 if self.r == 5 else torch.ops.srkernels.winograd_conv3x3
-        return op(x, weight, bias, activation, residual)
+        # fits() chose x's dtype (bf16 storage or float32): no autocast rule may change it
+        return _dispatch.call_cast(op, x, weight, bias, activation, residual)
 
     def grad_input(self, grad: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
         """The input gradient of a conv this algorithm ``supports`` (r x r, stride 1, padding r // 2),

@@ -290,6 +290,7 @@ SPEC = OpSpec(
     backends=("cpu",),  # a CPU algorithm: no CUDA or Triton kernel (cuDNN has its own Winograd)
     # float32 under autocast: the op's own autocast rule keeps the arithmetic of the float32 kernel (a bf16
     # transformed weight would round F(4,3)'s already larger error further); autocast's bf16 model convs reach
-    # the kernel's bf16 storage through conv2d_pointwise's winograd_bf16 rule instead
+    # the kernel's bf16 storage through conv2d_pointwise's winograd_bf16 rule instead, which calls the op with
+    # the autocast key excluded (_dispatch.call_cast)
     autocast={OP: "fp32"},
 )
