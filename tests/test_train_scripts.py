@@ -6,6 +6,7 @@ import re
 import runpy
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from skimage import data as skdata
 
 from srkernels.toolkit import checkpoint as ckio
 from srkernels.toolkit import load_config
+from srkernels.toolkit import trainer
 from srkernels.toolkit.commands import train_main
 from srkernels.models import build
 
@@ -199,21 +201,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, argv: list[str], log: str, late_rank: int | None) -> None:
     # what torchrun sets up for each process; forked, so torch is not imported again. The parent's stderr is
     # pytest's capture, lost with the child: each rank writes its own file, shown when a rank fails.
     sys.stderr = open(log, "w", buffering=1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if rank == late_rank:
+        # this rank is slow between joining the group and looking at the output directory, as a loaded machine
+        # makes any rank now and then
+        setup = trainer._setup_dist
+
+        def slow_setup(*args, **kwargs):
+            d = setup(*args, **kwargs)
+            time.sleep(1.0)
+            return d
+
+        trainer._setup_dist = slow_setup
     sys.exit(train_main(argv))
 
 
-def _ddp(argv: list[str], logs: Path, world: int = 2, timeout: float = 120) -> None:
+def _ddp(argv: list[str], logs: Path, world: int = 2, timeout: float = 120, late_rank: int | None = None) -> None:
     ctx = mp.get_context("fork")
     port = _free_port()
     logs.mkdir(parents=True, exist_ok=True)
-    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, argv, str(logs / f"rank{r}.err")))
+    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, argv, str(logs / f"rank{r}.err"), late_rank))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -234,7 +247,9 @@ def test_ddp_two_cpu_processes_match_one(hr_dir, tmp_path, capsys):
     """Two gloo ranks with half the batch each take the same steps as one process with the whole batch
     (DistributedSampler interleaves one shuffled order); a DDP run stopped and resumed lands there too."""
     cfg = tiny_yaml(tmp_path / "tiny.yaml", hr_dir, ema=0.9)
-    _ddp([str(cfg), "-o", str(tmp_path / "ddp"), "--no-progress", "--stop-after", "2"], tmp_path / "logs1")
+    # rank 1 late: rank 0 must not write config.yaml before rank 1 has checked the directory is free
+    _ddp([str(cfg), "-o", str(tmp_path / "ddp"), "--no-progress", "--stop-after", "2"], tmp_path / "logs1",
+         late_rank=1)
     _ddp(["--resume", "-o", str(tmp_path / "ddp"), "--no-progress"], tmp_path / "logs2")
     assert train_main([str(cfg), "-o", str(tmp_path / "single"), "--no-progress"]) == 0
     ddp, single = ckio.load_latest(tmp_path / "ddp")[0], ckio.load_latest(tmp_path / "single")[0]

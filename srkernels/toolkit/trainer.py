@@ -304,7 +304,14 @@ def _prepare_run_dir(cfg: dict[str, Any], run_dir: Path, resume: bool, d: _Dist)
         if not saved.is_file():
             raise ValueError(f"cannot resume: {run_dir} has no config.yaml (not a training run directory)")
         return read_yaml(saved)
-    if saved.exists() or ckpt_io.list_checkpoints(run_dir):
+    taken = saved.exists() or bool(ckpt_io.list_checkpoints(run_dir))
+    if d.world > 1:
+        # every rank looks before rank 0 writes, and all agree: a rank that looked after rank 0's config.yaml
+        # appeared would refuse the fresh run that the others start
+        seen: list[Any] = [None] * d.world
+        dist.all_gather_object(seen, taken)
+        taken = any(seen)
+    if taken:
         raise ValueError(
             f"output directory {run_dir} already holds a training run; pass --resume to continue it, "
             "or choose another --output-dir (nothing is overwritten)"
