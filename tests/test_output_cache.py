@@ -118,3 +118,24 @@ def test_concurrent_threads_get_correct_results():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_winograd_conv_outputs_come_from_the_cache():
+    """winograd_conv3x3's output (an upsampler conv's is tens of MB) reuses a freed block, in either format."""
+    import importlib
+    W = importlib.import_module("srkernels.ops.winograd_conv3x3")
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(16, 16, 3, 3, generator=g) / 12, torch.randn(16, generator=g)
+    u = W.winograd_weight(w, 4)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        xs = [torch.randn(*BIG[:1], 16, 128, 128, generator=g).contiguous(memory_format=fmt) for _ in range(2)]
+        y0 = ops.winograd_conv3x3(xs[0], u, b)  # 1 MiB: the cache threshold
+        ptr = y0.data_ptr()
+        del y0
+        before = srkernels.cpu_cache_info()["hits"]
+        y1 = ops.winograd_conv3x3(xs[1], u, b)
+        assert srkernels.cpu_cache_info()["hits"] > before
+        if fmt == torch.channels_last:  # the kernel's own format: no copy, the freed block itself
+            assert y1.data_ptr() == ptr
+        assert y1.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y1, F.conv2d(xs[1], w, b, padding=1), rtol=0, atol=2e-4)

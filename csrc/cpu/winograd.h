@@ -92,26 +92,26 @@ constexpr int kR = 6, kNV = 2;
 #endif
 
 // acc[r][j] over c < C: M[r][k0 + j*VW ..] = sum_c V[r][c] * U[c][k0 + j*VW ..]. Rows of V are vs apart,
-// rows of U and M are ks apart (ks a multiple of VW).
+// rows of U us apart, rows of M ms apart (us and ms multiples of VW).
 template <int R, int NV>
-inline void micro(const float* __restrict v, int64_t vs, const float* __restrict u, int64_t ks, int64_t C,
-                  float* __restrict m) {
+inline void micro(const float* __restrict v, int64_t vs, const float* __restrict u, int64_t us, int64_t C,
+                  float* __restrict m, int64_t ms) {
   Vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) acc[r][j] = Vec(0.f);
   for (int64_t c = 0; c < C; ++c) {
     Vec b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = Vec::loadu(u + c * ks + j * VW);
+    for (int j = 0; j < NV; ++j) b[j] = Vec::loadu(u + c * us + j * VW);
     for (int r = 0; r < R; ++r) {
       const Vec a(v[r * vs + c]);
       for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(a, b[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j].store(m + r * ks + j * VW);
+    for (int j = 0; j < NV; ++j) acc[r][j].store(m + r * ms + j * VW);
 }
 
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
 
 template <int R, int... NV>
 constexpr std::array<MicroFn, sizeof...(NV)> row_table(std::integer_sequence<int, NV...>) {
@@ -124,17 +124,19 @@ constexpr std::array<std::array<MicroFn, kNV>, sizeof...(R)> micro_table(std::in
 // kMicro[r - 1][nv - 1]: the kernel for r rows and nv vectors (block edges).
 inline constexpr auto kMicro = micro_table(std::make_integer_sequence<int, kR>{});
 
-// M[t][0..Kp) = V[t][0..C) @ U for tb rows: Kp (a multiple of VW) in chunks of kNV vectors, rows in kR.
-// One vector of output channels (Kp == VW: a conv with <= 16 outputs on AVX-512, e.g. a 64 -> 3 tail) runs
+// M[t][0..Kc) = V[t][0..C) @ U[.][0..Kc) for tb rows: Kc (a multiple of VW) in chunks of kNV vectors, rows in
+// kR. Rows of U are us apart (us >= Kc: U may be a column range of a wider weight), rows of M Kc apart.
+// One vector of output channels (Kc == VW: a conv with <= 16 outputs on AVX-512, e.g. a 64 -> 3 tail) runs
 // 2 * kR rows at a time: kR accumulators alone are too few independent FMA chains to hide the FMA latency.
-inline void gemm(const float* v, int64_t vs, const float* u, int64_t C, int64_t Kp, float* m, int64_t tb) {
-  const int64_t nvk = Kp / VW;
+inline void gemm(const float* v, int64_t vs, const float* u, int64_t us, int64_t C, int64_t Kc, float* m,
+                 int64_t tb) {
+  const int64_t nvk = Kc / VW;
   if (nvk == 1) {
     int64_t r0 = 0;
-    for (; r0 + 2 * kR <= tb; r0 += 2 * kR) micro<2 * kR, 1>(v + r0 * vs, vs, u, Kp, C, m + r0 * Kp);
+    for (; r0 + 2 * kR <= tb; r0 += 2 * kR) micro<2 * kR, 1>(v + r0 * vs, vs, u, us, C, m + r0 * Kc, Kc);
     for (; r0 < tb; r0 += kR) {
       const int r = static_cast<int>(std::min<int64_t>(kR, tb - r0));
-      kMicro[r - 1][0](v + r0 * vs, vs, u, Kp, C, m + r0 * Kp);
+      kMicro[r - 1][0](v + r0 * vs, vs, u, us, C, m + r0 * Kc, Kc);
     }
     return;
   }
@@ -142,7 +144,7 @@ inline void gemm(const float* v, int64_t vs, const float* u, int64_t C, int64_t 
     const int nv = static_cast<int>(std::min<int64_t>(kNV, nvk - k0));
     for (int64_t r0 = 0; r0 < tb; r0 += kR) {
       const int r = static_cast<int>(std::min<int64_t>(kR, tb - r0));
-      kMicro[r - 1][nv - 1](v + r0 * vs, vs, u + k0 * VW, Kp, C, m + r0 * Kp + k0 * VW);
+      kMicro[r - 1][nv - 1](v + r0 * vs, vs, u + k0 * VW, us, C, m + r0 * Kc + k0 * VW, Kc);
     }
   }
 }
@@ -310,25 +312,27 @@ void input_transform(const Pixels<S>& x, const Geo& g, int64_t t0, int64_t tb, f
   }
 }
 
-// Output transform of tiles [t0, t0 + tb) from M[p][t - t0][0..Kp) with the epilogue.
+// Output transform of tiles [t0, t0 + tb), output channels [k0, k0 + Kc) (clipped to K), from
+// M[p][t - t0][0..Kc) with the epilogue.
 template <int M, int R, typename S>
-void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, const Epilogue<S>& ep) {
+void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int64_t k0, int64_t Kc,
+                      const Epilogue<S>& ep) {
   using Wn = Wino<M, R>;
   constexpr int T = Wn::T;
-  const int64_t K = g.K, Kp = g.Kp, ps = tb * Kp;
+  const int64_t K = std::min(g.K, k0 + Kc), ps = tb * Kc;
   const Vec zero(0.f);
   for (int64_t i = 0; i < tb; ++i) {
     const int64_t t = t0 + i;
     const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
     const int64_t h0 = ty * M, w0 = tx * M;
     const int64_t mh = std::min<int64_t>(M, g.H - h0), mw = std::min<int64_t>(M, g.W - w0);
-    const float* mt = Mb + i * Kp;
-    for (int64_t k = 0; k < K; k += VW) {  // M's padding columns past K are never read
+    const float* mt = Mb + i * Kc;  // channel k of the tile at mt[k - k0]
+    for (int64_t k = k0; k < K; k += VW) {  // M's padding columns past K are never read
       const int64_t cnt = std::min(VW, K - k);
       Vec e[M][T];
       for (int b = 0; b < T; ++b) {
         Vec col[T], y[M];
-        for (int a = 0; a < T; ++a) col[a] = Vec::loadu(mt + (a * T + b) * ps + k);
+        for (int a = 0; a < T; ++a) col[a] = Vec::loadu(mt + (a * T + b) * ps + k - k0);
         Wn::at(col, y);
         for (int a = 0; a < M; ++a) e[a][b] = y[a];
       }
@@ -360,10 +364,10 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, con
   }
 }
 
-// Tiles per block: V and M of a block (P * TB * (Cp + Kp) floats) within `budget` floats, a multiple of kR,
-// and enough blocks for every thread.
-inline int64_t tile_block(int64_t P, int64_t Cp, int64_t Kp, int64_t tiles, int64_t threads, int64_t budget) {
-  int64_t tb = std::max<int64_t>(kR, budget / (P * (Cp + Kp)) / kR * kR);
+// Tiles per block: V and M of a block (P * TB * (Cp + Kc) floats, Kc the output channels of one M chunk) within
+// `budget` floats, a multiple of kR, and enough blocks for every thread.
+inline int64_t tile_block(int64_t P, int64_t Cp, int64_t Kc, int64_t tiles, int64_t threads, int64_t budget) {
+  int64_t tb = std::max<int64_t>(kR, budget / (P * (Cp + Kc)) / kR * kR);
   return std::min(tb, std::max<int64_t>(kR, div_up(div_up(tiles, threads), kR) * kR));
 }
 
@@ -410,6 +414,11 @@ inline NextWeight predict_next(const float* u, int64_t bytes) {
   return it == next.end() ? NextWeight{nullptr, 0} : it->second;
 }
 
+// Output channels per M chunk: a block's GEMMs and output transform run over chunks of at most this many output
+// channels, so M holds one chunk and a wide conv gets the tile block of a 64 -> 64 one. Without the chunks, a
+// 64 -> 256 conv (RCAN's upsampler) had blocks of 6 tiles, each streaming the whole 2.4 MB weight from L3.
+constexpr int64_t kChunkK = 64;
+
 // The whole conv: x -> epilogue, with U [P][C][Kp]; blocks of tile_block(.., budget) tiles over the threads.
 // R x R kernel, zero padding R / 2.
 // prefetch: prefetch the predicted next weight (predict_next) while this conv runs.
@@ -419,7 +428,8 @@ void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep
   constexpr int64_t P = Wino<M, R>::T * Wino<M, R>::T;
   const int64_t tiles = g.N * g.th * g.tw;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t TB = tile_block(P, g.Cp, g.Kp, tiles, threads, budget);
+  const int64_t Kc = std::min(g.Kp, kChunkK), nk = div_up(g.Kp, Kc);
+  const int64_t TB = tile_block(P, g.Cp, Kc, tiles, threads, budget);
   const int64_t nb = div_up(tiles, TB);
   const NextWeight nx = prefetch ? predict_next(u, P * g.C * g.Kp * sizeof(float)) : NextWeight{nullptr, 0};
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
@@ -427,7 +437,7 @@ void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep
     // comparable to a small conv. Every element read is written first in the same block.
     // Aligned to 64 bytes: V's rows are whole vectors apart, so no vector load splits a cache line.
     thread_local std::vector<float> scratch;
-    const size_t need = static_cast<size_t>(P * TB * (g.Cp + g.Kp)) + 16;
+    const size_t need = static_cast<size_t>(P * TB * (g.Cp + Kc)) + 16;
     if (scratch.size() < need) scratch.resize(need);
     float* V = scratch.data();
     V += (64 - reinterpret_cast<uintptr_t>(V) % 64) % 64 / sizeof(float);
@@ -435,15 +445,18 @@ void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * TB, tb = std::min(TB, tiles - t0);
       input_transform<M, R>(x, g, t0, tb, V);
-      for (int64_t p = 0; p < P; ++p) {
-        gemm(V + p * tb * g.Cp, g.Cp, u + p * g.C * g.Kp, g.C, g.Kp, Mb + p * tb * g.Kp, tb);
-        if (nx.p != nullptr) {  // this thread's share: slot (block, position) of its (b1 - b0) * P slots
-          const int64_t slot = (blk - b0) * P + p, slots = (b1 - b0) * P;
-          for (int64_t o = nx.bytes * slot / slots / 64 * 64; o < nx.bytes * (slot + 1) / slots; o += 64)
-            __builtin_prefetch(nx.p + o, 0, 3);
+      for (int64_t kc = 0; kc < nk; ++kc) {
+        const int64_t k0 = kc * Kc, kw = std::min(Kc, g.Kp - k0);
+        for (int64_t p = 0; p < P; ++p) {
+          gemm(V + p * tb * g.Cp, g.Cp, u + p * g.C * g.Kp + k0, g.Kp, g.C, kw, Mb + p * tb * kw, tb);
+          if (nx.p != nullptr) {  // this thread's share: slot (block, chunk, position) of its (b1 - b0) * nk * P
+            const int64_t slot = ((blk - b0) * nk + kc) * P + p, slots = (b1 - b0) * nk * P;
+            for (int64_t o = nx.bytes * slot / slots / 64 * 64; o < nx.bytes * (slot + 1) / slots; o += 64)
+              __builtin_prefetch(nx.p + o, 0, 3);
+          }
         }
+        output_transform<M, R>(Mb, g, t0, tb, k0, kw, ep);
       }
-      output_transform<M, R>(Mb, g, t0, tb, ep);
     }
   });
 }

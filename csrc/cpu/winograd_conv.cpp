@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "runtime/cpu_dispatch.h"
+#include "runtime/output_cache.h"
 #include "cpu/winograd.h"
 
 #include <algorithm>
@@ -59,10 +60,12 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
   const auto fmt = x_in.suggest_memory_format();
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(cl);
-  at::Tensor out = at::empty({N, K, H, W}, x.options().memory_format(cl));
+  // from the output cache: an upsampler conv's output (RCAN x4 at LR 96: 38 MB) would be page-faulted afresh on
+  // every call (runtime/output_cache.h)
+  at::Tensor out = empty_output({N, K, H, W}, x.options(), cl);
   auto finish = [&]() {
     if (fmt == cl) return out;
-    at::Tensor o = at::empty({N, K, H, W}, x.options().memory_format(fmt));
+    at::Tensor o = empty_output({N, K, H, W}, x.options(), fmt);
     o.copy_(out);
     return o;
   };

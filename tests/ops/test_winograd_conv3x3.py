@@ -29,8 +29,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ~2e-7 and F(4,3) ~5e-6 relative; oneDNN's own float32 conv ~8e-7.
 TOL = {2: 2e-6, 4: 2e-5}
 
-# (N, C_in, C_out, H, W): odd sizes, C not a multiple of 8 or 16, one pixel, fewer pixels than a tile
-SHAPES = [(1, 64, 64, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1), (2, 3, 20, 6, 3), (1, 24, 16, 4, 4)]
+# (N, C_in, C_out, H, W): odd sizes, C not a multiple of 8 or 16, one pixel, fewer pixels than a tile; more than
+# 64 outputs (the kernel's M chunks of 64 output channels: 64 + 36 and 64 + 64 + 2 with 130)
+SHAPES = [(1, 64, 64, 13, 11), (2, 5, 7, 9, 10), (1, 17, 33, 1, 1), (2, 3, 20, 6, 3), (1, 24, 16, 4, 4),
+          (1, 16, 100, 9, 7), (2, 8, 130, 6, 5)]
 
 
 def _inputs(N, C, K, H, Wd, m, bias, res, seed=0):
