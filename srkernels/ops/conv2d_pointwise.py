@@ -11,7 +11,8 @@ Implementations (no csrc or Triton kernel: the fused conv is a library's):
   ``SRKERNELS_WINOGRAD_TRAIN``; and float32 5x5 convs by F(2x2,5x5), off with ``SRKERNELS_WINOGRAD=0``, in
   training with ``SRKERNELS_WINOGRAD_TRAIN=0``) comes first; bf16 inference convs take it too where
   ``winograd_bf16`` measured it faster. ``OneDNNFloat32`` runs the other bf16 inference convs where oneDNN has no
-  native bf16 (float32 conv between a widening and one rounding).
+  native bf16 (float32 conv between a widening and one rounding). ``Direct`` (``direct_conv2d``) runs the
+  inference convs with 1-4 outputs that ``direct_use`` measured faster (a model's last conv), ahead of Winograd.
 - every other call (CUDA: cuDNN; float64, float16; or no algorithm): the reference, ``F.conv2d`` + ReLU + add.
 
 Backward (``conv_backward``): behind the ReLU mask, ATen's ``convolution_backward`` for the weight and bias
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from . import _checks, _dispatch
 from ._registry import OpSpec
+from .direct_conv2d import direct_use, direct_weight
 from .winograd_conv3x3 import winograd_use, winograd_weight, winograd_weight_step
 from .winograd_conv5x5 import winograd5_use, winograd_weight5, winograd_weight5_step
 
@@ -264,8 +266,34 @@ class Winograd(CpuAlgorithm):
         return op(grad, self.weight_step(weight, grad_input=True), None, "none", residual)
 
 
+class Direct(CpuAlgorithm):
+    """The ``direct_conv2d`` kernel (csrc/cpu/direct_conv2d.cpp) for inference convs with 1-4 outputs (a model's
+    last conv: 64 -> 3, 256 -> 1, 32 -> 1), float32 or bf16 storage, 3x3 or 5x5, stride 1, zero padding
+    ``R // 2``, where ``direct_use`` measured it faster than Winograd and oneDNN. The packed weight is
+    ``direct_weight(weight)`` in float32. Inference only: training keeps its convs on the other algorithms."""
+
+    name = "direct"
+
+    def supports(self, x, weight, stride, padding, dilation, groups):
+        r = weight.shape[2]
+        return (x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype and groups == 1
+                and weight.shape[3] == r and tuple(stride) == (1, 1) and tuple(padding) == (r // 2, r // 2)
+                and tuple(dilation) == (1, 1) and direct_use(weight.shape[1], weight.shape[0], r, x.shape[2],
+                                                             x.shape[3]))
+
+    def pack(self, weight, stride, padding, dilation, groups, input_shape):
+        return direct_weight(weight.detach().float())
+
+    def run(self, x, weight, bias, stride, padding, dilation, groups, activation, residual):
+        if weight.shape[-1] == weight.shape[-2]:  # plain [C_out, C_in, R, R] (packed: [R, R, <= 4, >= 16])
+            weight = direct_weight(weight.detach().float())
+        # supports() chose x's dtype (bf16 storage or float32): no autocast rule may change it
+        return _dispatch.call_cast(torch.ops.srkernels.direct_conv2d, x, weight, bias, activation, residual)
+
+
 WINOGRAD5 = Winograd(2, 5)
-ALGORITHMS: list[CpuAlgorithm] = [Winograd(4), Winograd(2), WINOGRAD5, ONEDNN, ONEDNN_FP32]  # best first
+DIRECT = Direct()
+ALGORITHMS: list[CpuAlgorithm] = [DIRECT, Winograd(4), Winograd(2), WINOGRAD5, ONEDNN, ONEDNN_FP32]  # best first
 # The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
 # gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
 # same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).
@@ -292,7 +320,8 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
             if (alg.r == 5 and tile and alg.fits(x, weight, stride, padding, dilation, groups)
                     and winograd5_use(weight.shape[0], weight.shape[1], x.shape[2], x.shape[3])):
                 return alg
-        elif not (training and alg is ONEDNN_FP32) and alg.supports(x, weight, stride, padding, dilation, groups):
+        elif (not (training and alg in (ONEDNN_FP32, DIRECT))
+              and alg.supports(x, weight, stride, padding, dilation, groups)):
             return alg
     return None
 

@@ -238,8 +238,8 @@ def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str
     """Whether to run this float32 3x3 conv as ``winograd_conv3x3`` F(m, 3) rather than the prepacked oneDNN
     conv: the compiled kernel's ``avx2`` / ``avx512`` variants (``default`` is at::vec's portable code, ~12x
     slower than oneDNN), at least 16 input and output channels and at least 64 pixels -- or, for F(4,3) only,
-    fewer than 16 outputs from 32-64 inputs on at least 32x32 pixels (a model's last conv, e.g. 64 -> 3 at the HR
-    size). Measured on an AMD EPYC (Zen 5), one thread, AVX-512 and forced AVX2
+    fewer than 16 outputs from 32-64 inputs on at least 32x32 pixels (conv2d_pointwise sends 1-4 outputs, a
+    model's last conv, to ``direct_conv2d`` first). Measured on an AMD EPYC (Zen 5), one thread, AVX-512 and forced AVX2
     (benchmarks/results/winograd_models.md, benchmarks/bench_winograd_conv3x3.py): 64->64 at LR 8-192 1.7-3.6x
     faster, 16->16 and 32->32 1.6-2.7x, 64->256 2.1-2.4x; 3->64 and 8->8 only 1.0-1.5x (left to oneDNN).
     Fewer outputs (``--channels 64 3``, ``32 3``, ``256 1``, ``16 8``; docs/ops.md ``## winograd_conv3x3``):

@@ -159,14 +159,15 @@ def test_use_rule():
 
 @compiled
 def test_small_output_conv_routes_to_winograd_in_inference_only():
-    """A 64 -> 3 conv at 32x32 (a model's last conv) runs F(4,3) in inference (`conv2d_pointwise`'s rule) and
-    matches F.conv2d; training keeps it on ATen (its 3 -> 64 input-gradient conv is outside the rule)."""
+    """A 64 -> 8 conv at 32x32 runs F(4,3) in inference (`conv2d_pointwise`'s rule; 1-4 outputs go to
+    direct_conv2d first) and matches F.conv2d; training keeps it on ATen (its 8 -> 64 input-gradient conv is
+    outside the rule)."""
     import srkernels.nn as snn
     cp = importlib.import_module("srkernels.ops.conv2d_pointwise")
     if not W.vector_isa():
         pytest.skip("Winograd serves the avx2 and avx512 builds only")
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(64, 3, 3, padding=1)
+    conv = torch.nn.Conv2d(64, 8, 3, padding=1)
     x = torch.randn(1, 64, 32, 32)
     meta = (conv.stride, conv.padding, conv.dilation, conv.groups)
     alg = cp.cpu_algorithm(x, conv.weight, *meta)
