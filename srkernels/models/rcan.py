@@ -96,7 +96,7 @@ class RCAN(SRModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.fused:
-            return self.output_like(self._forward_fused(x), x)
+            return self.run_fused(x)
         if self.meanshift != "none":
             x = self.sub_mean(x)
         x = self.head(x)

@@ -147,7 +147,7 @@ class RDCABRecursiveSRNet(SRModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.fused:
-            return self.output_like(self._forward_fused(x), x)
+            return self.run_fused(x)
         sfe1, cat = self.features(x)
         h = self.gff(cat) + sfe1
         if self.variant == "ipiu":

@@ -53,7 +53,7 @@ class RDN(SRModel):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if self.fused:
-            return self.output_like(self._forward_fused(x), x)
+            return self.run_fused(x)
         f1 = self.SFENet1(x)
         h = self.SFENet2(f1)
         outs = []

@@ -188,3 +188,34 @@ def test_fuse_converts_a_reference_model(name, scale, cfg):
     with torch.no_grad():
         close(converted(x), fused(x), "fuse(reference) vs fused=True")
         close(converted(x), ref(x), "fuse(reference) vs reference")
+
+
+@pytest.mark.parametrize("name, cfg", [("rcan", {}), ("rdn", {}), ("rdcab", dict(variant="split"))], ids=str)
+def test_no_grad_forward_skips_the_autograd_key_and_returns_normal_tensors(name, cfg):
+    """Grad mode off: the fused forward's ops run below the autograd dispatch key (SRModel.run_fused), yet the
+    output is a normal tensor (not an inference tensor): modifiable in place and usable in autograd later, and
+    equal to the forward under inference_mode. With grad on, the key stays."""
+    ref, fused = pair(name, 4 if cfg.get("variant") == "split" else 2, cfg)
+    fused.eval()
+    x = model_input(ref, n=1, h=8, w=7)
+    excluded = []
+    body = fused._forward_fused
+
+    def probe(inp):  # the dispatch state the fused forward runs in
+        excluded.append(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality))
+        return body(inp)
+    fused._forward_fused = probe
+    with torch.no_grad():
+        y = fused(x)
+    with torch.inference_mode():
+        want = fused(x)
+    assert excluded == [True, True]  # no_grad, inference_mode
+    assert not y.is_inference() and not y.requires_grad
+    assert torch.equal(y, want)
+    y.add_(1)  # in place outside any mode: refused for an inference tensor
+    w = torch.ones_like(y, requires_grad=True)
+    (y * w).sum().backward()
+    assert torch.equal(w.grad, y)
+    excluded.clear()
+    fused(x.requires_grad_())
+    assert excluded == [False]
