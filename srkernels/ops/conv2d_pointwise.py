@@ -67,6 +67,12 @@ class CpuAlgorithm:
             residual: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    def bind(self, packed, stride, padding, dilation, groups: int):
+        """``run`` with the packed weight and conv parameters bound: ``f(x, bias, activation, residual)``, for a
+        caller that repeats the same call with autocast off (``srkernels.nn.conv2d``'s hot path)."""
+        return lambda x, bias, activation, residual: self.run(x, packed, bias, stride, padding, dilation, groups,
+                                                              activation, residual)
+
 
 @functools.cache
 def onednn_bf16() -> bool:
@@ -258,6 +264,10 @@ class Winograd(CpuAlgorithm):
         # fits() chose x's dtype (bf16 storage or float32): no autocast rule may change it
         return _dispatch.call_cast(op, x, weight, bias, activation, residual)
 
+    def bind(self, packed, stride, padding, dilation, groups):
+        op = torch.ops.srkernels.winograd_conv5x5 if self.r == 5 else torch.ops.srkernels.winograd_conv3x3
+        return lambda x, bias, activation, residual: op(x, packed, bias, activation, residual)  # autocast off
+
     def grad_input(self, grad: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
         """The input gradient of a conv this algorithm ``supports`` (r x r, stride 1, padding r // 2),
         ``+ residual``: ``conv(grad, weight.flip(2, 3).transpose(0, 1), padding=r // 2)``, the same Winograd
@@ -289,6 +299,10 @@ class Direct(CpuAlgorithm):
             weight = direct_weight(weight.detach().float())
         # supports() chose x's dtype (bf16 storage or float32): no autocast rule may change it
         return _dispatch.call_cast(torch.ops.srkernels.direct_conv2d, x, weight, bias, activation, residual)
+
+    def bind(self, packed, stride, padding, dilation, groups):
+        op = torch.ops.srkernels.direct_conv2d
+        return lambda x, bias, activation, residual: op(x, packed, bias, activation, residual)  # autocast off
 
 
 WINOGRAD5 = Winograd(2, 5)

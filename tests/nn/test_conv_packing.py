@@ -144,7 +144,7 @@ def test_bf16_without_native_bf16_runs():
                     print(dtype, fmt, "rcan err", (got - m_ref).abs().max().item() / m_ref.abs().max().item())
                 packs = conv._srk_packed
                 print(f"packed {dtype}:", packs.key[1] == dtype and all(a.name == "onednn" + ("_fp32" if dtype ==
-                      torch.bfloat16 else "") and w.dtype == torch.float32 for a, w in packs.data.values()))
+                      torch.bfloat16 else "") and w.dtype == torch.float32 for a, w, _ in packs.data.values()))
     """, ONEDNN_MAX_CPU_ISA="AVX2")
     errs = re.findall(r"(torch\.\w+) .* (conv|rcan) err (\S+)", out)
     assert len(errs) == 8, out
