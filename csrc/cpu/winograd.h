@@ -7,9 +7,9 @@
 // Pixels are addressed by strides (Pixels, Epilogue below), so the transforms read and write either layout.
 // Per block of TB output tiles (one thread):
 //   1. input transform: V[p][t][c] = (B^T d_t B)[p] for the T x T input patch d_t of tile t (zero outside);
-//   2. P independent GEMMs M[p] = V[p] @ U[p] ([TB x C] @ [C x Kp]): the hot loop, a register-blocked
-//      micro-kernel (R tiles x NV vectors of output channels held in registers, one broadcast per tile and
-//      input channel);
+//   2. P independent GEMMs M[p] = V[p] @ U[p] ([TB x C] @ [C x Kc], Kc <= 64 output channels at a time: a wider
+//      conv repeats 2-3 per chunk): the hot loop, a register-blocked micro-kernel (R tiles x NV vectors of output
+//      channels held in registers, one broadcast per tile and input channel);
 //   3. output transform y_t = A^T M_t A and the conv epilogue (bias, ReLU, residual, split destinations),
 //      stored to the m x m output pixels.
 // U = G g G^T is [P][C][Kp] (Kp: output channels padded with zeros to a multiple of 16).

@@ -9,7 +9,8 @@
 // Layout: activations channels_last (NHWC), so every transform runs on vectors of channels. The weight comes
 // pre-transformed (Python, float64 then rounded once: srkernels/ops/winograd_conv3x3.py) as U[P][C][K], P =
 // (m+2)^2 transform positions. Transforms, GEMMs and the tile loop: csrc/cpu/winograd.h (shared with
-// dense_block). TB is chosen so V and M (P * TB * (C + K) floats) stay in L2 next to U.
+// dense_block). TB is chosen so V and M (P * TB * (C + min(K, 64)) floats: M holds one chunk of output channels)
+// stay in L2 next to U. The output comes from the CPU output cache (runtime/output_cache.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
