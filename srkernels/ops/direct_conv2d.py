@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _dispatch
+from . import _checks
 from ._registry import OpSpec
-from .winograd_conv3x3 import ACTS, current_capability
+from .winograd_conv3x3 import ACTS, current_capability, run_op
 
 OP = "direct_conv2d"
 
@@ -69,36 +69,15 @@ def direct_conv2d(
     Returns ``[N, C_out, H, W]`` in ``x``'s memory format. Fast for 1-4 output channels (more run in groups of
     4). Inference: a call that needs a gradient runs the (differentiable) torch reference.
     """
-    _checks.feature_map("x", x)
-    x, weight_t, bias, residual = _dispatch.autocast_args(OP, x, weight_t, bias, residual)
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
-        raise TypeError(f"x must be float32 or bfloat16 (or float64 for the reference), got dtype {x.dtype}")
-    if x.dtype == torch.bfloat16:  # bf16 storage, float32 arithmetic: the weight stays float32
-        if isinstance(weight_t, Tensor) and weight_t.dtype != torch.float32:
-            raise TypeError(f"weight_t must be float32 for a bfloat16 x (direct_weight(weight.float())), got "
-                            f"dtype {weight_t.dtype}")
-        _checks.like("weight_t", weight_t, x, dtype=torch.float32)
-    else:
-        _checks.like("weight_t", weight_t, x)
+    return run_op(OP, _channels, reference, x, weight_t, bias, act, residual)
+
+
+def _channels(weight_t: Tensor) -> tuple[int, int]:
+    """``(C_in, C_out)`` of a ``[R, R, C_out, C_in]`` weight_t with odd R, else a ValueError."""
     if weight_t.dim() != 4 or weight_t.shape[0] != weight_t.shape[1] or weight_t.shape[0] % 2 == 0:
         raise ValueError(f"weight_t must be [R, R, C_out, C_in] with odd R (direct_weight(weight)), got shape "
                          f"{list(weight_t.shape)}")
-    N, C, H, W = x.shape
-    if weight_t.shape[3] != C:
-        raise ValueError(f"weight_t has {weight_t.shape[3]} input channels but x has {C}")
-    K = weight_t.shape[2]
-    if K == 0:
-        raise ValueError("weight_t has 0 output channels")
-    if bias is not None:
-        f32_ok = x.dtype == torch.bfloat16 and isinstance(bias, Tensor) and bias.dtype == torch.float32
-        _checks.like("bias", bias, x, ((K,),), dtype=torch.float32 if f32_ok else None)
-    act = _checks.choice("act", "none" if act is None else act, ACTS)
-    if residual is not None:
-        _checks.like("residual", residual, x, ((N, K, H, W),))
-    args = (x, weight_t, bias, act, residual)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3] + args[4:])
-    backend = "reference" if needs_grad or x.dtype == torch.float64 else _dispatch.choose(OP, x.device.type)
-    return _dispatch.run(backend, OP, args, lambda: reference(*args))
+    return weight_t.shape[3], weight_t.shape[2]
 
 
 def direct_use(c_in: int, c_out: int, kernel: int, height: int, width: int, capability: str | None = None) -> bool:

@@ -194,31 +194,40 @@ def winograd_conv3x3(
     Returns ``[N, C_out, H, W]`` in ``x``'s memory format. Inference: no autograd through the compiled
     kernel; a call that needs a gradient runs the (differentiable, slow) torch reference instead.
     """
-    return run_op(OP, tile_of, reference, x, weight_t, bias, act, residual)
+    return run_op(OP, winograd_channels(tile_of), reference, x, weight_t, bias, act, residual)
 
 
-def run_op(op: str, tile_of_fn, ref, x, weight_t, bias, act, residual) -> Tensor:
-    """Validate and run ``op`` (winograd_conv3x3 or winograd_conv5x5; ``tile_of_fn`` checks weight_t's
-    positions, ``ref`` is the op's reference): the body of both public functions."""
+def winograd_channels(tile_of_fn):
+    """The ``channels`` check of ``run_op`` for a Winograd weight_t ``[P, C_in, C_out]`` (``tile_of_fn`` checks
+    its positions P)."""
+    def channels(weight_t: Tensor) -> tuple[int, int]:
+        if weight_t.dim() != 3:
+            raise ValueError(f"weight_t must be 3-D [P, C_in, C_out] (from the op's weight transform), got shape "
+                             f"{list(weight_t.shape)}")
+        tile_of_fn(weight_t)
+        return weight_t.shape[1], weight_t.shape[2]
+    return channels
+
+
+def run_op(op: str, channels, ref, x, weight_t, bias, act, residual) -> Tensor:
+    """Validate and run ``op`` (a conv kernel on a prepared weight: winograd_conv3x3, winograd_conv5x5,
+    direct_conv2d); ``channels(weight_t)`` checks weight_t's layout (ValueError) and returns its ``(C_in,
+    C_out)``, ``ref`` is the op's reference: the body of their public functions."""
     _checks.feature_map("x", x)
     x, weight_t, bias, residual = _dispatch.autocast_args(op, x, weight_t, bias, residual)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
         raise TypeError(f"x must be float32 or bfloat16 (or float64 for the reference), got dtype {x.dtype}")
     if x.dtype == torch.bfloat16:  # bf16 storage, float32 arithmetic: the transformed weight stays float32
         if isinstance(weight_t, Tensor) and weight_t.dtype != torch.float32:
-            raise TypeError(f"weight_t must be float32 for a bfloat16 x (the bf16 weight's transform, "
-                            f"winograd_weight(weight.float(), m)), got dtype {weight_t.dtype}")
+            raise TypeError(f"weight_t must be float32 for a bfloat16 x (prepared from weight.float()), got dtype "
+                            f"{weight_t.dtype}")
         _checks.like("weight_t", weight_t, x, dtype=torch.float32)
     else:
         _checks.like("weight_t", weight_t, x)
-    if weight_t.dim() != 3:
-        raise ValueError(f"weight_t must be 3-D [P, C_in, C_out] (from the op's weight transform), got shape "
-                         f"{list(weight_t.shape)}")
-    tile_of_fn(weight_t)
+    c_in, K = channels(weight_t)
     N, C, H, W = x.shape
-    if weight_t.shape[1] != C:
-        raise ValueError(f"weight_t has {weight_t.shape[1]} input channels but x has {C}")
-    K = weight_t.shape[2]
+    if c_in != C:
+        raise ValueError(f"weight_t has {c_in} input channels but x has {C}")
     if K == 0:
         raise ValueError("weight_t has 0 output channels")
     if bias is not None:

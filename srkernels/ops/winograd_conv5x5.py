@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._registry import OpSpec
 from .winograd_conv3x3 import (_check_weight, current_capability, fake_for, run_op, tiled_reference,
-                               transform_weight, transform_weight_step)
+                               transform_weight, transform_weight_step, winograd_channels)
 
 OP = "winograd_conv5x5"
 M, R = 2, 5  # F(2x2, 5x5)
@@ -68,7 +68,7 @@ def winograd_conv5x5(
     Arguments, result and gradient rule as ``winograd_conv3x3`` (float32 or bfloat16 x with a float32 weight_t;
     float64 or a call that needs a gradient runs the torch reference), with ``weight_t = winograd_weight5(weight)``, ``[36, C_in, C_out]``.
     """
-    return run_op(OP, check_positions, reference, x, weight_t, bias, act, residual)
+    return run_op(OP, winograd_channels(check_positions), reference, x, weight_t, bias, act, residual)
 
 
 def winograd5_use(c_in: int, c_out: int, height: int, width: int, capability: str | None = None) -> bool:
