@@ -74,11 +74,14 @@ def transform_weight(weight: Tensor, m: int, r: int) -> Tensor:
     """``[C_out, C_in, r, r]`` -> ``[(m+r-1)^2, C_in, C_out]``, ``U = G g G^T`` of F(m x m, r x r) in float64,
     rounded once to ``weight``'s dtype; contiguous, differentiable (the shared body of ``winograd_weight`` and
     ``winograd_conv5x5.winograd_weight5``; the weight is checked by them)."""
+    # one float64 matmul by G (x) G (U[a*T+b, c, k] = sum_ij G[a,i] G[b,j] w[k,c,i,j]): fewer and smaller
+    # temporaries than an einsum then a reshape copy, which made RCAN's first call (413 weights) page-fault
+    # ~800 MB of fresh memory
     w = weight.double()
-    g = _mat(_G, (m, r), w)
-    u = torch.einsum("ai,kcij,bj->abck", g, w, g)
+    k, c = w.shape[:2]
     T = m + r - 1
-    return u.reshape(T * T, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    u = torch.mm(_kron_g(m, False, torch.float64, w.device, r), w.transpose(0, 1).reshape(c * k, r * r).t())
+    return u.view(T * T, c, k).to(weight.dtype).contiguous()
 
 
 def winograd_weight(weight: Tensor, m: int = 4) -> Tensor:
