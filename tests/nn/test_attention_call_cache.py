@@ -149,3 +149,24 @@ def test_gradients_after_an_inference_call(kind, checks):
     assert_close(x.grad, x_ref.grad, torch.float32, "grad x")
     for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, torch.float32, f"grad {n}")
+
+
+def test_parametrized_weights_are_followed():
+    """A fused RCAB whose conv and attention FC weights are parametrized (weight_norm: no `weight` in
+    `_parameters`) matches the reference before and after the parametrization changes: the inference hot paths
+    of `nn.conv2d` and the attention layers read such weights through the attribute."""
+    from torch.nn.utils import parametrizations as P
+    torch.manual_seed(0)
+    fused, ref = snn.RCAB(16, reduction=4).eval(), R.RCAB(16, reduction=4).eval()
+    ref.load_state_dict(fused.state_dict())
+    for m in (fused, ref):
+        P.weight_norm(m.body[0])
+        P.weight_norm(m.body[3].conv_du[0])
+    x = torch.randn(1, 16, 9, 8)
+    with torch.no_grad():
+        for step in range(3):
+            fused(x)  # a repeated call: the cached (hot) path
+            assert_close(fused(x), ref(x), torch.float32, f"step {step}")
+            for m in (fused, ref):
+                m.body[0].parametrizations.weight.original0.mul_(1.5)
+                m.body[3].conv_du[0].parametrizations.weight.original0.mul_(-2.0)
