@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -246,6 +247,8 @@ struct Pixels {
 // The epilogue: z = conv + bias; y = act(z) + res, or act(z + res) (res_first); channels k < split go to out,
 // the rest to out2 (channel k - split). out, out2 and res share the strides of Pixels (ns, hs, ws) and its
 // storage type S (a bf16 result is rounded once, after the residual add); the bias is float.
+// pool (when set): tile t's sum of its stored outputs per channel k, at pool[t * pool_ts + k] (the channel
+// attention's average pool without a pass of its own; residual_group).
 enum class Act { None, Relu };
 template <typename S = float>
 struct Epilogue {
@@ -257,7 +260,19 @@ struct Epilogue {
   Act act;
   const float* bias;
   int64_t ns, hs, ws;
+  float* pool = nullptr;
+  int64_t pool_ts = 0;
 };
+
+// v as stored in S and read back (bf16: rounded; float: itself).
+template <typename S>
+inline Vec stored(const Vec& v) {
+  if constexpr (std::is_same_v<S, float>) {
+    return v;
+  } else {
+    return at::vec::convert<float>(at::vec::convert<S>(v));
+  }
+}
 
 // Input transform of tiles [t0, t0 + tb) into V[p][t - t0][0..Cp) (row stride Cp, position stride tb * Cp).
 // Columns first, each loaded and transformed at once (rows and columns outside the readable range are zero).
@@ -337,6 +352,7 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int
         for (int a = 0; a < M; ++a) e[a][b] = y[a];
       }
       const Vec vb = ep.bias ? (cnt == VW ? Vec::loadu(ep.bias + k) : Vec::loadu(ep.bias + k, cnt)) : zero;
+      Vec psum(0.f);  // lanes past cnt stay 0: M's padding columns are 0 and the bias load is masked
       for (int a = 0; a < mh; ++a) {
         Vec y[M];
         Wn::at(e[a], y);
@@ -347,6 +363,7 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int
           if (ep.res_first) v = v + r;
           if (ep.act == Act::Relu) v = at::vec::clamp_min(v, zero);
           if (!ep.res_first) v = v + r;
+          if (ep.pool != nullptr) psum = psum + stored<S>(v);
           if (k + cnt <= ep.split) {
             store_n(ep.out + off + k, v, cnt);
           } else if (k >= ep.split) {
@@ -360,6 +377,7 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int
           }
         }
       }
+      if (ep.pool != nullptr) psum.store(ep.pool + t * ep.pool_ts + k);
     }
   }
 }
@@ -421,17 +439,16 @@ constexpr int64_t kChunkK = 64;
 
 // The whole conv: x -> epilogue, with U [P][C][Kp]; blocks of tile_block(.., budget) tiles over the threads.
 // R x R kernel, zero padding R / 2.
-// prefetch: prefetch the predicted next weight (predict_next) while this conv runs.
+// nx: a weight to prefetch into L2 while this conv runs (nullptr: none; residual_group knows its next conv's);
+// the overload below takes `prefetch` instead: prefetch the weight predict_next predicts.
 template <int M, int R = 3, typename S = float>
-void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep, int64_t budget,
-         bool prefetch = false) {
+void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep, int64_t budget, NextWeight nx) {
   constexpr int64_t P = Wino<M, R>::T * Wino<M, R>::T;
   const int64_t tiles = g.N * g.th * g.tw;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t Kc = std::min(g.Kp, kChunkK), nk = div_up(g.Kp, Kc);
   const int64_t TB = tile_block(P, g.Cp, Kc, tiles, threads, budget);
   const int64_t nb = div_up(tiles, TB);
-  const NextWeight nx = prefetch ? predict_next(u, P * g.C * g.Kp * sizeof(float)) : NextWeight{nullptr, 0};
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     // Per-thread scratch kept between calls: a fresh ~0.3-1 MB buffer per call costs page faults and zeroing
     // comparable to a small conv. Every element read is written first in the same block.
@@ -459,6 +476,14 @@ void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep
       }
     }
   });
+}
+
+template <int M, int R = 3, typename S = float>
+void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep, int64_t budget,
+         bool prefetch = false) {
+  constexpr int64_t P = Wino<M, R>::T * Wino<M, R>::T;
+  run<M, R, S>(x, u, g, ep, budget,
+               prefetch ? predict_next(u, P * g.C * g.Kp * sizeof(float)) : NextWeight{nullptr, 0});
 }
 
 // U[p][c][0..Kp) = (G w_c G^T)[p] from a 3x3 weight stored tap-major: tap (i, j), input channel c, output

@@ -108,7 +108,7 @@ class RCAN(SRModel):
     def _forward_fused(self, x: Tensor) -> Tensor:
         """The same network with every conv through ``srkernels.nn.conv2d`` (one prepacked oneDNN call in CPU
         inference) and the group-end and body-end skips as that call's residual post-op."""
-        from ..nn.attention import rcab_group
+        from ..nn.attention import rcab_group, residual_group_inference
         from ..nn.conv import apply_conv
 
         if self.meanshift != "none":
@@ -116,8 +116,11 @@ class RCAN(SRModel):
         x = apply_conv(self.head[0], x)
         h = x
         for group in self.body[:-1]:
-            # training: the whole group as one autograd node (2 saved maps per RCAB instead of 3)
-            out = rcab_group(group.body[:-1], group.body[-1], h)
+            # inference: the whole group as one residual_group call; training: as one autograd node (2 saved maps
+            # per RCAB instead of 3)
+            out = residual_group_inference(group.body, h)
+            if out is None:
+                out = rcab_group(group.body[:-1], group.body[-1], h)
             if out is not None:
                 h = out
                 continue

@@ -2,6 +2,8 @@
 (they subclass them); only ``forward`` differs, calling one fused op (residual add included)."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,11 +13,11 @@ from .. import _backend, ops
 from ..ops import _checks, _dispatch
 from ..ops.balanced_attention import checked_args as bam_checked_args
 from ..ops.channel_attention import checked_args as ca_checked_args
-from ..ops.conv2d_pointwise import conv_backward, run_cpu
+from ..ops.conv2d_pointwise import Winograd, conv_backward, run_cpu
 from ..reference import attention as R
 from . import _amp
 from ._cache import PackCache
-from .conv import conv2d
+from .conv import _packed_weight, conv2d
 
 __all__ = ["ChannelAttention", "BalancedAttention", "RCAB"]
 
@@ -254,3 +256,93 @@ def rcab_group(blocks, tail: nn.Conv2d, x: Tensor) -> Tensor | None:
     if backend == "reference":
         return None
     return _RCABGroup.apply(x, backend, pools.pop() if pools else "avg", tuple(metas), len(blocks), *params)
+
+
+# ---- inference: a whole RCAN residual group as one residual_group call (issue 13) ----
+#
+# The layer-by-layer path makes three op calls per RCAB, and its attention two passes over the feature map (pool,
+# then scale + skip add). ``residual_group`` (srkernels/ops/residual_group.py) folds both passes into the convs'
+# transforms, in one call per group, on the Winograd weights the convs' own pack caches hold.
+
+class _GroupArgs:
+    """What ``residual_group_inference`` keeps per group: the modules it read (as (parent's ``_modules``, name,
+    module)), the parameter slots (module's ``_parameters``, name) with each parameter's identity, version and
+    storage when read, and the op's arguments built from them (None: the op does not serve this group)."""
+
+    __slots__ = ("key", "owners", "slots", "params", "versions", "ptrs", "args")
+
+    def valid(self, key: tuple) -> bool:
+        if key != self.key or not all(d[n] is m for d, n, m in self.owners):
+            return False
+        cur = [d.get(n) for d, n in self.slots]
+        return (all(map(operator.is_, cur, self.params)) and [p._version for p in cur] == self.versions
+                and [p.data_ptr() for p in cur] == self.ptrs)
+
+
+def _group_args(blocks, tail: nn.Conv2d, x: Tensor, key: tuple) -> _GroupArgs:
+    """The arguments of ``residual_group`` after x for this group and input (``args`` None when a conv is not
+    served by Winograd F(m, 3) with one m for all, a conv or FC has no bias or a parametrized weight, or the
+    attention is not RCAN's average-pool one)."""
+    g = _GroupArgs()
+    g.key, g.owners, g.slots, g.args = key, [], [], None
+    ok = key[2] != "reference" and _trainable_group(blocks, tail)
+    mods = []
+    if ok:
+        for b in blocks:
+            body = b._modules["body"]._modules
+            du = body["3"]._modules["conv_du"]._modules
+            g.owners += [(b._modules, "body", b._modules["body"]), (body, "0", body["0"]), (body, "2", body["2"]),
+                         (body, "3", body["3"]), (body["3"]._modules, "conv_du", body["3"]._modules["conv_du"]),
+                         (du, "0", du["0"]), (du, "2", du["2"])]
+            mods += [body["0"], body["2"], du["0"], du["2"]]
+            ok = ok and body["3"].pool == "avg"
+        mods.append(tail)
+        # parametrized weights (weight_norm) are not in _parameters: the layers path serves them
+        ok = ok and all(m._parameters.get("weight") is not None and m._parameters.get("bias") is not None
+                        for m in mods)
+    g.slots = [(m._parameters, n) for m in mods for n in ("weight", "bias")] if ok else []
+    g.params = [d[n] for d, n in g.slots]
+    g.versions = [p._version for p in g.params]
+    g.ptrs = [p.data_ptr() for p in g.params]
+    if not ok:
+        return g
+    us, bs = [], []
+    tiles = set()
+    for c in [m for k, m in enumerate(mods[:-1]) if k % 4 < 2] + [tail]:  # block k's convs, 2k and 2k + 1
+        entry = _packed_weight(c, x)
+        if entry is None or not isinstance(entry[0], Winograd) or entry[0].r != 3:
+            return g
+        tiles.add(entry[0].m)
+        us.append(entry[1])
+        bs.append(c.bias.detach().float())
+    if len(tiles) != 1:
+        return g
+    fcs = [[p.detach().float() for p in (mods[k].weight.flatten(1), mods[k].bias, mods[k + 1].weight.flatten(1),
+                                         mods[k + 1].bias)] for k in range(2, len(mods) - 1, 4)]
+    g.args = (us, bs, *([f[i] for f in fcs] for i in range(4)))
+    return g
+
+
+def residual_group_inference(body: nn.Sequential, x: Tensor) -> Tensor | None:
+    """``body(x) + x`` for the body of RCAN's residual group (RCABs, then a conv) in CPU inference as one
+    ``residual_group`` call; None when it does not apply (grad mode, autocast, torch.compile, not CPU float32 /
+    bfloat16, a layer or conv the op does not serve, the reference backend chosen), for the caller to run the
+    layers."""
+    if (torch.is_grad_enabled() or not x.is_cpu or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+        return None
+    # checked per call (~25 us for RCAN's 41 convs and 20 attentions): the modules, the parameters' identity,
+    # version and storage; the Winograd weights come from the convs' own pack caches
+    layers = body._modules.values()
+    key = (x.shape, x.dtype, _dispatch.choose("residual_group", "cpu"), *map(id, layers))
+    c = body.__dict__.get("_srk_group")
+    c = c.data if c is not None else None  # a PackCache: a module copy starts without one
+    if c is None or not c.valid(key):
+        if not layers:
+            return None
+        *blocks, tail = layers
+        c = _group_args(blocks, tail, x, key)
+        body.__dict__["_srk_group"] = PackCache(None, c)
+    if c.args is None:
+        return None
+    return torch.ops.srkernels.residual_group(x, *c.args)
