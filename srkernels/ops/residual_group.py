@@ -42,18 +42,23 @@ def reference(x: Tensor, weight_t: Sequence[Tensor], bias: Sequence[Tensor], fc_
     return winograd_reference(h, weight_t[-1], bias[-1], "none", x)
 
 
-def _tensor_list(name: str, v, n: int | None) -> list[Tensor]:
-    if not isinstance(v, (list, tuple)) or not all(isinstance(t, Tensor) for t in v):
+def _tensor_list(name: str, v, n: int | None, what: str = "") -> list[Tensor]:
+    """``v`` as a list of tensors, of ``n`` entries if given (``what`` says why, for the error)."""
+    if not isinstance(v, (list, tuple)):
         raise TypeError(f"{name} must be a list of tensors, got {type(v).__name__}")
+    for i, t in enumerate(v):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     if n is not None and len(v) != n:
-        raise ValueError(f"{name} must have {n} entries, got {len(v)}")
+        raise ValueError(f"{name} must have {n} entries ({what}), got {len(v)}")
     return list(v)
 
 
 def _param(name: str, t: Tensor, x: Tensor, shapes: tuple[tuple[int, ...], ...]) -> Tensor:
-    """A float32 copy (or view) of parameter ``t``: x's dtype or float32, on x's device, one of ``shapes``."""
+    """Parameter ``t`` (x's dtype or float32, on x's device, one of ``shapes``) in the kernel's float32; as it is
+    for a float64 x (the reference runs)."""
     _checks.like(name, t, x, shapes, dtype=torch.float32 if t.dtype == torch.float32 else None)
-    return t.float()
+    return t if x.dtype == torch.float64 else t.float()
 
 
 def residual_group(
@@ -79,30 +84,38 @@ def residual_group(
     Returns ``[N, C, H, W]`` in ``x``'s memory format. Inference: a call that needs a gradient runs the
     (differentiable, slow) torch reference."""
     _checks.feature_map("x", x)
+    w1s = _tensor_list("fc_w1", fc_w1, None)
+    n = len(w1s)
+    blocks = f"one per block: {n}, as fc_w1"
+    b1s = _tensor_list("fc_b1", fc_b1, n, blocks)
+    w2s = _tensor_list("fc_w2", fc_w2, n, blocks)
+    b2s = _tensor_list("fc_b2", fc_b2, n, blocks)
+    convs = f"2 per block and the last conv: 2 * {n} + 1"
+    us = _tensor_list("weight_t", weight_t, 2 * n + 1, convs)
+    bs = _tensor_list("bias", bias, 2 * n + 1, convs)
+    # as the op's autocast rule (float32) would cast them, as winograd_conv3x3's front end
+    x, us, bs, w1s, b1s, w2s, b2s = _dispatch.autocast_args(OP, x, us, bs, w1s, b1s, w2s, b2s)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
         raise TypeError(f"x must be float32 or bfloat16 (or float64 for the reference), got dtype {x.dtype}")
     C = x.shape[1]
-    w1s = _tensor_list("fc_w1", fc_w1, None)
-    n = len(w1s)
-    b1s = _tensor_list("fc_b1", fc_b1, n)
-    w2s = _tensor_list("fc_w2", fc_w2, n)
-    b2s = _tensor_list("fc_b2", fc_b2, n)
-    us = _tensor_list("weight_t", weight_t, 2 * n + 1)
-    bs = _tensor_list("bias", bias, 2 * n + 1)
     wdt = x.dtype if x.dtype == torch.float64 else torch.float32
     tiles = set()
     for i, u in enumerate(us):
-        _checks.like(f"weight_t[{i}]", u, x, dtype=wdt)
-        if u.dim() != 3:
-            raise ValueError(f"weight_t[{i}] must be 3-D [P, C, C] (winograd_weight), got shape {list(u.shape)}")
+        name = f"weight_t[{i}]"
+        _checks.like(name, u, x, dtype=wdt)
+        if u.dim() != 3 or u.shape[0] not in (16, 36):
+            raise ValueError(f"{name} must be [16 or 36, C, C] (winograd_weight(w, 2 or 4)), got shape "
+                             f"{list(u.shape)}")
         tiles.add(tile_of(u))
         if tuple(u.shape[1:]) != (C, C):
-            raise ValueError(f"weight_t[{i}] must map x's {C} channels to {C}, got shape {list(u.shape)}")
+            raise ValueError(f"{name} must map x's {C} channels to {C}, got shape {list(u.shape)}")
     if len(tiles) > 1:
-        raise ValueError(f"weight_t must share one tile size, got {sorted(tiles)}")
+        raise ValueError(f"weight_t must share one tile size, got tiles {sorted(tiles)}")
     bs = [_param(f"bias[{i}]", b, x, ((C,),)) for i, b in enumerate(bs)]
     # the hidden width from fc_w1[0] (every FC's shape is checked against it below)
-    Cr = _checks.hidden("fc_w1[0]", w1s[0].shape[0], C) if n and w1s[0].dim() in (2, 4) else 1
+    if n and w1s[0].dim() not in (2, 4):
+        raise ValueError(f"fc_w1[0] must be [Cr, C] or [Cr, C, 1, 1], got shape {list(w1s[0].shape)}")
+    Cr = _checks.hidden("fc_w1[0]", w1s[0].shape[0], C) if n else 1
     w1s = [_param(f"fc_w1[{k}]", w, x, ((Cr, C), (Cr, C, 1, 1))).flatten(1) for k, w in enumerate(w1s)]
     b1s = [_param(f"fc_b1[{k}]", b, x, ((Cr,),)) for k, b in enumerate(b1s)]
     w2s = [_param(f"fc_w2[{k}]", w, x, ((C, Cr), (C, Cr, 1, 1))).flatten(1) for k, w in enumerate(w2s)]

@@ -68,11 +68,12 @@ def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 def assert_thread_independent(run) -> None:
     """``run()`` (-> a tuple of tensors) gives bitwise-equal results with 1 thread and, twice, with the default
-    thread count (the kernels' reductions have a fixed order whatever the threads)."""
+    thread count, at least 2 (the kernels' reductions have a fixed order whatever the threads; the test modules'
+    ``one_thread`` fixture would otherwise make it 1 against 1)."""
     runs = []
     prev = torch.get_num_threads()
     try:
-        for threads in (1, prev, prev):
+        for threads in (1, max(2, prev), max(2, prev)):
             torch.set_num_threads(threads)
             runs.append(run())
     finally:
