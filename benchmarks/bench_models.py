@@ -208,8 +208,9 @@ def bf16_paths() -> dict[str, str]:
     """Which bf16 kernels run on this CPU: "conv" -- oneDNN's bf16 convolution (``onednn_bf16()``: AVX-512 or
     AVX-NE-CONVERT) or eager bf16 convs (fallback), and the 3x3 / 5x5 convs that ``winograd_bf16`` gives to
     Winograd (bf16 storage, float32 arithmetic; on an avx2 / avx512 build); "dense" -- ``dense_block``'s bf16 brgemm micro-kernel (AMX or
-    AVX512-BF16) or its ATen path of fp32 GEMMs on converted operands (fallback, told by the profiler seeing
-    ``aten::mm``, as benchmarks/bench_dense_block_bf16.py)."""
+    AVX512-BF16; its 3x3 layers of >= 64 channels by Winograd where ``winograd_bf16`` says so) or its ATen path of
+    fp32 GEMMs on converted operands (fallback, told by the profiler seeing ``aten::mm``, as
+    benchmarks/bench_dense_block_bf16.py)."""
     from srkernels.ops.conv2d_pointwise import onednn_bf16, winograd_bf16
     from srkernels.ops.winograd_conv3x3 import vector_isa
 
@@ -223,8 +224,10 @@ def bf16_paths() -> dict[str, str]:
     if vector_isa() and winograd_bf16(4, 3, 64, 64):
         conv += (", 3x3 by Winograd F(4,3) on bf16 storage" if onednn_bf16() else
                  ", 3x3 / 5x5 by Winograd on bf16 storage")
-    return {"conv": conv,
-            "dense": "FALLBACK dense_block ATen fp32 GEMMs" if aten else "dense_block bf16 brgemm"}
+    dense = "FALLBACK dense_block ATen fp32 GEMMs" if aten else "dense_block bf16 brgemm"
+    if not aten and onednn_bf16() and vector_isa() and winograd_bf16(4, 3, 64, 64):
+        dense += " (3x3 layers of >= 64 channels by Winograd F(4,3) on bf16 storage)"
+    return {"conv": conv, "dense": dense}
 
 
 def bf16_note(key: str, paths: dict[str, str]) -> str:

@@ -444,8 +444,9 @@ void layer_forward_fast(at::Tensor& buf, const Geom& g, const Layer& l, const at
 // in-place update misses; entries of freed weights go at the next call; srkernels.empty_cpu_cache() drops all).
 at::Tensor winograd_u_compute(const at::Tensor& w, int m, int64_t Kp) {
   const int64_t K = w.size(0), C = w.size(1), P = (m + 2) * (m + 2);
-  const at::Tensor wt = w.permute({2, 3, 1, 0}).contiguous();  // [3, 3, C, K]: no copy for cpu_layout weights
-  at::Tensor u = at::empty({P * C * Kp}, w.options());
+  // [3, 3, C, K]: no copy for float32 cpu_layout weights; a bf16 weight's exact float32 copy
+  const at::Tensor wt = w.to(at::kFloat).permute({2, 3, 1, 0}).contiguous();
+  at::Tensor u = at::empty({P * C * Kp}, w.options().dtype(at::kFloat));
   if (m == 2) {
     wino::transform_weight<2>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
   } else {
@@ -459,21 +460,24 @@ at::Tensor winograd_u(const at::Tensor& w, int m, int64_t Kp) {
   return cached_weight_transform(w, m, [&] { return winograd_u_compute(w, m, Kp); });
 }
 
-// A 3x3 (padding 1) fp32 layer by Winograd F(m x m, 3 x 3), m = 2 or 4 (csrc/cpu/winograd.h, the kernel of
+// A 3x3 (padding 1) layer by Winograd F(m x m, 3 x 3), m = 2 or 4 (csrc/cpu/winograd.h, the kernel of
 // winograd_conv3x3): the input transform reads the layer's input range straight from the buffer rows (the
 // border pixels hold zeros: they are the padding), the output transform writes the epilogue (bias, residual,
 // ReLU, split destinations) into its slices. Each layer transforms its own input range (keeping the
 // Winograd-domain buffer across layers instead would hold (m+2)^2/m^2 x the whole buffer in memory).
+// T: the buffer's float32, or bf16 storage (float32 transforms and GEMMs, each output rounded once, as
+// winograd_conv3x3's bf16 storage).
+template <typename T>
 void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, const at::Tensor& w,
                             const at::Tensor& bias, int m) {
   const int64_t Tc = buf.size(1), C = l.in_len, K = l.G, Kp = div_up(K, 16) * 16;
   const at::Tensor u = winograd_u(w, m, Kp);
   const at::Tensor bf = bias.to(at::kFloat).contiguous();
-  float* origin = buf.data_ptr<float>() + (g.margin + g.p * g.Wp + g.p) * Tc;  // interior pixel (0, 0)
+  T* origin = buf.data_ptr<T>() + (g.margin + g.p * g.Wp + g.p) * Tc;  // interior pixel (0, 0)
   const int64_t ns = g.Hp * g.Wp * Tc, hs = g.Wp * Tc;
-  const wino::Pixels<> px{origin + l.in_start, ns, hs, Tc, -g.p, g.p};
-  float* out = origin + l.out_start;
-  const wino::Epilogue<> ep{out,  l.out_split < K ? origin + l.out2_start : out, l.out_split,
+  const wino::Pixels<T> px{origin + l.in_start, ns, hs, Tc, -g.p, g.p};
+  T* out = origin + l.out_start;
+  const wino::Epilogue<T> ep{out,  l.out_split < K ? origin + l.out2_start : out, l.out_split,
                           l.res_start >= 0 ? origin + l.res_start : nullptr, /*res_first=*/true,
                           l.relu ? wino::Act::Relu : wino::Act::None, bf.const_data_ptr<float>(), ns, hs, Tc};
   const wino::Geo geo{g.N, C, g.H, g.W, K, Kp, div_up(C, wino::VW) * wino::VW, div_up(g.H, m), div_up(g.W, m)};
@@ -868,18 +872,19 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
   at::Tensor buf = new_buffer_fast(x, pl, g);
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    // fp32 3x3 layers by Winograd where winograd_conv3x3 would run them (winograd_tile, winograd_use)
-    int wtile = 0;
-    if constexpr (std::is_same_v<T, float>) {
-      wtile = pl.k == 3 ? winograd_tile(pl.training) : 0;
+    // 3x3 layers by Winograd where winograd_conv3x3 would run them: fp32 by winograd_tile and winograd_use; bf16
+    // (inference, here with native bf16 and brgemm) by winograd_bf16 (srkernels/ops/conv2d_pointwise.py): F(4,3)
+    // on >= 64 channels in and out, not on AMX (oneDNN's tile convs are left to run)
+    int wtile = pl.k == 3 ? winograd_tile(pl.training) : 0;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (pl.training || wtile != 4 || blas::could_pack(at::kBFloat16)) wtile = 0;
     }
     for (const auto i : c10::irange(pl.layers.size())) {
       const Layer& l = pl.layers[i];
-      if constexpr (std::is_same_v<T, float>) {
-        if (wtile != 0 && wino::use(l.in_len, l.G, g.H, g.W)) {
-          layer_forward_winograd(buf, g, l, weights[i], biases[i], wtile);
-          continue;
-        }
+      const bool wide = std::is_same_v<T, float> || std::min(l.in_len, l.G) >= 64;
+      if (wtile != 0 && wide && wino::use(l.in_len, l.G, g.H, g.W)) {
+        layer_forward_winograd<T>(buf, g, l, weights[i], biases[i], wtile);
+        continue;
       }
       layer_forward_fast<T>(buf, g, l, weights[i], biases[i]);
     }

@@ -77,3 +77,55 @@ def test_bf16_micro_kernel_matches_aten_path_and_float64(monkeypatch, fmt):
     for i, (a, b) in enumerate(zip(fast, aten)):
         assert_close(a.float(), b.float(), torch.bfloat16, f"tensor {i}")
     assert_close(fast[0].double(), ref(x.double()), torch.bfloat16, "output vs float64")
+
+
+# ---- bf16 inference: 3x3 layers of >= 64 channels in and out by Winograd F(4,3) on bf16 storage (csrc/cpu/
+# dense_block.cpp, the rule of winograd_bf16 in srkernels/ops/conv2d_pointwise.py: not on AMX CPUs), the others
+# and training on brgemm.
+
+def _wide_block(growth, seed=2):
+    torch.manual_seed(seed)
+    m = N.ResidualDenseBlock(64, growth, 3).to(torch.bfloat16).eval()
+    for p in m.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    ref = R.ResidualDenseBlock(64, growth, 3).double()
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    return m, ref
+
+
+def _winograd_capability() -> bool:
+    return _backend._C.cpu_capability() in ("avx2", "avx512")
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt):
+    m, ref = _wide_block(64)
+    x = torch.randn(2, 64, 9, 11).bfloat16()  # 99 px: inside winograd_use
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run(tile):
+        monkeypatch.setenv("SRKERNELS_WINOGRAD", tile)
+        with torch.no_grad():
+            return m(x)
+
+    wino, brgemm = run("4"), run("0")
+    want = ref(x.double())
+    assert_close(wino.double(), want, torch.bfloat16, "Winograd on bf16 storage vs float64")
+    assert_close(brgemm.double(), want, torch.bfloat16, "brgemm vs float64")
+    expected = _winograd_capability() and not _backend._C.amx_bf16()
+    assert (not torch.equal(wino, brgemm)) == expected, "Winograd ran" if not expected else "Winograd did not run"
+    monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
+    with torch.enable_grad():  # training keeps brgemm (bf16 Winograd serves inference only)
+        assert torch.equal(m(x.clone().requires_grad_()).detach(), brgemm)
+
+
+def test_bf16_narrow_layers_stay_on_brgemm(monkeypatch):
+    m, _ = _wide_block(32)  # growth 32 < 64: winograd_bf16 measured oneDNN's bf16 conv faster
+    x = torch.randn(1, 64, 10, 10).bfloat16()
+    outs = []
+    for tile in ("4", "0"):
+        monkeypatch.setenv("SRKERNELS_WINOGRAD", tile)
+        with torch.no_grad():
+            outs.append(m(x))
+    assert torch.equal(*outs)
