@@ -211,7 +211,8 @@ class Recorder(TorchDispatchMode):
 
 
 # bf16 storage, float32 arithmetic: a bf16 call keeps its (transformed) weight in float32 by design (docs/ops.md)
-STORAGE_ONLY = ("srkernels.winograd_conv3x3", "srkernels.winograd_conv5x5", "srkernels.direct_conv2d")
+STORAGE_ONLY = ("srkernels.winograd_conv3x3", "srkernels.winograd_conv5x5", "srkernels.direct_conv2d",
+                "srkernels.residual_group")
 
 
 @pytest.mark.parametrize("key", list(MODELS))

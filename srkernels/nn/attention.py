@@ -279,13 +279,14 @@ class _GroupArgs:
                 and [p.data_ptr() for p in cur] == self.ptrs)
 
 
-def _group_args(blocks, tail: nn.Conv2d, x: Tensor, key: tuple) -> _GroupArgs:
+def _group_args(blocks, tail: nn.Conv2d, x: Tensor, key: tuple, amp: torch.dtype | None) -> _GroupArgs:
     """The arguments of ``residual_group`` after x for this group and input (``args`` None when a conv is not
     served by Winograd F(m, 3) with one m for all, a conv or FC has no bias or a parametrized weight, or the
-    attention is not RCAN's average-pool one)."""
+    attention is not RCAN's average-pool one). ``amp``: CPU autocast's dtype, whose copies of the weights the
+    layers would run on (nn/_amp.py), or None."""
     g = _GroupArgs()
     g.key, g.owners, g.slots, g.args = key, [], [], None
-    ok = key[2] != "reference" and _trainable_group(blocks, tail)
+    ok = key[3] != "reference" and _trainable_group(blocks, tail)
     mods = []
     if ok:
         for b in blocks:
@@ -309,6 +310,8 @@ def _group_args(blocks, tail: nn.Conv2d, x: Tensor, key: tuple) -> _GroupArgs:
     us, bs = [], []
     tiles = set()
     for c in [m for k, m in enumerate(mods[:-1]) if k % 4 < 2] + [tail]:  # block k's convs, 2k and 2k + 1
+        if amp is not None:
+            c = _amp.conv_twin(c, amp)
         entry = _packed_weight(c, x)
         if entry is None or not isinstance(entry[0], Winograd) or entry[0].r != 3:
             return g
@@ -317,32 +320,39 @@ def _group_args(blocks, tail: nn.Conv2d, x: Tensor, key: tuple) -> _GroupArgs:
         bs.append(c.bias.detach().float())
     if len(tiles) != 1:
         return g
-    fcs = [[p.detach().float() for p in (mods[k].weight.flatten(1), mods[k].bias, mods[k + 1].weight.flatten(1),
-                                         mods[k + 1].bias)] for k in range(2, len(mods) - 1, 4)]
+    cast = (lambda p: p.detach().to(amp).float()) if amp is not None else (lambda p: p.detach().float())
+    fcs = [[cast(p) for p in (mods[k].weight.flatten(1), mods[k].bias, mods[k + 1].weight.flatten(1),
+                              mods[k + 1].bias)] for k in range(2, len(mods) - 1, 4)]
     g.args = (us, bs, *([f[i] for f in fcs] for i in range(4)))
     return g
 
 
 def residual_group_inference(body: nn.Sequential, x: Tensor) -> Tensor | None:
     """``body(x) + x`` for the body of RCAN's residual group (RCABs, then a conv) in CPU inference as one
-    ``residual_group`` call; None when it does not apply (grad mode, autocast, torch.compile, not CPU float32 /
-    bfloat16, a layer or conv the op does not serve, the reference backend chosen), for the caller to run the
-    layers."""
+    ``residual_group`` call; None when it does not apply (grad mode, torch.compile, not CPU float32 / bfloat16, a
+    layer or conv the op does not serve, the reference backend chosen), for the caller to run the layers. Under
+    CPU autocast, with x already in its dtype (a fused RCAN's head conv returns it), on the weight copies the
+    layers would use (nn/_amp.py), so both paths compute the same."""
     if (torch.is_grad_enabled() or not x.is_cpu or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
-            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling()):
+        return None
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if amp is not None and x.dtype is not amp:
         return None
     # checked per call (~25 us for RCAN's 41 convs and 20 attentions): the modules, the parameters' identity,
     # version and storage; the Winograd weights come from the convs' own pack caches
     layers = body._modules.values()
-    key = (x.shape, x.dtype, _dispatch.choose("residual_group", "cpu"), *map(id, layers))
+    key = (x.shape, x.dtype, amp, _dispatch.choose("residual_group", "cpu"), *map(id, layers))
     c = body.__dict__.get("_srk_group")
     c = c.data if c is not None else None  # a PackCache: a module copy starts without one
     if c is None or not c.valid(key):
         if not layers:
             return None
         *blocks, tail = layers
-        c = _group_args(blocks, tail, x, key)
+        c = _group_args(blocks, tail, x, key, amp)
         body.__dict__["_srk_group"] = PackCache(None, c)
     if c.args is None:
         return None
+    if amp is not None:  # x and the weights have their dtypes: the op's own autocast rule (float32) must not cast
+        return _dispatch.call_cast(torch.ops.srkernels.residual_group, x, *c.args)
     return torch.ops.srkernels.residual_group(x, *c.args)

@@ -81,7 +81,25 @@ def test_bf16_model(group_calls, monkeypatch):
     assert (got.float() - want).abs().max().item() <= 0.05 * rng
 
 
-@pytest.mark.parametrize("case", ["grad", "autocast", "bam", "reference backend", "small image"])
+def test_autocast(group_calls, monkeypatch):
+    """CPU autocast inference: the group runs on the bf16 weight copies the layers use (64 features: bf16
+    Winograd's rule on CPUs with native bf16; AMX CPUs leave the convs to oneDNN, then the layers run)."""
+    ref, fused = pair("rcan", 2, dict(CFG, n_feats=64, reduction=16), small=False)
+    ref.eval(), fused.eval()
+    x = inputs(ref)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(x)
+        assert group_calls == ["op" if winograd_bf16(4, 3, 64, 64) else "layers"] * 2
+        layers = layers_forward(fused, x, monkeypatch)
+    with torch.no_grad():
+        want = ref(x)
+    assert got.dtype == layers.dtype == torch.bfloat16
+    rng = want.abs().max().item()
+    assert (got.float() - layers.float()).abs().max().item() <= 0.02 * rng  # as test_bf16_model
+    assert (got.float() - want).abs().max().item() <= 0.05 * rng
+
+
+@pytest.mark.parametrize("case", ["grad", "autocast fp16", "bam", "reference backend", "small image"])
 def test_other_calls_run_the_layers(group_calls, case):
     ref, fused = pair("rcan", 2, dict(CFG, bam=case == "bam"), small=False)
     ref.eval(), fused.eval()
@@ -92,8 +110,8 @@ def test_other_calls_run_the_layers(group_calls, case):
         want = ref(x)
     if case == "grad":
         got = fused(x.requires_grad_())
-    elif case == "autocast":
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    elif case == "autocast fp16":  # the op stores float32 or bf16 only
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
             got = fused(x).float()
     elif case == "reference backend":
         with torch.no_grad(), srkernels.use_backend("reference"):
@@ -102,7 +120,7 @@ def test_other_calls_run_the_layers(group_calls, case):
         with torch.no_grad():
             got = fused(x)
     assert group_calls and set(group_calls) == {"layers"}
-    if case != "autocast":
+    if case != "autocast fp16":
         close(got.detach(), want, case)
 
 
