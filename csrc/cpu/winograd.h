@@ -249,6 +249,9 @@ struct Pixels {
 // storage type S (a bf16 result is rounded once, after the residual add); the bias is float.
 // pool (when set): tile t's sum of its stored outputs per channel k, at pool[t * pool_ts + k] (the channel
 // attention's average pool without a pass of its own; residual_group).
+// shuffle r > 1: a pixel shuffle in the store (winograd_conv3x3's `upscale`; no residual, no split): channel k =
+// (i * r + j) * (K / r^2) + c of pixel (h, w) goes to channel c of pixel (h * r + i, w * r + j); ns, hs, ws are
+// then the strides of the r-times larger output, of K / r^2 channels.
 enum class Act { None, Relu };
 template <typename S = float>
 struct Epilogue {
@@ -262,6 +265,7 @@ struct Epilogue {
   int64_t ns, hs, ws;
   float* pool = nullptr;
   int64_t pool_ts = 0;
+  int64_t shuffle = 1;
 };
 
 // v as stored in S and read back (bf16: rounded; float: itself).
@@ -353,18 +357,34 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int
       }
       const Vec vb = ep.bias ? (cnt == VW ? Vec::loadu(ep.bias + k) : Vec::loadu(ep.bias + k, cnt)) : zero;
       Vec psum(0.f);  // lanes past cnt stay 0: M's padding columns are 0 and the bias load is masked
+      // the pixel shuffle: sub-pixel (si, sj) of this vector's channels, channel kc of the output
+      const int64_t rs = ep.shuffle, cs = g.K / (rs * rs), sub = k / cs, kc = rs > 1 ? k % cs : k;
+      const int64_t si = rs > 1 ? sub / rs : 0, sj = rs > 1 ? sub % rs : 0;
+      const bool straddles = rs > 1 && (k + cnt - 1) / cs != sub;
       for (int a = 0; a < mh; ++a) {
         Vec y[M];
         Wn::at(e[a], y);
         for (int b = 0; b < mw; ++b) {
-          const int64_t off = n * ep.ns + (h0 + a) * ep.hs + (w0 + b) * ep.ws;
+          const int64_t off = n * ep.ns + ((h0 + a) * rs + si) * ep.hs + ((w0 + b) * rs + sj) * ep.ws;
           Vec v = y[b] + vb;
           const Vec r = ep.res ? load_n(ep.res + off + k, cnt) : zero;
           if (ep.res_first) v = v + r;
           if (ep.act == Act::Relu) v = at::vec::clamp_min(v, zero);
           if (!ep.res_first) v = v + r;
           if (ep.pool != nullptr) psum = psum + stored<S>(v);
-          if (k + cnt <= ep.split) {
+          if (rs > 1) {
+            if (!straddles) {
+              store_n(ep.out + off + kc, v, cnt);
+            } else {  // channels of two sub-pixels (K / r^2 not a multiple of the vector): one at a time
+              alignas(64) float tmp[VW];
+              v.store(tmp);
+              for (int64_t q = 0; q < cnt; ++q) {
+                const int64_t kq = k + q, sq = kq / cs;
+                const int64_t o = n * ep.ns + ((h0 + a) * rs + sq / rs) * ep.hs + ((w0 + b) * rs + sq % rs) * ep.ws;
+                ep.out[o + kq % cs] = static_cast<S>(tmp[q]);
+              }
+            }
+          } else if (k + cnt <= ep.split) {
             store_n(ep.out + off + k, v, cnt);
           } else if (k >= ep.split) {
             store_n(ep.out2 + off + k - ep.split, v, cnt);

@@ -40,7 +40,7 @@ using namespace wino;
 // kernel (3: P = 16 F(2,3) or 36 F(4,3); 5: P = 36 F(2,5)).
 at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, const at::Tensor& weight_t,
                              const std::optional<at::Tensor>& bias_in, c10::string_view act_s,
-                             const std::optional<at::Tensor>& residual) {
+                             const std::optional<at::Tensor>& residual, int64_t upscale = 1) {
   const auto dt = x_in.scalar_type();
   TORCH_CHECK(x_in.dim() == 4 && (dt == at::kFloat || dt == at::kBFloat16), name,
               ": x must be 4-D float32 or bfloat16");
@@ -57,16 +57,22 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
   const int M = R == 5 ? 2 : P == 16 ? 2 : 4;
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = weight_t.size(2);
   TORCH_CHECK(weight_t.size(1) == C, name, ": weight_t has ", weight_t.size(1), " input channels, x has ", C);
+  // upscale r: the output pixel-shuffled in the store (docs/ops.md: channel (i * r + j) * K / r^2 + c)
+  const int64_t r = upscale;
+  TORCH_CHECK(r >= 1 && K % (r * r) == 0, name, ": upscale must be >= 1 and divide C_out (", K, ") by its square, ",
+              "got ", r);
+  TORCH_CHECK(r == 1 || !residual.has_value(), name, ": a residual cannot be added with upscale > 1");
+  const int64_t Ko = K / (r * r), Ho = H * r, Wo = W * r;
   // computed channels_last; returned in x's suggested format (the fake's rule: srkernels/ops/winograd_conv3x3.py)
   const auto fmt = x_in.suggest_memory_format();
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(cl);
   // from the output cache: an upsampler conv's output (RCAN x4 at LR 96: 38 MB) would be page-faulted afresh on
   // every call (runtime/output_cache.h)
-  at::Tensor out = empty_output({N, K, H, W}, x.options(), cl);
+  at::Tensor out = empty_output({N, Ko, Ho, Wo}, x.options(), cl);
   auto finish = [&]() {
     if (fmt == cl) return out;
-    at::Tensor o = empty_output({N, K, H, W}, x.options(), fmt);
+    at::Tensor o = empty_output({N, Ko, Ho, Wo}, x.options(), fmt);
     o.copy_(out);
     return o;
   };
@@ -105,11 +111,11 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
   const Geo g{N, C, H, W, K, Kp, div_up(C, VW) * VW, div_up(H, M), div_up(W, M)};
   auto go = [&](auto zero) {
     using S = decltype(zero);
-    const S* r = res.defined() ? res.const_data_ptr<S>() : nullptr;
+    const S* rp = res.defined() ? res.const_data_ptr<S>() : nullptr;
     // NHWC: zero outside the image
     const Pixels<S> px{x.const_data_ptr<S>(), H * W * C, W * C, C, 0, 0};
     S* o = out.mutable_data_ptr<S>();
-    const Epilogue<S> ep{o, o, K, r, /*res_first=*/false, act, b, H * W * K, W * K, K};
+    const Epilogue<S> ep{o, o, K, rp, /*res_first=*/false, act, b, Ho * Wo * Ko, Wo * Ko, Ko, nullptr, 0, r};
     const bool pf = prefetch_on();
     if (R == 5) {
       run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(2), pf);
@@ -128,8 +134,8 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
 }
 
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight_t, const std::optional<at::Tensor>& bias,
-                                c10::string_view act, const std::optional<at::Tensor>& residual) {
-  return winograd_conv_cpu("winograd_conv3x3", 3, x, weight_t, bias, act, residual);
+                                c10::string_view act, const std::optional<at::Tensor>& residual, int64_t upscale) {
+  return winograd_conv_cpu("winograd_conv3x3", 3, x, weight_t, bias, act, residual, upscale);
 }
 
 at::Tensor winograd_conv5x5_cpu(const at::Tensor& x, const at::Tensor& weight_t, const std::optional<at::Tensor>& bias,

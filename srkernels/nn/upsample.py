@@ -12,14 +12,44 @@ from torch._prims_common import suggest_memory_format
 
 from .. import ops
 from ..reference import upsample as R
+from ..ops.conv2d_pointwise import Winograd
+from ..ops.winograd_conv3x3 import shuffle_order
 from . import _amp
-from .conv import conv2d
+from ._cache import PackCache
+from .conv import _packable, _packed_weight, conv2d
 
 __all__ = ["Upsampler", "UPNet", "PixelShuffleUpsampler", "MeanShift", "MeanPaddedConv2d", "fold_mean_shift", "icnr_",
            "icnr_upsampler_"]
 
 
+def _winograd_stage(conv: nn.Conv2d, r: int, x: Tensor) -> Tensor | None:
+    """conv + bias + pixel shuffle as one ``winograd_conv3x3(upscale=r)`` call (the shuffle in the conv's store) in
+    CPU inference where Winograd serves the conv (its pack cache's weight, output channels put in
+    ``shuffle_order``: no pass of its own over the r^2-times larger map); None otherwise."""
+    if (torch.is_grad_enabled() or not x.is_cpu or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or type(conv) is not nn.Conv2d or conv.out_channels % (r * r)):
+        return None
+    entry = _packed_weight(conv, x) if _packable(conv, x, None) else None
+    if entry is None or not isinstance(entry[0], Winograd) or entry[0].r != 3:
+        return None
+    b = conv._parameters.get("bias")
+    c = conv.__dict__.get("_srk_shuffle")
+    c = c.data if c is not None else None  # a PackCache: a module copy starts without one
+    if not (c is not None and c[0] is entry[1] and c[1] == r and c[2] is b
+            and (b is None or c[3] == (b._version, b.data_ptr()))):
+        order = shuffle_order(conv.out_channels, r)
+        with torch.inference_mode(False):
+            u = entry[1][:, :, order].contiguous()  # the transform of weight[order]: linear per output channel
+            bo = None if b is None else b.detach()[order]
+        c = (entry[1], r, b, None if b is None else (b._version, b.data_ptr()), u, bo)
+        conv.__dict__["_srk_shuffle"] = PackCache(None, c)
+    return torch.ops.srkernels.winograd_conv3x3(x, c[4], c[5], "none", None, r)
+
+
 def _stage(conv: nn.Conv2d, shuffle: nn.PixelShuffle, x: Tensor) -> Tensor:
+    y = _winograd_stage(conv, shuffle.upscale_factor, x)
+    if y is not None:
+        return y
     y = conv2d(conv, x, with_bias=False)
     bias = conv.bias
     if bias is not None and bias.dtype != y.dtype and _amp.dtype(y, bias) == y.dtype:

@@ -156,11 +156,31 @@ def tiled_reference(x: Tensor, weight_t: Tensor, bias: Tensor | None, act: str, 
 
 
 def reference(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, act: str = "none",
-              residual: Tensor | None = None) -> Tensor:
+              residual: Tensor | None = None, upscale: int = 1) -> Tensor:
     """The op in plain torch ops on ``weight_t`` (any dtype and device, differentiable): the same tiles and
     transforms as the kernel, in ``x``'s dtype. The exact-arithmetic equal of
-    ``act(F.conv2d(x, w, bias, padding=1)) (+ residual)`` for ``weight_t = winograd_weight(w, m)``."""
-    return tiled_reference(x, weight_t, bias, act, residual, tile_of(weight_t), 3)
+    ``act(F.conv2d(x, w, bias, padding=1)) (+ residual)`` for ``weight_t = winograd_weight(w, m)``; with
+    ``upscale`` r, then ``subpixel_shuffle(y, r)``."""
+    y = tiled_reference(x, weight_t, bias, act, residual, tile_of(weight_t), 3)
+    return y if upscale == 1 else subpixel_shuffle(y, upscale)
+
+
+def subpixel_shuffle(y: Tensor, r: int) -> Tensor:
+    """The op's ``upscale`` rearrangement: channel ``(i * r + j) * (C / r^2) + c`` of pixel (h, w) -> channel c of
+    pixel (h * r + i, w * r + j) (sub-pixel-major: a vector of channels stays one sub-pixel's, so the kernel
+    stores it whole). ``torch.pixel_shuffle(y, r)`` is this for ``y``'s channels in ``shuffle_order(C, r)``."""
+    N, C, H, W = y.shape
+    c = C // (r * r)
+    out = y.reshape(N, r, r, c, H, W).permute(0, 3, 4, 1, 5, 2).reshape(N, c, H * r, W * r)
+    return out.contiguous(memory_format=_checks.suggest_memory_format(y))
+
+
+def shuffle_order(channels: int, r: int) -> Tensor:
+    """The permutation of a conv's ``channels`` output channels after which ``upscale=r`` equals
+    ``torch.pixel_shuffle``: ``winograd_weight(w[order], m)`` and ``bias[order]`` (channel ``c * r^2 + i * r + j``
+    of torch's order moves to ``(i * r + j) * (channels / r^2) + c``)."""
+    c = channels // (r * r)
+    return torch.arange(channels).view(c, r * r).t().reshape(-1)
 
 
 def conv_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none",
@@ -181,6 +201,7 @@ def winograd_conv3x3(
     *,
     act: str | None = None,
     residual: Tensor | None = None,
+    upscale: int = 1,
 ) -> Tensor:
     """``act(conv3x3(x) + bias) (+ residual)``, stride 1, zero padding 1, by Winograd F(m x m, 3x3).
 
@@ -193,11 +214,15 @@ def winograd_conv3x3(
         bias: ``(C_out,)`` of x's dtype or float32, or None.
         act: None/``"none"`` or ``"relu"`` (applied before the residual add).
         residual: optional ``[N, C_out, H, W]`` tensor added last (any layout).
+        upscale: r >= 1; r > 1 stores the result pixel-shuffled (``subpixel_shuffle``: ``[N, C_out / r^2, H r,
+            W r]``; no residual), the upsampler's conv + shuffle in one pass: for ``torch.pixel_shuffle``'s
+            result, prepare ``weight_t`` and ``bias`` in ``shuffle_order(C_out, r)``.
 
-    Returns ``[N, C_out, H, W]`` in ``x``'s memory format. Inference: no autograd through the compiled
-    kernel; a call that needs a gradient runs the (differentiable, slow) torch reference instead.
+    Returns ``[N, C_out, H, W]`` (``upscale`` r: ``[N, C_out / r^2, H r, W r]``) in ``x``'s memory format.
+    Inference: no autograd through the compiled kernel; a call that needs a gradient runs the (differentiable,
+    slow) torch reference instead.
     """
-    return run_op(OP, winograd_channels(tile_of), reference, x, weight_t, bias, act, residual)
+    return run_op(OP, winograd_channels(tile_of), reference, x, weight_t, bias, act, residual, upscale)
 
 
 def winograd_channels(tile_of_fn):
@@ -212,10 +237,11 @@ def winograd_channels(tile_of_fn):
     return channels
 
 
-def run_op(op: str, channels, ref, x, weight_t, bias, act, residual) -> Tensor:
+def run_op(op: str, channels, ref, x, weight_t, bias, act, residual, upscale: int = 1) -> Tensor:
     """Validate and run ``op`` (a conv kernel on a prepared weight: winograd_conv3x3, winograd_conv5x5,
     direct_conv2d); ``channels(weight_t)`` checks weight_t's layout (ValueError) and returns its ``(C_in,
-    C_out)``, ``ref`` is the op's reference: the body of their public functions."""
+    C_out)``, ``ref`` is the op's reference: the body of their public functions. ``upscale`` (winograd_conv3x3
+    only) is passed on when not 1."""
     _checks.feature_map("x", x)
     x, weight_t, bias, residual = _dispatch.autocast_args(op, x, weight_t, bias, residual)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
@@ -241,7 +267,15 @@ def run_op(op: str, channels, ref, x, weight_t, bias, act, residual) -> Tensor:
     if residual is not None:
         _checks.like("residual", residual, x, ((N, K, H, W),))
     args = (x, weight_t, bias, act, residual)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3] + args[4:])
+    if upscale != 1:
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"upscale must be an int >= 1, got {upscale!r}")
+        if K % (upscale * upscale):
+            raise ValueError(f"upscale {upscale} needs C_out divisible by {upscale * upscale}, got {K}")
+        if residual is not None:
+            raise ValueError("residual cannot be added with upscale > 1")
+        args += (upscale,)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:3] + args[4:5])
     backend = "reference" if needs_grad or x.dtype == torch.float64 else _dispatch.choose(op, x.device.type)
     return _dispatch.run(backend, op, args, lambda: ref(*args))
 
@@ -285,17 +319,19 @@ def current_capability(capability: str | None = None) -> str | None:
 
 
 def fake_for(op: str):
-    """The fake (meta) kernel of ``op``: this op's and winograd_conv5x5's (the same output rule)."""
-    def _fake(x, weight_t, bias, act, residual):
+    """The fake (meta) kernel of ``op``: this op's and winograd_conv5x5's (the same output rule; ``upscale``:
+    this op's only)."""
+    def _fake(x, weight_t, bias, act, residual, upscale=1):
         torch._check(act in ACTS, lambda: f"{op}: act must be one of {ACTS}, got {act!r}")
         N, _, H, W = x.shape
-        return x.new_empty((N, weight_t.shape[2], H, W)).contiguous(memory_format=_checks.suggest_memory_format(x))
+        shape = (N, weight_t.shape[2] // (upscale * upscale), H * upscale, W * upscale)
+        return x.new_empty(shape).contiguous(memory_format=_checks.suggest_memory_format(x))
     return _fake
 
 
 SPEC = OpSpec(
     name=OP,
-    schemas={OP: "(Tensor x, Tensor weight_t, Tensor? bias, str act, Tensor? residual) -> Tensor"},
+    schemas={OP: "(Tensor x, Tensor weight_t, Tensor? bias, str act, Tensor? residual, int upscale=1) -> Tensor"},
     fakes={OP: fake_for(OP)},
     autograd={},
     reference=reference,

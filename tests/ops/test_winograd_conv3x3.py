@@ -321,3 +321,68 @@ def test_next_weight_prefetch_moves_no_value(monkeypatch):
         for y in ys:
             assert torch.equal(y, outs["0"][0]), setting
     assert _err(outs[None][2], ref) <= TOL[4]
+
+
+# ---- upscale: the pixel shuffle in the store (an upsampler's conv + shuffle in one pass) ----
+
+# (N, C_in, C_out, r, H, W): RCAN's 64 -> 256 stage, odd sizes, a channel count per sub-pixel that is not a multiple
+# of the vector (36 / 9 = 4, 40 / 4 = 10: vectors straddling two sub-pixels), a 3x stage
+UPSCALE = [(1, 64, 256, 2, 13, 11), (2, 16, 36, 3, 7, 9), (1, 24, 40, 2, 8, 5), (1, 32, 64, 2, 1, 3)]
+
+
+@compiled
+@pytest.mark.parametrize("m", W.TILES)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", UPSCALE, ids=str)
+def test_upscale_is_conv_then_pixel_shuffle(shape, fmt, m):
+    N, C, K, r, H, Wd = shape
+    for i, (bias, act) in enumerate([(True, "relu"), (False, "none")]):
+        x, w, _, b, _ = _inputs(N, C, K, H, Wd, m, bias, False, seed=7 * i)
+        x = layout(x, fmt)
+        o = W.shuffle_order(K, r)
+        u, bo = W.winograd_weight(w[o], m), None if b is None else b[o]
+        y = W.winograd_conv3x3(x, u, bo, act=act, upscale=r)
+        assert y.shape == (N, K // (r * r), H * r, Wd * r)
+        if fmt != "strided":
+            assert y.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else
+                                   torch.contiguous_format)
+        # bitwise the kernel without upscale, shuffled: the same sums, only the store moves
+        plain = W.winograd_conv3x3(x, u, bo, act=act)
+        assert torch.equal(y, W.subpixel_shuffle(plain, r))
+        d = (lambda t: None if t is None else t.double())
+        want = F.pixel_shuffle(W.conv_reference(x.double(), w.double(), d(b), act), r)
+        assert _err(y, want) <= TOL[m], (shape, fmt, m, i)
+        assert _err(y, W.reference(x.double(), u.double(), d(bo), act, None, r)) <= TOL[m]
+
+
+@compiled
+def test_upscale_bf16_and_opcheck():
+    x, w, _, b, _ = _inputs(1, 64, 256, 9, 10, 4, True, False, seed=3)
+    o = W.shuffle_order(256, 2)
+    u = W.winograd_weight(w[o], 4)
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    y = W.winograd_conv3x3(xb, u, b[o].bfloat16(), act="relu", upscale=2)
+    plain = W.winograd_conv3x3(xb, u, b[o].bfloat16(), act="relu")
+    assert y.dtype == torch.bfloat16 and torch.equal(y, W.subpixel_shuffle(plain, 2))
+    for xi, bi in ((x, b[o]), (xb, b[o]), (layout(x, "strided"), None)):
+        torch.library.opcheck(torch.ops.srkernels.winograd_conv3x3, (xi, u, bi, "relu", None, 2))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(upscale=0), ValueError, "upscale must be an int >= 1, got 0"),
+    (dict(upscale=2.0), ValueError, "upscale must be an int >= 1, got 2.0"),
+    (dict(upscale=3), ValueError, "upscale 3 needs C_out divisible by 9, got 16"),
+    (dict(upscale=2, residual=torch.zeros(1, 16, 5, 6)), ValueError, "residual cannot be added with upscale > 1"),
+])
+def test_upscale_bad_input(kw, exc, match):
+    x, w, u, b, _ = _inputs(1, 8, 16, 5, 6, 4, True, False)
+    with pytest.raises(exc, match=match):
+        W.winograd_conv3x3(x, u, b, **kw)
+
+
+def test_shuffle_order_gives_torch_pixel_shuffle():
+    # reference-level (no kernel): conv in shuffle_order, then subpixel_shuffle == torch.pixel_shuffle of the conv
+    x, w, _, b, _ = _inputs(2, 5, 18, 4, 3, 2, True, False)
+    o = W.shuffle_order(18, 3)
+    y = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert torch.equal(W.subpixel_shuffle(y[:, o], 3), F.pixel_shuffle(y, 3))
