@@ -107,7 +107,7 @@ at::Tensor residual_group_cpu(const at::Tensor& x_in, at::TensorList weight_t, a
   const Geo g{N, C, H, W, C, Kp, Cp, div_up(H, M), div_up(W, M)};
   const int64_t tiles_per = g.th * g.tw, tiles = N * tiles_per;
   const int64_t wbytes = P * C * Kp * static_cast<int64_t>(sizeof(float));
-  // per-tile pool partials [tiles][Kp]; the scales [N][Cp] (zero past C: the prologue's vectors read them)
+  // per-tile pool partials [tiles][Kp]; the scales [N][Cp] (zero past C: the scale pass reads whole vectors)
   std::vector<float> pool(static_cast<size_t>(tiles * Kp)), scale(static_cast<size_t>(N * Cp), 0.f);
   std::vector<float> mean(C), hid(Cr);
 
