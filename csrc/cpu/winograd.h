@@ -216,6 +216,38 @@ struct Wino<4, 3> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
   }
 };
 
+template <>
+struct Wino<6, 3> {  // F(6, 3): points 0, 1, -1, 2, -2, 1/2, -1/2, inf (8x8 tiles; bf16 storage's tile)
+  static constexpr int T = 8;
+  static inline void bt(const Vec* d, Vec* o) {  // rows of B^T in winograd_conv3x3.py _BT[8], pairwise
+    const Vec c21(21.f / 4.f), c17(17.f / 4.f), c5(5.f), c54(5.f / 4.f), c52(5.f / 2.f), q(0.25f), h(0.5f),
+        two(2.f), four(4.f);
+    o[0] = at::vec::fmadd(c21, d[2] - d[4], d[6] - d[0]);
+    o[7] = at::vec::fmadd(c21, d[3] - d[5], d[7] - d[1]);
+    Vec a = at::vec::fnmadd(c17, d[4], d[2] + d[6]), b = at::vec::fnmadd(c17, d[3], d[1] + d[5]);
+    o[1] = a + b;
+    o[2] = a - b;
+    a = at::vec::fnmadd(c54, d[4], at::vec::fmadd(q, d[2], d[6]));
+    b = at::vec::fmadd(two, d[5], at::vec::fnmadd(c52, d[3], h * d[1]));
+    o[3] = a + b;
+    o[4] = a - b;
+    a = at::vec::fnmadd(c5, d[4], at::vec::fmadd(four, d[2], d[6]));
+    b = at::vec::fmadd(h, d[5], at::vec::fnmadd(c52, d[3], two * d[1]));
+    o[5] = a + b;
+    o[6] = a - b;
+  }
+  static inline void at(const Vec* s, Vec* y) {  // A^T row i: p^i on the finite points
+    const Vec a1 = s[1] + s[2], b1 = s[1] - s[2], a2 = s[3] + s[4], b2 = s[3] - s[4], a3 = s[5] + s[6],
+              b3 = s[5] - s[6];
+    y[0] = s[0] + a1 + a2 + a3;
+    y[1] = at::vec::fmadd(Vec(0.5f), b3, at::vec::fmadd(Vec(2.f), b2, b1));
+    y[2] = at::vec::fmadd(Vec(0.25f), a3, at::vec::fmadd(Vec(4.f), a2, a1));
+    y[3] = at::vec::fmadd(Vec(0.125f), b3, at::vec::fmadd(Vec(8.f), b2, b1));
+    y[4] = at::vec::fmadd(Vec(1.f / 16.f), a3, at::vec::fmadd(Vec(16.f), a2, a1));
+    y[5] = at::vec::fmadd(Vec(1.f / 32.f), b3, at::vec::fmadd(Vec(32.f), b2, b1)) + s[7];
+  }
+};
+
 // F(2, 5): the points of F(4, 3), so the same 6-point input transform; A^T rows p^0, p^1 (plus the inf column).
 // G is not needed here: the 5x5 weight is transformed in Python (srkernels/ops/winograd_conv3x3.py _G).
 template <>

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import _checks, _dispatch
 from ._registry import OpSpec
 from .direct_conv2d import direct_use, direct_weight
-from .winograd_conv3x3 import winograd_use, winograd_weight, winograd_weight_step
+from .winograd_conv3x3 import winograd6_use, winograd_use, winograd_weight, winograd_weight_step
 from .winograd_conv5x5 import winograd5_use, winograd_weight5, winograd_weight5_step
 
 OP = "conv2d_pointwise"
@@ -169,11 +169,12 @@ def winograd_bf16(m: int, r: int, c_in: int, c_out: int) -> bool:
     - oneDNN without native bf16 (``onednn_bf16()`` false: AVX2 CPUs, or ONEDNN_MAX_CPU_ISA capped): the eager
       bf16 conv runs at ~21 GFLOP/s; Winograd is 8-13x faster (F(2,3), F(4,3), F(2,5)): always;
     - AVX512-BF16 without AMX: F(4,3) with >= 64 channels in and out is 1.1-1.4x oneDNN's bf16 conv (64->64,
-      64->256 at LR 32-96): yes; 32->32 1.06x, 16->16 0.8x, F(2,3) 0.84-0.9x, F(2,5) 0.83x: no;
+      64->256 at LR 32-96): yes, and F(6,3) where ``winograd6_use`` picks it (faster than F(4,3) there); 32->32
+      1.06x, 16->16 0.8x, F(2,3) 0.84-0.9x, F(2,5) 0.83x: no;
     - AMX (``srkernels._C.amx_bf16()``; no such CPU here to measure): oneDNN's tile convs are left to run."""
     if not onednn_bf16():
         return True
-    return m == 4 and r == 3 and min(c_in, c_out) >= 64 and not _amx()
+    return m in (4, 6) and r == 3 and min(c_in, c_out) >= 64 and not _amx()
 
 
 @functools.cache
@@ -227,10 +228,13 @@ class Winograd(CpuAlgorithm):
     name = "winograd"
 
     def __init__(self, m: int, r: int = 3) -> None:
-        self.m, self.r = m, r  # F(m x m, r x r): (4, 3), (2, 3) or (2, 5) (winograd_conv5x5)
+        self.m, self.r = m, r  # F(m x m, r x r): (4, 3), (2, 3), (6, 3) (bf16 storage) or (2, 5) (winograd_conv5x5)
 
     def supports(self, x, weight, stride, padding, dilation, groups):
         tile = winograd_tile()
+        if self.m == 6:  # bf16 storage only, in F(4,3)'s place where winograd6_use picks it
+            return (tile == 4 and x.dtype == torch.bfloat16 and winograd6_use(x.shape[2], x.shape[3])
+                    and self.fits(x, weight, stride, padding, dilation, groups))
         return (tile == self.m if self.r == 3 else tile != 0) and self.fits(x, weight, stride, padding, dilation,
                                                                             groups)
 
@@ -307,7 +311,8 @@ class Direct(CpuAlgorithm):
 
 WINOGRAD5 = Winograd(2, 5)
 DIRECT = Direct()
-ALGORITHMS: list[CpuAlgorithm] = [DIRECT, Winograd(4), Winograd(2), WINOGRAD5, ONEDNN, ONEDNN_FP32]  # best first
+ALGORITHMS: list[CpuAlgorithm] = [DIRECT, Winograd(6), Winograd(4), Winograd(2), WINOGRAD5, ONEDNN,
+                                  ONEDNN_FP32]  # best first
 # The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
 # gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
 # same to two digits as with F(2,3) (benchmarks/bench_train_accuracy.py, docs/ops.md ## conv2d_pointwise).

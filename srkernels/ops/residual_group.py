@@ -103,8 +103,8 @@ def residual_group(
     for i, u in enumerate(us):
         name = f"weight_t[{i}]"
         _checks.like(name, u, x, dtype=wdt)
-        if u.dim() != 3 or u.shape[0] not in (16, 36):
-            raise ValueError(f"{name} must be [16 or 36, C, C] (winograd_weight(w, 2 or 4)), got shape "
+        if u.dim() != 3 or u.shape[0] not in (16, 36, 64):
+            raise ValueError(f"{name} must be [16, 36 or 64, C, C] (winograd_weight(w, 2, 4 or 6)), got shape "
                              f"{list(u.shape)}")
         tiles.add(tile_of(u))
         if tuple(u.shape[1:]) != (C, C):

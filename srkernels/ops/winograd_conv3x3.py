@@ -1,5 +1,5 @@
 """``winograd_conv3x3``: a 3x3, stride 1, zero-padding 1 convolution by Winograd's minimal filtering F(m x m, 3x3)
-(m = 2 or 4), with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32 (or bfloat16
+(m = 2, 4 or 6), with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32 (or bfloat16
 storage with float32 arithmetic), inference.
 
 Two steps: ``winograd_weight(weight, m)`` transforms a ``[C_out, C_in, 3, 3]`` conv weight once (float64, rounded
@@ -22,16 +22,18 @@ from ._registry import OpSpec
 
 OP = "winograd_conv3x3"
 ACTS = ("none", "relu")
-TILES = (2, 4)  # output tile size m: F(2x2, 3x3) and F(4x4, 3x3)
+TILES = (2, 4, 6)  # output tile size m: F(2x2, 3x3), F(4x4, 3x3) and F(6x6, 3x3)
 
-# Lavin & Gray's matrices (points 0, +-1, +-2, inf), keyed by (m, r): y = A^T [(G g G^T) * (B^T d B)] A for
-# one tile, T = m + r - 1. B^T depends only on the points, so F(2,5) shares F(4,3)'s; A^T row i is p^i on the
+# Lavin & Gray's matrices (points 0, +-1, +-2, inf; F(6,3) adds +-1/2), keyed by (m, r): y = A^T [(G g G^T) *
+# (B^T d B)] A for one tile, T = m + r - 1. B^T depends only on the points, so F(2,5) shares F(4,3)'s; A^T row i is p^i on the
 # finite points (plus 1 in the inf column of the last row); G row p is [1, p, .., p^(r-1)] / prod_{q != p}(p - q)
 # over the finite points, the inf row picks the last tap (tests check each pair against F.conv2d in float64).
 _G = {
     (2, 3): ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
     (4, 3): ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
              (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    (6, 3): ((-1, 0, 0), (-2 / 9, -2 / 9, -2 / 9), (-2 / 9, 2 / 9, -2 / 9), (1 / 90, 1 / 45, 2 / 45),
+             (1 / 90, -1 / 45, 2 / 45), (32 / 45, 16 / 45, 8 / 45), (32 / 45, -16 / 45, 8 / 45), (0, 0, 1)),
     (2, 5): ((1 / 4, 0, 0, 0, 0), (-1 / 6, -1 / 6, -1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6, 1 / 6, -1 / 6),
              (1 / 24, 1 / 12, 1 / 6, 1 / 3, 2 / 3), (1 / 24, -1 / 12, 1 / 6, -1 / 3, 2 / 3), (0, 0, 0, 0, 1)),
 }
@@ -39,10 +41,17 @@ _BT = {  # by tile size T
     4: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
     6: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
         (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+    8: ((-1, 0, 21 / 4, 0, -21 / 4, 0, 1, 0), (0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0),
+        (0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0), (0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0),
+        (0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0), (0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0),
+        (0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0), (0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1)),
 }
 _AT = {
     (2, 3): ((1, 1, 1, 0), (0, 1, -1, -1)),
     (4, 3): ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+    (6, 3): ((1, 1, 1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0), (0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0),
+             (0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0), (0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0),
+             (0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1)),
     (2, 5): ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 1)),
 }
 
@@ -52,11 +61,12 @@ def _mat(table: dict, key, like: Tensor) -> Tensor:
 
 
 def tile_of(weight_t: Tensor) -> int:
-    """The output tile size m of a transformed weight (16 positions: 2, 36: 4)."""
+    """The output tile size m of a transformed weight (16 positions: 2, 36: 4, 64: 6)."""
     P = weight_t.shape[0]
-    if P not in (16, 36):
-        raise ValueError(f"weight_t must have 16 (F(2,3)) or 36 (F(4,3)) transform positions in dim 0, got {P}")
-    return 2 if P == 16 else 4
+    if P not in (16, 36, 64):
+        raise ValueError(f"weight_t must have 16 (F(2,3)), 36 (F(4,3)) or 64 (F(6,3)) transform positions in dim 0, "
+                         f"got {P}")
+    return {16: 2, 36: 4, 64: 6}[P]
 
 
 def _check_weight(weight, m: int, r: int = 3, tiles: tuple = TILES) -> None:
@@ -295,6 +305,25 @@ def winograd_use(c_in: int, c_out: int, height: int, width: int, capability: str
     if not (vector_isa(capability) and c_in >= 16 and height * width >= 64):
         return False
     return c_out >= 16 or (m == 4 and 32 <= c_in <= 64 and height * width >= 32 * 32)
+
+
+def tile_work(m: int, height: int, width: int) -> int:
+    """The GEMM work of F(m, 3) on one ``height x width`` image, in transform positions times tiles (the edge
+    tiles computed whole)."""
+    return -(-height // m) * -(-width // m) * (m + 2) ** 2
+
+
+def winograd6_use(height: int, width: int) -> bool:
+    """Whether a bf16-storage 3x3 conv that runs as Winograd runs F(6x6, 3x3) rather than F(4x4, 3x3): when F(6,3)
+    does >= 1.18x less GEMM work (``tile_work``: 24, 48, 64, 96, 192 px yes; 32 and 40 px no; F(6,3)'s 1.78
+    multiplies per output against 2.25 are lost to edge tiles otherwise). Its float32 arithmetic rounds ~2x more
+    than F(4,3)'s (64->64: 1.7e-6 against 8.8e-7 relative), a thousandth of bf16 storage's own rounding (1.7e-3
+    for either); RCAN x4 on bf16 storage lands as far from float64 with either tile (60.8-67.0 dB Y-PSNR,
+    docs/ops.md ``## winograd_conv3x3``). Measured, one thread, AMD EPYC (Zen 5), bf16 storage, F(4,3) / F(6,3)
+    time (AVX-512; AVX2 forced): 64->64 at 24 px 1.16x; 1.08x, 32 px 0.95x; 0.87x, 40 px 1.05x; 0.98x, 48 px
+    1.17x; 1.10x, 64 px 1.11x; 1.05x, 96 px 1.17x; 1.10x, 192 px 1.19x; 1.10x; 64->256 at 48 and 96 px 1.24x;
+    1.14-1.16x. float32 convs keep F(4,3): their numbers are the ones the tests and the README hold."""
+    return tile_work(4, height, width) >= 1.18 * tile_work(6, height, width)
 
 
 def vector_isa(capability: str | None = None) -> bool:

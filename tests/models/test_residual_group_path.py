@@ -75,6 +75,10 @@ def test_bf16_model(group_calls, monkeypatch):
         layers = layers_forward(fused, x, monkeypatch)
         want = ref.eval()(x.float())
     assert got.dtype == torch.bfloat16
+    if group_calls[0] == "op":  # 12 x 11 px: bf16 storage's F(6,3) (winograd6_use), in the group as in the layers
+        for group in fused.body[:-1]:
+            us = group.body.__dict__["_srk_group"].data.args[0]
+            assert {u.shape[0] for u in us} == {64}
     # bf16 storage: every stored map rounded (2^-8 relative) through ~13 layers; measured ~1% of the output range
     rng = want.abs().max().item()
     assert (got.float() - layers.float()).abs().max().item() <= 0.02 * rng

@@ -1,6 +1,7 @@
 """``conv2d_pointwise`` (srkernels/ops/conv2d_pointwise.py): the op against its float64 reference, forward and
 every gradient, over dtypes, memory formats, odd sizes and conv parameters; float64 gradcheck; opcheck; a
 CPU algorithm plugged into ``ALGORITHMS`` serves both the op and ``srkernels.nn.conv2d``; argument errors."""
+import copy
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ from .._winograd import TRAIN_ENVS, count_winograd, needs_winograd, winograd_env
 from ._parity import FORMATS, randn, run_parity
 
 conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]  # (srkernels.ops.conv2d_pointwise is the function)
+W = sys.modules["srkernels.ops.winograd_conv3x3"]
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.srkernels, "conv2d_pointwise"),
                                 reason="the compiled extension is not built (the op is registered with it)")
 
@@ -220,13 +222,14 @@ def test_argument_errors():
 
 @pytest.mark.parametrize("native, amx, want", [
     (False, False, "all"),                             # eager bf16 convs (no native bf16): always
-    (True, False, {(4, 3, 64, 64), (4, 3, 64, 256)}),  # AVX512-BF16: F(4,3) with >= 64 channels only
+    (True, False, {(4, 3, 64, 64), (4, 3, 64, 256), (6, 3, 64, 64)}),  # AVX512-BF16: F(4,3), F(6,3), >= 64 ch
     (True, True, set()),                               # AMX: oneDNN's tile convs
 ], ids=["no native bf16", "avx512-bf16", "amx"])
 def test_winograd_bf16_rule(monkeypatch, native, amx, want):
     monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
     monkeypatch.setattr(conv_op, "_amx", lambda: amx)
-    cases = {(4, 3, 64, 64), (2, 3, 64, 64), (2, 5, 64, 32), (4, 3, 16, 16), (4, 3, 64, 256), (4, 3, 32, 32)}
+    cases = {(4, 3, 64, 64), (2, 3, 64, 64), (2, 5, 64, 32), (4, 3, 16, 16), (4, 3, 64, 256), (4, 3, 32, 32),
+             (6, 3, 64, 64), (6, 3, 32, 32)}
     assert {c for c in cases if conv_op.winograd_bf16(*c)} == (cases if want == "all" else want)
 
 
@@ -250,6 +253,37 @@ def test_bf16_inference_runs_winograd(monkeypatch, count_winograd, native):
     y2 = srkernels.nn.conv2d(conv, x.requires_grad_(True), "relu")  # training: bf16 Winograd is inference-only
     assert count_winograd["run"] == 1 and y2.requires_grad
     assert (y2.double() - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-3
+
+
+@needs_winograd
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_inference_tile_follows_the_image_size(monkeypatch, winograd_env, count_winograd, native):
+    """bf16 storage takes F(6,3) where winograd6_use picks it (48 px: 1.27x less GEMM work than F(4,3)) and F(4,3)
+    elsewhere (32 px: the same work); float32 keeps F(4,3) and SRKERNELS_WINOGRAD=2 F(2,3); every run within a
+    bf16 rounding of float64."""
+    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
+    monkeypatch.setattr(conv_op, "_amx", lambda: False)
+    assert W.winograd6_use(48, 48) and W.winograd6_use(96, 96) and W.winograd6_use(24, 24)
+    assert not W.winograd6_use(32, 32) and not W.winograd6_use(40, 40) and not W.winograd6_use(9, 13)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    meta = ([1, 1], [1, 1], [1, 1], 1)
+    for env, dtype, hw, tile in ((None, torch.bfloat16, 48, 6), (None, torch.bfloat16, 32, 4),
+                                 (None, torch.float32, 48, 4), ("2", torch.bfloat16, 48, 2 if not native else None)):
+        if env is not None:
+            winograd_env(env)
+        c = copy.deepcopy(conv).to(dtype)
+        x = torch.randn(1, 64, hw, hw + 1 if tile != 6 else hw).to(dtype)
+        alg = conv_op.cpu_algorithm(x, c.weight, *meta)
+        assert getattr(alg, "m", None) == tile, (env, dtype, hw)
+        want = conv_op.reference(x.double(), c.weight.double(), c.bias.double(), *meta, "relu", None)
+        count_winograd["run_tiles"].clear()
+        with torch.no_grad():
+            y = srkernels.nn.conv2d(c, x, "relu")
+        assert count_winograd["run_tiles"] == ({tile} if tile else set())
+        tol = 2 ** -8 if dtype == torch.bfloat16 else 2e-5
+        assert (y.double() - want).abs().max() <= tol * want.abs().max() + 1e-4
+        if tile:
+            assert c.__dict__["_srk_packed"].data[tuple(x.shape)][1].shape == ((tile + 2) ** 2, 64, 64)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs torch's oneDNN")
