@@ -4,15 +4,20 @@ operand to fp32 (issue #13: that path made bf16 RDN 2.5x slower than fp32 on an 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
+import srkernels
 from srkernels import _backend
 from srkernels import nn as N
 from srkernels import reference as R
 
 from ..conftest import assert_close
+
+conv_op = sys.modules["srkernels.ops.conv2d_pointwise"]  # (srkernels.ops.conv2d_pointwise is the function)
+W = sys.modules["srkernels.ops.winograd_conv3x3"]
 
 
 def _native_bf16() -> bool:
@@ -98,9 +103,11 @@ def _winograd_capability() -> bool:
 
 
 @pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
-def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt):
+@pytest.mark.parametrize("hw, tile", [((9, 11), 6), ((8, 8), 4)])  # winograd6_use: 1.27x less work at 9 x 11
+def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt, hw, tile):
+    assert W.winograd6_use(*hw) == (tile == 6)
     m, ref = _wide_block(64)
-    x = torch.randn(2, 64, 9, 11).bfloat16()  # 99 px: inside winograd_use
+    x = torch.randn(2, 64, *hw).bfloat16()  # >= 64 px: inside winograd_use
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
 
@@ -109,12 +116,18 @@ def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt):
         with torch.no_grad():
             return m(x)
 
-    wino, brgemm = run("4"), run("0")
+    srkernels.empty_cpu_cache()
+    wino = run("4")
+    # the transformed weights cached for the three layers (64, 128, 192 inputs -> 64): (tile + 2)^2 positions
+    cached = srkernels.cpu_cache_info()["weights"]["bytes"]
+    brgemm = run("0")
     want = ref(x.double())
     assert_close(wino.double(), want, torch.bfloat16, "Winograd on bf16 storage vs float64")
     assert_close(brgemm.double(), want, torch.bfloat16, "brgemm vs float64")
     expected = _winograd_capability() and not _backend._C.amx_bf16()
     assert (not torch.equal(wino, brgemm)) == expected, "Winograd ran" if not expected else "Winograd did not run"
+    if expected and conv_op.onednn_bf16():  # the bf16 fast path (without native bf16: float32 F(4,3) on widened maps)
+        assert cached == (tile + 2) ** 2 * (64 + 128 + 192) * 64 * 4
     monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
     with torch.enable_grad():  # training keeps brgemm (bf16 Winograd serves inference only)
         assert torch.equal(m(x.clone().requires_grad_()).detach(), brgemm)
