@@ -226,7 +226,7 @@ def bf16_paths() -> dict[str, str]:
                  ", 3x3 / 5x5 by Winograd on bf16 storage")
     dense = "FALLBACK dense_block ATen fp32 GEMMs" if aten else "dense_block bf16 brgemm"
     if not aten and onednn_bf16() and vector_isa() and winograd_bf16(4, 3, 64, 64):
-        dense += " (3x3 layers of >= 64 channels by Winograd F(4,3) / F(6,3) on bf16 storage)"
+        dense += " (3x3 layers of >= 64 channels by Winograd F(4,3) on bf16 storage)"
     return {"conv": conv, "dense": dense}
 
 

@@ -449,10 +449,8 @@ at::Tensor winograd_u_compute(const at::Tensor& w, int m, int64_t Kp) {
   at::Tensor u = at::empty({P * C * Kp}, w.options().dtype(at::kFloat));
   if (m == 2) {
     wino::transform_weight<2>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
-  } else if (m == 4) {
-    wino::transform_weight<4>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
   } else {
-    wino::transform_weight<6>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
+    wino::transform_weight<4>(wt.const_data_ptr<float>(), C * K, C, K, Kp, u.mutable_data_ptr<float>());
   }
   return u;
 }
@@ -462,7 +460,7 @@ at::Tensor winograd_u(const at::Tensor& w, int m, int64_t Kp) {
   return cached_weight_transform(w, m, [&] { return winograd_u_compute(w, m, Kp); });
 }
 
-// A 3x3 (padding 1) layer by Winograd F(m x m, 3 x 3), m = 2, 4 or 6 (csrc/cpu/winograd.h, the kernel of
+// A 3x3 (padding 1) layer by Winograd F(m x m, 3 x 3), m = 2 or 4 (csrc/cpu/winograd.h, the kernel of
 // winograd_conv3x3): the input transform reads the layer's input range straight from the buffer rows (the
 // border pixels hold zeros: they are the padding), the output transform writes the epilogue (bias, residual,
 // ReLU, split destinations) into its slices. Each layer transforms its own input range (keeping the
@@ -486,10 +484,8 @@ void layer_forward_winograd(at::Tensor& buf, const Geom& g, const Layer& l, cons
   const float* pu = u.const_data_ptr<float>();
   if (m == 2) {
     wino::run<2>(px, pu, geo, ep, wino::block_budget(2));
-  } else if (m == 4) {
-    wino::run<4>(px, pu, geo, ep, wino::block_budget(4));
   } else {
-    wino::run<6>(px, pu, geo, ep, wino::block_budget(6));
+    wino::run<4>(px, pu, geo, ep, wino::block_budget(4));
   }
 }
 
@@ -858,7 +854,7 @@ bool fast_ok(const at::Tensor& x, const Plan& pl, const std::optional<at::Tensor
 // by Winograd) on widened tensors, the output and buffer rounded to bf16 once, instead of the generic path's ATen
 // bf16 convs. The widened layer weights are cached per weight (weight_cache.h, tag kWidenTag), so their Winograd
 // transforms are cached as well. The rest (bias, fusion and gate weights, residual: small) is widened per call.
-constexpr int64_t kWidenTag = 100;  // not a Winograd tile (winograd_u's tags are m = 2, 4, 6)
+constexpr int64_t kWidenTag = 100;  // not a Winograd tile (winograd_u's tags are m = 2, 4)
 
 Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::TensorList biases,
                         at::IntArrayRef plan, const std::optional<at::Tensor>& fuse_w,
@@ -908,12 +904,11 @@ Outputs dense_block_cpu(const at::Tensor& x_in, at::TensorList weights, at::Tens
   dispatch_fast(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     // 3x3 layers by Winograd where winograd_conv3x3 would run them: fp32 by winograd_tile and winograd_use; bf16
-    // (inference, here with native bf16 and brgemm) by winograd_bf16 (srkernels/ops/conv2d_pointwise.py): F(4,3),
-    // or F(6,3) where wino::use6 says so, on >= 64 channels in and out, not on AMX (oneDNN's tile convs run)
+    // (inference, here with native bf16 and brgemm) by winograd_bf16 (srkernels/ops/conv2d_pointwise.py): F(4,3)
+    // on >= 64 channels in and out, not on AMX (oneDNN's tile convs are left to run)
     int wtile = pl.k == 3 ? winograd_tile(pl.training) : 0;
     if constexpr (!std::is_same_v<T, float>) {
       if (pl.training || wtile != 4 || blas::could_pack(at::kBFloat16)) wtile = 0;
-      if (wtile == 4 && wino::use6(g.H, g.W)) wtile = 6;
     }
     for (const auto i : c10::irange(pl.layers.size())) {
       const Layer& l = pl.layers[i];

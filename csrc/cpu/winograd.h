@@ -84,14 +84,6 @@ inline bool use(int64_t c_in, int64_t c_out, int64_t H, int64_t W) {
   return kIsaOk && std::min(c_in, c_out) >= 16 && H * W >= 64;
 }
 
-// Whether a bf16-storage layer runs F(6,3) instead of F(4,3): >= 1.18x less GEMM work counting edge tiles (tiles
-// x positions); the rule of srkernels/ops/winograd_conv3x3.py winograd6_use (measurements there), which
-// dense_block's bf16 Winograd layers follow like winograd_conv3x3's.
-inline bool use6(int64_t H, int64_t W) {
-  const int64_t w4 = div_up(H, 4) * div_up(W, 4) * 36, w6 = div_up(H, 6) * div_up(W, 6) * 64;
-  return 100 * w4 >= 118 * w6;
-}
-
 // Micro-kernel shape: R tile rows x NV vectors of output channels in registers (accumulators R * NV, plus NV
 // weight vectors and one broadcast): 24 + 5 of AVX-512's 32 registers, 12 + 3 of AVX2's 16.
 #if defined(CPU_CAPABILITY_AVX512)
@@ -253,20 +245,6 @@ struct Wino<6, 3> {  // F(6, 3): points 0, 1, -1, 2, -2, 1/2, -1/2, inf (8x8 til
     y[3] = at::vec::fmadd(Vec(0.125f), b3, at::vec::fmadd(Vec(8.f), b2, b1));
     y[4] = at::vec::fmadd(Vec(1.f / 16.f), a3, at::vec::fmadd(Vec(16.f), a2, a1));
     y[5] = at::vec::fmadd(Vec(1.f / 32.f), b3, at::vec::fmadd(Vec(32.f), b2, b1)) + s[7];
-  }
-  static inline void g(const Vec* w, Vec* o) {  // G w (3 -> 8), rows of G in winograd_conv3x3.py _G
-    const Vec s02 = w[0] + w[2];
-    const Vec e = Vec(-2.f / 9.f) * (s02 + w[1]), f = Vec(-2.f / 9.f) * (s02 - w[1]);
-    const Vec q = at::vec::fmadd(Vec(1.f / 90.f), w[0], Vec(2.f / 45.f) * w[2]), r = Vec(1.f / 45.f) * w[1];
-    const Vec q2 = at::vec::fmadd(Vec(32.f / 45.f), w[0], Vec(8.f / 45.f) * w[2]), r2 = Vec(16.f / 45.f) * w[1];
-    o[0] = Vec(0.f) - w[0];
-    o[1] = e;
-    o[2] = f;
-    o[3] = q + r;
-    o[4] = q - r;
-    o[5] = q2 + r2;
-    o[6] = q2 - r2;
-    o[7] = w[2];
   }
 };
 

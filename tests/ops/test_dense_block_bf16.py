@@ -103,9 +103,8 @@ def _winograd_capability() -> bool:
 
 
 @pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
-@pytest.mark.parametrize("hw, tile", [((9, 11), 6), ((8, 8), 4)])  # winograd6_use: 1.27x less work at 9 x 11
-def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt, hw, tile):
-    assert W.winograd6_use(*hw) == (tile == 6)
+@pytest.mark.parametrize("hw", [(9, 11), (8, 8)])
+def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt, hw):
     m, ref = _wide_block(64)
     x = torch.randn(2, 64, *hw).bfloat16()  # >= 64 px: inside winograd_use
     if fmt == "channels_last":
@@ -118,7 +117,8 @@ def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt, hw, tile)
 
     srkernels.empty_cpu_cache()
     wino = run("4")
-    # the transformed weights cached for the three layers (64, 128, 192 inputs -> 64): (tile + 2)^2 positions
+    # F(4,3) at either size, also where winograd6_use would pick F(6,3) for a conv (9 x 11): the cached transforms
+    # of the three layers (64, 128, 192 inputs -> 64) have 36 positions (docs/ops.md ## dense_block: memory)
     cached = srkernels.cpu_cache_info()["weights"]["bytes"]
     brgemm = run("0")
     want = ref(x.double())
@@ -126,8 +126,9 @@ def test_bf16_inference_runs_wide_layers_by_winograd(monkeypatch, fmt, hw, tile)
     assert_close(brgemm.double(), want, torch.bfloat16, "brgemm vs float64")
     expected = _winograd_capability() and not _backend._C.amx_bf16()
     assert (not torch.equal(wino, brgemm)) == expected, "Winograd ran" if not expected else "Winograd did not run"
-    if expected and conv_op.onednn_bf16():  # the bf16 fast path (without native bf16: float32 F(4,3) on widened maps)
-        assert cached == (tile + 2) ** 2 * (64 + 128 + 192) * 64 * 4
+    if expected and conv_op.onednn_bf16():  # the bf16 fast path (without native bf16: float32 on widened maps)
+        assert W.winograd6_use(*hw) == (hw == (9, 11))
+        assert cached == 36 * (64 + 128 + 192) * 64 * 4
     monkeypatch.setenv("SRKERNELS_WINOGRAD", "4")
     with torch.enable_grad():  # training keeps brgemm (bf16 Winograd serves inference only)
         assert torch.equal(m(x.clone().requires_grad_()).detach(), brgemm)
