@@ -1,8 +1,9 @@
 """3x3 64->64 conv (RCAN's body conv), float32, channels_last, CPU inference: Winograd (srkernels
-``winograd_conv3x3``, F(2,3) and F(4,3)) against ``F.conv2d`` and the prepacked oneDNN conv the fused models use
-(``mkldnn._convolution_pointwise`` on a weight packed for the input size, srkernels/nn/conv.py). ``--kernel 5``:
-the 5x5 conv (padding 2; SRCNN's 64->32 layer with ``--channels 64 32``) by ``winograd_conv5x5`` (F(2,5)). With at most 8
-output channels also ``direct_conv2d`` (benchmarks/bench_direct_conv2d.py: a model's last conv).
+``winograd_conv3x3``, F(2,3), F(4,3) and F(6,3), the last bf16 storage's tile where ``winograd6_use`` picks it)
+against ``F.conv2d`` and the prepacked oneDNN conv the fused models use (``mkldnn._convolution_pointwise`` on a
+weight packed for the input size, srkernels/nn/conv.py). ``--kernel 5``: the 5x5 conv (padding 2; SRCNN's 64->32
+layer with ``--channels 64 32``) by ``winograd_conv5x5`` (F(2,5)). With at most 8 output channels also
+``direct_conv2d`` (benchmarks/bench_direct_conv2d.py: a model's last conv).
 
     python benchmarks/bench_winograd_conv3x3.py [--threads 1 2] [--sizes 32 48 96] [--rounds 15] [--channels 64 64]
     python benchmarks/bench_winograd_conv3x3.py --kernel 5 --channels 64 32 --sizes 32 48 96 192 --threads 1
@@ -76,8 +77,10 @@ def variants(x, w, b, cold=False):
         u2, u = W.winograd_weight(w.float(), 2), W.winograd_weight(w.float(), 4)
         wino, name, transform = (lambda ut: W.winograd_conv3x3(x, ut, b)), "winograd F(4,3)", (
             lambda wt: W.winograd_weight(wt.float(), 4))
+        u6 = W.winograd_weight(w.float(), 6)
         fns["winograd F(2,3)"] = lambda: W.winograd_conv3x3(x, u2, b)
         fns[name] = lambda: wino(u)
+        fns["winograd F(6,3)"] = lambda: W.winograd_conv3x3(x, u6, b)
     if w.shape[0] <= 8:  # few outputs: the direct kernel (direct_use takes it up to 4)
         wd = D.direct_weight(w.float())
         fns["direct_conv2d"] = lambda: D.direct_conv2d(x, wd, b)

@@ -136,12 +136,14 @@ def test_bench_winograd_bf16_simulation(monkeypatch):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64)
     w = torch.randn(3, 5, 3, 3, generator=g, dtype=torch.float64)
-    for m in (2, 4):  # without rounding: the conv itself, odd sizes included
+    for m in (2, 4, 6):  # without rounding: the conv itself, odd sizes included
         torch.testing.assert_close(b.winograd_sim(x, w, m, lambda t: t), F.conv2d(x, w, padding=1), rtol=1e-12,
                                    atol=1e-12)
     err = b.single_conv()
     assert err["fp32 direct"] < 1e-6 and err["fp32 F(4,3)"] < 1e-5  # float32 stays float32
     assert err["bf16 direct"] < err["bf16 F(2,3)"] < err["bf16 F(4,3)"]  # rounding V and U costs accuracy
+    # bf16 storage, float32 Winograd (the fused bf16 models): either tile as close as the bf16 direct conv
+    assert max(err["bf16 storage F(4,3)"], err["bf16 storage F(6,3)"]) < 1.1 * err["bf16 direct"]
 
 
 # --- benchmarks/bench_winograd_conv3x3.py --cold: the same conv, on a new weight every call ------------------------

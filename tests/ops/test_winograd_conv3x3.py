@@ -261,8 +261,11 @@ def test_bf16_parity(shape, fmt, m):
             assert y.is_contiguous(memory_format=torch.channels_last)
         ref = W.reference(x, u, b, act, r)
         assert ref.dtype == torch.bfloat16
-        # one bf16 ulp of |ref| (2^-7 relative), plus float32 arithmetic near zero
-        assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-5).all()
+        # one bf16 ulp of |ref| (2^-7 relative), plus the float32 arithmetic's own difference near zero: the float32
+        # parity bound TOL[m] (F(6,3)'s larger transform coefficients round more, the more so in the `default`
+        # build, whose at::vec fmadd is a multiply and an add)
+        atol = TOL[m] * max(1.0, ref.float().abs().max().item())
+        assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + atol).all()
         exact = W.conv_reference(x.double(), w.double(), None if b is None else b.double(), act,
                                  None if r is None else r.double())
         assert _err(y, exact) <= 2 ** -8 + TOL[m], (i, _err(y, exact))
