@@ -58,7 +58,7 @@ at::Tensor residual_group_cpu(const at::Tensor& x_in, at::TensorList weight_t, a
               " and ", bias.size());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t P = weight_t[0].dim() == 3 ? weight_t[0].size(0) : 0;
-  TORCH_CHECK(P == 16 || P == 36 || P == 64, kName, ": weight_t[0] must be [16, 36 or 64, C, C]");
+  TORCH_CHECK(tile_of(P) != 0, kName, ": weight_t[0] must be [16, 36 or 64, C, C]");
   for (size_t i = 0; i < weight_t.size(); ++i) {
     const at::Tensor& u = weight_t[i];
     TORCH_CHECK(u.dim() == 3 && u.size(0) == P && u.size(1) == C && u.size(2) == C && u.scalar_type() == at::kFloat
@@ -73,7 +73,7 @@ at::Tensor residual_group_cpu(const at::Tensor& x_in, at::TensorList weight_t, a
     check_matrix(fc_w2[i], C, Cr, "fc_w2", i);
     check_vector(fc_b2[i], C, "fc_b2", i);
   }
-  const int M = P == 16 ? 2 : P == 36 ? 4 : 6;
+  const int M = tile_of(P);
   const auto fmt = x_in.suggest_memory_format();
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(cl);
@@ -132,13 +132,7 @@ at::Tensor residual_group_cpu(const at::Tensor& x_in, at::TensorList weight_t, a
                                : predict_next(us[i].const_data_ptr<float>(), wbytes);
       }
       const Pixels<S> px{in, ns, hs, ws, 0, 0};
-      if (M == 2) {
-        run<2, 3>(px, us[i].const_data_ptr<float>(), g, ep, budget, nx);
-      } else if (M == 4) {
-        run<4, 3>(px, us[i].const_data_ptr<float>(), g, ep, budget, nx);
-      } else {
-        run<6, 3>(px, us[i].const_data_ptr<float>(), g, ep, budget, nx);
-      }
+      run3(M, px, us[i].const_data_ptr<float>(), g, ep, budget, nx);
     };
     // the attention's scale and skip: xk = y * s + prev (prev: x_0, or xk itself), rounded once as the
     // channel_attention op's output. One pass: folded into the next conv's input transform instead, it re-read

@@ -538,6 +538,23 @@ void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep
                prefetch ? predict_next(u, P * g.C * g.Kp * sizeof(float)) : NextWeight{nullptr, 0});
 }
 
+// The output tile m of a 3x3 transformed weight with P positions (16: F(2,3), 36: F(4,3), 64: F(6,3)), 0 for any
+// other P (srkernels/ops/winograd_conv3x3.py tile_of).
+inline int tile_of(int64_t P) { return P == 16 ? 2 : P == 36 ? 4 : P == 64 ? 6 : 0; }
+
+// run<m, 3> for a tile m of tile_of.
+template <typename S>
+void run3(int m, const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep, int64_t budget,
+          NextWeight nx) {
+  if (m == 2) {
+    run<2, 3, S>(x, u, g, ep, budget, nx);
+  } else if (m == 4) {
+    run<4, 3, S>(x, u, g, ep, budget, nx);
+  } else {
+    run<6, 3, S>(x, u, g, ep, budget, nx);
+  }
+}
+
 // U[p][c][0..Kp) = (G w_c G^T)[p] from a 3x3 weight stored tap-major: tap (i, j), input channel c, output
 // channel k at w[(i * 3 + j) * tap_stride + c * K + k]; columns [K, Kp) zero. fp32 vector arithmetic over the
 // output channels (rounding a few ulp, against the ~1e-6 relative error of F(4,3) itself); cheap next to the

@@ -50,12 +50,12 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
   const Act act = act_s == "relu" ? Act::Relu : Act::None;
   const int64_t P = weight_t.size(0);
   if (R == 3) {
-    TORCH_CHECK(P == 16 || P == 36 || P == 64, name,
-                ": weight_t must have 16 (F(2,3)), 36 (F(4,3)) or 64 (F(6,3)) positions, got ", P);
+    TORCH_CHECK(tile_of(P) != 0, name, ": weight_t must have 16 (F(2,3)), 36 (F(4,3)) or 64 (F(6,3)) positions, got ",
+                P);
   } else {
     TORCH_CHECK(P == 36, name, ": weight_t must have 36 (F(2,5)) positions, got ", P);
   }
-  const int M = R == 5 ? 2 : P == 16 ? 2 : P == 36 ? 4 : 6;
+  const int M = R == 5 ? 2 : tile_of(P);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = weight_t.size(2);
   TORCH_CHECK(weight_t.size(1) == C, name, ": weight_t has ", weight_t.size(1), " input channels, x has ", C);
   // upscale r: the output pixel-shuffled in the store (docs/ops.md: channel (i * r + j) * K / r^2 + c)
@@ -118,14 +118,12 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
     S* o = out.mutable_data_ptr<S>();
     const Epilogue<S> ep{o, o, K, rp, /*res_first=*/false, act, b, Ho * Wo * Ko, Wo * Ko, Ko, nullptr, 0, r};
     const bool pf = prefetch_on();
+    const float* up = u.const_data_ptr<float>();
     if (R == 5) {
-      run<2, 5>(px, u.const_data_ptr<float>(), g, ep, block_budget(2), pf);
-    } else if (M == 2) {
-      run<2, 3>(px, u.const_data_ptr<float>(), g, ep, block_budget(2), pf);
-    } else if (M == 4) {
-      run<4, 3>(px, u.const_data_ptr<float>(), g, ep, block_budget(4), pf);
+      run<2, 5>(px, up, g, ep, block_budget(2), pf);
     } else {
-      run<6, 3>(px, u.const_data_ptr<float>(), g, ep, block_budget(6), pf);
+      const NextWeight nx = pf ? predict_next(up, P * C * Kp * sizeof(float)) : NextWeight{nullptr, 0};
+      run3(M, px, up, g, ep, block_budget(M), nx);
     }
   };
   if (dt == at::kBFloat16) {

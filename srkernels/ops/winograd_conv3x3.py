@@ -25,8 +25,8 @@ ACTS = ("none", "relu")
 TILES = (2, 4, 6)  # output tile size m: F(2x2, 3x3), F(4x4, 3x3) and F(6x6, 3x3)
 
 # Lavin & Gray's matrices (points 0, +-1, +-2, inf; F(6,3) adds +-1/2), keyed by (m, r): y = A^T [(G g G^T) *
-# (B^T d B)] A for one tile, T = m + r - 1. B^T depends only on the points, so F(2,5) shares F(4,3)'s; A^T row i is p^i on the
-# finite points (plus 1 in the inf column of the last row); G row p is [1, p, .., p^(r-1)] / prod_{q != p}(p - q)
+# (B^T d B)] A for one tile, T = m + r - 1. B^T depends only on the points, so F(2,5) shares F(4,3)'s; A^T row i
+# is p^i on the finite points (plus 1 in the inf column of the last row); G row p is [1, p, .., p^(r-1)] / prod_{q != p}(p - q)
 # over the finite points, the inf row picks the last tap (tests check each pair against F.conv2d in float64).
 _G = {
     (2, 3): ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
