@@ -222,8 +222,8 @@ def bf16_paths() -> dict[str, str]:
     if not onednn_bf16():
         conv += " in training; inference: oneDNN float32 convs on widened bf16"
     if vector_isa() and winograd_bf16(4, 3, 64, 64):
-        conv += (", 3x3 by Winograd F(4,3) / F(6,3) (by size) on bf16 storage" if onednn_bf16() else
-                 ", 3x3 / 5x5 by Winograd on bf16 storage")
+        conv += (", 3x3 by Winograd F(4,3) / F(6,3) (by size), 5x5 by F(4,5), on bf16 storage" if onednn_bf16()
+                 else ", 3x3 / 5x5 by Winograd on bf16 storage")
     dense = "FALLBACK dense_block ATen fp32 GEMMs" if aten else "dense_block bf16 brgemm"
     if not aten and onednn_bf16() and vector_isa() and winograd_bf16(4, 3, 64, 64):
         dense += " (3x3 layers of >= 64 channels by Winograd F(4,3) on bf16 storage)"

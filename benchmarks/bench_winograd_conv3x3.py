@@ -2,7 +2,7 @@
 ``winograd_conv3x3``, F(2,3), F(4,3) and F(6,3), the last bf16 storage's tile where ``winograd6_use`` picks it)
 against ``F.conv2d`` and the prepacked oneDNN conv the fused models use (``mkldnn._convolution_pointwise`` on a
 weight packed for the input size, srkernels/nn/conv.py). ``--kernel 5``: the 5x5 conv (padding 2; SRCNN's 64->32
-layer with ``--channels 64 32``) by ``winograd_conv5x5`` (F(2,5)). With at most 8 output channels also
+layer with ``--channels 64 32``) by ``winograd_conv5x5`` (F(2,5), and F(4,5): bf16 storage's tile). With at most 8 output channels also
 ``direct_conv2d`` (benchmarks/bench_direct_conv2d.py: a model's last conv).
 
     python benchmarks/bench_winograd_conv3x3.py [--threads 1 2] [--sizes 32 48 96] [--rounds 15] [--channels 64 64]
@@ -73,6 +73,8 @@ def variants(x, w, b, cold=False):
         u = transform(w)
         wino, name = (lambda ut: W5.winograd_conv5x5(x, ut, b)), "winograd F(2,5)"
         fns[name] = lambda: wino(u)
+        u45 = W5.winograd_weight5(w.float(), 4)
+        fns["winograd F(4,5)"] = lambda: W5.winograd_conv5x5(x, u45, b)
     else:
         u2, u = W.winograd_weight(w.float(), 2), W.winograd_weight(w.float(), 4)
         wino, name, transform = (lambda ut: W.winograd_conv3x3(x, ut, b)), "winograd F(4,3)", (

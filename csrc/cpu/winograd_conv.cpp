@@ -1,8 +1,8 @@
 // winograd_conv3x3 on CPU: 3x3, stride 1, zero padding 1 convolution, fp32, forward only, by Winograd's
-// minimal filtering F(m x m, 3 x 3) with m = 2 (4x4 input tiles) or m = 4 (6x6), and the conv epilogue
-// act(conv + bias) (+ residual) fused into the output transform. Contract: docs/ops.md "winograd_conv3x3".
-// winograd_conv5x5: the same for a 5x5, zero padding 2 conv by F(2x2, 5x5) (6x6 tiles; docs/ops.md
-// "winograd_conv5x5").
+// minimal filtering F(m x m, 3 x 3) with m = 2 (4x4 input tiles), 4 (6x6) or 6 (8x8, bf16 storage), and the
+// conv epilogue act(conv + bias) (+ residual) fused into the output transform. Contract: docs/ops.md "winograd_conv3x3".
+// winograd_conv5x5: the same for a 5x5, zero padding 2 conv by F(2x2, 5x5) (6x6 tiles) or F(4x4, 5x5) (8x8
+// tiles; docs/ops.md "winograd_conv5x5").
 //
 // Activations float32 or bfloat16 (bf16 storage: widened on load, transforms and GEMMs in float32, the result
 // rounded once after the epilogue, so the error is a bf16 rounding of a float32 conv; the weight stays float32).
@@ -37,7 +37,7 @@ namespace {
 using namespace wino;
 
 // x [N, C, H, W] float32 or bfloat16 (any layout; computed channels_last), weight_t [P, C, K] float32; an R x R
-// kernel (3: P = 16 F(2,3), 36 F(4,3) or 64 F(6,3); 5: P = 36 F(2,5)).
+// kernel (3: P = 16 F(2,3), 36 F(4,3) or 64 F(6,3); 5: P = 36 F(2,5) or 64 F(4,5)).
 at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, const at::Tensor& weight_t,
                              const std::optional<at::Tensor>& bias_in, c10::string_view act_s,
                              const std::optional<at::Tensor>& residual, int64_t upscale = 1) {
@@ -53,9 +53,9 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
     TORCH_CHECK(tile_of(P) != 0, name, ": weight_t must have 16 (F(2,3)), 36 (F(4,3)) or 64 (F(6,3)) positions, got ",
                 P);
   } else {
-    TORCH_CHECK(P == 36, name, ": weight_t must have 36 (F(2,5)) positions, got ", P);
+    TORCH_CHECK(P == 36 || P == 64, name, ": weight_t must have 36 (F(2,5)) or 64 (F(4,5)) positions, got ", P);
   }
-  const int M = R == 5 ? 2 : tile_of(P);
+  const int M = R == 5 ? (P == 36 ? 2 : 4) : tile_of(P);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = weight_t.size(2);
   TORCH_CHECK(weight_t.size(1) == C, name, ": weight_t has ", weight_t.size(1), " input channels, x has ", C);
   // upscale r: the output pixel-shuffled in the store (docs/ops.md: channel (i * r + j) * K / r^2 + c)
@@ -119,8 +119,10 @@ at::Tensor winograd_conv_cpu(const char* name, int R, const at::Tensor& x_in, co
     const Epilogue<S> ep{o, o, K, rp, /*res_first=*/false, act, b, Ho * Wo * Ko, Wo * Ko, Ko, nullptr, 0, r};
     const bool pf = prefetch_on();
     const float* up = u.const_data_ptr<float>();
-    if (R == 5) {
+    if (R == 5 && M == 2) {
       run<2, 5>(px, up, g, ep, block_budget(2), pf);
+    } else if (R == 5) {
+      run<4, 5>(px, up, g, ep, block_budget(4), pf);
     } else {
       const NextWeight nx = pf ? predict_next(up, P * C * Kp * sizeof(float)) : NextWeight{nullptr, 0};
       run3(M, px, up, g, ep, block_budget(M), nx);

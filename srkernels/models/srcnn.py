@@ -71,7 +71,7 @@ class SRCNN(SRModel):
         if min(x.shape[-2:]) <= 2 * self.border:
             raise ValueError(f"x must be larger than {2 * self.border} px per side for padding='valid', "
                              f"got {tuple(x.shape[-2:])}")
-        # conv + bias + ReLU as one call each: prepacked oneDNN, the 5x5 64->32 layer Winograd F(2x2,5x5)
+        # conv + bias + ReLU as one call each: prepacked oneDNN, the 5x5 64->32 layer Winograd F(4x4,5x5)
         # (srkernels/ops/conv2d_pointwise.py, winograd5_use). CPU training: the same calls through autograd, where
         # only the 5x5 layer differs from the reference (Winograd forward and input gradient, nn/conv.py
         # _train_conv2d); the input goes channels_last (1-3 channels: cheap), so oneDNN's 9x9 conv hands the

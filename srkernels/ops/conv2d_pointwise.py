@@ -164,17 +164,20 @@ def winograd_bf16(m: int, r: int, c_in: int, c_out: int) -> bool:
     """Whether a bfloat16 conv that the float32 rule (``winograd_use`` 3x3, ``winograd5_use`` 5x5) picks runs as
     Winograd F(m, r) too (bf16 storage, float32 arithmetic; csrc/cpu/winograd_conv.cpp) rather than oneDNN's bf16
     conv. Measured on an AMD EPYC (Zen 5), one thread (benchmarks/bench_winograd_conv3x3.py --dtype bfloat16,
-    docs/ops.md ``## winograd_conv3x3``):
+    ``--kernel 5``; docs/ops.md ``## winograd_conv3x3``, ``## winograd_conv5x5``):
 
     - oneDNN without native bf16 (``onednn_bf16()`` false: AVX2 CPUs, or ONEDNN_MAX_CPU_ISA capped): the eager
-      bf16 conv runs at ~21 GFLOP/s; Winograd is 8-13x faster (F(2,3), F(4,3), F(2,5)): always;
+      bf16 conv runs at ~21 GFLOP/s; Winograd is 8-18x faster (F(2,3), F(4,3), F(2,5), F(4,5)): always;
     - AVX512-BF16 without AMX: F(4,3) with >= 64 channels in and out is 1.1-1.4x oneDNN's bf16 conv (64->64,
       64->256 at LR 32-96): yes, and F(6,3) where ``winograd6_use`` picks it (faster than F(4,3) there); 32->32
-      1.06x, 16->16 0.8x, F(2,3) 0.84-0.9x, F(2,5) 0.83x: no;
+      1.06x, 16->16 0.8x, F(2,3) 0.84-0.9x: no. F(4,5) (64->32 at 24-96 px 1.5-1.9x; 16->16, 32->24, 32->32 at
+      16 and 48 px 1.08-1.85x): yes; F(2,5) 0.6-1.16x: no;
     - AMX (``srkernels._C.amx_bf16()``; no such CPU here to measure): oneDNN's tile convs are left to run."""
     if not onednn_bf16():
         return True
-    return m in (4, 6) and r == 3 and min(c_in, c_out) >= 64 and not _amx()
+    if _amx():
+        return False
+    return (m in (4, 6) and r == 3 and min(c_in, c_out) >= 64) or (m == 4 and r == 5)
 
 
 @functools.cache
@@ -190,8 +193,9 @@ WINOGRAD_ENV = "SRKERNELS_WINOGRAD"
 
 @functools.cache
 def winograd_tile() -> int:
-    """The Winograd output tile ``SRKERNELS_WINOGRAD`` asks for: 4 (default, F(4x4,3x3)), 2 (F(2x2,3x3)) or 0
-    (off: oneDNN for every conv). Read once per process."""
+    """The Winograd output tile ``SRKERNELS_WINOGRAD`` asks for: 4 (default, F(4x4,3x3) and F(4x4,5x5); bf16
+    storage's F(6x6,3x3) where ``winograd6_use`` picks it), 2 (F(2x2,3x3) and F(2x2,5x5)) or 0 (off: oneDNN for
+    every conv). Read once per process."""
     raw = os.environ.get(WINOGRAD_ENV, "4").strip()
     if raw not in ("0", "2", "4"):
         raise ValueError(f"{WINOGRAD_ENV} must be 4 (F(4x4,3x3), the default), 2 (F(2x2,3x3)) or 0 (off), "
@@ -221,28 +225,33 @@ class Winograd(CpuAlgorithm):
     builds, >= 16 channels in and out, >= 64 pixels): 2.2-2.9x a prepacked oneDNN 64->64 conv with F(4,3), one
     thread (benchmarks/results/winograd_models.md). The packed weight is ``winograd_weight(weight, m)``.
     Rounding: F(4,3) ~4x oneDNN's float32 error against float64, F(2,3) below it (docs/ops.md).
-    ``Winograd(2, 5)``: the ``winograd_conv5x5`` kernel, F(2x2,5x5), for float32 5x5 convs with stride 1, zero
-    padding 2 where ``winograd5_use`` measured it faster (SRCNN's 64->32 layer: 1.6-1.7x AVX-512, 2.2-2.7x
-    AVX2); packed weight ``winograd_weight5(weight)``; ~3x oneDNN's float32 error."""
+    ``Winograd(4, 5)`` / ``Winograd(2, 5)``: the ``winograd_conv5x5`` kernel, F(4x4,5x5) (inference at the default
+    tile setting, float32 and bf16 storage) or F(2x2,5x5) (``SRKERNELS_WINOGRAD=2``, and training), for 5x5
+    convs with stride 1, zero padding 2 where ``winograd5_use`` measured it faster (SRCNN's 64->32 layer, one
+    thread: F(4,5) 3.3-3.5x oneDNN on AVX-512 and 3.5-4.6x with AVX2 forced, F(2,5) 1.7x / 2.0-2.6x); packed
+    weight ``winograd_weight5(weight, m)``; ~5x (F(4,5)) and ~3x (F(2,5)) oneDNN's float32 error, F(4,3)'s
+    class."""
 
     name = "winograd"
 
     def __init__(self, m: int, r: int = 3) -> None:
-        self.m, self.r = m, r  # F(m x m, r x r): (4, 3), (2, 3), (6, 3) (bf16 storage) or (2, 5) (winograd_conv5x5)
+        # F(m x m, r x r): (4, 3), (2, 3), (6, 3) (bf16 storage), or (4, 5), (2, 5) (winograd_conv5x5)
+        self.m, self.r = m, r
 
     def supports(self, x, weight, stride, padding, dilation, groups):
         tile = winograd_tile()
         if self.m == 6:  # bf16 storage only, in F(4,3)'s place where winograd6_use picks it
             return (tile == 4 and x.dtype == torch.bfloat16 and winograd6_use(x.shape[2], x.shape[3])
                     and self.fits(x, weight, stride, padding, dilation, groups))
-        return (tile == self.m if self.r == 3 else tile != 0) and self.fits(x, weight, stride, padding, dilation,
-                                                                            groups)
+        # 5x5: F(4,5) at the default tile setting 4, F(2,5) at 2 (and as training's tile, cpu_algorithm)
+        return (tile == self.m if self.r == 3 or self.m == 4 else tile != 0) and self.fits(
+            x, weight, stride, padding, dilation, groups)
 
     def fits(self, x, weight, stride, padding, dilation, groups) -> bool:
         """The call is one the kernel runs and its rule (``winograd_use``, ``winograd5_use``; for bfloat16 also
         ``winograd_bf16``) measured faster (whatever the tile setting)."""
         r = self.r
-        use = functools.partial(winograd_use, m=self.m) if r == 3 else winograd5_use
+        use = functools.partial(winograd_use if r == 3 else winograd5_use, m=self.m)
         dt = x.dtype
         return (weight.dtype == dt and (dt == torch.float32 or (
                     dt == torch.bfloat16 and winograd_bf16(self.m, r, weight.shape[1], weight.shape[0])))
@@ -252,12 +261,12 @@ class Winograd(CpuAlgorithm):
 
     def pack(self, weight, stride, padding, dilation, groups, input_shape):
         w = weight.detach().float()  # a bf16 conv keeps its transformed weight in float32 (exact from bf16)
-        return winograd_weight(w, self.m) if self.r == 3 else winograd_weight5(w)
+        return winograd_weight(w, self.m) if self.r == 3 else winograd_weight5(w, self.m)
 
     def weight_step(self, weight: Tensor, grad_input: bool = False) -> Tensor:
         """The transformed weight of a plain 4-D ``weight`` per call (one float32 matmul, no autograd);
         ``grad_input``: of the input-gradient conv (weight rotated and transposed)."""
-        if self.r == 5:
+        if self.r == 5:  # training's F(2,5) (cpu_algorithm)
             return winograd_weight5_step(weight, grad_input=grad_input)
         return winograd_weight_step(weight, self.m, grad_input=grad_input)
 
@@ -309,9 +318,10 @@ class Direct(CpuAlgorithm):
         return lambda x, bias, activation, residual: op(x, packed, bias, activation, residual)  # autocast off
 
 
+WINOGRAD45 = Winograd(4, 5)
 WINOGRAD5 = Winograd(2, 5)
 DIRECT = Direct()
-ALGORITHMS: list[CpuAlgorithm] = [DIRECT, Winograd(6), Winograd(4), Winograd(2), WINOGRAD5, ONEDNN,
+ALGORITHMS: list[CpuAlgorithm] = [DIRECT, Winograd(6), Winograd(4), Winograd(2), WINOGRAD45, WINOGRAD5, ONEDNN,
                                   ONEDNN_FP32]  # best first
 # The input gradient's tile where training runs Winograd, whatever the forward's: its rounding enters the
 # gradient linearly (the ReLU masks come from the forward), and RCAN's gradients against float64 came out the
@@ -336,7 +346,7 @@ def cpu_algorithm(x: Tensor, weight: Tensor, stride, padding, dilation, groups: 
                 return alg
             # 5x5: F(2,5) whenever training runs Winograd; its input-gradient conv (C_out -> C_in) must fit the
             # rule as well (winograd5_use is not symmetric on AVX-512)
-            if (alg.r == 5 and tile and alg.fits(x, weight, stride, padding, dilation, groups)
+            if (alg is WINOGRAD5 and tile and alg.fits(x, weight, stride, padding, dilation, groups)
                     and winograd5_use(weight.shape[0], weight.shape[1], x.shape[2], x.shape[3])):
                 return alg
         elif (not (training and alg in (ONEDNN_FP32, DIRECT))

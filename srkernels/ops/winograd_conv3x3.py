@@ -24,10 +24,11 @@ OP = "winograd_conv3x3"
 ACTS = ("none", "relu")
 TILES = (2, 4, 6)  # output tile size m: F(2x2, 3x3), F(4x4, 3x3) and F(6x6, 3x3)
 
-# Lavin & Gray's matrices (points 0, +-1, +-2, inf; F(6,3) adds +-1/2), keyed by (m, r): y = A^T [(G g G^T) *
-# (B^T d B)] A for one tile, T = m + r - 1. B^T depends only on the points, so F(2,5) shares F(4,3)'s; A^T row i
-# is p^i on the finite points (plus 1 in the inf column of the last row); G row p is [1, p, .., p^(r-1)] / prod_{q != p}(p - q)
-# over the finite points, the inf row picks the last tap (tests check each pair against F.conv2d in float64).
+# Lavin & Gray's matrices (points 0, +-1, +-2, inf; F(6,3) and F(4,5) add +-1/2), keyed by (m, r): y = A^T
+# [(G g G^T) * (B^T d B)] A for one tile, T = m + r - 1. B^T depends only on the points, so F(2,5) shares
+# F(4,3)'s and F(4,5) F(6,3)'s; A^T row i is p^i on the finite points (plus 1 in the inf column of the last row);
+# G row p is [1, p, .., p^(r-1)] / prod_{q != p}(p - q) over the finite points, the inf row picks the last tap
+# (tests check each pair against F.conv2d in float64).
 _G = {
     (2, 3): ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
     (4, 3): ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
@@ -36,6 +37,9 @@ _G = {
              (1 / 90, -1 / 45, 2 / 45), (32 / 45, 16 / 45, 8 / 45), (32 / 45, -16 / 45, 8 / 45), (0, 0, 1)),
     (2, 5): ((1 / 4, 0, 0, 0, 0), (-1 / 6, -1 / 6, -1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6, 1 / 6, -1 / 6),
              (1 / 24, 1 / 12, 1 / 6, 1 / 3, 2 / 3), (1 / 24, -1 / 12, 1 / 6, -1 / 3, 2 / 3), (0, 0, 0, 0, 1)),
+    (4, 5): ((-1, 0, 0, 0, 0), (-2 / 9, -2 / 9, -2 / 9, -2 / 9, -2 / 9), (-2 / 9, 2 / 9, -2 / 9, 2 / 9, -2 / 9),
+             (1 / 90, 1 / 45, 2 / 45, 4 / 45, 8 / 45), (1 / 90, -1 / 45, 2 / 45, -4 / 45, 8 / 45),
+             (32 / 45, 16 / 45, 8 / 45, 4 / 45, 2 / 45), (32 / 45, -16 / 45, 8 / 45, -4 / 45, 2 / 45), (0, 0, 0, 0, 1)),
 }
 _BT = {  # by tile size T
     4: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
@@ -53,6 +57,8 @@ _AT = {
              (0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0), (0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0),
              (0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1)),
     (2, 5): ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 1)),
+    (4, 5): ((1, 1, 1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0), (0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0),
+             (0, 1, -1, 8, -8, 1 / 8, -1 / 8, 1)),
 }
 
 
