@@ -327,13 +327,13 @@ inline Vec stored(const Vec& v) {
   }
 }
 
-// Input transform of tiles [t0, t0 + tb) into V[p][t - t0][0..Cp) (row stride Cp, position stride tb * Cp).
+// Input transform of tiles [t0, t0 + tb) into V[p][t - t0][0..Cp) (row stride Cp, position stride ps).
 // Columns first, each loaded and transformed at once (rows and columns outside the readable range are zero).
 template <int M, int R, typename S>
-void input_transform(const Pixels<S>& x, const Geo& g, int64_t t0, int64_t tb, float* V) {
+void input_transform(const Pixels<S>& x, const Geo& g, int64_t t0, int64_t tb, float* V, int64_t ps) {
   using Wn = Wino<M, R>;
   constexpr int T = Wn::T;
-  const int64_t C = g.C, Cp = g.Cp, ps = tb * Cp, hs = x.hs, ws = x.ws;
+  const int64_t C = g.C, Cp = g.Cp, hs = x.hs, ws = x.ws;
   const int64_t hmin = x.lo, hmax = g.H + x.hi_pad, wmax = g.W + x.hi_pad;
   for (int64_t i = 0; i < tb; ++i) {
     const int64_t t = t0 + i;
@@ -381,13 +381,13 @@ void input_transform(const Pixels<S>& x, const Geo& g, int64_t t0, int64_t tb, f
 }
 
 // Output transform of tiles [t0, t0 + tb), output channels [k0, k0 + Kc) (clipped to K), from
-// M[p][t - t0][0..Kc) with the epilogue.
+// M[p][t - t0][0..Kc) (position stride ps) with the epilogue.
 template <int M, int R, typename S>
-void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int64_t k0, int64_t Kc,
+void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int64_t k0, int64_t Kc, int64_t ps,
                       const Epilogue<S>& ep) {
   using Wn = Wino<M, R>;
   constexpr int T = Wn::T;
-  const int64_t K = std::min(g.K, k0 + Kc), ps = tb * Kc;
+  const int64_t K = std::min(g.K, k0 + Kc);
   const Vec zero(0.f);
   for (int64_t i = 0; i < tb; ++i) {
     const int64_t t = t0 + i;
@@ -450,6 +450,22 @@ void output_transform(const float* Mb, const Geo& g, int64_t t0, int64_t tb, int
     }
   }
 }
+
+// Floats between two transform positions of a block's V (tb rows of Cp) or M (tb rows of Kc): the rows' size
+// rounded up to an odd number of 64-byte lines. Whole multiples of 4 KB and other even line counts put the
+// P = 36-64 positions on few L1 sets (V of 6 tiles x 512 channels: 192 lines apart, every position in one
+// 12-way set), so the transforms' stores and loads missed. Measured (one thread, AMD EPYC Zen 5): a 512 -> 64
+// conv at 32 px 1.23x faster, 256 -> 64 1.06x; fused models x4 at LR 32 / 48, off / on interleaved in one process
+// (benchmarks/bench_winograd_switch.py --switch SRKERNELS_WINOGRAD_ODD_STRIDES): RDN 1.04-1.07x (fp32, bf16),
+// RDCAB 1.02-1.05x, SRDenseNet fp32 1.03-1.04x, split / FD-IRB 0.995-1.03x, RCAN 0.99-1.05x (its 64-channel
+// blocks were 72 lines apart already: 8 sets); AVX2 forced, fp32: RDN 1.10x, RDCAB 1.04-1.09x, FD-IRB
+// 1.07-1.10x, SRDenseNet 1.08x, split 0.97-1.02x, RCAN 1.00-1.03x. SRKERNELS_WINOGRAD_ODD_STRIDES=0 turns it off
+// (the A/B; read per call).
+inline bool odd_strides_on() {
+  const std::optional<std::string> v = env_trimmed("SRKERNELS_WINOGRAD_ODD_STRIDES");
+  return !v || *v != "0";
+}
+inline int64_t pos_stride(int64_t floats, bool odd) { return odd ? (div_up(floats, 16) | 1) * 16 : floats; }
 
 // Tiles per block: V and M of a block (P * TB * (Cp + Kc) floats, Kc the output channels of one M chunk) within
 // `budget` floats, a multiple of kR, and enough blocks for every thread.
@@ -518,30 +534,31 @@ void run(const Pixels<S>& x, const float* u, const Geo& g, const Epilogue<S>& ep
   const int64_t Kc = std::min(g.Kp, kChunkK), nk = div_up(g.Kp, Kc);
   const int64_t TB = tile_block(P, g.Cp, Kc, tiles, threads, budget);
   const int64_t nb = div_up(tiles, TB);
+  const bool odd = odd_strides_on();
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     // Per-thread scratch kept between calls: a fresh ~0.3-1 MB buffer per call costs page faults and zeroing
     // comparable to a small conv. Every element read is written first in the same block.
     // Aligned to 64 bytes: V's rows are whole vectors apart, so no vector load splits a cache line.
     thread_local std::vector<float> scratch;
-    const size_t need = static_cast<size_t>(P * TB * (g.Cp + Kc)) + 16;
+    const size_t need = static_cast<size_t>(P * (pos_stride(TB * g.Cp, odd) + pos_stride(TB * Kc, odd))) + 16;
     if (scratch.size() < need) scratch.resize(need);
     float* V = scratch.data();
     V += (64 - reinterpret_cast<uintptr_t>(V) % 64) % 64 / sizeof(float);
-    float* Mb = V + P * TB * g.Cp;
+    float* Mb = V + P * pos_stride(TB * g.Cp, odd);
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t t0 = blk * TB, tb = std::min(TB, tiles - t0);
-      input_transform<M, R>(x, g, t0, tb, V);
+      const int64_t t0 = blk * TB, tb = std::min(TB, tiles - t0), vps = pos_stride(tb * g.Cp, odd);
+      input_transform<M, R>(x, g, t0, tb, V, vps);
       for (int64_t kc = 0; kc < nk; ++kc) {
-        const int64_t k0 = kc * Kc, kw = std::min(Kc, g.Kp - k0);
+        const int64_t k0 = kc * Kc, kw = std::min(Kc, g.Kp - k0), mps = pos_stride(tb * kw, odd);
         for (int64_t p = 0; p < P; ++p) {
-          gemm(V + p * tb * g.Cp, g.Cp, u + p * g.C * g.Kp + k0, g.Kp, g.C, kw, Mb + p * tb * kw, tb);
+          gemm(V + p * vps, g.Cp, u + p * g.C * g.Kp + k0, g.Kp, g.C, kw, Mb + p * mps, tb);
           if (nx.p != nullptr) {  // this thread's share: slot (block, chunk, position) of its (b1 - b0) * nk * P
             const int64_t slot = ((blk - b0) * nk + kc) * P + p, slots = (b1 - b0) * nk * P;
             for (int64_t o = nx.bytes * slot / slots / 64 * 64; o < nx.bytes * (slot + 1) / slots; o += 64)
               __builtin_prefetch(nx.p + o, 0, 3);
           }
         }
-        output_transform<M, R>(Mb, g, t0, tb, k0, kw, ep);
+        output_transform<M, R>(Mb, g, t0, tb, k0, kw, mps, ep);
       }
     }
   });

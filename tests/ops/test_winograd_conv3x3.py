@@ -326,6 +326,32 @@ def test_next_weight_prefetch_moves_no_value(monkeypatch):
     assert _err(outs[None][2], ref) <= TOL[4]
 
 
+
+@compiled
+@pytest.mark.parametrize("m", W.TILES)
+def test_odd_position_strides_move_no_value(monkeypatch, m):
+    """The blocks' transform positions an odd number of cache lines apart (csrc/cpu/winograd.h pos_stride) is a
+    layout of the kernel's scratch only: bit-identical results with it on (default) and off, on the channel
+    counts whose rows it pads (512 x 6 tiles: 192 lines; 20 channels: not a whole line per row), and the
+    dense_block layers (their own calls of the same core)."""
+    from srkernels.nn import ResidualDenseBlock
+
+    rdb = ResidualDenseBlock(32, 32, 3).eval()
+    xr = torch.randn(1, 32, 19, 13)
+    cases = []
+    for c_in, c_out, h, w in ((512, 64, 9, 23), (20, 36, 11, 7)):
+        x, _, u, b, r = _inputs(1, c_in, c_out, h, w, m, True, True)
+        cases.append((x.contiguous(memory_format=torch.channels_last), u, b, r))
+    outs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("SRKERNELS_WINOGRAD_ODD_STRIDES", setting)
+        with torch.no_grad():
+            outs[setting] = [W.winograd_conv3x3(x, u, b, act="relu", residual=r) for x, u, b, r in cases]
+            outs[setting].append(rdb(xr))
+    for a, b in zip(outs["1"], outs["0"]):
+        assert torch.equal(a, b)
+
+
 # ---- upscale: the pixel shuffle in the store (an upsampler's conv + shuffle in one pass) ----
 
 # (N, C_in, C_out, r, H, W): RCAN's 64 -> 256 stage, odd sizes, a channel count per sub-pixel that is not a multiple
