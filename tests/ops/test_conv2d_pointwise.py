@@ -222,14 +222,15 @@ def test_argument_errors():
 
 @pytest.mark.parametrize("native, amx, want", [
     (False, False, "all"),                             # eager bf16 convs (no native bf16): always
-    (True, False, {(4, 3, 64, 64), (4, 3, 64, 256), (6, 3, 64, 64)}),  # AVX512-BF16: F(4,3), F(6,3), >= 64 ch
+    # AVX512-BF16: F(4,3), F(6,3) with >= 64 channels; F(4,5)
+    (True, False, {(4, 3, 64, 64), (4, 3, 64, 256), (6, 3, 64, 64), (4, 5, 64, 32), (4, 5, 16, 16)}),
     (True, True, set()),                               # AMX: oneDNN's tile convs
 ], ids=["no native bf16", "avx512-bf16", "amx"])
 def test_winograd_bf16_rule(monkeypatch, native, amx, want):
     monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
     monkeypatch.setattr(conv_op, "_amx", lambda: amx)
     cases = {(4, 3, 64, 64), (2, 3, 64, 64), (2, 5, 64, 32), (4, 3, 16, 16), (4, 3, 64, 256), (4, 3, 32, 32),
-             (6, 3, 64, 64), (6, 3, 32, 32)}
+             (6, 3, 64, 64), (6, 3, 32, 32), (4, 5, 64, 32), (4, 5, 16, 16)}
     assert {c for c in cases if conv_op.winograd_bf16(*c)} == (cases if want == "all" else want)
 
 
@@ -253,6 +254,25 @@ def test_bf16_inference_runs_winograd(monkeypatch, count_winograd, native):
     y2 = srkernels.nn.conv2d(conv, x.requires_grad_(True), "relu")  # training: bf16 Winograd is inference-only
     assert count_winograd["run"] == 1 and y2.requires_grad
     assert (y2.double() - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-3
+
+
+@needs_winograd
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_inference_5x5_runs_winograd45(monkeypatch, count_winograd, native):
+    """A bf16 5x5 64->32 conv (SRCNN's) in inference takes Winograd F(4,5) on bf16 storage, its transformed weight
+    float32 [64, 64, 32], and is the bf16 conv to a bf16 rounding."""
+    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
+    monkeypatch.setattr(conv_op, "_amx", lambda: False)
+    conv = torch.nn.Conv2d(64, 32, 5, padding=2).bfloat16()
+    x = torch.randn(1, 64, 11, 9).bfloat16()
+    want = conv_op.reference(x.double(), conv.weight.double(), conv.bias.double(), [1, 1], [2, 2], [1, 1], 1,
+                             "relu", None)
+    with torch.no_grad():
+        y = srkernels.nn.conv2d(conv, x, "relu")
+    assert y.dtype == torch.bfloat16 and count_winograd["run"] == 1 and count_winograd["run_tiles"] == {4}
+    assert (y.double() - want).abs().max() <= 2 ** -8 * want.abs().max() + 1e-4
+    packed = conv.__dict__["_srk_packed"].data[tuple(x.shape)][1]
+    assert packed.dtype == torch.float32 and packed.shape == (64, 64, 32)
 
 
 @needs_winograd
