@@ -541,7 +541,8 @@ def main(argv=None) -> None:
     ap.add_argument("--upscale", action="store_true", help="RCAN x4 480x270 -> 1920x1080 tiled upscale row")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall clock, or process CPU time per call (needs --threads 1; robust on a shared machine)")
-    ap.add_argument("--plot", default=str(harness.RESULTS / "models.png"), help="plot path (PNG)")
+    ap.add_argument("--plot", default=None,
+                    help="plot path (PNG; default results/models.png, written by a run of every model only)")
     ap.add_argument("--train", action="store_true", help="also a training-step table (batch 2, first size)")
     ap.add_argument("--train-only", action="store_true", help="only the training-step table")
     ap.add_argument("--no-record", action="store_true",
@@ -569,8 +570,9 @@ def main(argv=None) -> None:
     rows = [] if args.train_only else bench_inference(names, sizes, args.scale, args.rounds, threads, args)
     if rows:
         print(table(rows))
-        if len(sizes) > 1 and not args.no_record:  # --no-record leaves the committed plot alone too
-            png = plot(rows, Path(args.plot))
+        # --no-record leaves the committed plot alone too, and so does a run of some models without --plot
+        if len(sizes) > 1 and not args.no_record and (args.plot or set(names) == set(MODELS)):
+            png = plot(rows, Path(args.plot or harness.RESULTS / "models.png"))
             if png:
                 print(f"plot: {png}")
     quality = bench_bf16_quality(names, args.scale) if args.bf16 and not args.train_only else []
