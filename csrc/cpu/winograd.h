@@ -1,6 +1,6 @@
 // Winograd minimal filtering F(m x m, r x r): F(2x2, 3x3) (4x4 input tiles), F(4x4, 3x3) and F(2x2, 5x5) (both
-// 6x6 tiles, the same points and input transform), F(6x6, 3x3) and F(4x4, 5x5) (8x8 tiles, bf16 storage only),
-// fp32 arithmetic, one copy per compiled capability: the core shared by
+// 6x6 tiles, the same points and input transform), F(6x6, 3x3) (bf16 storage only) and F(4x4, 5x5) (both 8x8
+// tiles), fp32 arithmetic, one copy per compiled capability: the core shared by
 // winograd_conv3x3 / winograd_conv5x5 (csrc/cpu/winograd_conv.cpp, NHWC tensors) and the 3x3 layers of
 // dense_block (csrc/cpu/dense_block.cpp, channel ranges of its padded row buffer). The kernel size R is a
 // template argument defaulting to 3, so the 3x3 entry points keep their names.
@@ -263,7 +263,8 @@ struct Wino<2, 5> {
 };
 
 // F(4, 5): the points of F(6, 3), so its 8-point input transform; A^T rows p^0 .. p^3 (plus the inf column).
-// bf16 storage's 5x5 tile (SRCNN's 64->32 layer): 64 multiplies per 4x4 outputs against F(2, 5)'s 36 per 2x2.
+// The inference tile of 5x5 convs (SRCNN's 64->32 layer): 64 multiplies per 4x4 outputs against F(2, 5)'s 36 per
+// 2x2.
 template <>
 struct Wino<4, 5> {
   static constexpr int T = 8;

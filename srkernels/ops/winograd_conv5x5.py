@@ -1,16 +1,16 @@
-"""``winograd_conv5x5``: a 5x5, stride 1, zero-padding 2 convolution by Winograd's minimal filtering F(2x2, 5x5)
-(or F(4x4, 5x5) for bfloat16 storage), with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU,
-float32 (or bfloat16 storage with float32 arithmetic), inference.
+"""``winograd_conv5x5``: a 5x5, stride 1, zero-padding 2 convolution by Winograd's minimal filtering F(4x4, 5x5)
+or F(2x2, 5x5), with the conv epilogue ``act(conv + bias) (+ residual)`` fused in. CPU, float32 (or bfloat16
+storage with float32 arithmetic), inference.
 
 The 5x5 sibling of ``winograd_conv3x3`` (srkernels/ops/winograd_conv3x3.py, whose matrices, reference and
 argument checks it shares): F(2x2, 5x5) takes 6x6 input tiles on the same points (0, +-1, +-2, inf) as F(4x4,
 3x3), so the same input transform; 36 multiplies per 2x2 outputs instead of 100, 2.78x fewer than a direct conv.
 Used for SRCNN's 5x5 64->32 layer (~89% of its FLOPs). F(4x4, 5x5) takes 8x8 tiles on F(6x6, 3x3)'s points
 (adding +-1/2), so that op's input transform: 64 multiplies per 4x4 outputs (6.25x fewer than direct), with
-~2x F(2,5)'s float32 rounding -- used for bf16 storage only, whose own rounding is ~1000x larger (the
-``winograd6_use`` reasoning). ``winograd_weight5(weight, m)`` transforms a ``[C_out, C_in, 5, 5]`` weight once
-(float64, rounded once); ``winograd5_use`` is the measured rule for when it beats oneDNN. Kernel contract:
-docs/ops.md.
+1.1-2x F(2,5)'s float32 rounding (~5x oneDNN's, F(4,3)'s class): the inference tile; F(2,5) is training's (its
+rounding enters the gradients) and ``SRKERNELS_WINOGRAD=2``'s. ``winograd_weight5(weight, m)`` transforms a
+``[C_out, C_in, 5, 5]`` weight once (float64, rounded once); ``winograd5_use`` is the measured rule for when it
+beats oneDNN. Kernel contract: docs/ops.md.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ TILES5 = {36: 2, 64: 4}  # transform positions -> output tile m: F(2x2, 5x5), F(
 
 def winograd_weight5(weight: Tensor, m: int = 2) -> Tensor:
     """``[C_out, C_in, 5, 5]`` conv weight -> ``[(m+4)^2, C_in, C_out]`` transformed weight ``U = G g G^T`` of
-    F(m x m, 5x5) (m = 2, or 4 for bf16 storage), computed in float64 and rounded once to ``weight``'s dtype;
+    F(m x m, 5x5) (m = 2 or 4), computed in float64 and rounded once to ``weight``'s dtype;
     contiguous, differentiable. Position ``p = a * (m+4) + b`` of the tile."""
     _check_weight(weight, m, R, tuple(TILES5.values()))
     return transform_weight(weight, m, R)

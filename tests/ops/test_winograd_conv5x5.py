@@ -1,6 +1,7 @@
-"""winograd_conv5x5 (CPU, float32 or bf16 storage, inference, F(2x2, 5x5) and F(4x4, 5x5)): the kernel against its float64 torch reference on
-the same transformed weight and against float64 F.conv2d on the original weight, every compiled capability,
-layouts, odd sizes, epilogues, opcheck, argument errors, the conv2d_pointwise routing and the fused SRCNN."""
+"""winograd_conv5x5 (CPU, float32 or bf16 storage, inference, F(2x2, 5x5) and F(4x4, 5x5)): the kernel against
+its float64 torch reference on the same transformed weight and against float64 F.conv2d on the original weight,
+every compiled capability, layouts, odd sizes, epilogues, opcheck, argument errors, the conv2d_pointwise routing
+and the fused SRCNN."""
 from __future__ import annotations
 
 import importlib
