@@ -243,9 +243,8 @@ class Winograd(CpuAlgorithm):
         if self.m == 6:  # bf16 storage only, in F(4,3)'s place where winograd6_use picks it
             return (tile == 4 and x.dtype == torch.bfloat16 and winograd6_use(x.shape[2], x.shape[3])
                     and self.fits(x, weight, stride, padding, dilation, groups))
-        # 5x5: F(4,5) at the default tile setting 4, F(2,5) at 2 (and as training's tile, cpu_algorithm)
-        return (tile == self.m if self.r == 3 or self.m == 4 else tile != 0) and self.fits(
-            x, weight, stride, padding, dilation, groups)
+        # the tile setting picks m for 3x3 and 5x5 alike (training picks its own: cpu_algorithm)
+        return tile == self.m and self.fits(x, weight, stride, padding, dilation, groups)
 
     def fits(self, x, weight, stride, padding, dilation, groups) -> bool:
         """The call is one the kernel runs and its rule (``winograd_use``, ``winograd5_use``; for bfloat16 also

@@ -235,44 +235,31 @@ def test_winograd_bf16_rule(monkeypatch, native, amx, want):
 
 
 @needs_winograd
+@pytest.mark.parametrize("c_out, k, size, positions", [
+    (64, 3, (9, 13), 36),  # 64->64 3x3: F(4,3)
+    (32, 5, (11, 9), 64),  # SRCNN's 64->32 5x5: F(4,5)
+], ids=["3x3 F(4,3)", "5x5 F(4,5)"])
 @pytest.mark.parametrize("native", [False, True])
-def test_bf16_inference_runs_winograd(monkeypatch, count_winograd, native):
-    """A bf16 64->64 3x3 conv in inference takes Winograd F(4,3) (bf16 storage, float32 arithmetic) where the
-    rule says so, and is the bf16 conv to a bf16 rounding; with autograd recording it stays on ATen."""
+def test_bf16_inference_runs_winograd(monkeypatch, count_winograd, native, c_out, k, size, positions):
+    """A bf16 inference conv takes Winograd with tile 4 (bf16 storage, float32 arithmetic, its transformed weight
+    float32 [positions, C_in, C_out]) where the rule says so, and is the bf16 conv to a bf16 rounding; with autograd
+    recording it stays on ATen."""
     monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
     monkeypatch.setattr(conv_op, "_amx", lambda: False)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1).bfloat16()
-    x = torch.randn(1, 64, 9, 13).bfloat16()
-    want = conv_op.reference(x.double(), conv.weight.double(), conv.bias.double(), [1, 1], [1, 1], [1, 1], 1,
+    pad = [k // 2] * 2
+    conv = torch.nn.Conv2d(64, c_out, k, padding=k // 2).bfloat16()
+    x = torch.randn(1, 64, *size).bfloat16()
+    want = conv_op.reference(x.double(), conv.weight.double(), conv.bias.double(), [1, 1], pad, [1, 1], 1,
                              "relu", None)
     with torch.no_grad():
         y = srkernels.nn.conv2d(conv, x, "relu")
     assert y.dtype == torch.bfloat16 and count_winograd["run"] == 1 and count_winograd["run_tiles"] == {4}
     assert (y.double() - want).abs().max() <= 2 ** -8 * want.abs().max() + 1e-4
     packed = conv.__dict__["_srk_packed"].data[tuple(x.shape)][1]
-    assert packed.dtype == torch.float32 and packed.shape == (36, 64, 64)
+    assert packed.dtype == torch.float32 and packed.shape == (positions, 64, c_out)
     y2 = srkernels.nn.conv2d(conv, x.requires_grad_(True), "relu")  # training: bf16 Winograd is inference-only
     assert count_winograd["run"] == 1 and y2.requires_grad
     assert (y2.double() - want).abs().max() <= 2 ** -7 * want.abs().max() + 1e-3
-
-
-@needs_winograd
-@pytest.mark.parametrize("native", [False, True])
-def test_bf16_inference_5x5_runs_winograd45(monkeypatch, count_winograd, native):
-    """A bf16 5x5 64->32 conv (SRCNN's) in inference takes Winograd F(4,5) on bf16 storage, its transformed weight
-    float32 [64, 64, 32], and is the bf16 conv to a bf16 rounding."""
-    monkeypatch.setattr(conv_op, "onednn_bf16", lambda: native)
-    monkeypatch.setattr(conv_op, "_amx", lambda: False)
-    conv = torch.nn.Conv2d(64, 32, 5, padding=2).bfloat16()
-    x = torch.randn(1, 64, 11, 9).bfloat16()
-    want = conv_op.reference(x.double(), conv.weight.double(), conv.bias.double(), [1, 1], [2, 2], [1, 1], 1,
-                             "relu", None)
-    with torch.no_grad():
-        y = srkernels.nn.conv2d(conv, x, "relu")
-    assert y.dtype == torch.bfloat16 and count_winograd["run"] == 1 and count_winograd["run_tiles"] == {4}
-    assert (y.double() - want).abs().max() <= 2 ** -8 * want.abs().max() + 1e-4
-    packed = conv.__dict__["_srk_packed"].data[tuple(x.shape)][1]
-    assert packed.dtype == torch.float32 and packed.shape == (64, 64, 32)
 
 
 @needs_winograd
